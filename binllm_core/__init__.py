@@ -1,0 +1,1 @@
+"""binllm_core: the BinLLM method as plain functions and torch modules (no Ray here)."""

@@ -1,0 +1,1 @@
+"""One module per stage; each turns a stage config plus input URIs into output URIs on Ray."""
