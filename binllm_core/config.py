@@ -239,6 +239,12 @@ def _check(tp: Any, value: Any, key: str, where: str) -> Any:
         return None
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # PyYAML reads 1e-3 (no dot) as a string; accept it as the number it plainly is.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is Any or (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         return value
     raise ConfigError(

@@ -1,0 +1,67 @@
+"""The stage contract: manifest last, skip when unchanged, --force, failures keep old output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from binllm_core.config import RunConfig, load_config
+from pipelines.stage import MANIFEST, Stage, StageContext, run_stage
+
+
+def make_cfg(tmp_path: Path, **overrides: str) -> RunConfig:
+    sets = [f"output_root={tmp_path}", "run_name=t", *(f"{k}={v}" for k, v in overrides.items())]
+    return load_config("configs/tiny.yaml", sets)
+
+
+def counting_stage(calls: list[int], fail: bool = False) -> Stage:
+    def fn(ctx: StageContext) -> dict:
+        calls.append(1)
+        ctx.write_table(pa.table({"x": [1, 2, 3]}), "numbers")
+        if fail:
+            raise RuntimeError("boom")
+        return {"n": 3}
+
+    return Stage("demo", fn, ("data",))
+
+
+def test_manifest_records_rows_schema_and_hash(tmp_path: Path):
+    manifest = run_stage(make_cfg(tmp_path), counting_stage([]))
+    on_disk = json.loads((tmp_path / "t" / "demo" / MANIFEST).read_text())
+    assert on_disk["tables"]["numbers"]["rows"] == 3
+    assert on_disk["tables"]["numbers"]["schema"] == {"x": "int64"}
+    assert on_disk["metrics"] == {"n": 3}
+    assert on_disk["config_hash"] == manifest["config_hash"]
+    assert "ray" in on_disk["packages"] and on_disk["wall_time_s"] >= 0
+    assert not list((tmp_path / "t" / "demo").glob("_staging-*"))
+
+
+def test_unchanged_config_skips_and_force_redoes(tmp_path: Path):
+    calls: list[int] = []
+    run_stage(make_cfg(tmp_path), counting_stage(calls))
+    assert run_stage(make_cfg(tmp_path), counting_stage(calls))["skipped"]
+    assert len(calls) == 1
+    run_stage(make_cfg(tmp_path), counting_stage(calls), force=True)
+    assert len(calls) == 2
+    run_stage(make_cfg(tmp_path, **{"data.uri": "elsewhere"}), counting_stage(calls))
+    assert len(calls) == 3
+
+
+def test_failed_rerun_keeps_previous_output_whole(tmp_path: Path):
+    run_stage(make_cfg(tmp_path), counting_stage([]))
+    before = (tmp_path / "t" / "demo" / MANIFEST).read_text()
+    with pytest.raises(RuntimeError):
+        run_stage(make_cfg(tmp_path), counting_stage([], fail=True), force=True)
+    assert (tmp_path / "t" / "demo" / MANIFEST).read_text() == before
+    assert len(list((tmp_path / "t" / "demo" / "numbers").glob("*.parquet"))) == 1
+    assert not list((tmp_path / "t" / "demo").glob("_staging-*"))
+
+
+def test_missing_upstream_is_one_line(tmp_path: Path):
+    stage = Stage("after", lambda ctx: {}, ("data",), ("demo",))
+    with pytest.raises(Exception, match="has not finished") as err:
+        run_stage(make_cfg(tmp_path), stage)
+    assert "\n" not in str(err.value)
