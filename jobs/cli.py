@@ -28,9 +28,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace) -> None:
-    from pipelines.registry import run_pipeline
-
     cfg = load_config(args.config, args.overrides)
+    from pipelines.registry import run_pipeline  # imports Ray: after the config is known good
+
     names = [s.strip() for s in args.stages.split(",") if s.strip()]
     run_pipeline(cfg, names, force=args.force)
 
