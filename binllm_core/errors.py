@@ -4,16 +4,21 @@ from __future__ import annotations
 
 
 class BinllmError(Exception):
-    """A user-facing error. ``str(err)`` is a single line meant to be printed as is."""
+    """A user-facing error. ``str(err)`` is a single line meant to be printed as is.
+
+    The line is kept in ``message`` as well as in ``args``: Ray appends retry notes to the
+    ``args`` of an exception raised in a task, and ``message`` travels through pickling intact.
+    """
 
     def __init__(self, what: str, where: str = "", todo: str = "") -> None:
-        parts = [what]
-        if where:
-            parts.append(f"at {where}")
-        message = " ".join(parts)
+        message = f"{what} at {where}" if where else what
         if todo:
             message = f"{message}; {todo}"
-        super().__init__(" ".join(message.split()))
+        self.message = " ".join(message.split())
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class ConfigError(BinllmError):
@@ -26,3 +31,22 @@ class DataError(BinllmError):
 
 class StageError(BinllmError):
     """A stage that cannot run: missing upstream output, an empty split, an unreachable URI."""
+
+
+def find_user_error(err: BaseException | None) -> BinllmError | None:
+    """The BinllmError behind ``err``, also when Ray wrapped it in a task error.
+
+    A Ray task error keeps the original in ``cause``; it may itself subclass the original's
+    type while its text is the worker's traceback, so ``cause`` is followed first.
+    """
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, BaseException):
+            err = cause
+            continue
+        if isinstance(err, BinllmError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None

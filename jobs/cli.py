@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from binllm_core.config import load_config
-from binllm_core.errors import BinllmError
+from binllm_core.errors import find_user_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,24 +35,13 @@ def run_command(args: argparse.Namespace) -> None:
     run_pipeline(cfg, names, force=args.force)
 
 
-def user_error(err: BaseException) -> BinllmError | None:
-    """The BinllmError behind an exception, also when Ray wrapped it in a task error."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, BinllmError):
-            return err
-        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
             run_command(args)
     except Exception as err:  # noqa: BLE001 - one line for users, the trace for anything else
-        found = user_error(err)
+        found = find_user_error(err)
         if found is None:
             raise
         print(f"binllm: error: {found}", file=sys.stderr)

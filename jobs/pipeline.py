@@ -1,4 +1,4 @@
-"""``python -m jobs.pipeline CONFIG [--set k=v] [--stages ...]``: the training pipeline as a Ray job."""
+"""``python -m jobs.pipeline CONFIG [--set k=v] [--stages ...]``: the pipeline as a Ray job."""
 
 from __future__ import annotations
 

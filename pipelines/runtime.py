@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import ray
+
+from binllm_core.errors import BinllmError, find_user_error
 
 
 def ensure_ray() -> None:
@@ -18,3 +22,19 @@ def ensure_ray() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
+    # Re-raise a task's own exception rather than a generic wrapper around it.
+    ctx.raise_original_map_exception = True
+
+
+@contextmanager
+def surface_user_errors() -> Iterator[None]:
+    """Turn a BinllmError raised inside a Ray task back into its clean one-line self."""
+    try:
+        yield
+    except BinllmError:
+        raise
+    except Exception as err:
+        found = find_user_error(err)
+        if found is None:
+            raise
+        raise type(found)(found.message) from None

@@ -95,8 +95,6 @@ class StageContext:
         """A whole table in this process (for steps that need all rows at once)."""
         path = self.table_path(stage, table)
         files = sorted(p for p in self.fs.find(path) if p.endswith(".parquet"))
-        if not files:
-            return pq.read_schema(self.fs.open(join(path, "_schema.parquet"))).empty_table()
         tables = []
         for f in files:
             with self.fs.open(f, "rb") as fh:
@@ -108,8 +106,13 @@ class StageContext:
         """Write a Ray dataset as this stage's ``table`` (into staging until commit)."""
         path = join(self.staging, table)
         ds.write_parquet(path, filesystem=self.arrow_fs)
-        self.fs.makedirs(path, exist_ok=True)  # an empty dataset writes no file
         self.written.append(table)
+        if not self.fs.exists(path) or not self.fs.find(path):
+            # An empty dataset writes no file; keep its schema so readers get typed columns.
+            schema = ds.schema()
+            arrow_schema = getattr(schema, "base_schema", None) or pa.schema([])
+            self.written.pop()
+            self.write_table(arrow_schema.empty_table(), table)
 
     def write_table(self, data: pa.Table, table: str) -> None:
         """Write an Arrow table from this process as this stage's ``table``."""
@@ -149,7 +152,7 @@ class StageContext:
                 meta = pq.read_metadata(fh)
             rows += meta.num_rows
             schema = schema or meta.schema.to_arrow_schema()
-        columns = {n: str(t) for n, t in zip(schema.names, schema.types)} if schema else {}
+        columns = {f.name: str(f.type) for f in schema} if schema else {}
         return {"path": self.uri(path), "rows": rows, "schema": columns}
 
 
@@ -217,7 +220,22 @@ def run_stage(cfg: RunConfig, stage: Stage, force: bool = False) -> dict[str, An
     return manifest
 
 
+SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+
+
 def _plain(section: Any) -> Any:
+    """A config section as plain data for the manifest, with credentials masked."""
     from binllm_core.config import to_dict
 
-    return to_dict(section) if hasattr(section, "__dataclass_fields__") else section
+    plain = to_dict(section) if hasattr(section, "__dataclass_fields__") else section
+    return _mask(plain)
+
+
+def _mask(value: Any, key: str = "") -> Any:
+    if isinstance(value, dict):
+        return {k: _mask(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask(v) for v in value]
+    if value and any(word in key.lower() for word in SECRET_WORDS):
+        return "***"
+    return value

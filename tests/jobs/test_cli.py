@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from binllm_core.errors import DataError
-from jobs.cli import main, user_error
+from binllm_core.errors import DataError, find_user_error
+from jobs.cli import main
 
 
 def test_unknown_key_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture):
@@ -31,4 +31,4 @@ def test_user_error_is_found_behind_wrapping_exceptions():
         except DataError as e:
             raise RuntimeError("task failed") from e
     except RuntimeError as outer:
-        assert user_error(outer) is inner
+        assert find_user_error(outer) is inner

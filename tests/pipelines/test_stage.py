@@ -65,3 +65,11 @@ def test_missing_upstream_is_one_line(tmp_path: Path):
     with pytest.raises(Exception, match="has not finished") as err:
         run_stage(make_cfg(tmp_path), stage)
     assert "\n" not in str(err.value)
+
+
+def test_manifest_masks_credentials(tmp_path: Path):
+    options = "{key: AKIA1, secret: s3cr3t, anon: false}"
+    cfg = make_cfg(tmp_path, **{"data.storage_options": options})
+    run_stage(cfg, counting_stage([]))
+    text = (tmp_path / "t" / "demo" / MANIFEST).read_text()
+    assert "s3cr3t" not in text and "AKIA1" not in text and '"anon": false' in text

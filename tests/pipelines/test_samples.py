@@ -1,0 +1,103 @@
+"""Stage ``samples`` on a local Ray, after a fake finished ingest stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from binllm_core.config import RunConfig, load_config
+from binllm_core.errors import StageError
+from pipelines import samples
+from pipelines.stage import MANIFEST, Stage, StageContext, run_stage
+
+SAMPLES = Stage("samples", samples.run, ("protocol",), ("ingest",))
+
+
+def make_cfg(tmp_path: Path, *sets: str) -> RunConfig:
+    return load_config("configs/tiny.yaml", [f"output_root={tmp_path}", "run_name=t", *sets])
+
+
+def fake_ingest(table: pa.Table) -> Stage:
+    """An ``ingest`` stage that writes ``table`` as its ``interactions``."""
+
+    def fn(ctx: StageContext) -> dict:
+        ctx.write_table(table, "interactions")
+        return {}
+
+    return Stage("ingest", fn, ("data",))
+
+
+def tiny_interactions(users: int = 12, per_user: int = 10) -> pa.Table:
+    n = users * per_user
+    return pa.table(
+        {
+            "user": [f"u{k // per_user}" for k in range(n)],
+            "item": [f"i{(k * 7) % 23}" for k in range(n)],
+            "rating": pa.array([float(1 + k % 5) for k in range(n)], pa.float32()),
+            "timestamp": pa.array([1_000 + (k % per_user) * 60 for k in range(n)], pa.int64()),
+            "row": pa.array(range(n), pa.int64()),
+        }
+    )
+
+
+def read(tmp_path: Path, table: str) -> pa.Table:
+    return pq.read_table(tmp_path / "t" / "samples" / table)
+
+
+def test_stage_writes_samples_maps_and_metrics(ray_session, tmp_path: Path):
+    cfg = make_cfg(tmp_path)
+    run_stage(cfg, fake_ingest(tiny_interactions()))
+    manifest = run_stage(cfg, SAMPLES)
+    metrics = manifest["metrics"]
+    assert (metrics["train_rows"], metrics["valid_rows"], metrics["test_rows"]) == (96, 12, 12)
+    assert (metrics["user_num"], metrics["item_num"]) == (13, 24)
+    assert metrics["valid_small_rows"] == 6 and metrics["protocol"] == "tiny"
+    assert manifest["tables"]["samples"]["schema"] == {
+        "sample_id": "int64",
+        "uid": "int32",
+        "iid": "int32",
+        "label": "int8",
+        "rating": "float",
+        "timestamp": "int64",
+        "split": "string",
+        "valid_small": "bool",
+        "history": "list<element: int32>",
+        "not_cold": "bool",
+        "warm": "bool",
+    }
+    table = read(tmp_path, "samples")
+    assert table["sample_id"].to_pylist() == list(range(120))
+    assert read(tmp_path, "user_map").schema.names == ["user", "uid"]
+    assert read(tmp_path, "item_map").num_rows == 23
+    assert run_stage(cfg, SAMPLES)["skipped"]
+
+
+def test_empty_split_fails_and_writes_nothing(ray_session, tmp_path: Path):
+    cfg = make_cfg(tmp_path, "protocol.split=months", "protocol.train_months=[2001-06, 2002-03]")
+    cfg.protocol.valid_months = ["2002-04", "2002-08"]
+    cfg.protocol.test_months = ["2002-09", "2003-01"]
+    run_stage(cfg, fake_ingest(tiny_interactions()))
+    with pytest.raises(StageError, match="protocol tiny leaves split train empty: 0 of 120"):
+        run_stage(cfg, SAMPLES)
+    assert not (tmp_path / "t" / "samples" / MANIFEST).exists()
+
+
+def test_missing_column_is_a_data_error(ray_session, tmp_path: Path):
+    cfg = make_cfg(tmp_path)
+    run_stage(cfg, fake_ingest(tiny_interactions().drop_columns(["row"])))
+    with pytest.raises(Exception, match="interactions lack column.s. row") as err:
+        run_stage(cfg, SAMPLES)
+    assert "\n" not in str(err.value)
+
+
+def test_after_the_real_ingest_on_the_tiny_fixture(ray_session, tmp_path: Path):
+    from pipelines.registry import run_pipeline
+
+    manifests = run_pipeline(make_cfg(tmp_path), ["ingest", "samples"], log=lambda _: None)
+    metrics = manifests["samples"]["metrics"]
+    assert sum(metrics[f"{s}_rows"] for s in ("train", "valid", "test")) == 600
+    table = read(tmp_path, "samples")
+    assert table["sample_id"].to_pylist() == list(range(600))
