@@ -1,0 +1,175 @@
+"""The encoder on its own: straight-through gradients, beta, LightGCN, training and checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from binllm_core.config import EncoderConfig
+from binllm_core.encoder import (
+    BINARY,
+    FLOAT,
+    EncoderTraining,
+    beta_at,
+    fit,
+    normalized_adjacency,
+    sign_ste,
+    split_samples,
+    train_graph,
+)
+from binllm_core.errors import ConfigError
+
+PLANTED = EncoderConfig(
+    dim=16,
+    lr=1e-2,
+    weight_decay=1e-3,
+    float_lr=3e-2,
+    float_weight_decay=1e-3,
+    batch_size=256,
+    max_epochs=30,
+    patience=8,
+    beta_step=0.1,
+    seed=7,
+)
+
+
+def planted_samples(
+    users: int = 100, items: int = 60, groups: int = 4, per_user: int = 40, seed: int = 0
+) -> pa.Table:
+    """A ``samples`` table where a user likes exactly the items of its own group (2% noise).
+
+    Rows are split at random 80/10/10; the last 2 users appear only in valid/test (cold rows).
+    ``user_num = users + 1`` and ``item_num = items + 1`` (ids are 1-based).
+    """
+    rng = np.random.default_rng(seed)
+    user_group = rng.integers(0, groups, users + 1)
+    item_group = rng.integers(0, groups, items + 1)
+    rows = []
+    for u in range(1, users + 1):
+        for i in rng.choice(np.arange(1, items + 1), per_user, replace=False):
+            label = int(user_group[u] == item_group[i]) ^ int(rng.random() < 0.02)
+            split = rng.choice(["train", "valid", "test"], p=[0.8, 0.1, 0.1])
+            if u > users - 2:
+                split = "valid" if rng.random() < 0.5 else "test"
+            rows.append((u, int(i), label, str(split)))
+    uid, iid, label, split = (np.array(c) for c in zip(*rows, strict=True))
+    train = split == "train"
+    user_count = np.bincount(uid[train], minlength=users + 1)
+    item_count = np.bincount(iid[train], minlength=items + 1)
+    n = len(uid)
+    return pa.table(
+        {
+            "sample_id": pa.array(np.arange(n), pa.int64()),
+            "uid": pa.array(uid, pa.int32()),
+            "iid": pa.array(iid, pa.int32()),
+            "label": pa.array(label, pa.int8()),
+            "timestamp": pa.array(np.arange(n) * 60, pa.int64()),
+            "split": pa.array(split, pa.string()),
+            "valid_small": pa.array((split == "valid") & (np.arange(n) % 2 == 0)),
+            "history": pa.array([[0]] * n, pa.list_(pa.int32())),
+            "not_cold": pa.array((user_count[uid] > 0) & (item_count[iid] > 0)),
+            "warm": pa.array((user_count[uid] > 3) & (item_count[iid] > 3)),
+        }
+    )
+
+
+def test_sign_forward_and_straight_through_gradient_reaches_embeddings() -> None:
+    x = torch.tensor([-0.5, 0.0, 0.3], requires_grad=True)
+    y = sign_ste(x)
+    assert y.tolist() == [-1.0, 1.0, 1.0]
+    (y * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert x.grad.tolist() == [1.0, 2.0, 3.0]
+
+    training = EncoderTraining(EncoderConfig(dim=8, beta_step=1.0), 5, 6)
+    model = training.models.models[BINARY]
+    model.eval()  # fully binary codes: the only way to the embeddings is the straight-through
+    logits = model(torch.tensor([1, 2]), torch.tensor([3, 4]))
+    logits.sum().backward()
+    user_grad = model.backbone.user_emb.weight.grad
+    assert user_grad[1].abs().sum() > 0 and user_grad[2].abs().sum() > 0
+    assert user_grad[0].abs().sum() == 0  # padding
+    assert model.proj_u.weight.grad.abs().sum() > 0
+
+
+def test_beta_schedule() -> None:
+    assert [beta_at(e, 0.25) for e in range(8)] == [0, 0.25, 0.25, 0.5, 0.5, 0.75, 0.75, 1.0]
+    assert beta_at(100, 0.25) == 1.0
+
+
+def test_normalized_adjacency() -> None:
+    adj = normalized_adjacency(3, 3, np.array([1, 1, 2]), np.array([1, 2, 2])).to_dense()
+    # user 1 (degree 2) - item 2 (node 5, degree 2): 1/sqrt(2*2)
+    assert adj[1, 5] == pytest.approx(0.5) and adj[5, 1] == pytest.approx(0.5)
+    assert adj[2, 5] == pytest.approx(1 / np.sqrt(2))
+    assert adj[0].abs().sum() == 0 and torch.allclose(adj, adj.T)
+
+
+def test_dim_must_be_octets() -> None:
+    with pytest.raises(ConfigError):
+        EncoderTraining(EncoderConfig(dim=12), 3, 3)
+
+
+@pytest.mark.parametrize("backbone", ["mf", "lightgcn"])
+def test_planted_groups_reach_high_test_auc(backbone: str) -> None:
+    table = planted_samples()
+    data = split_samples(table)
+    cfg = dataclasses.replace(PLANTED, backbone=backbone)
+    training = fit(cfg, data, 101, 61)
+    assert training.best[BINARY]["test"]["auc"] > 0.9
+    assert training.best[FLOAT]["test"]["auc"] > 0.9
+    users, items = training.signs()
+    assert users.shape == (101, 16) and set(np.unique(users)) <= {-1.0, 1.0}
+
+
+def test_same_seed_same_codes_and_exact_resume(tmp_path) -> None:
+    data = split_samples(planted_samples(seed=1))
+    cfg = dataclasses.replace(PLANTED, max_epochs=6, patience=6)
+    first = fit(cfg, data, 101, 61)
+    again = fit(cfg, data, 101, 61)
+    np.testing.assert_array_equal(first.signs()[0], again.signs()[0])
+    np.testing.assert_array_equal(first.signs()[1], again.signs()[1])
+
+    # Three epochs, a checkpoint, a fresh object that resumes: the same run as without a stop.
+    straight = EncoderTraining(cfg, 101, 61)
+    stopped = EncoderTraining(cfg, 101, 61)
+    for _ in range(3):
+        stopped.train_epoch(data["train"])
+        stopped.validate(data["valid"])
+    stopped.save(tmp_path)
+    resumed = EncoderTraining(cfg, 101, 61)
+    resumed.load(tmp_path)
+    assert resumed.epoch == 2 and resumed.best_epoch == stopped.best_epoch
+    for _ in range(6):
+        straight.train_epoch(data["train"])
+        straight.validate(data["valid"])
+    while not resumed.finished:
+        resumed.train_epoch(data["train"])
+        resumed.validate(data["valid"])
+    for key, value in straight.weights().items():
+        torch.testing.assert_close(resumed.weights()[key], value, rtol=0, atol=0)
+
+
+def test_float_only_and_graph() -> None:
+    table = planted_samples(seed=2)
+    data = split_samples(table)
+    users, items = train_graph(data["train"])
+    assert (data["train"].labels[data["train"].users == users[0]] > 0).any()
+    cfg = dataclasses.replace(PLANTED, binary=False, max_epochs=3)
+    training = fit(cfg, data, 101, 61)
+    assert set(training.models.models) == {FLOAT} and training.primary == FLOAT
+    signs = training.signs()[0]
+    expected = np.where(training.models.models[FLOAT].backbone.user_emb.weight.detach() >= 0, 1, -1)
+    np.testing.assert_array_equal(signs, expected)
+
+
+def test_float_init_std() -> None:
+    training = EncoderTraining(EncoderConfig(dim=32, float_init_std=0.1), 400, 300)
+    backbone = training.models.models[FLOAT].backbone
+    assert backbone.user_emb.weight[1:].std().item() == pytest.approx(0.1, rel=0.1)
+    assert backbone.item_emb.weight[0].abs().sum() == 0
+    binary = training.models.models[BINARY].backbone
+    assert binary.user_emb.weight[1:].std().item() == pytest.approx(1.0, rel=0.1)
