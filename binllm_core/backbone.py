@@ -1,0 +1,253 @@
+"""Loading the causal LM and its tokenizer, and the Yes-logit score every stage agrees on.
+
+Score of a prompt = the logit of the answer token ``Yes`` at the last prompt position (prompts
+are left-padded so that position is the same column for the whole batch). Training loss =
+BCE-with-logits of that score against the label. The ``Yes`` token id is read from the tokenizer
+as it tokenizes the answer right after a prompt, because BPE tokenizers give ``Yes`` and `` Yes``
+different ids.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from binllm_core.config import ModelConfig
+from binllm_core.errors import ConfigError
+
+TINY = "tiny"
+ANSWER = " Yes"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_PROBE = '#Question: Answer with "Yes" or "No".\n#Answer:'
+
+
+@dataclass
+class Backbone:
+    """A loaded model with its tokenizer and the id of the ``Yes`` answer token."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    yes_id: int
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where weights come from: ``kind`` is tiny, gguf, folder or hub."""
+
+    kind: str
+    path: str
+    gguf_file: str = ""
+
+
+def resolve_source(cfg: ModelConfig) -> Source:
+    """Classify ``cfg.backbone`` without touching the network."""
+    name = cfg.backbone
+    if name == TINY:
+        return Source(TINY, TINY)
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise _missing(name)
+        return Source("gguf", str(path.parent), path.name)
+    if cfg.gguf_file:
+        if not (path / cfg.gguf_file).is_file():
+            raise _missing(str(path / cfg.gguf_file))
+        return Source("gguf", str(path), cfg.gguf_file)
+    if path.is_dir():
+        return Source("folder", str(path))
+    if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+        return Source("hub", name)
+    raise _missing(name)
+
+
+def _missing(name: str) -> ConfigError:
+    return ConfigError(
+        f"model.backbone {name} is not there",
+        todo="give a local model folder, a .gguf file, a hub id org/name, or tiny",
+    )
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` is float32 on CPU (bfloat16 matmuls are many times slower there), else bf16."""
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return getattr(torch, name)
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer alone, set up for scoring: left padding and truncation, a pad token."""
+    from transformers import AutoTokenizer
+
+    source = resolve_source(cfg)
+    if source.kind == TINY:
+        tokenizer = tiny_tokenizer()
+    else:
+        tokenizer = _from_pretrained(AutoTokenizer, source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    # Left side for both: the answer cue at the end of a prompt must stay in the last column.
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"
+    return tokenizer
+
+
+def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backbone:
+    """Model (eval mode, on ``device``, dtype from config) with tokenizer and ``Yes`` id."""
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    tokenizer = load_tokenizer(cfg)
+    source = resolve_source(cfg)
+    if source.kind == TINY:
+        model = tiny_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        model = model.to(dtype)
+    else:
+        model = _from_pretrained(AutoModelForCausalLM, source, dtype=dtype)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.to(device).eval()
+    return Backbone(model, tokenizer, answer_token_id(tokenizer))
+
+
+def _from_pretrained(factory: Any, source: Source, **kwargs: Any) -> Any:
+    if source.kind == "gguf":
+        kwargs["gguf_file"] = source.gguf_file
+    if source.kind != "hub":
+        kwargs["local_files_only"] = True
+    try:
+        return factory.from_pretrained(source.path, **kwargs)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"cannot load model {source.path} ({first})",
+            todo="check model.backbone; without network give a local folder or a .gguf file",
+        ) from None
+
+
+def answer_token_id(tokenizer: PreTrainedTokenizerBase, answer: str = ANSWER) -> int:
+    """The first token the tokenizer gives ``answer`` when it follows a prompt."""
+    before = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
+    after = tokenizer(_PROBE + answer, add_special_tokens=False)["input_ids"]
+    common = 0
+    while common < min(len(before), len(after)) and before[common] == after[common]:
+        common += 1
+    if common >= len(after):
+        raise ConfigError(f"the tokenizer gives no token for the answer {answer!r}")
+    return int(after[common])
+
+
+def encode(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_length: int
+) -> dict[str, torch.Tensor]:
+    """Left-padded ``input_ids``/``attention_mask`` for a batch of prompts (no BOS added)."""
+    enc = tokenizer(
+        prompts,
+        add_special_tokens=False,
+        padding="longest",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def yes_logits(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, yes_id: int
+) -> torch.Tensor:
+    """The ``Yes`` logit at the last position, float32, shape ``(batch,)``."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1)
+    return out.logits[:, -1, yes_id].float()
+
+
+def bce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The training loss: BCE-with-logits of the ``Yes`` logit against the 0/1 label."""
+    return F.binary_cross_entropy_with_logits(logits, labels.float())
+
+
+@torch.no_grad()
+def score_prompts(
+    backbone: Backbone,
+    prompts: list[str],
+    batch_size: int = 32,
+    max_length: int = 1024,
+    model: torch.nn.Module | None = None,
+) -> torch.Tensor:
+    """``Yes`` logits of many prompts, in order (``model`` overrides the backbone's, e.g. a peft
+    wrapper around it)."""
+    net = model if model is not None else backbone.model
+    was_training = net.training
+    net.eval()
+    device = next(net.parameters()).device
+    scores = []
+    for start in range(0, len(prompts), batch_size):
+        batch = encode(backbone.tokenizer, prompts[start : start + batch_size], max_length)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        scores.append(yes_logits(net, batch["input_ids"], batch["attention_mask"], backbone.yes_id))
+    net.train(was_training)
+    return torch.cat(scores).cpu() if scores else torch.empty(0)
+
+
+# ---- the tiny backbone (tests, configs/tiny.yaml) ---------------------------------------------
+
+_TINY_WORDS = (
+    "Question A user has given high ratings to the following movies books movie book "
+    "Leverage information predict whether would enjoy titled Answer with Yes or No "
+    "Additionally we have about user's preferences encoded in feature Using all available make "
+    "a prediction none unkow n"
+).split()
+_TINY_SPECIAL = ("<pad>", "<unk>", "<s>", "</s>")
+_TINY_SYMBOLS = list("0123456789.,:;?!\"'()[]#-_/&\\<>") + [chr(c) for c in range(97, 123)]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerBase:
+    """A word-level tokenizer over a fixed vocabulary: template words, digits (one token each),
+    punctuation and single letters; anything else is ``<unk>``. Deterministic, nothing trained."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = list(dict.fromkeys([*_TINY_SPECIAL, *_TINY_SYMBOLS, *_TINY_WORDS]))
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Split(Regex(r"[.,:;?!#\"()\[\]\\]"), behavior="isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+
+
+def tiny_model(vocab_size: int, pad_token_id: int | None, seed: int = 0) -> PreTrainedModel:
+    """A 2-layer, 64-wide random Llama; the same ``seed`` gives the same weights everywhere."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        pad_token_id=pad_token_id,
+        tie_word_embeddings=False,
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    torch.random.set_rng_state(generator_state)
+    return model

@@ -1,0 +1,207 @@
+"""Prompt templates and rendering: samples, titles and codes into one prompt per sample and mode.
+
+The ``paper`` style reproduces the official BinLLM/CoLLM/TALLRec prompt files character for
+character, including two quirks: the answer cue is preceded by a literal backslash-n (the files
+hold ``\\n`` as two characters) and an empty history reads ``unkow``. The ``default`` style keeps
+the wording and fixes both.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from binllm_core.config import PromptConfig
+from binllm_core.errors import ConfigError, DataError
+
+MODES = ("text", "binary", "dotdec")
+CODE_MODES = ("binary", "dotdec")
+PLACEHOLDERS = ("<ItemTitleList>", "<UserID>", "<TargetItemTitle>", "<TargetItemID>")
+
+_CUE = ' Answer with "Yes" or "No". \\n#Answer:'
+PAPER_TEXT = (
+    "#Question: A user has given high ratings to the following {items}: <ItemTitleList>. "
+    "Leverage the information to predict whether the user would enjoy the {item} titled "
+    "<TargetItemTitle>?" + _CUE
+)
+PAPER_CODE = (
+    "#Question: A user has given high ratings to the following {items}: <ItemTitleList>. "
+    "Additionally, we have information about the user's preferences encoded in the feature "
+    "<UserID>. Using all available information, make a prediction about whether the user would "
+    "enjoy the {item} titled <TargetItemTitle> with the feature <TargetItemID>?" + _CUE
+)
+EMPTY_HISTORY = {"paper": "unkow", "default": "none"}
+
+_PLACEHOLDER_RE = re.compile("|".join(re.escape(p) for p in PLACEHOLDERS))
+_LOOKS_LIKE_PLACEHOLDER = re.compile(r"<[A-Z][A-Za-z]*>")
+
+PROMPT_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.int64()),
+        ("split", pa.string()),
+        ("valid_small", pa.bool_()),
+        ("mode", pa.string()),
+        ("uid", pa.int32()),
+        ("iid", pa.int32()),
+        ("label", pa.int8()),
+        ("not_cold", pa.bool_()),
+        ("warm", pa.bool_()),
+        ("prompt", pa.string()),
+    ]
+)
+SAMPLE_COLUMNS = [n for n in PROMPT_SCHEMA.names if n not in ("mode", "prompt")] + ["history"]
+
+
+@dataclass(frozen=True)
+class Templates:
+    """The two templates a run uses and the text standing for an empty history."""
+
+    text: str
+    code: str
+    empty_history: str
+
+    def for_mode(self, mode: str) -> str:
+        return self.text if mode == "text" else self.code
+
+
+def builtin_template(style: str, domain: str, with_codes: bool) -> str:
+    """The official template text for ``style`` (``paper``/``default``) and ``domain``."""
+    text = (PAPER_CODE if with_codes else PAPER_TEXT).format(items=f"{domain}s", item=domain)
+    if style == "default":
+        text = text.replace(" \\n#Answer:", "\n#Answer:")
+    return text
+
+
+def templates_from_config(cfg: PromptConfig) -> Templates:
+    """Resolve built-in or own templates and check their placeholders."""
+    unknown = [m for m in cfg.modes if m not in MODES]
+    if unknown or not cfg.modes:
+        raise ConfigError(
+            f"prompts.modes has {unknown[0] if unknown else 'no modes'}",
+            todo=f"choose among: {', '.join(MODES)}",
+        )
+    text = cfg.text_template or builtin_template(cfg.style, cfg.domain, with_codes=False)
+    code = cfg.code_template or builtin_template(cfg.style, cfg.domain, with_codes=True)
+    _check_template(text, "prompts.text_template", needs=("<TargetItemTitle>",))
+    _check_template(code, "prompts.code_template", needs=("<UserID>", "<TargetItemID>"))
+    return Templates(text, code, cfg.empty_history or EMPTY_HISTORY[cfg.style])
+
+
+def _check_template(template: str, key: str, needs: Sequence[str]) -> None:
+    for token in _LOOKS_LIKE_PLACEHOLDER.findall(template):
+        if token not in PLACEHOLDERS:
+            raise ConfigError(
+                f"{key} has the unknown placeholder {token}", todo=f"use {', '.join(PLACEHOLDERS)}"
+            )
+    missing = [p for p in needs if p not in template]
+    if missing:
+        raise ConfigError(f"{key} lacks the placeholder {missing[0]}")
+
+
+def fill(template: str, values: Mapping[str, str]) -> str:
+    """Replace every placeholder in one pass, so a title holding ``<UserID>`` stays as it is."""
+    return _PLACEHOLDER_RE.sub(lambda m: values.get(m.group(0), m.group(0)), template)
+
+
+def title_list(history: Sequence[int], titles: Mapping[int, str], limit: int, empty: str) -> str:
+    """The last ``limit`` history titles (history is oldest first), quoted and comma-joined."""
+    recent = list(history)[-limit:] if limit > 0 else []
+    if not recent:
+        return empty
+    return ", ".join(f'"{titles[i]}"' for i in recent)
+
+
+@dataclass(frozen=True)
+class Lookups:
+    """Titles by ``iid`` and codes by ``uid``/``iid`` for each code mode."""
+
+    titles: Mapping[int, str]
+    user_codes: Mapping[str, Mapping[int, str]]
+    item_codes: Mapping[str, Mapping[int, str]]
+
+
+def lookups_from_tables(items: pa.Table, item_map: pa.Table, codes: pa.Table | None) -> Lookups:
+    """Build the lookups from ``ingest/items``, ``samples/item_map`` and ``encode/codes``."""
+    title_of = dict(zip(items["item"].to_pylist(), items["title"].to_pylist(), strict=True))
+    titles = {
+        iid: str(title_of.get(item) or item)
+        for item, iid in zip(item_map["item"].to_pylist(), item_map["iid"].to_pylist(), strict=True)
+    }
+    user_codes: dict[str, dict[int, str]] = {m: {} for m in CODE_MODES}
+    item_codes: dict[str, dict[int, str]] = {m: {} for m in CODE_MODES}
+    if codes is not None:
+        entity, ids = codes["entity"].to_pylist(), codes["id"].to_pylist()
+        for mode in CODE_MODES:
+            for ent, i, code in zip(entity, ids, codes[f"code_{mode}"].to_pylist(), strict=True):
+                (user_codes if ent == "user" else item_codes)[mode][i] = code
+    return Lookups(titles, user_codes, item_codes)
+
+
+def check_codes(
+    uids: Sequence[int], iids: Sequence[int], lookups: Lookups, modes: Sequence[str]
+) -> None:
+    """Fail in one line when a sample's user or item has no code (before any rendering)."""
+    for mode in (m for m in modes if m != "text"):
+        for what, ids, codes in (
+            ("user uid", uids, lookups.user_codes[mode]),
+            ("item iid", iids, lookups.item_codes[mode]),
+        ):
+            missing = sorted(set(ids) - set(codes))
+            if missing:
+                raise DataError(
+                    f"{what}={missing[0]} has no {mode} code: the encoder never saw it "
+                    f"({len(missing)} such ids)",
+                    "encode/codes",
+                    "re-run encode on the same samples output, or render text prompts only",
+                )
+
+
+def render_table(
+    samples: pa.Table,
+    lookups: Lookups,
+    templates: Templates,
+    modes: Sequence[str],
+    history_len: int,
+) -> pa.Table:
+    """One prompt row per sample and mode (modes in the given order within each sample)."""
+    cols = {n: samples[n].to_pylist() for n in SAMPLE_COLUMNS}
+    out: dict[str, list] = {n: [] for n in PROMPT_SCHEMA.names}
+    for row in range(samples.num_rows):
+        uid, iid = cols["uid"][row], cols["iid"][row]
+        try:
+            base = {
+                "<ItemTitleList>": title_list(
+                    cols["history"][row] or [], lookups.titles, history_len, templates.empty_history
+                ),
+                "<TargetItemTitle>": f'"{lookups.titles[iid]}"',
+            }
+        except KeyError as err:
+            raise DataError(
+                f"item iid={err.args[0]} of sample {cols['sample_id'][row]} has no title",
+                "samples/item_map + ingest/items",
+                "re-run the samples stage on the same ingest output",
+            ) from None
+        for mode in modes:
+            values = dict(base)
+            if mode != "text":
+                values["<UserID>"] = _code(lookups.user_codes[mode], uid, "user uid", mode)
+                values["<TargetItemID>"] = _code(lookups.item_codes[mode], iid, "item iid", mode)
+            for name in SAMPLE_COLUMNS[:-1]:
+                out[name].append(cols[name][row])
+            out["mode"].append(mode)
+            out["prompt"].append(fill(templates.for_mode(mode), values))
+    return pa.table(out, schema=PROMPT_SCHEMA)
+
+
+def _code(codes: Mapping[int, str], key: int, what: str, mode: str) -> str:
+    code = codes.get(key)
+    if code is None:
+        raise DataError(
+            f"{what}={key} has no {mode} code: the encoder never saw it",
+            "encode/codes",
+            "re-run encode on the same samples output, or render text prompts only",
+        )
+    return code

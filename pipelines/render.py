@@ -1,0 +1,121 @@
+"""Stage ``render`` (Ray Data): samples + item titles + codes -> ``prompts``.
+
+One row per sample and prompt mode. Titles and codes are small next to the samples, so they are
+read once on the driver and shipped to the rendering tasks; the samples stream through
+``map_batches``. A second pass counts tokens with the configured tokenizer (one actor, loaded
+once) into ``n_tokens``, whose per-mode summary goes to the manifest.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from binllm_core.backbone import load_tokenizer
+from binllm_core.config import ModelConfig
+from binllm_core.errors import StageError
+from binllm_core.prompts import (
+    SAMPLE_COLUMNS,
+    Lookups,
+    Templates,
+    check_codes,
+    lookups_from_tables,
+    render_table,
+    templates_from_config,
+)
+from pipelines.stage import StageContext
+
+CODE_COLUMNS = ["entity", "id", "code_binary", "code_dotdec"]
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    cfg = ctx.cfg.prompts
+    templates = templates_from_config(cfg)
+    modes = list(cfg.modes)
+    items = ctx.read_table("ingest", "items", columns=["item", "title"])
+    item_map = ctx.read_table("samples", "item_map", columns=["item", "iid"])
+    codes = None
+    if any(m != "text" for m in modes):
+        codes = ctx.read_table("encode", "codes", columns=CODE_COLUMNS)
+    lookups = lookups_from_tables(items, item_map, codes)
+    if codes is not None:
+        ids = ctx.read_table("samples", "samples", columns=["uid", "iid"])
+        check_codes(
+            ids["uid"].unique().to_pylist(), ids["iid"].unique().to_pylist(), lookups, modes
+        )
+
+    samples = ctx.read_dataset("samples", "samples").select_columns(SAMPLE_COLUMNS)
+    prompts = (
+        samples.map_batches(
+            _render,
+            fn_kwargs={
+                "lookups": lookups,
+                "templates": templates,
+                "modes": modes,
+                "history_len": cfg.history_len,
+            },
+            batch_format="pyarrow",
+            batch_size=2048,
+        )
+        .map_batches(
+            TokenCounter,
+            fn_constructor_kwargs={"model_cfg": ctx.cfg.model},
+            compute=ray.data.ActorPoolStrategy(size=1),
+            batch_format="pyarrow",
+            batch_size=2048,
+        )
+        .materialize()
+    )
+    if prompts.count() == 0:
+        raise StageError("no samples to render", ctx.uri(ctx.stage_path("samples")))
+    ctx.write_dataset(prompts, "prompts")
+
+    summary = pa.concat_tables(
+        ray.get(prompts.select_columns(["mode", "split", "n_tokens"]).to_arrow_refs())
+    )
+    return {
+        "modes": modes,
+        "rows_per_mode": _count(summary, "mode"),
+        "rows_per_split": {k: v // len(modes) for k, v in _count(summary, "split").items()},
+        "tokenizer": ctx.cfg.model.backbone,
+        "tokens_per_mode": {m: _token_stats(summary, m) for m in modes},
+        "templates": {"text": templates.text, "code": templates.code},
+        "empty_history": templates.empty_history,
+    }
+
+
+def _render(
+    batch: pa.Table, lookups: Lookups, templates: Templates, modes: list[str], history_len: int
+) -> pa.Table:
+    return render_table(batch, lookups, templates, modes, history_len)
+
+
+class TokenCounter:
+    """Adds ``n_tokens`` (int32): the prompt's length in tokens of the configured tokenizer."""
+
+    def __init__(self, model_cfg: ModelConfig) -> None:
+        self.tokenizer = load_tokenizer(model_cfg)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ids = self.tokenizer(batch["prompt"].to_pylist(), add_special_tokens=False)["input_ids"]
+        return batch.append_column("n_tokens", pa.array([len(i) for i in ids], pa.int32()))
+
+
+def _count(table: pa.Table, column: str) -> dict[str, int]:
+    counts = pc.value_counts(table[column]).to_pylist()
+    return {c["values"]: c["counts"] for c in sorted(counts, key=lambda c: c["values"])}
+
+
+def _token_stats(table: pa.Table, mode: str) -> dict[str, float]:
+    n = table.filter(pc.equal(table["mode"], mode))["n_tokens"].to_numpy()
+    if len(n) == 0:
+        return {"mean": 0.0, "p95": 0.0, "max": 0}
+    return {
+        "mean": round(float(n.mean()), 2),
+        "p95": round(float(np.percentile(n, 95)), 2),
+        "max": int(n.max()),
+    }

@@ -1,0 +1,168 @@
+"""Stage render on fake finished upstream stages (ingest, samples, encode written in the test)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from binllm_core.config import RunConfig, load_config
+from pipelines.registry import STAGES
+from pipelines.stage import MANIFEST, Stage, StageContext, run_stage
+
+N_ITEMS, N_USERS, TRAIN_ITEMS = 60, 20, 40
+SAMPLES_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.int64()),
+        ("uid", pa.int32()),
+        ("iid", pa.int32()),
+        ("label", pa.int8()),
+        ("timestamp", pa.int64()),
+        ("split", pa.string()),
+        ("valid_small", pa.bool_()),
+        ("history", pa.list_(pa.int32())),
+        ("not_cold", pa.bool_()),
+        ("warm", pa.bool_()),
+    ]
+)
+
+
+def make_cfg(tmp_path: Path, *overrides: str) -> RunConfig:
+    sets = [f"output_root={tmp_path}", "run_name=t", *overrides]
+    return load_config("configs/tiny.yaml", sets)
+
+
+def item_code(iid: int) -> str:
+    return format((iid * 37 + 11) % 256, "08b")
+
+
+def user_code(uid: int) -> str:
+    return format((uid * 53 + 7) % 256, "08b")
+
+
+def fake_upstream(cfg: RunConfig, n_samples: int = 600, drop_user_code: int = 0) -> None:
+    """Finished ingest/samples/encode outputs of a task whose label is the first bit of the
+    target item's code; valid items never occur in train, so only the code tells the label.
+    Sample 0 is pinned: uid 1, iid 2, history [3, 1]."""
+    rng = random.Random(0)
+    rows = []
+    for sample_id in range(n_samples):
+        iid, uid = rng.randint(1, N_ITEMS), rng.randint(1, N_USERS)
+        history = [rng.randint(1, N_ITEMS) for _ in range(rng.randint(0, 3))]
+        if sample_id == 0:
+            iid, uid, history = 2, 1, [3, 1]
+        train = iid <= TRAIN_ITEMS
+        rows.append(
+            dict(
+                sample_id=sample_id,
+                uid=uid,
+                iid=iid,
+                label=int(item_code(iid)[0]),
+                timestamp=sample_id,
+                split="train" if train else "valid",
+                valid_small=not train,
+                history=history,
+                not_cold=True,
+                warm=train,
+            )
+        )
+    samples = pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA)
+    iids = pa.array(range(1, N_ITEMS + 1), pa.int32())
+    items = pa.table(
+        {
+            "item": [f"m{i}" for i in range(1, N_ITEMS + 1)],
+            "title": [f"Title {i}" for i in range(1, N_ITEMS + 1)],
+        }
+    )
+    item_map = pa.table({"item": items["item"], "iid": iids})
+    users = [u for u in range(1, N_USERS + 1) if u != drop_user_code]
+    codes = pa.table(
+        {
+            "entity": ["user"] * len(users) + ["item"] * N_ITEMS,
+            "id": pa.array(users + list(range(1, N_ITEMS + 1)), pa.int32()),
+            "code_binary": [user_code(u) for u in users] + [item_code(i) for i in iids.to_pylist()],
+            "code_dotdec": [str(int(user_code(u), 2)) for u in users]
+            + [str(int(item_code(i), 2)) for i in iids.to_pylist()],
+        }
+    )
+
+    def writer(tables: dict[str, pa.Table]):
+        def fn(ctx: StageContext) -> dict:
+            for name, table in tables.items():
+                ctx.write_table(table, name)
+            return {}
+
+        return fn
+
+    run_stage(cfg, Stage("ingest", writer({"items": items}), ("data",)))
+    run_stage(
+        cfg, Stage("samples", writer({"samples": samples, "item_map": item_map}), ("protocol",))
+    )
+    run_stage(cfg, Stage("encode", writer({"codes": codes}), ("encoder",)), force=True)
+
+
+def stage(name: str) -> Stage:
+    return next(s for s in STAGES if s.name == name)
+
+
+def read_prompts(tmp_path: Path) -> pa.Table:
+    folder = tmp_path / "t" / "render" / "prompts"
+    return pa.concat_tables(pq.read_table(f) for f in sorted(folder.glob("*.parquet")))
+
+
+def test_render_writes_prompts_per_mode_with_token_stats(tmp_path: Path, ray_session) -> None:
+    cfg = make_cfg(tmp_path, "prompts.style=paper")
+    fake_upstream(cfg, n_samples=50)
+    manifest = run_stage(cfg, stage("render"))
+    prompts = read_prompts(tmp_path)
+    assert prompts.num_rows == 150
+    assert prompts.column_names == [
+        "sample_id",
+        "split",
+        "valid_small",
+        "mode",
+        "uid",
+        "iid",
+        "label",
+        "not_cold",
+        "warm",
+        "prompt",
+        "n_tokens",
+    ]
+    first = prompts.slice(0, 3).to_pylist()
+    assert [r["mode"] for r in first] == ["text", "binary", "dotdec"]
+    assert {r["sample_id"] for r in first} == {0}
+    assert first[1]["prompt"] == (
+        '#Question: A user has given high ratings to the following movies: "Title 3", '
+        '"Title 1". Additionally, we have information about the user\'s preferences encoded in '
+        "the feature 00111100. Using all available information, make a prediction about whether "
+        'the user would enjoy the movie titled "Title 2" with the feature 01010101? Answer with '
+        '"Yes" or "No". \\n#Answer:'
+    )
+    assert "feature 60." in first[2]["prompt"] and "feature 85?" in first[2]["prompt"]
+
+    tokens = manifest["metrics"]["tokens_per_mode"]
+    assert set(tokens) == {"text", "binary", "dotdec"}
+    assert tokens["binary"]["mean"] > tokens["dotdec"]["mean"] > tokens["text"]["mean"] > 0
+    assert tokens["binary"]["max"] >= tokens["binary"]["p95"] >= tokens["binary"]["mean"]
+    assert manifest["metrics"]["rows_per_mode"] == {"binary": 50, "dotdec": 50, "text": 50}
+
+
+def test_render_stops_on_a_user_without_code(tmp_path: Path, ray_session) -> None:
+    cfg = make_cfg(tmp_path)
+    fake_upstream(cfg, n_samples=50, drop_user_code=1)
+    with pytest.raises(Exception, match="user uid=1 has no binary code") as err:
+        run_stage(cfg, stage("render"))
+    assert "the encoder never saw it" in str(err.value)
+    assert not (tmp_path / "t" / "render" / MANIFEST).exists()
+    # Text prompts alone need no code.
+    manifest = run_stage(make_cfg(tmp_path, "prompts.modes=[text]"), stage("render"))
+    assert (
+        json.loads((tmp_path / "t" / "render" / MANIFEST).read_text())["tables"]["prompts"]["rows"]
+        == 50
+    )
+    assert manifest["metrics"]["modes"] == ["text"]
