@@ -1,0 +1,175 @@
+"""Scoring throughput: the ``score`` actor pool against a plain Hugging Face loop.
+
+Same model (SmolLM2-135M-Instruct, GGUF, float32 on CPU), same adapter (a freshly initialised
+LoRA on q/v unless ``--adapter`` names a trained one), same prompts, same batch size:
+
+* stage: :func:`pipelines.score.score_dataset` on a local Ray, 1 actor and then 2 actors
+  (merged LoRA, ``torch.inference_mode``, batches ordered by token length);
+* plain: one process, ``PeftModel`` unmerged, ``torch.no_grad``, prompts in their given order,
+  left padding to the longest prompt of each batch.
+
+Prompts/s counts prompts over the wall time of the scoring call, model loading included on
+both sides (the stage loads a model per actor). Prompts are real ML-100K-style prompts with
+random histories, so their lengths vary as in the pipeline.
+
+    python -m benchmarks.score [--prompts 200] [--batch-size 16] [--adapter DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from benchmarks.common import SHARED, measured, save, table
+from binllm_core.config import PromptConfig, RunConfig, load_config
+from binllm_core.prompts import fill, templates_from_config
+
+GGUF = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def make_prompts(n: int, seed: int = 0) -> list[str]:
+    """Code prompts with 0-10 history titles (lengths vary like the pipeline's)."""
+    rng = np.random.default_rng(seed)
+    templates = templates_from_config(PromptConfig())
+    titles = [f"Movie {i} ({1950 + i % 50})" for i in range(500)]
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(0, 11))
+        history = ", ".join(f'"{titles[j]}"' for j in rng.choice(500, size=k, replace=False))
+        code = lambda: "".join(rng.choice(["0", "1"], size=32))  # noqa: E731
+        out.append(
+            fill(
+                templates.code,
+                {
+                    "<ItemTitleList>": history or templates.empty_history,
+                    "<UserID>": code(),
+                    "<TargetItemTitle>": f'"{titles[int(rng.integers(500))]}"',
+                    "<TargetItemID>": code(),
+                },
+            )
+        )
+    return out
+
+
+def fresh_adapter(cfg: RunConfig, folder: Path) -> str:
+    from binllm_core.backbone import load_backbone
+    from binllm_core.finetune import attach_lora
+
+    backbone = load_backbone(cfg.model)
+    attach_lora(backbone.model, cfg.finetune).save_pretrained(folder)
+    return str(folder)
+
+
+def plain_loop(cfg: RunConfig, adapter: str, prompts: list[str], batch_size: int) -> np.ndarray:
+    """What one would write without the stage: PeftModel, no_grad, given order."""
+    import torch
+    from peft import PeftModel
+
+    from binllm_core.backbone import encode, load_backbone
+
+    torch.set_num_threads(int(cfg.score.cpus_per_actor))
+    backbone = load_backbone(cfg.model)
+    model = PeftModel.from_pretrained(backbone.model, adapter).eval()
+    scores = []
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            batch = encode(backbone.tokenizer, prompts[start : start + batch_size], 1024)
+            out = model(**batch)  # full logits, as a plain loop does
+            scores.append(out.logits[:, -1, backbone.yes_id].float())
+    return torch.cat(scores).numpy()
+
+
+def stage(cfg: RunConfig, adapter: str, prompts: list[str], actors: int) -> np.ndarray:
+    import ray
+
+    from pipelines.score import score_dataset
+
+    ds = ray.data.from_arrow(pa.table({"i": np.arange(len(prompts)), "prompt": prompts}))
+    ds = ds.repartition(max(4, actors * 4))
+    out = score_dataset(ds, cfg, adapter, dt.datetime.now(dt.UTC), num_actors=actors)
+    table_ = pa.concat_tables(ray.get(out.materialize().to_arrow_refs())).sort_by("i")
+    return table_["logit_yes"].to_numpy()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--prompts", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--adapter", default="")
+    args = parser.parse_args()
+    if not GGUF.exists():
+        raise SystemExit(f"benchmark model not found: {GGUF}")
+
+    import ray
+
+    from pipelines.runtime import ensure_ray
+
+    base = [f"model.backbone={GGUF}", f"score.batch_size={args.batch_size}", "score.sort_window=4"]
+    prompts = make_prompts(args.prompts)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg1 = load_config("configs/ml100k.yaml", [*base, "score.cpus_per_actor=2"])
+        adapter = args.adapter or fresh_adapter(cfg1, Path(tmp) / "adapter")
+        rows, result = (
+            [],
+            {
+                "prompts": args.prompts,
+                "batch_size": args.batch_size,
+                "adapter": "trained" if args.adapter else "fresh LoRA (q,v; r=8)",
+            },
+        )
+        with measured() as plain_m:
+            plain_scores = plain_loop(cfg1, adapter, prompts, args.batch_size)
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ensure_ray()
+        time.sleep(2)
+        with measured() as one_m:
+            one = stage(cfg1, adapter, prompts, 1)
+        cfg2 = load_config("configs/ml100k.yaml", [*base, "score.cpus_per_actor=1"])
+        with measured() as two_m:
+            two = stage(cfg2, adapter, prompts, 2)
+        ray.shutdown()
+    result["max_abs_logit_diff_2_actors_vs_1"] = float(np.max(np.abs(two - one)))
+    diff = float(np.max(np.abs(one - plain_scores)))
+    for name, m, threads in (
+        ("plain HF loop", plain_m, 2),
+        ("stage, 1 actor", one_m, 2),
+        ("stage, 2 actors", two_m, 1),
+    ):
+        pps = args.prompts / m["wall_s"]
+        result[name] = {**m, "prompts_per_s": pps, "threads_per_worker": threads}
+        rows.append(
+            [
+                name,
+                threads,
+                f"{m['wall_s']:.1f}",
+                f"{pps:.2f}",
+                f"{pps / (args.prompts / plain_m['wall_s']):.2f}",
+                f"{m['peak_rss_gib']:.2f}",
+            ]
+        )
+    result["max_abs_logit_diff_stage_vs_plain"] = diff
+    md = (
+        "## Scoring (`benchmarks/score.py`)\n\n"
+        f"{args.prompts} code prompts, SmolLM2-135M-Instruct (GGUF, float32, CPU), "
+        f"{result['adapter']}, batch size {args.batch_size}. Plain: PeftModel unmerged, "
+        "`no_grad`, full logits, prompts in given order. Stage: merged LoRA, `inference_mode`, "
+        "`logits_to_keep=1`, batches ordered by length, on a Ray actor pool. Wall time includes "
+        f"model loading. Largest |logit difference| stage vs plain: {diff:.2e}.\n\n"
+        + table(
+            ["scorer", "torch threads / worker", "wall s", "prompts/s", "× plain", "peak RSS GiB"],
+            rows,
+        )
+    )
+    save("score", result, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Evaluation report: metric rows use binllm_core.metrics, ROC points, PNG and Markdown."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+
+from binllm_core import metrics
+from binllm_core.evaluation import (
+    METRICS_SCHEMA,
+    codes_metrics,
+    llm_metrics,
+    metrics_table,
+    report_markdown,
+    roc_curves,
+    roc_png,
+    roc_points,
+)
+
+
+def scores_table(n: int = 200, seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, 2, n)
+    logit = label * 0.8 + rng.normal(size=n)
+    return pa.table(
+        {
+            "split": ["test"] * n,
+            "mode": ["text"] * (n // 2) + ["binary"] * (n - n // 2),
+            "uid": pa.array(rng.integers(1, 15, n), pa.int32()),
+            "label": pa.array(label, pa.int8()),
+            "warm": rng.random(n) < 0.6,
+            "not_cold": rng.random(n) < 0.8,
+            "logit_yes": logit,
+            "adapter": ["a1"] * (n // 2) + ["a2"] * (n - n // 2),
+        }
+    )
+
+
+def test_llm_metrics_match_the_metrics_module_per_mode_and_subset():
+    table = scores_table()
+    rows = {r["mode"]: r for r in llm_metrics(table)}
+    assert list(rows) == ["text", "binary"]
+    half = table.slice(0, 100)
+    y = half["label"].to_numpy()
+    s = half["logit_yes"].to_numpy()
+    u = half["uid"].to_numpy()
+    warm = half["warm"].to_numpy(zero_copy_only=False)
+    cold = ~half["not_cold"].to_numpy(zero_copy_only=False)
+    r = rows["text"]
+    assert r["auc"] == metrics.auc(y, s) and r["uauc"] == metrics.uauc(u, y, s)
+    assert r["warm_auc"] == metrics.auc(y[warm], s[warm])
+    assert r["cold_auc"] == metrics.auc(y[cold], s[cold])
+    assert r["rows"] == 100 and r["warm_rows"] == warm.sum() and r["cold_rows"] == cold.sum()
+    assert r["adapter"] == "a1"
+
+
+def test_undefined_auc_is_none_and_codes_rows_come_from_the_manifest():
+    table = scores_table(40)
+    table = table.set_column(3, "label", pa.array([1] * 40, pa.int8()))
+    row = llm_metrics(table)[0]
+    assert row["auc"] is None and row["uauc"] is None
+    codes = codes_metrics(
+        {"codes": {"test": {"auc": 0.7, "uauc": float("nan")}}}, ["test", "valid"]
+    )
+    assert len(codes) == 1 and codes[0]["auc"] == 0.7 and codes[0]["uauc"] is None
+    assert metrics_table([row, *codes]).schema == METRICS_SCHEMA
+
+
+def test_roc_points_span_the_unit_square_and_integrate_to_the_auc():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 300)
+    s = np.round(y + rng.normal(size=300), 1)  # ties
+    fpr, tpr = roc_points(y, s)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    assert math.isclose(np.trapezoid(tpr, fpr), metrics.auc(y, s), rel_tol=1e-9)
+
+
+def test_png_and_markdown():
+    table = scores_table()
+    png = roc_png(roc_curves(table, "test"), "ROC")
+    assert png.startswith(b"\x89PNG")
+    rows = llm_metrics(table) + codes_metrics({"codes": {"test": {"auc": 0.61}}}, ["test"])
+    text = report_markdown(rows, "r", 3, {"test": "roc_test.png"}, ["a note"])
+    assert "more than 3 train interactions" in text and "not not_cold" in text
+    assert "| llm | text |" in text and "| codes | codes |" in text and "0.6100" in text
+    assert "![ROC curves, test](roc_test.png)" in text and "a note" in text

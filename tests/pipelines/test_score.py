@@ -1,0 +1,125 @@
+"""Scoring: length-sorted batches give the plain scores in row order; a killed actor is replaced
+and every row comes out exactly once; which adapter scores which mode."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import ray
+
+from binllm_core.backbone import load_backbone, score_prompts
+from binllm_core.config import ModelConfig, load_config
+from binllm_core.errors import StageError
+from pipelines import score
+
+WORDS = "A user has given high ratings to the following movies Yes No 0 1 2 3 4 5 6 7".split()
+
+
+def prompts(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [
+        " ".join(rng.choice(WORDS, size=int(rng.integers(3, 40)))) + "\n#Answer:" for _ in range(n)
+    ]
+
+
+def lineage() -> dict:
+    return {
+        "model": "tiny",
+        "adapter": "none",
+        "adapter_hash": "none",
+        "run_name": "t",
+        "scored_at": dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+    }
+
+
+def test_length_sorted_scores_equal_plain_scores_in_order():
+    texts = prompts(37)
+    scorer = score.PromptScorer(
+        ModelConfig(backbone="tiny"), "", lineage(), batch_size=8, max_length=1024
+    )
+    got, lengths = scorer.logits(texts)
+    plain = score_prompts(load_backbone(ModelConfig(backbone="tiny")), texts, batch_size=8)
+    np.testing.assert_allclose(got, plain.numpy(), atol=1e-4)
+    out = scorer(pa.table({"sample_id": list(range(37)), "prompt": texts}))
+    assert out.column_names[:2] == ["sample_id", "n_tokens"] and "prompt" not in out.column_names
+    assert out["sample_id"].to_pylist() == list(range(37))
+    p = out["p_yes"].to_numpy()
+    np.testing.assert_allclose(p, 1 / (1 + np.exp(-out["logit_yes"].to_numpy())))
+    assert out["n_tokens"].to_pylist() == lengths.tolist()
+
+
+def test_merged_lora_adapter_scores_like_the_peft_model(tmp_path: Path):
+    from peft import LoraConfig, get_peft_model
+
+    backbone = load_backbone(ModelConfig(backbone="tiny"))
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    peft_model = get_peft_model(backbone.model, config)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    texts = prompts(10, seed=3)
+    expected = score_prompts(backbone, texts, batch_size=4, model=peft_model).numpy()
+    scorer = score.PromptScorer(
+        ModelConfig(backbone="tiny"),
+        str(tmp_path / "adapter"),
+        lineage(),
+        batch_size=4,
+        max_length=1024,
+    )
+    assert not any("lora" in n for n, _ in scorer.model.named_modules())  # merged
+    np.testing.assert_allclose(scorer.logits(texts)[0], expected, atol=1e-4)
+
+
+def test_killed_actor_is_replaced_and_every_row_is_scored_once(
+    tmp_path: Path, ray_session, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv(score.FAULT_ENV, "3")
+    cfg = load_config(
+        "configs/tiny.yaml",
+        [
+            f"output_root={tmp_path}",
+            "score.batch_size=4",
+            "score.sort_window=2",
+            "score.max_restarts=2",
+        ],
+    )
+    n = 96
+    ds = ray.data.from_arrow(pa.table({"sample_id": list(range(n)), "prompt": prompts(n)}))
+    ds = ds.repartition(12)
+    out = score.score_dataset(ds, cfg, "", dt.datetime.now(dt.UTC)).materialize()
+    ids = sorted(out.to_pandas()["sample_id"].tolist())
+    assert ids == list(range(n))
+    markers = list(Path(__import__("tempfile").gettempdir()).glob("binllm-scorer-fault-*"))
+    assert markers, "the fault switch did not fire"
+    for m in markers:
+        m.unlink(missing_ok=True)
+
+
+def test_adapter_plan_defaults_and_overrides(tmp_path: Path):
+    cfg = load_config("configs/tiny.yaml", [f"output_root={tmp_path}"])
+    finetune = {
+        "steps": {
+            "step1": {"mode": "text", "adapter": "A1"},
+            "step2": {"mode": "binary", "adapter": "A2"},
+        },
+        "final_adapter": "A2",
+    }
+    assert score.default_modes(cfg, finetune) == ["text", "binary"]
+    assert score.adapter_plan(cfg, ["text", "binary", "dotdec"], finetune) == {
+        "text": "A1",
+        "binary": "A2",
+        "dotdec": "A2",
+    }
+    cfg.score.adapters = {"text": "step2", "binary": "none", "dotdec": "s3://b/a"}
+    assert score.adapter_plan(cfg, ["text", "binary", "dotdec"], finetune) == {
+        "text": "A2",
+        "binary": "",
+        "dotdec": "s3://b/a",
+    }
+    cfg.score.adapters = {}
+    with pytest.raises(StageError, match="finetune has not finished"):
+        score.adapter_plan(cfg, ["text"], None)
