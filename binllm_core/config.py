@@ -115,17 +115,27 @@ class EncoderConfig:
     shared_projection: bool = False
     """One Linear for users and items (the paper's formula) instead of one per side (official)."""
     binary: bool = True
-    """Train binary codes; ``false`` trains the continuous backbone alone (float baseline)."""
+    """Train binary codes (and the float baseline beside them, for comparison); ``false`` trains
+    the continuous backbone alone, whose codes are then the signs of its embeddings."""
     lr: float = 1e-2
-    """Adam learning rate."""
+    """Adam learning rate of the binary model."""
     weight_decay: float = 1e-3
-    """Adam weight decay (L2)."""
+    """Adam weight decay (L2) of the binary model."""
+    float_lr: float = 1e-3
+    """Adam learning rate of the continuous (float) model on the same backbone."""
+    float_weight_decay: float = 1e-4
+    """Adam weight decay (L2) of the continuous (float) model."""
+    float_init_std: float = 1.0
+    """Standard deviation of the normal init of the float model's embeddings (the binary model
+    keeps PyTorch's N(0, 1), as the official code)."""
     batch_size: int = 2048
     """Training batch size (samples)."""
     max_epochs: int = 200
     """Upper bound on training epochs."""
     patience: int = 20
-    """Stop after this many epochs without a better validation AUC of the binary codes."""
+    """Stop after this many epochs without a better validation AUC of the binary codes (and of
+    the float baseline trained beside them: each model has this patience; the best binary
+    checkpoint is kept)."""
     beta_step: float = 0.05
     """Added to beta every 2 epochs, capped at 1.0: the chance that an element of the code is
     binary rather than continuous during training."""
@@ -135,8 +145,153 @@ class EncoderConfig:
     """Train on GPUs (one per worker)."""
     max_failures: int = 2
     """How many worker failures Ray Train recovers from (from the last checkpoint)."""
+    checkpoint_every: int = 10
+    """Checkpoint every this many epochs, besides every epoch whose binary valid AUC improves and
+    the last one (a Ray Train report costs about 2 s, so not every epoch)."""
     seed: int = 2023
     """Seed of the initialisation, the shuffling and the binary/continuous mix."""
+
+
+@dataclass
+class PromptConfig:
+    """How samples become prompts (stage ``render``)."""
+
+    domain: Literal["movie", "book"] = "movie"
+    """Wording of the built-in templates: ``movies``/``movie`` or ``books``/``book``."""
+    style: Literal["paper", "default"] = "default"
+    """Built-in template set. ``paper`` is the official text to the character, with its literal
+    backslash-n before ``#Answer:`` and ``unkow`` for an empty history; ``default`` is the same
+    text with a real newline and ``none`` for an empty history."""
+    text_template: str = ""
+    """Own template for ``text`` prompts (replaces the built-in one when not empty), with the
+    placeholders ``<ItemTitleList>`` and ``<TargetItemTitle>``."""
+    code_template: str = ""
+    """Own template for ``binary``/``dotdec`` prompts (replaces the built-in one when not empty):
+    ``<ItemTitleList>``, ``<UserID>``, ``<TargetItemTitle>``, ``<TargetItemID>``."""
+    modes: list[str] = field(default_factory=lambda: ["text", "binary", "dotdec"])
+    """Prompt modes to render: ``text`` (no codes), ``binary`` and ``dotdec`` (codes in the user
+    and target item slots). One output row per sample and mode."""
+    history_len: int = 10
+    """How many of the latest positive titles (quoted, comma-joined) fill ``<ItemTitleList>``."""
+    empty_history: str = ""
+    """Text for an empty history; empty takes the style's own (``unkow`` or ``none``)."""
+
+
+@dataclass
+class TuneStepConfig:
+    """Optimisation budget and schedule of one LoRA tuning step."""
+
+    lr: float = 1e-3
+    """Peak learning rate (reached after warm-up)."""
+    min_lr: float = 8e-5
+    """Learning rate at the end of the cosine decay."""
+    warmup_lr: float = 1e-5
+    """Learning rate at global step 0; it rises linearly to ``lr`` over ``warmup_steps``."""
+    warmup_steps: int = 200
+    """Warm-up length in global optimizer steps (not restarted each epoch, unlike the official
+    runner)."""
+    batch_size: int = 16
+    """Sequences per worker per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_steps: int = 10000
+    """Upper bound on optimizer steps; 0 means only ``epochs`` bounds the step."""
+    epochs: float = 0.0
+    """Upper bound in passes over the (subsampled) train prompts; 0 means only ``max_steps``."""
+
+
+@dataclass
+class FinetuneConfig:
+    """LoRA fine-tuning of the backbone on prompts (stage ``finetune``, Ray Train)."""
+
+    strategy: Literal["two_step", "one_step", "text_only"] = "two_step"
+    """``two_step``: step 1 on ``text`` prompts, step 2 from that adapter on code prompts;
+    ``one_step``: code prompts from a fresh adapter (intuitive tuning); ``text_only``: step 1
+    alone (the TALLRec / BinLLM-TO ablation)."""
+    code_mode: Literal["binary", "dotdec"] = "binary"
+    """Prompt mode of the code-bearing step."""
+    lora_r: int = 8
+    """LoRA rank."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Module names that get LoRA adapters."""
+    step1: TuneStepConfig = field(default_factory=TuneStepConfig)
+    """Step 1 (text prompts). Official: lr 1e-3, batch 16 per GPU on 2 GPUs."""
+    step2: TuneStepConfig = field(
+        default_factory=lambda: TuneStepConfig(lr=1e-4, batch_size=4)
+    )
+    """Step 2 (code prompts), also the only step of ``one_step``. Official: lr 1e-4, batch 4 per
+    GPU on 2 GPUs."""
+    weight_decay: float = 1e-3
+    """AdamW weight decay, on weight matrices only."""
+    eval_every: int = 50
+    """Evaluate AUC on ``valid_small`` every this many optimizer steps (and at the end)."""
+    patience: int = 20
+    """Stop a step after this many evaluations without a better validation AUC."""
+    eval_batch_size: int = 64
+    """Sequences per scoring batch during evaluation."""
+    max_length: int = 1024
+    """Longest prompt in tokens; longer prompts lose their beginning (the answer cue stays)."""
+    max_train_samples: int = 0
+    """Train on a seeded random subset of this many train samples (the same samples in both
+    steps); 0 takes all."""
+    max_valid_samples: int = 0
+    """Evaluate on a seeded random subset of this many ``valid_small`` samples; 0 takes all."""
+    seed: int = 42
+    """Seed of the subsets, the LoRA initialisation, dropout and shuffling."""
+    num_workers: int = 1
+    """Ray Train workers (data-parallel)."""
+    use_gpu: bool = False
+    """Train on GPUs (one per worker)."""
+    cpus_per_worker: int = 1
+    """CPU cores reserved per worker (also its torch thread count on CPU)."""
+    max_failures: int = 2
+    """How many worker failures Ray Train recovers from (from the last checkpoint)."""
+
+
+@dataclass
+class ScoreConfig:
+    """Bulk scoring with the fine-tuned adapters (stage ``score``, ``binllm score``/``nightly``)."""
+
+    modes: list[str] = field(default_factory=list)
+    """Prompt modes the ``score`` stage scores; empty: the modes the finetune steps trained on
+    (``text`` with the step-1 adapter and the code mode with the step-2 adapter, for two_step)."""
+    adapters: dict[str, str] = field(default_factory=dict)
+    """Adapter per mode, overriding the default (the last finetune step trained on that mode,
+    else the final adapter): a step name (``step1``/``step2``), an adapter folder or URI, or
+    ``none`` for the bare backbone."""
+    splits: list[str] = field(default_factory=lambda: ["test", "valid"])
+    """Splits of the rendered prompts the ``score`` stage scores."""
+    max_rows: int = 0
+    """Score a seeded random subset of this many samples per split (the same samples in every
+    mode); 0 scores all."""
+    seed: int = 2024
+    """Seed of the ``max_rows`` subset."""
+    candidate_mode: str = ""
+    """Prompt mode of arbitrary (user, item) candidates (``binllm score``/``nightly``); empty:
+    the code mode of the finetune stage (``text`` for the text_only strategy)."""
+    unknown: Literal["text", "skip", "error"] = "text"
+    """A candidate whose user or item the encoder never saw (so it has no code): ``text`` scores
+    it with the text-only prompt and the text adapter and flags it ``cold``; ``skip`` leaves it
+    out (counted in the manifest); ``error`` stops with the row."""
+    num_actors: int = 1
+    """Scoring actors (each holds one copy of the merged model)."""
+    num_gpus: float = 0.0
+    """GPUs per actor (0 on CPU)."""
+    cpus_per_actor: float = 1.0
+    """CPU cores reserved per actor (also its torch thread count on CPU)."""
+    batch_size: int = 16
+    """Prompts per forward pass."""
+    sort_window: int = 8
+    """Forward passes per Ray batch: each actor takes ``batch_size * sort_window`` prompts at a
+    time, orders them by token length (little padding), scores, and restores their order."""
+    max_length: int = 1024
+    """Longest prompt in tokens; longer prompts lose their beginning (the answer cue stays)."""
+    max_restarts: int = 3
+    """How often a scoring actor that died is restarted (its unfinished batches are retried)."""
 
 
 @dataclass
@@ -158,6 +313,12 @@ class RunConfig:
     """Binarized collaborative encoder."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Language model backbone."""
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    """Prompt rendering."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """LoRA fine-tuning."""
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    """Bulk scoring (stage ``score``, candidates and nightly)."""
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
@@ -166,9 +327,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} not found", todo="pass an existing YAML file") from None
+        raise ConfigError(f"config file {path} not found", todo="pass an existing YAML") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML ({err})".replace("\n", " ")) from None
+        raise ConfigError(f"config file {path} is not valid YAML ({err})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     for item in overrides or []:

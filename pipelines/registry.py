@@ -7,13 +7,18 @@ from typing import Any
 
 from binllm_core.config import RunConfig
 from binllm_core.errors import ConfigError
-from pipelines import ingest, samples
+from pipelines import encode, evaluate, finetune, ingest, render, samples, score
 from pipelines.runtime import ensure_ray
 from pipelines.stage import Stage, run_stage
 
 STAGES: tuple[Stage, ...] = (
     Stage("ingest", ingest.run, ("data",)),
     Stage("samples", samples.run, ("protocol",), ("ingest",)),
+    Stage("encode", encode.run, ("encoder",), ("samples",)),
+    Stage("render", render.run, ("prompts", "model"), ("samples", "encode", "ingest")),
+    Stage("finetune", finetune.run, ("finetune", "model"), ("render",)),
+    Stage("score", score.run, ("score", "model"), ("render", "finetune")),
+    Stage("evaluate", evaluate.run, ("protocol",), ("score", "encode")),
 )
 
 
