@@ -235,6 +235,9 @@ class FinetuneConfig:
     """Sequences per scoring batch during evaluation."""
     max_length: int = 1024
     """Longest prompt in tokens; longer prompts lose their beginning (the answer cue stays)."""
+    init_adapter: str = ""
+    """Start the first tuning step from this saved adapter (a folder every worker can read, e.g.
+    the ``adapters/step1`` of another run) instead of a fresh one; empty starts fresh."""
     max_train_samples: int = 0
     """Train on a seeded random subset of this many train samples (the same samples in both
     steps); 0 takes all."""

@@ -96,6 +96,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if len(valid_ids) == 0:
         raise StageError("no valid_small prompts to select the adapter on", "render/prompts")
 
+    if cfg.init_adapter and not Path(cfg.init_adapter, "adapter_config.json").exists():
+        raise StageError(
+            f"finetune.init_adapter {cfg.init_adapter} holds no saved adapter",
+            todo="point it at an adapter folder such as runs/RUN/finetune/adapters/step1",
+        )
     storage = ctx.scratch_path("checkpoints")
     digest = config_hash(cfg, ctx.cfg.model, ctx.manifest_of("render")["config_hash"])
     prompts = ctx.read_dataset("render", "prompts")
@@ -195,6 +200,7 @@ def _trainer(
         "model": ctx.cfg.model,
         "n_train": len(train_ids),
         "init": init,
+        "init_adapter": "" if init is not None or step.name != "step1" else cfg.init_adapter,
         "fail_at_step": fail_at,
         "fail_marker": os.path.join(storage, "fault-injected") if fail_at else "",
     }
@@ -288,6 +294,9 @@ def train_loop(config: dict[str, Any]) -> None:
     elif config["init"] is not None:
         with config["init"].as_directory() as folder:
             model = attach_lora(backbone.model, ft, os.path.join(folder, "best"))
+        optimizer = make_optimizer(model, ft.weight_decay)
+    elif config["init_adapter"]:
+        model = attach_lora(backbone.model, ft, config["init_adapter"])
         optimizer = make_optimizer(model, ft.weight_decay)
     else:
         model = attach_lora(backbone.model, ft)

@@ -75,3 +75,13 @@ def test_two_steps_on_two_workers_survive_a_failure(
     again = run_stage(cfg, stage("finetune"), force=True)["metrics"]["steps"]
     assert again["step2"]["restarts"] == 1 and again["step2"]["steps"] == step2["steps"]
     assert again["step2"]["best_valid_auc"] == step2["best_valid_auc"]
+
+
+def test_init_adapter_that_is_not_an_adapter_is_one_line(tmp_path: Path, ray_session) -> None:
+    cfg = make_cfg(tmp_path, *OVERRIDES, f"finetune.init_adapter={tmp_path}")
+    fake_upstream(cfg)
+    run_stage(cfg, stage("render"))
+    with pytest.raises(Exception, match="holds no saved adapter") as err:
+        run_stage(cfg, stage("finetune"))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "t" / "finetune" / MANIFEST).exists()
