@@ -86,8 +86,8 @@ def run_command(args: argparse.Namespace) -> None:
 
 
 def score_command(args: argparse.Namespace) -> None:
+    from pipelines.candidates import open_run, score_candidates
     from pipelines.runtime import surface_user_errors
-    from pipelines.score import open_run, score_candidates
 
     cfg = open_run(args.run, args.overrides)
     with surface_user_errors():
@@ -95,8 +95,8 @@ def score_command(args: argparse.Namespace) -> None:
 
 
 def nightly_command(args: argparse.Namespace) -> None:
+    from pipelines.candidates import open_run, run_nightly
     from pipelines.runtime import surface_user_errors
-    from pipelines.score import open_run, run_nightly
 
     cfg = open_run(args.run, args.overrides)
     with surface_user_errors():

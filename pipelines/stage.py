@@ -208,7 +208,7 @@ def run_stage(cfg: RunConfig, stage: Stage, force: bool = False) -> dict[str, An
         "stage": stage.name,
         "run_name": cfg.run_name,
         "config_hash": digest,
-        "config": {s: _plain(getattr(cfg, s)) for s in stage.sections},
+        "config": {s: plain_config(getattr(cfg, s)) for s in stage.sections},
         "metrics": metrics,
         "packages": package_versions(),
         "wall_time_s": round(time.time() - started, 3),
@@ -223,7 +223,7 @@ def run_stage(cfg: RunConfig, stage: Stage, force: bool = False) -> dict[str, An
 SECRET_WORDS = ("key", "secret", "token", "password", "credential")
 
 
-def _plain(section: Any) -> Any:
+def plain_config(section: Any) -> Any:
     """A config section as plain data for the manifest, with credentials masked."""
     from binllm_core.config import to_dict
 

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from binllm_core.errors import DataError
-from pipelines import score
+from pipelines import candidates as scoring
 from tests.jobs.fake_run import candidates, fake_run
 
 DATE = "2026-11-22"
@@ -17,7 +17,7 @@ IDENTITY = ["user", "item", "mode", "cold", "prompt_hash", "logit_yes", "p_yes",
 
 
 def partition(cfg, date: str = DATE) -> pl.DataFrame:
-    return pl.from_arrow(score.read_nightly(cfg, date)).sort("user", "item")
+    return pl.from_arrow(scoring.read_nightly(cfg, date)).sort("user", "item")
 
 
 def test_nightly_twice_same_partition_then_failure_keeps_it(
@@ -25,7 +25,7 @@ def test_nightly_twice_same_partition_then_failure_keeps_it(
 ):
     cfg = fake_run(tmp_path, "score.batch_size=8", "score.sort_window=2")
     cands = candidates(tmp_path / "c.parquet")
-    first = score.run_nightly(cfg, str(cands), DATE, log=lambda _: None)
+    first = scoring.run_nightly(cfg, str(cands), DATE, log=lambda _: None)
     folder = tmp_path / "f" / "scores" / f"date={DATE}"
     one = partition(cfg)
     assert one.height == one.select("user", "item").unique().height == first["rows"]
@@ -34,14 +34,14 @@ def test_nightly_twice_same_partition_then_failure_keeps_it(
     manifest = json.loads((folder / "_manifest.json").read_text())
     assert manifest["date"] == DATE and manifest["rows"] == one.height
 
-    score.run_nightly(cfg, str(cands), DATE, log=lambda _: None)
+    scoring.run_nightly(cfg, str(cands), DATE, log=lambda _: None)
     two = partition(cfg)
     assert two.height == one.height
     assert two.select(IDENTITY).equals(one.select(IDENTITY))
     assert not [p for p in (tmp_path / "f" / "scores").iterdir() if p.name.startswith("_")]
 
     # Incremental: every pair is carried over (same prompt, model and adapter), same scores.
-    third = score.run_nightly(cfg, str(cands), DATE, incremental=True, log=lambda _: None)
+    third = scoring.run_nightly(cfg, str(cands), DATE, incremental=True, log=lambda _: None)
     assert third["metrics"]["carried_rows"] == one.height
     carried = partition(cfg)
     assert carried["carried"].all() and carried.select(IDENTITY).equals(one.select(IDENTITY))
@@ -52,9 +52,9 @@ def test_nightly_twice_same_partition_then_failure_keeps_it(
     def broken_swap(*args, **kwargs):
         raise RuntimeError("disk gone")
 
-    monkeypatch.setattr(score, "_swap", broken_swap)
+    monkeypatch.setattr(scoring, "_swap", broken_swap)
     with pytest.raises(RuntimeError, match="disk gone"):
-        score.run_nightly(cfg, str(cands), DATE, log=lambda _: None)
+        scoring.run_nightly(cfg, str(cands), DATE, log=lambda _: None)
     assert sorted(p.name for p in folder.iterdir()) == before
     assert partition(cfg).select(IDENTITY).equals(carried.select(IDENTITY))
     assert not [p for p in (tmp_path / "f" / "scores").iterdir() if p.name.startswith("_")]
@@ -63,16 +63,16 @@ def test_nightly_twice_same_partition_then_failure_keeps_it(
     # A bad input (unknown user under score.unknown=error) also leaves it as it was.
     strict = fake_run(tmp_path, "score.unknown=error")
     with pytest.raises(DataError, match="never seen by the encoder"):
-        score.run_nightly(strict, str(cands), DATE, log=lambda _: None)
+        scoring.run_nightly(strict, str(cands), DATE, log=lambda _: None)
     assert sorted(p.name for p in folder.iterdir()) == before
 
 
 def test_skip_policy_and_bad_date(tmp_path: Path, ray_session):
     cfg = fake_run(tmp_path, "score.unknown=skip")
     cands = candidates(tmp_path / "c.parquet", n=18)
-    out = score.run_nightly(cfg, str(cands), "2026-01-02", log=lambda _: None)
+    out = scoring.run_nightly(cfg, str(cands), "2026-01-02", log=lambda _: None)
     got = partition(cfg, "2026-01-02")
     assert not got["cold"].any() and out["metrics"]["skipped_rows"] > 0
     assert got.height + out["metrics"]["skipped_rows"] == 18
     with pytest.raises(Exception, match="YYYY-MM-DD"):
-        score.run_nightly(cfg, str(cands), "22/11/2026", log=lambda _: None)
+        scoring.run_nightly(cfg, str(cands), "22/11/2026", log=lambda _: None)
