@@ -104,7 +104,16 @@ def submit_and_wait(address: str, entrypoint: str, timeout: float) -> str:
     client = JobSubmissionClient(address)
     runtime_env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
     runtime_env["working_dir"] = str(REPO)
-    job = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    deadline = time.time() + 120
+    while True:
+        try:
+            job = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+            break
+        except RuntimeError as err:
+            # The head answers list_jobs before its job agent is up on a loaded machine.
+            if "No available agent" not in str(err) or time.time() > deadline:
+                raise
+            time.sleep(3)
     deadline = time.time() + timeout
     while True:
         status = client.get_job_status(job)
