@@ -37,6 +37,7 @@ from torch.nn import functional as F
 from binllm_core.config import EncoderConfig, to_dict
 from binllm_core.errors import ConfigError, StageError
 from binllm_core.metrics import score_report
+from binllm_core.storage import jsonable
 
 BINARY, FLOAT = "binary", "continuous"
 WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE = (
@@ -426,7 +427,7 @@ class EncoderTraining:
             "resumed_at": self.resumed_at,
             "param_groups": opt["param_groups"],
         }
-        (folder / STATE_FILE).write_text(json.dumps(_jsonable(state), indent=1))
+        (folder / STATE_FILE).write_text(json.dumps(jsonable(state), indent=1))
 
     def load(self, folder: str | Path, weights_only: bool = False) -> None:
         """Restore a checkpoint written by :meth:`save` (only the weights if ``weights_only``)."""
@@ -494,14 +495,3 @@ def _gt(a: float | None, b: float | None) -> bool:
     if a is None or math.isnan(a):
         return False
     return b is None or math.isnan(b) or a > b
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON data: nan becomes null, tuples lists."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value

@@ -1,7 +1,9 @@
-"""fsspec helpers shared by every stage: resolve a URI to a filesystem and a path."""
+"""fsspec helpers shared by every stage (resolve a URI to a filesystem and a path) and turning
+results into plain JSON data."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import fsspec
@@ -26,3 +28,14 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 def join(path: str, *parts: str) -> str:
     return "/".join([path.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON data: nan (e.g. an undefined AUC) becomes null, tuples become lists."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value

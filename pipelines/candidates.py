@@ -57,6 +57,18 @@ from pipelines.stage import MANIFEST, StageContext, package_versions, plain_conf
 CANDIDATE_SCORES_SCHEMA = pa.schema(
     [f for f in CANDIDATE_SCHEMA if f.name != "prompt"] + SCORE_FIELDS + [("carried", pa.bool_())]
 )
+CARRY_COLUMNS = [
+    "prompt_hash",
+    "adapter_hash",
+    "model",
+    "adapter",
+    "run_name",
+    "n_tokens",
+    "logit_yes",
+    "p_yes",
+    "scored_at",
+]
+"""What an earlier nightly partition lends a carried-over row (``--incremental``)."""
 DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
@@ -263,18 +275,9 @@ def _carried(meta: pa.Table, carry: pl.DataFrame, model: str, hashes: dict[str, 
         pl.col("mode").replace_strict(hashes, default=None).alias("adapter_hash"),
         pl.lit(model).alias("model"),
     )
-    previous = carry.select(
-        "prompt_hash",
-        "adapter_hash",
-        "model",
-        "adapter",
-        "run_name",
-        "n_tokens",
-        "logit_yes",
-        "p_yes",
-        "scored_at",
-    ).unique(subset=["prompt_hash", "adapter_hash", "model"], keep="first", maintain_order=True)
-    joined = frame.join(previous, on=["prompt_hash", "adapter_hash", "model"], how="inner")
+    key = ["prompt_hash", "adapter_hash", "model"]
+    previous = carry.select(CARRY_COLUMNS).unique(subset=key, keep="first", maintain_order=True)
+    joined = frame.join(previous, on=key, how="inner")
     joined = joined.with_columns(pl.lit(True).alias("carried")).sort("row")
     return joined.to_arrow().select(CANDIDATE_SCORES_SCHEMA.names).cast(CANDIDATE_SCORES_SCHEMA)
 
@@ -447,24 +450,13 @@ def committed_partitions(fs: Any, root: str) -> list[str]:
 def previous_scores(fs: Any, root: str) -> pl.DataFrame:
     """Earlier nightly scores (newest partition first) for carrying over."""
     frames = []
-    columns = [
-        "prompt_hash",
-        "adapter_hash",
-        "model",
-        "adapter",
-        "run_name",
-        "n_tokens",
-        "logit_yes",
-        "p_yes",
-        "scored_at",
-    ]
     for date in committed_partitions(fs, root):
         folder = join(root, f"date={date}")
         for f in sorted(p for p in fs.find(folder) if p.endswith(".parquet")):
             with fs.open(f, "rb") as fh:
-                frames.append(pl.from_arrow(pq.read_table(fh, columns=columns)))
+                frames.append(pl.from_arrow(pq.read_table(fh, columns=CARRY_COLUMNS)))
     if not frames:
-        schema = pa.schema([CANDIDATE_SCORES_SCHEMA.field(c) for c in columns])
+        schema = pa.schema([CANDIDATE_SCORES_SCHEMA.field(c) for c in CARRY_COLUMNS])
         return pl.from_arrow(schema.empty_table())
     return pl.concat(frames, how="vertical_relaxed")
 

@@ -50,7 +50,7 @@ from binllm_core.encoder import (
 )
 from binllm_core.errors import StageError
 from binllm_core.metrics import score_report
-from binllm_core.storage import is_local, join, resolve
+from binllm_core.storage import is_local, join, jsonable, resolve
 from pipelines.stage import StageContext
 
 FAULT_ENV = "BINLLM_TEST_FAIL_ENCODE_AT_EPOCH"
@@ -102,7 +102,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ctx.write_table(codes, "codes")
 
     continuous = state["best"]["continuous"]
-    return _plain(
+    return jsonable(
         {
             "user_num": user_num,
             "item_num": item_num,
@@ -260,14 +260,3 @@ def _maybe_fail(config: dict[str, Any], epoch: int, rank: int) -> None:
     with fs.open(path, "w") as fh:
         fh.write(f"worker failure injected at epoch {epoch}\n")
     os._exit(1)
-
-
-def _plain(value: Any) -> Any:
-    """Manifest-ready data: nan (an undefined AUC) becomes null."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value

@@ -23,7 +23,7 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from binllm_core.config import RunConfig
 from binllm_core.errors import StageError
-from binllm_core.storage import is_local, join, resolve
+from binllm_core.storage import is_local, join, jsonable, resolve
 
 MANIFEST = "_manifest.json"
 PACKAGES = ("binllm", "ray", "torch", "transformers", "peft", "pyarrow", "polars", "fsspec")
@@ -139,7 +139,7 @@ class StageContext:
         manifest["tables"] = {t: self._table_summary(join(out, t)) for t in self.written}
         manifest.pop("previous_tables", None)
         with self.fs.open(manifest_path, "w") as fh:
-            json.dump(manifest, fh, indent=2, default=str)
+            json.dump(jsonable(manifest), fh, indent=2, default=str)
 
     def discard(self) -> None:
         if self.fs.exists(self.staging):
