@@ -49,7 +49,9 @@ def run_pipeline(
         log(f"[binllm] {stage.name}: running")
         manifest = run_stage(cfg, stage, force=force)
         state = "skipped (unchanged config, finished before)" if manifest["skipped"] else "done"
-        rows = ", ".join(f"{t}={v['rows']:,}" for t, v in manifest.get("tables", {}).items())
+        tables = manifest.get("tables", {}).items()
+        # Folders that are not Parquet tables (adapters, report) have no schema: not counted.
+        rows = ", ".join(f"{t}={v['rows']:,}" for t, v in tables if v["schema"])
         log(f"[binllm] {stage.name}: {state} in {manifest['wall_time_s']:.1f}s  {rows}")
         manifests[stage.name] = manifest
     return manifests
