@@ -233,7 +233,13 @@ def score_dataset(
     sort_by_length: bool = True,
     num_actors: int | None = None,
 ) -> ray.data.Dataset:
-    """``ds`` (with a ``prompt`` column) scored on an actor pool; lazy, call ``materialize``."""
+    """``ds`` (with a ``prompt`` column) scored on an actor pool; lazy, call ``materialize``.
+
+    The input is materialized first: an actor pool that reserves every CPU of a small cluster
+    (2 cores, one actor of 2 threads) would otherwise starve the read tasks that feed it, and
+    the prompts are small next to the model.
+    """
+    ds = ds.materialize()
     lineage = {
         "model": model_id(cfg.model),
         "adapter": adapter or NONE,
