@@ -62,6 +62,12 @@ def ray_head(monkeypatch: pytest.MonkeyPatch):
             "--block",
             f"--port={port}",
             f"--dashboard-port={dash}",
+            # Fixed defaults (e.g. the agent's 52365) clash with any other Ray on the machine.
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             "--num-cpus=2",
