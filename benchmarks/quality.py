@@ -82,7 +82,7 @@ def scored(root: Path, name: str) -> pl.DataFrame:
 
 
 def llm_row(label: str, root: Path, name: str, mode: str, manifests: dict[str, Any],
-            step: str, sequences: int) -> dict[str, Any]:
+            step: str, sequences: int, train_s: float) -> dict[str, Any]:
     scores = scored(root, name).filter(pl.col("mode") == mode)
     report = score_report(
         scores["uid"].to_numpy(), scores["label"].to_numpy(), scores["logit_yes"].to_numpy(),
@@ -94,7 +94,7 @@ def llm_row(label: str, root: Path, name: str, mode: str, manifests: dict[str, A
         "row": label, "mode": mode, "test_rows": scores.height, **report,
         "valid_auc": ft[step]["best_valid_auc"], "training_sequences": sequences,
         "tokens_per_prompt": tokens["mean"],
-        "train_s": sum(s["wall_time_s"] for s in ft.values()),
+        "train_s": train_s,
     }
 
 
@@ -162,23 +162,25 @@ def main() -> None:
                                             f"{stem}-{name}", root / f"{stem}-base")
         runs[name] = (manifests, seconds)
 
-    seq1 = base["finetune"]["metrics"]["steps"]["step1"]["sequences"]
-    seq2 = base["finetune"]["metrics"]["steps"]["step2"]["sequences"]
-    dot = runs["dotdec"][0]["finetune"]["metrics"]["steps"]["step1"]["sequences"]
-    one = runs["onestep"][0]["finetune"]["metrics"]["steps"]["step1"]["sequences"]
+    def step(run: str, name: str) -> dict[str, Any]:
+        return runs[run][0]["finetune"]["metrics"]["steps"][name]
+
+    s1m, s2m, dot, one = step("base", "step1"), step("base", "step2"), step(
+        "dotdec", "step1"), step("onestep", "step1")
     rows = codes_rows(root, f"{stem}-base", base)
     rows += [
         llm_row("text-only LoRA (step 1; TALLRec)", root, f"{stem}-base", "text", base,
-                "step1", seq1),
+                "step1", s1m["sequences"], s1m["wall_time_s"]),
         llm_row("BinLLM binary, two-step", root, f"{stem}-base", "binary", base, "step2",
-                seq1 + seq2),
+                s1m["sequences"] + s2m["sequences"], s1m["wall_time_s"] + s2m["wall_time_s"]),
         llm_row("BinLLM dot-decimal, two-step", root, f"{stem}-dotdec", "dotdec",
-                runs["dotdec"][0], "step1", seq1 + dot),
+                runs["dotdec"][0], "step1", s1m["sequences"] + dot["sequences"],
+                s1m["wall_time_s"] + dot["wall_time_s"]),
         llm_row("BinLLM binary, one-step", root, f"{stem}-onestep", "binary",
-                runs["onestep"][0], "step1", one),
+                runs["onestep"][0], "step1", one["sequences"], one["wall_time_s"]),
     ]
     header = ["row", "test rows", "AUC", "UAUC", "warm AUC", "warm UAUC", "cold AUC",
-              "cold UAUC", "valid AUC", "train seqs", "tokens/prompt", "train s"]
+              "cold UAUC", "valid AUC", "train seqs", "tokens/prompt", "finetune s"]
     body = [[r["row"], fmt(r.get("test_rows")), *[fmt(r.get(k)) for k in METRICS],
              fmt(r.get("valid_auc")), fmt(r.get("training_sequences")),
              fmt(r.get("tokens_per_prompt"), 1), fmt(r.get("train_s"), 0)] for r in rows]
