@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import multiprocessing as mp
 import os
 import tempfile
 import time
@@ -129,7 +130,13 @@ def main() -> None:
 
     prompts = make_prompts(args.prompts)
     with tempfile.TemporaryDirectory() as tmp:
-        model = hf_folder(GGUF, Path(tmp) / "model")
+        # In a process of its own, so the dequantised GGUF does not count in the plain loop's RSS.
+        convert = mp.get_context("spawn").Process(
+            target=hf_folder, args=(GGUF, Path(tmp) / "model")
+        )
+        convert.start()
+        convert.join()
+        model = Path(tmp) / "model"
         base = [f"model.backbone={model}", f"score.batch_size={args.batch_size}",
                 "score.sort_window=4"]
         cfg1 = load_config("configs/ml100k.yaml", [*base, "score.cpus_per_actor=2"])
