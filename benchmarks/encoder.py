@@ -185,7 +185,7 @@ Reference ({REFERENCE}).
 {speed}
 
 "train s" is the stage's `TorchTrainer.fit` wall time (worker start-up, Ray Data ingest,
-per-epoch checkpoints included) or the plain loop's wall time; "in-loop train s" counts only
+checkpoint reports included) or the plain loop's wall time; "in-loop train s" counts only
 the optimisation steps of all epochs.
 """
     save(
