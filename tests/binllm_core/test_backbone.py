@@ -19,6 +19,7 @@ from binllm_core.config import FinetuneConfig, ModelConfig, PromptConfig, TuneSt
 from binllm_core.errors import ConfigError
 from binllm_core.finetune import EvalSet, Schedule, attach_lora, fit_plain
 from binllm_core.prompts import Lookups, render_table, templates_from_config
+from tests.binllm_core.test_prompts import SAMPLE_SCHEMA
 from tests.conftest import SMOLLM_GGUF
 
 TINY = ModelConfig(backbone="tiny")
@@ -74,21 +75,6 @@ def test_schedule_warms_up_over_global_steps_then_decays() -> None:
     assert schedule.lr_at(110) == pytest.approx(1e-4)
 
 
-SCHEMA = pa.schema(
-    [
-        ("sample_id", pa.int64()),
-        ("split", pa.string()),
-        ("valid_small", pa.bool_()),
-        ("uid", pa.int32()),
-        ("iid", pa.int32()),
-        ("label", pa.int8()),
-        ("not_cold", pa.bool_()),
-        ("warm", pa.bool_()),
-        ("history", pa.list_(pa.int32())),
-    ]
-)
-
-
 def code_only_task(mode: str) -> tuple[tuple[list[str], list[int]], EvalSet]:
     """Label = first bit of the target item's code; validation items never appear in training,
     so only the code (not the title) can tell the label."""
@@ -113,7 +99,7 @@ def code_only_task(mode: str) -> tuple[tuple[list[str], list[int]], EvalSet]:
                 history=[rng.randint(1, 60) for _ in range(2)],
             )
         )
-    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    table = pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
     prompts = render_table(table, lookups, templates_from_config(PromptConfig()), [mode], 10)
     train = prompts.filter(pa.compute.equal(prompts["split"], "train"))
     valid = prompts.filter(pa.compute.equal(prompts["split"], "valid"))
