@@ -100,6 +100,11 @@ class ModelConfig:
     """File name of the GGUF weights inside ``backbone`` when it is a folder."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights dtype: ``auto`` is float32 on CPU and bfloat16 on GPU."""
+    answer_score: Literal["yes", "yes_minus_no"] = "yes"
+    """The score trained with BCE and ranked by AUC, read at the answer position: ``yes`` is the
+    raw logit of the ``Yes`` token (official BinLLM); ``yes_minus_no`` is ``Yes`` minus ``No``,
+    the log-odds of the two answers (TALLRec's P(Yes)). A raw logit starts far from 0 (about
+    +14 for SmolLM2), so a short budget spends its first steps only pulling it down."""
 
 
 @dataclass
@@ -271,6 +276,10 @@ class ScoreConfig:
     max_rows: int = 0
     """Score a seeded random subset of this many samples per split (the same samples in every
     mode); 0 scores all."""
+    sample_by: Literal["rows", "users"] = "rows"
+    """How ``max_rows`` draws its subset: ``rows`` (samples at random) or ``users`` (whole users
+    at random, every sample of each, up to ``max_rows``): per-user AUC (UAUC) needs users with
+    several samples, which a random ``rows`` subset of a large split rarely has."""
     seed: int = 2024
     """Seed of the ``max_rows`` subset."""
     candidate_mode: str = ""

@@ -11,7 +11,9 @@ had not finished are retried on it, so every input row comes out exactly once.
 Outputs:
 
 * stage ``score``: ``{run}/score/scores/`` — one row per scored sample and mode: sample_id, split,
-  mode, uid, iid, label, warm, not_cold, n_tokens, logit_yes, p_yes and the lineage columns.
+  mode, uid, iid, label, warm, not_cold, n_tokens, logit_yes, p_yes and the lineage columns
+  (``logit_yes`` is the answer score: the ``Yes`` logit, or ``Yes`` minus ``No`` under
+  ``model.answer_score: yes_minus_no``, where ``p_yes`` is then P(Yes) of the two answers).
 * candidates and nightly (:mod:`pipelines.candidates`) use :func:`score_dataset` too.
 
 Lineage columns on every row: ``model`` (backbone), ``adapter`` (URI, or ``none``),
@@ -126,10 +128,10 @@ class PromptScorer:
         self.calls = 0
 
     def logits(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """``Yes`` logits and token counts of ``prompts``, in their order."""
+        """Answer scores (``Yes`` logits by default) and token counts of ``prompts``, in their order."""
         import torch
 
-        from binllm_core.backbone import yes_logits
+        from binllm_core.backbone import answer_scores
 
         ids = self.backbone.tokenizer(
             prompts, add_special_tokens=False, truncation=True, max_length=self.max_length
@@ -147,11 +149,11 @@ class PromptScorer:
                     n = int(lengths[i])
                     input_ids[j, width - n :] = torch.as_tensor(ids[i], dtype=torch.long)
                     mask[j, width - n :] = 1
-                logits = yes_logits(
+                logits = answer_scores(
                     self.model,
                     input_ids.to(self.device),
                     mask.to(self.device),
-                    self.backbone.yes_id,
+                    self.backbone.answer,
                 )
                 out[idx] = logits.cpu().numpy()
         return out, lengths
@@ -345,7 +347,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     finetune = ctx.manifest_of("finetune")["metrics"]
     modes = default_modes(cfg, finetune)
     plan = adapter_plan(cfg, modes, finetune)
-    index = ctx.read_table("render", "prompts", columns=["sample_id", "split", "mode"])
+    index = ctx.read_table("render", "prompts", columns=["sample_id", "split", "mode", "uid"])
     have = set(index["mode"].unique().to_pylist())
     for mode in modes:
         if mode not in have:
@@ -381,6 +383,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "splits": list(sc.splits),
         "samples": int(len(ids)),
         "max_rows": sc.max_rows,
+        "sample_by": sc.sample_by,
         "model": model_id(cfg.model),
         "num_actors": sc.num_actors,
         "num_gpus_per_actor": sc.num_gpus,
@@ -390,14 +393,32 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 
 def pick_samples(index: pa.Table, sc: ScoreConfig) -> np.ndarray:
-    """Sorted sample ids of ``sc.splits``; a seeded random ``max_rows`` of each split."""
+    """Sorted sample ids of ``sc.splits``; a seeded random subset of at most ``max_rows`` of
+    each split, drawn as single samples or as whole users (``sc.sample_by``)."""
     chosen = []
     for split in sc.splits:
-        ids = np.unique(index.filter(pc.equal(index["split"], split))["sample_id"].to_numpy())
+        part = index.filter(pc.equal(index["split"], split)).select(["sample_id", "uid"])
+        ids, first = np.unique(part["sample_id"].to_numpy(), return_index=True)
         if 0 < sc.max_rows < len(ids):
-            ids = np.random.default_rng(sc.seed).choice(ids, size=sc.max_rows, replace=False)
+            rng = np.random.default_rng(sc.seed)
+            if sc.sample_by == "users":
+                ids = _whole_users(ids, part["uid"].to_numpy()[first], sc.max_rows, rng)
+            else:
+                ids = rng.choice(ids, size=sc.max_rows, replace=False)
         chosen.append(ids)
     return np.sort(np.concatenate(chosen)) if chosen else np.array([], np.int64)
+
+
+def _whole_users(
+    ids: np.ndarray, uids: np.ndarray, max_rows: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Every sample of users taken in a seeded random order while they fit in ``max_rows``
+    (at least one user)."""
+    users, counts = np.unique(uids, return_counts=True)
+    order = rng.permutation(len(users))
+    fits = np.cumsum(counts[order]) <= max_rows
+    fits[0] = True
+    return ids[np.isin(uids, users[order][fits])]
 
 
 def _select(prompts: ray.data.Dataset, mode: str, ids: np.ndarray) -> ray.data.Dataset:

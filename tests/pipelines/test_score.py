@@ -123,3 +123,29 @@ def test_adapter_plan_defaults_and_overrides(tmp_path: Path):
     cfg.score.adapters = {}
     with pytest.raises(StageError, match="finetune has not finished"):
         score.adapter_plan(cfg, ["text"], None)
+
+
+def test_subsample_by_users_keeps_whole_users_and_is_seeded():
+    # 3 modes x (test: users 0..9 with 1..10 samples each; valid: 5 samples of user 0).
+    rows = [(sid, "test", u) for sid, u in enumerate(u for u in range(10) for _ in range(u + 1))]
+    rows += [(100 + k, "valid", 0) for k in range(5)]
+    index = pa.table(
+        {
+            "sample_id": [r[0] for r in rows for _ in range(3)],
+            "split": [r[1] for r in rows for _ in range(3)],
+            "mode": [m for _ in rows for m in ("text", "binary", "dotdec")],
+            "uid": [r[2] for r in rows for _ in range(3)],
+        }
+    )
+    uid_of = {r[0]: r[2] for r in rows}
+    sc = load_config(
+        "configs/tiny.yaml", ["score.max_rows=20", "score.sample_by=users", "score.splits=[test]"]
+    )
+    ids = score.pick_samples(index, sc.score)
+    users = {uid_of[i] for i in ids}
+    assert 0 < len(ids) <= 20
+    assert sorted(ids) == [r[0] for r in rows if r[2] in users and r[1] == "test"]
+    assert np.array_equal(ids, score.pick_samples(index, sc.score))
+    by_rows = load_config("configs/tiny.yaml", ["score.max_rows=20", "score.splits=[test]"]).score
+    picked = score.pick_samples(index, by_rows)
+    assert len(picked) == 20 and len(set(picked)) == 20
