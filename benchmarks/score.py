@@ -99,7 +99,7 @@ def plain_loop(cfg: RunConfig, adapter: str, prompts: list[str], batch_size: int
         for start in range(0, len(prompts), batch_size):
             batch = encode(backbone.tokenizer, prompts[start : start + batch_size], 1024)
             out = model(**batch)  # full logits, as a plain loop does
-            scores.append(out.logits[:, -1, backbone.yes_id].float())
+            scores.append(backbone.answer(out.logits[:, -1]))
     return torch.cat(scores).numpy()
 
 

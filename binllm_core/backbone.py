@@ -23,17 +23,37 @@ from binllm_core.errors import ConfigError
 
 TINY = "tiny"
 ANSWER = " Yes"
+NO_ANSWER = " No"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PROBE = '#Question: Answer with "Yes" or "No".\n#Answer:'
 
 
+@dataclass(frozen=True)
+class AnswerScore:
+    """How a prompt's score is read from the logits at its last position: the ``Yes`` logit, less
+    the ``No`` logit when ``no_id`` is set (``model.answer_score``)."""
+
+    yes_id: int
+    no_id: int | None = None
+
+    def __call__(self, last_logits: torch.Tensor) -> torch.Tensor:
+        score = last_logits[:, self.yes_id]
+        if self.no_id is not None:
+            score = score - last_logits[:, self.no_id]
+        return score.float()
+
+
 @dataclass
 class Backbone:
-    """A loaded model with its tokenizer and the id of the ``Yes`` answer token."""
+    """A loaded model with its tokenizer and how its answer is scored."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
-    yes_id: int
+    answer: AnswerScore
+
+    @property
+    def yes_id(self) -> int:
+        return self.answer.yes_id
 
 
 @dataclass(frozen=True)
@@ -113,7 +133,15 @@ def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backb
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.to(device).eval()
-    return Backbone(model, tokenizer, answer_token_id(tokenizer))
+    return Backbone(model, tokenizer, answer_score(tokenizer, cfg))
+
+
+def answer_score(tokenizer: PreTrainedTokenizerBase, cfg: ModelConfig) -> AnswerScore:
+    """The :class:`AnswerScore` that ``cfg.answer_score`` names, with this tokenizer's ids."""
+    yes = answer_token_id(tokenizer, ANSWER)
+    if cfg.answer_score == "yes":
+        return AnswerScore(yes)
+    return AnswerScore(yes, answer_token_id(tokenizer, NO_ANSWER))
 
 
 def _from_pretrained(factory: Any, source: Source, **kwargs: Any) -> Any:
@@ -158,16 +186,19 @@ def encode(
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
-def yes_logits(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, yes_id: int
+def answer_scores(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    answer: AnswerScore,
 ) -> torch.Tensor:
-    """The ``Yes`` logit at the last position, float32, shape ``(batch,)``."""
+    """The answer score of each left-padded prompt, float32, shape ``(batch,)``."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1)
-    return out.logits[:, -1, yes_id].float()
+    return answer(out.logits[:, -1])
 
 
 def bce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The training loss: BCE-with-logits of the ``Yes`` logit against the 0/1 label."""
+    """The training loss: BCE-with-logits of the answer score against the 0/1 label."""
     return F.binary_cross_entropy_with_logits(logits, labels.float())
 
 
@@ -179,7 +210,7 @@ def score_prompts(
     max_length: int = 1024,
     model: torch.nn.Module | None = None,
 ) -> torch.Tensor:
-    """``Yes`` logits of many prompts, in order (``model`` overrides the backbone's, e.g. a peft
+    """Answer scores of many prompts, in order (``model`` overrides the backbone's, e.g. a peft
     wrapper around it)."""
     net = model if model is not None else backbone.model
     was_training = net.training
@@ -189,7 +220,9 @@ def score_prompts(
     for start in range(0, len(prompts), batch_size):
         batch = encode(backbone.tokenizer, prompts[start : start + batch_size], max_length)
         batch = {k: v.to(device) for k, v in batch.items()}
-        scores.append(yes_logits(net, batch["input_ids"], batch["attention_mask"], backbone.yes_id))
+        scores.append(
+            answer_scores(net, batch["input_ids"], batch["attention_mask"], backbone.answer)
+        )
     net.train(was_training)
     return torch.cat(scores).cpu() if scores else torch.empty(0)
 

@@ -1,6 +1,6 @@
 """Plain-torch pieces of LoRA fine-tuning, shared by the Ray Train loop and plain loops.
 
-Batching (tokenise + left pad), the BCE loss on the ``Yes`` logit with gradient accumulation,
+Batching (tokenise + left pad), the BCE loss on the answer score with gradient accumulation,
 AdamW with weight decay on matrices only, linear warm-up over *global* steps then cosine to a
 minimum, validation AUC/UAUC and early stopping. :func:`fit_plain` strings them together in one
 process (benchmarks, tests); ``pipelines/finetune.py`` does the same on Ray Train workers.
@@ -18,7 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from binllm_core.backbone import Backbone, bce_loss, encode, score_prompts, yes_logits
+from binllm_core.backbone import (
+    AnswerScore,
+    Backbone,
+    answer_scores,
+    bce_loss,
+    encode,
+    score_prompts,
+)
 from binllm_core.config import FinetuneConfig, TuneStepConfig
 from binllm_core.metrics import auc, uauc
 
@@ -132,9 +139,11 @@ def collate(
     )
 
 
-def backward(model: torch.nn.Module, batch: Batch, yes_id: int, grad_accum: int) -> float:
+def backward(
+    model: torch.nn.Module, batch: Batch, answer: AnswerScore, grad_accum: int
+) -> float:
     """Forward + backward of one micro-batch (loss scaled for accumulation); the raw loss."""
-    logits = yes_logits(model, batch.input_ids, batch.attention_mask, yes_id)
+    logits = answer_scores(model, batch.input_ids, batch.attention_mask, answer)
     loss = bce_loss(logits, batch.labels)
     (loss / grad_accum).backward()
     return float(loss.detach())
@@ -240,7 +249,7 @@ def fit_plain(
         for _ in range(step_cfg.grad_accum):
             prompts, labels = next(stream)
             batch = collate(backbone.tokenizer, prompts, labels, cfg.max_length).to(device)
-            backward(model, batch, backbone.yes_id, step_cfg.grad_accum)
+            backward(model, batch, backbone.answer, step_cfg.grad_accum)
             result.sequences += len(prompts)
             result.tokens += batch.n_tokens
         optimizer.step()

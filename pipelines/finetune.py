@@ -324,7 +324,7 @@ def train_loop(config: dict[str, Any]) -> None:
             last = micro == step_cfg.grad_accum - 1
             sync = nullcontext() if last or world == 1 else ddp.no_sync()
             with sync:
-                loss_sum += backward(ddp, batch, backbone.yes_id, step_cfg.grad_accum)
+                loss_sum += backward(ddp, batch, backbone.answer, step_cfg.grad_accum)
             loss_n += 1
             local["sequences"] += len(prompts)
             local["tokens"] += batch.n_tokens

@@ -58,6 +58,19 @@ def test_tiny_backbone_is_deterministic_and_left_padded() -> None:
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
 
 
+def test_yes_minus_no_score_is_the_log_odds_of_the_two_answers() -> None:
+    raw = load_backbone(TINY)
+    odds = load_backbone(ModelConfig(backbone="tiny", answer_score="yes_minus_no"))
+    assert odds.tokenizer.convert_ids_to_tokens([odds.answer.no_id]) == ["No"]
+    prompts = ['#Question: a b c? Answer with "Yes" or "No".\n#Answer:', "movie 0 1 1 0 . 3"]
+    enc = odds.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        last = odds.model(**enc).logits[:, -1]
+    expected = last[:, odds.answer.yes_id] - last[:, odds.answer.no_id]
+    torch.testing.assert_close(score_prompts(odds, prompts), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(score_prompts(raw, prompts), last[:, raw.yes_id])
+
+
 @pytest.mark.skipif(not SMOLLM_GGUF.exists(), reason=f"shared model not found at {SMOLLM_GGUF}")
 def test_smollm_answer_token_has_the_leading_space() -> None:
     tokenizer = load_tokenizer(ModelConfig(backbone=str(SMOLLM_GGUF)))
