@@ -91,13 +91,20 @@ def machine() -> dict[str, Any]:
 
 
 def commit() -> str:
+    """HEAD's short hash, with ``+dirty`` when tracked files differ from it."""
     try:
-        out = subprocess.run(
+        head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        )
-        return out.stdout.strip() or "unknown"
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
     except OSError:
         return "unknown"
+    return (head + ("+dirty" if dirty else "")) if head else "unknown"
 
 
 def save(name: str, result: dict[str, Any], markdown: str) -> Path:
