@@ -3,20 +3,24 @@
 Runs the pipeline's own stages (``run_pipeline``) for each row, on one split, one backbone, one
 budget per tuning step and fixed seeds; the test split is only scored, never used to choose:
 
-* ``base`` run, two-step binary: the encoder gives the float MF and binary MF rows; its step-1
-  adapter scores the text-only row (TALLRec-style, BinLLM-TO) and its step-2 adapter the BinLLM
-  binary two-step row;
-* ``dotdec`` run: step 2 on dot-decimal prompts from the same step-1 adapter (the base run's,
-  through ``finetune.init_adapter``), so both two-step rows share their first step;
-* ``onestep`` run: binary prompts from a fresh adapter, as many training sequences as step 1 and
-  step 2 together, at step 1's learning rate (intuitive tuning, BinLLM-IT).
+* ``base`` run (``text_only``): the encoder gives the float MF and binary MF rows; its step-1
+  adapter is the text-only row (TALLRec-style, BinLLM-TO) and the start of every two-step row;
+* step 2 on binary prompts from that adapter once per learning rate (the config's and each
+  ``--step2-lr``), trained and evaluated on valid_small only; the best valid AUC is the
+  BinLLM binary two-step row, and only it is scored on test;
+* step 2 at the chosen rate on dot-decimal prompts (BinLLM dot-decimal, two-step) and on text
+  prompts again (text-only with the two-step budget: do codes beat more text steps?);
+* ``onestep``: binary prompts from a fresh adapter, as many training sequences as step 1 and
+  step 2 together, with step 1's batch size and learning rate (intuitive tuning, BinLLM-IT).
 
-The variant runs reuse the base run's ingest, samples, encode and render outputs (copied; their
-manifests match, so those stages are skipped). Every LLM row is scored on the same seeded test
-subsample (``score.max_rows``); the codes rows are given on that subsample and on the whole test
-split. Results: ``benchmarks/results/quality-<config>.json`` and a table in BENCHMARKS.md.
+Variants reuse the base run's ingest, samples, encode and render outputs (copied; their
+manifests match, so those stages are skipped). Every LLM row is scored on the same test
+subsample (``score.max_rows``, ``score.sample_by``); the codes rows are given on that subsample
+and on the whole test split. Valid-AUC curves of every finetune run go into the JSON.
+Results: ``benchmarks/results/quality-<config>.json`` and a table in BENCHMARKS.md. A re-run
+with the same output root skips every finished stage.
 
-    python benchmarks/quality.py [--config configs/ml100k.yaml] [--output-root /tmp/quality]
+    python benchmarks/quality.py [--config configs/quality_ml100k.yaml] [--output-root DIR]
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,24 +47,29 @@ SHARED_STAGES = ("ingest", "samples", "encode", "render")
 METRICS = ("auc", "uauc", "warm_auc", "warm_uauc", "cold_auc", "cold_uauc")
 
 
-def variant_overrides(cfg: RunConfig, base_adapter: str) -> dict[str, list[str]]:
-    """``--set`` overrides of each run, on top of the config."""
+def base_overrides() -> list[str]:
+    return ["finetune.strategy=text_only", "score.modes=[text]"]
+
+
+def from_step1(mode: str, adapter: str, lr: float) -> list[str]:
+    """Step 2 alone, on ``mode`` prompts from the base run's step-1 adapter, at ``lr``."""
+    return ["finetune.strategy=one_step", f"finetune.code_mode={mode}",
+            f"finetune.init_adapter={adapter}", f"finetune.step2.lr={float(lr)!r}",
+            f"score.modes=[{mode}]"]
+
+
+def onestep_overrides(cfg: RunConfig) -> list[str]:
+    """Binary prompts from a fresh adapter for step 1 + step 2's sequences, at step 1's rate."""
     s1, s2 = cfg.finetune.step1, cfg.finetune.step2
-    onestep_steps = -(-(s1.max_steps * s1.batch_size + s2.max_steps * s2.batch_size)
-                      // s1.batch_size)
-    step1_as_step2 = {**to_dict(s1), "max_steps": onestep_steps}
-    return {
-        "base": ["finetune.strategy=two_step", "finetune.code_mode=binary",
-                 "score.modes=[text, binary]"],
-        "dotdec": ["finetune.strategy=one_step", "finetune.code_mode=dotdec",
-                   f"finetune.init_adapter={base_adapter}", "score.modes=[dotdec]"],
-        "onestep": ["finetune.strategy=one_step", "finetune.code_mode=binary",
-                    f"finetune.step2={json.dumps(step1_as_step2)}", "score.modes=[binary]"],
-    }
+    steps = -(-(s1.max_steps * s1.batch_size + s2.max_steps * s2.batch_size) // s1.batch_size)
+    return ["finetune.strategy=one_step", "finetune.code_mode=binary",
+            f"finetune.step2={json.dumps({**to_dict(s1), 'max_steps': steps})}",
+            "score.modes=[binary]"]
 
 
 def run_variant(
-    config: str, sets: list[str], root: Path, name: str, base: Path | None
+    config: str, sets: list[str], root: Path, name: str, base: Path | None,
+    stages: list[str] | None = None,
 ) -> tuple[RunConfig, dict[str, Any], float]:
     from pipelines.registry import run_pipeline
 
@@ -69,7 +79,7 @@ def run_variant(
             target = root / name / stage
             if not target.exists():
                 shutil.copytree(base / stage, target, ignore=shutil.ignore_patterns("checkpoints"))
-    manifests = run_pipeline(cfg, None, log=lambda m: print(f"[{name}] {m}", flush=True))
+    manifests = run_pipeline(cfg, stages, log=lambda m: print(f"[{name}] {m}", flush=True))
     # Stage wall times from the manifests: a re-run that skips finished stages still counts them.
     stages = [m for s, m in manifests.items() if base is None or s not in SHARED_STAGES]
     return cfg, manifests, sum(m["wall_time_s"] for m in stages)
@@ -81,20 +91,43 @@ def scored(root: Path, name: str) -> pl.DataFrame:
     )
 
 
-def llm_row(label: str, root: Path, name: str, mode: str, manifests: dict[str, Any],
-            step: str, sequences: int, train_s: float) -> dict[str, Any]:
-    scores = scored(root, name).filter(pl.col("mode") == mode)
+@dataclass
+class Tuned:
+    """One finetune run of the table: its run folder, its stage manifests, and the run whose
+    step-1 adapter it started from (None for a fresh adapter)."""
+
+    name: str
+    manifests: dict[str, Any]
+    before: Tuned | None = None
+
+    @property
+    def step(self) -> dict[str, Any]:
+        return self.manifests["finetune"]["metrics"]["steps"]["step1"]
+
+    def total(self, key: str) -> float:
+        return self.step[key] + (self.before.total(key) if self.before else 0)
+
+
+def curve(root: Path, name: str) -> list[dict[str, Any]]:
+    """Valid_small AUC/UAUC at every evaluation of a finetune run."""
+    evals = pl.read_parquet(root / name / "finetune" / "evals" / "*.parquet")
+    return evals.select(["step_name", "step", "auc", "uauc", "train_loss"]).to_dicts()
+
+
+def llm_row(label: str, root: Path, run: Tuned, mode: str, render: dict[str, Any]) -> dict:
+    scores = scored(root, run.name).filter(pl.col("mode") == mode)
     report = score_report(
         scores["uid"].to_numpy(), scores["label"].to_numpy(), scores["logit_yes"].to_numpy(),
         scores["warm"].to_numpy(), scores["not_cold"].to_numpy(),
     )
-    tokens = manifests["render"]["metrics"]["tokens_per_mode"][mode]
-    ft = manifests["finetune"]["metrics"]["steps"]
     return {
-        "row": label, "mode": mode, "test_rows": scores.height, **report,
-        "valid_auc": ft[step]["best_valid_auc"], "training_sequences": sequences,
-        "tokens_per_prompt": tokens["mean"],
-        "train_s": train_s,
+        "row": label, "mode": mode, "run": run.name, "test_rows": scores.height, **report,
+        "valid_auc": run.step["best_valid_auc"], "valid_uauc": run.step["best_valid_uauc"],
+        "training_sequences": int(run.total("sequences")),
+        "tokens_per_prompt": render["metrics"]["tokens_per_mode"][mode]["mean"],
+        "train_s": run.total("wall_time_s"),
+        "score_s": run.manifests["score"]["metrics"]["modes"][mode]["wall_time_s"],
+        "curve": curve(root, run.name),
     }
 
 
@@ -136,8 +169,11 @@ def fmt(value: Any, digits: int = 4) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", default="configs/ml100k.yaml")
+    parser.add_argument("--config", default="configs/quality_ml100k.yaml")
     parser.add_argument("--output-root", default="runs/quality")
+    parser.add_argument("--step2-lr", type=float, action="append", default=None,
+                        help="another step-2 learning rate to try on valid_small (repeatable; "
+                             "default 1e-3)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     shared = [
@@ -149,62 +185,73 @@ def main() -> None:
     stem = Path(args.config).stem
     cfg = load_config(args.config, shared)
     s1, s2 = cfg.finetune.step1, cfg.finetune.step2
+    lrs = list(dict.fromkeys([s2.lr, *(args.step2_lr or [1e-3])]))
     started = time.perf_counter()
 
-    sets = variant_overrides(cfg, "")
-    base_cfg, base, base_s = run_variant(args.config, [*shared, *sets["base"]], root,
+    def variant(name: str, sets: list[str], stages: list[str] | None = None,
+                before: Tuned | None = None) -> Tuned:
+        _, manifests, _ = run_variant(args.config, [*shared, *sets], root, f"{stem}-{name}",
+                                      root / f"{stem}-base", stages)
+        return Tuned(f"{stem}-{name}", manifests, before)
+
+    base_cfg, manifests, _ = run_variant(args.config, [*shared, *base_overrides()], root,
                                          f"{stem}-base", None)
-    step1_adapter = base["finetune"]["metrics"]["adapters"]["step1"]
-    sets = variant_overrides(cfg, step1_adapter)
-    runs = {"base": (base, base_s)}
-    for name in ("dotdec", "onestep"):
-        _, manifests, seconds = run_variant(args.config, [*shared, *sets[name]], root,
-                                            f"{stem}-{name}", root / f"{stem}-base")
-        runs[name] = (manifests, seconds)
+    base = Tuned(f"{stem}-base", manifests)
+    adapter = manifests["finetune"]["metrics"]["adapters"]["step1"]
+    tried = {lr: variant(f"binary-lr{lr:g}", from_step1("binary", adapter, lr), ["finetune"])
+             for lr in lrs}
+    lr = max(lrs, key=lambda x: tried[x].step["best_valid_auc"])
+    binary = variant(f"binary-lr{lr:g}", from_step1("binary", adapter, lr), None, base)
+    dotdec = variant("dotdec", from_step1("dotdec", adapter, lr), None, base)
+    more_text = variant("text-more", ["finetune.strategy=text_only",
+                                      f"finetune.init_adapter={adapter}",
+                                      f"finetune.step1={json.dumps({**to_dict(s2), 'lr': lr})}",
+                                      "score.modes=[text]"], None, base)
+    onestep = variant("onestep", onestep_overrides(cfg))
 
-    def step(run: str, name: str) -> dict[str, Any]:
-        return runs[run][0]["finetune"]["metrics"]["steps"][name]
-
-    s1m, s2m, dot, one = step("base", "step1"), step("base", "step2"), step(
-        "dotdec", "step1"), step("onestep", "step1")
-    rows = codes_rows(root, f"{stem}-base", base)
+    render = manifests["render"]
+    rows = codes_rows(root, base.name, manifests)
     rows += [
-        llm_row("text-only LoRA (step 1; TALLRec)", root, f"{stem}-base", "text", base,
-                "step1", s1m["sequences"], s1m["wall_time_s"]),
-        llm_row("BinLLM binary, two-step", root, f"{stem}-base", "binary", base, "step2",
-                s1m["sequences"] + s2m["sequences"], s1m["wall_time_s"] + s2m["wall_time_s"]),
-        llm_row("BinLLM dot-decimal, two-step", root, f"{stem}-dotdec", "dotdec",
-                runs["dotdec"][0], "step1", s1m["sequences"] + dot["sequences"],
-                s1m["wall_time_s"] + dot["wall_time_s"]),
-        llm_row("BinLLM binary, one-step", root, f"{stem}-onestep", "binary",
-                runs["onestep"][0], "step1", one["sequences"], one["wall_time_s"]),
+        llm_row("text-only LoRA (step 1; TALLRec)", root, base, "text", render),
+        llm_row("text-only LoRA, two-step budget", root, more_text, "text", render),
+        llm_row("BinLLM binary, two-step", root, binary, "binary", render),
+        llm_row("BinLLM dot-decimal, two-step", root, dotdec, "dotdec", render),
+        llm_row("BinLLM binary, one-step", root, onestep, "binary", render),
     ]
+    selection = [{"step2_lr": x, "valid_auc": tried[x].step["best_valid_auc"],
+                  "valid_uauc": tried[x].step["best_valid_uauc"], "chosen": x == lr,
+                  "curve": curve(root, tried[x].name)} for x in lrs]
     header = ["row", "test rows", "AUC", "UAUC", "warm AUC", "warm UAUC", "cold AUC",
-              "cold UAUC", "valid AUC", "train seqs", "tokens/prompt", "finetune s"]
+              "cold UAUC", "valid AUC", "train seqs", "tokens/prompt", "finetune s", "score s"]
     body = [[r["row"], fmt(r.get("test_rows")), *[fmt(r.get(k)) for k in METRICS],
              fmt(r.get("valid_auc")), fmt(r.get("training_sequences")),
-             fmt(r.get("tokens_per_prompt"), 1), fmt(r.get("train_s"), 0)] for r in rows]
+             fmt(r.get("tokens_per_prompt"), 1), fmt(r.get("train_s"), 0),
+             fmt(r.get("score_s"), 0)] for r in rows]
+    picks = ", ".join(f"{x['step2_lr']:g}: {x['valid_auc']:.4f}" for x in selection)
     total_s = time.perf_counter() - started
+    sample = ("every test sample of seeded random users" if cfg.score.sample_by == "users"
+              else "seeded random test samples")
+    sample = f"{sample}, up to {cfg.score.max_rows}" if cfg.score.max_rows else "all test samples"
+    n_valid = cfg.finetune.max_valid_samples or "all"
     markdown = "\n".join([
-        f"## Quality on ml-100k (`benchmarks/quality.py --config {args.config}`)",
+        f"## Quality on {cfg.protocol.name} (`benchmarks/quality.py --config {args.config}`)",
         "",
         f"SmolLM2-135M-Instruct (GGUF, float32, CPU), split `{cfg.protocol.split}` "
-        f"{cfg.protocol.fractions}; LLM rows scored on a seeded {cfg.score.max_rows} test "
-        f"samples (score.seed {cfg.score.seed}), codes rows also on the whole test split. "
-        f"Budget: step 1 {s1.max_steps} x {s1.batch_size} text prompts at lr {s1.lr}, step 2 "
-        f"{s2.max_steps} x {s2.batch_size} code prompts at lr {s2.lr}, adapters chosen on "
-        f"{cfg.finetune.max_valid_samples} valid_small prompts (valid AUC column). "
-        f"The base run (the default config's whole pipeline) took {runs['base'][1] / 60:.1f} "
-        f"min of stage time; the whole table {sum(v[1] for v in runs.values()) / 60:.0f} min. "
-        "Cold = user or item unseen in train; warm = "
-        f"user and item each > {cfg.protocol.warm_more_than} train interactions.",
+        f"{cfg.protocol.fractions}, answer score `{cfg.model.answer_score}`; LLM rows scored on "
+        f"{sample} (score.seed {cfg.score.seed}); codes rows also on "
+        f"the whole test split. Budget: step 1 {s1.max_steps} x {s1.batch_size} text prompts at "
+        f"lr {s1.lr}; step 2 {s2.max_steps} x {s2.batch_size} prompts at lr {lr:g}, chosen on "
+        f"valid_small among {picks} (binary step-2 valid AUC); every adapter chosen on "
+        f"{n_valid} valid_small prompts (valid AUC column). Wall time of "
+        f"this run {total_s / 60:.0f} min (finished stages of an earlier run are skipped; the "
+        "finetune s column sums the stage times of the steps a row trained). Cold = user or "
+        "item unseen in train; warm = user and item each > "
+        f"{cfg.protocol.warm_more_than} train interactions.",
         "",
         table(header, body),
     ])
-    stage_s = {s: m["wall_time_s"] for s, m in base.items()}
     result = {"config": args.config, "overrides": shared, "config_resolved": to_dict(base_cfg),
-              "rows": rows, "pipeline_s": {k: v[1] for k, v in runs.items()},
-              "base_stage_s": stage_s, "total_s": total_s}
+              "rows": rows, "step2_lr_selection": selection, "total_s": total_s}
     save(f"quality-{stem}", result, markdown)
     print(markdown)
 
