@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import SHARED, save, table  # noqa: E402
 from binllm_core.config import RunConfig, load_config  # noqa: E402
 
-HEADS = ("yes", "yes_minus_no")
+HEADS = ("yes_logit", "yes_minus_no")
 
 
 def prompts_of(cfg: RunConfig) -> tuple[tuple[list[str], list[int]], Any]:

@@ -114,7 +114,8 @@ def curve(root: Path, name: str) -> list[dict[str, Any]]:
     return evals.select(["step_name", "step", "auc", "uauc", "train_loss"]).to_dicts()
 
 
-def llm_row(label: str, root: Path, run: Tuned, mode: str, render: dict[str, Any]) -> dict:
+def llm_row(label: str, root: Path, run: Tuned, mode: str, render: dict[str, Any],
+            codes: pl.DataFrame) -> dict:
     scores = scored(root, run.name).filter(pl.col("mode") == mode)
     report = score_report(
         scores["uid"].to_numpy(), scores["label"].to_numpy(), scores["logit_yes"].to_numpy(),
@@ -123,12 +124,34 @@ def llm_row(label: str, root: Path, run: Tuned, mode: str, render: dict[str, Any
     return {
         "row": label, "mode": mode, "run": run.name, "test_rows": scores.height, **report,
         "valid_auc": run.step["best_valid_auc"], "valid_uauc": run.step["best_valid_uauc"],
-        "training_sequences": int(run.total("sequences")),
+        "rho_codes": agreement(scores, codes), "training_sequences": int(run.total("sequences")),
         "tokens_per_prompt": render["metrics"]["tokens_per_mode"][mode]["mean"],
         "train_s": run.total("wall_time_s"),
         "score_s": run.manifests["score"]["metrics"]["modes"][mode]["wall_time_s"],
         "curve": curve(root, run.name),
     }
+
+
+def code_scores(root: Path, name: str) -> pl.DataFrame:
+    """The binary MF score (inner product of the +-1 codes) of every test sample the base run
+    scored: columns sample_id, codes."""
+    codes = pl.read_parquet(root / name / "encode" / "codes" / "*.parquet")
+    bits = {
+        entity: dict(zip(part["id"].to_list(), np.asarray(part["bits"].to_list(), np.float32),
+                         strict=True))
+        for (entity,), part in codes.group_by(["entity"])
+    }
+    subset = scored(root, name).filter(pl.col("mode") == "text")
+    signs = [float((2 * bits["user"][u] - 1) @ (2 * bits["item"][i] - 1))
+             for u, i in zip(subset["uid"], subset["iid"], strict=True)]
+    return subset.select("sample_id").with_columns(codes=pl.Series(signs))
+
+
+def agreement(scores: pl.DataFrame, codes: pl.DataFrame) -> float:
+    """Spearman correlation of an LLM row's scores with the codes' own scores on the same
+    samples: how far the LLM ranks like the collaborative model it was shown."""
+    both = scores.select("sample_id", "logit_yes").join(codes, on="sample_id")
+    return float(both.select(pl.corr("logit_yes", "codes", method="spearman")).item())
 
 
 def codes_rows(root: Path, name: str, manifests: dict[str, Any]) -> list[dict[str, Any]]:
@@ -141,17 +164,10 @@ def codes_rows(root: Path, name: str, manifests: dict[str, Any]) -> list[dict[st
         {"row": "binary MF (all test)", "mode": "codes", **enc["codes"]["test"],
          "valid_auc": enc["codes"]["valid"]["auc"]},
     ]
-    codes = pl.read_parquet(root / name / "encode" / "codes" / "*.parquet")
-    bits = {
-        entity: dict(zip(part["id"].to_list(), np.asarray(part["bits"].to_list(), np.float32),
-                         strict=True))
-        for (entity,), part in codes.group_by(["entity"])
-    }
-    subset = scored(root, name).filter(pl.col("mode") == "text")
-    signs = [(2 * bits["user"][u] - 1) @ (2 * bits["item"][i] - 1)
-             for u, i in zip(subset["uid"], subset["iid"], strict=True)]
+    subset = scored(root, name).filter(pl.col("mode") == "text").join(
+        code_scores(root, name), on="sample_id")
     report = score_report(
-        subset["uid"].to_numpy(), subset["label"].to_numpy(), np.asarray(signs),
+        subset["uid"].to_numpy(), subset["label"].to_numpy(), subset["codes"].to_numpy(),
         subset["warm"].to_numpy(), subset["not_cold"].to_numpy(),
     )
     rows.append({"row": "binary MF (LLM test subsample)", "mode": "codes",
@@ -211,20 +227,22 @@ def main() -> None:
 
     render = manifests["render"]
     rows = codes_rows(root, base.name, manifests)
+    codes = code_scores(root, base.name)
     rows += [
-        llm_row("text-only LoRA (step 1; TALLRec)", root, base, "text", render),
-        llm_row("text-only LoRA, two-step budget", root, more_text, "text", render),
-        llm_row("BinLLM binary, two-step", root, binary, "binary", render),
-        llm_row("BinLLM dot-decimal, two-step", root, dotdec, "dotdec", render),
-        llm_row("BinLLM binary, one-step", root, onestep, "binary", render),
+        llm_row("text-only LoRA (step 1; TALLRec)", root, base, "text", render, codes),
+        llm_row("text-only LoRA, two-step budget", root, more_text, "text", render, codes),
+        llm_row("BinLLM binary, two-step", root, binary, "binary", render, codes),
+        llm_row("BinLLM dot-decimal, two-step", root, dotdec, "dotdec", render, codes),
+        llm_row("BinLLM binary, one-step", root, onestep, "binary", render, codes),
     ]
     selection = [{"step2_lr": x, "valid_auc": tried[x].step["best_valid_auc"],
                   "valid_uauc": tried[x].step["best_valid_uauc"], "chosen": x == lr,
                   "curve": curve(root, tried[x].name)} for x in lrs]
     header = ["row", "test rows", "AUC", "UAUC", "warm AUC", "warm UAUC", "cold AUC",
-              "cold UAUC", "valid AUC", "train seqs", "tokens/prompt", "finetune s", "score s"]
+              "cold UAUC", "valid AUC", "rho codes", "train seqs", "tokens/prompt", "finetune s",
+              "score s"]
     body = [[r["row"], fmt(r.get("test_rows")), *[fmt(r.get(k)) for k in METRICS],
-             fmt(r.get("valid_auc")), fmt(r.get("training_sequences")),
+             fmt(r.get("valid_auc")), fmt(r.get("rho_codes"), 2), fmt(r.get("training_sequences")),
              fmt(r.get("tokens_per_prompt"), 1), fmt(r.get("train_s"), 0),
              fmt(r.get("score_s"), 0)] for r in rows]
     picks = ", ".join(f"{x['step2_lr']:g}: {x['valid_auc']:.4f}" for x in selection)
@@ -246,7 +264,8 @@ def main() -> None:
         f"this run {total_s / 60:.0f} min (finished stages of an earlier run are skipped; the "
         "finetune s column sums the stage times of the steps a row trained). Cold = user or "
         "item unseen in train; warm = user and item each > "
-        f"{cfg.protocol.warm_more_than} train interactions.",
+        f"{cfg.protocol.warm_more_than} train interactions. rho codes = Spearman correlation of "
+        "a row's test scores with the binary codes' own scores on the same samples.",
         "",
         table(header, body),
     ])

@@ -139,7 +139,7 @@ def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backb
 def answer_score(tokenizer: PreTrainedTokenizerBase, cfg: ModelConfig) -> AnswerScore:
     """The :class:`AnswerScore` that ``cfg.answer_score`` names, with this tokenizer's ids."""
     yes = answer_token_id(tokenizer, ANSWER)
-    if cfg.answer_score == "yes":
+    if cfg.answer_score == "yes_logit":
         return AnswerScore(yes)
     return AnswerScore(yes, answer_token_id(tokenizer, NO_ANSWER))
 

@@ -100,11 +100,11 @@ class ModelConfig:
     """File name of the GGUF weights inside ``backbone`` when it is a folder."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights dtype: ``auto`` is float32 on CPU and bfloat16 on GPU."""
-    answer_score: Literal["yes", "yes_minus_no"] = "yes"
-    """The score trained with BCE and ranked by AUC, read at the answer position: ``yes`` is the
-    raw logit of the ``Yes`` token (official BinLLM); ``yes_minus_no`` is ``Yes`` minus ``No``,
-    the log-odds of the two answers (TALLRec's P(Yes)). A raw logit starts far from 0 (about
-    +14 for SmolLM2), so a short budget spends its first steps only pulling it down."""
+    answer_score: Literal["yes_logit", "yes_minus_no"] = "yes_logit"
+    """The score trained with BCE and ranked by AUC, read at the answer position: ``yes_logit``
+    is the raw logit of the ``Yes`` token (official BinLLM); ``yes_minus_no`` is ``Yes`` minus
+    ``No``, the log-odds of the two answers (TALLRec's P(Yes)). A raw logit starts far from 0
+    (about +14 for SmolLM2), so a short budget spends its first steps pulling it down."""
 
 
 @dataclass
