@@ -11,7 +11,9 @@ budget per tuning step and fixed seeds; the test split is only scored, never use
 * step 2 at the chosen rate on dot-decimal prompts (BinLLM dot-decimal, two-step) and on text
   prompts again (text-only with the two-step budget: do codes beat more text steps?);
 * ``onestep``: binary prompts from a fresh adapter, as many training sequences as step 1 and
-  step 2 together, with step 1's batch size and learning rate (intuitive tuning, BinLLM-IT).
+  step 2 together, with step 1's batch size and learning rate (intuitive tuning, BinLLM-IT);
+* one more binary and one more dot-decimal two-step row whose step 2 runs ``--long-steps``
+  steps: outside the equal budget, their valid curves show what more steps give.
 
 Variants reuse the base run's ingest, samples, encode and render outputs (copied; their
 manifests match, so those stages are skipped). Every LLM row is scored on the same test
@@ -70,7 +72,7 @@ def onestep_overrides(cfg: RunConfig) -> list[str]:
 def run_variant(
     config: str, sets: list[str], root: Path, name: str, base: Path | None,
     stages: list[str] | None = None,
-) -> tuple[RunConfig, dict[str, Any], float]:
+) -> tuple[RunConfig, dict[str, Any], dict[str, float]]:
     from pipelines.registry import run_pipeline
 
     cfg = load_config(config, [*sets, f"output_root={root}", f"run_name={name}"])
@@ -81,8 +83,9 @@ def run_variant(
                 shutil.copytree(base / stage, target, ignore=shutil.ignore_patterns("checkpoints"))
     manifests = run_pipeline(cfg, stages, log=lambda m: print(f"[{name}] {m}", flush=True))
     # Stage wall times from the manifests: a re-run that skips finished stages still counts them.
-    stages = [m for s, m in manifests.items() if base is None or s not in SHARED_STAGES]
-    return cfg, manifests, sum(m["wall_time_s"] for m in stages)
+    stages = {s: m["wall_time_s"] for s, m in manifests.items()
+              if base is None or s not in SHARED_STAGES}
+    return cfg, manifests, stages
 
 
 def scored(root: Path, name: str) -> pl.DataFrame:
@@ -190,6 +193,9 @@ def main() -> None:
     parser.add_argument("--step2-lr", type=float, action="append", default=None,
                         help="another step-2 learning rate to try on valid_small (repeatable; "
                              "default 1e-3)")
+    parser.add_argument("--long-steps", type=int, default=600,
+                        help="step 2 of one more two-step row per code mode, trained this many "
+                             "steps at the chosen rate (0 leaves them out)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     shared = [
@@ -204,14 +210,18 @@ def main() -> None:
     lrs = list(dict.fromkeys([s2.lr, *(args.step2_lr or [1e-3])]))
     started = time.perf_counter()
 
+    stage_s: dict[tuple[str, str], float] = {}  # (run, stage) -> wall time in its manifest
+
     def variant(name: str, sets: list[str], stages: list[str] | None = None,
                 before: Tuned | None = None) -> Tuned:
-        _, manifests, _ = run_variant(args.config, [*shared, *sets], root, f"{stem}-{name}",
-                                      root / f"{stem}-base", stages)
+        _, manifests, seconds = run_variant(args.config, [*shared, *sets], root,
+                                            f"{stem}-{name}", root / f"{stem}-base", stages)
+        stage_s.update({(name, s): t for s, t in seconds.items()})
         return Tuned(f"{stem}-{name}", manifests, before)
 
-    base_cfg, manifests, _ = run_variant(args.config, [*shared, *base_overrides()], root,
-                                         f"{stem}-base", None)
+    base_cfg, manifests, seconds = run_variant(args.config, [*shared, *base_overrides()], root,
+                                               f"{stem}-base", None)
+    stage_s.update({("base", s): t for s, t in seconds.items()})
     base = Tuned(f"{stem}-base", manifests)
     adapter = manifests["finetune"]["metrics"]["adapters"]["step1"]
     tried = {lr: variant(f"binary-lr{lr:g}", from_step1("binary", adapter, lr), ["finetune"])
@@ -224,6 +234,13 @@ def main() -> None:
                                       f"finetune.step1={json.dumps({**to_dict(s2), 'lr': lr})}",
                                       "score.modes=[text]"], None, base)
     onestep = variant("onestep", onestep_overrides(cfg))
+    long_sets = [f"finetune.step2.max_steps={args.long_steps}",
+                 f"finetune.eval_every={max(1, args.long_steps // 6)}"]
+    longer = {
+        mode: variant(f"{mode}-lr{lr:g}-steps{args.long_steps}",
+                      [*from_step1(mode, adapter, lr), *long_sets], None, base)
+        for mode in (("binary", "dotdec") if args.long_steps else ())
+    }
 
     render = manifests["render"]
     rows = codes_rows(root, base.name, manifests)
@@ -235,6 +252,9 @@ def main() -> None:
         llm_row("BinLLM dot-decimal, two-step", root, dotdec, "dotdec", render, codes),
         llm_row("BinLLM binary, one-step", root, onestep, "binary", render, codes),
     ]
+    rows += [llm_row(f"BinLLM {'binary' if mode == 'binary' else 'dot-decimal'}, two-step, "
+                     f"{args.long_steps}-step step 2", root, run, mode, render, codes)
+             for mode, run in longer.items()]
     selection = [{"step2_lr": x, "valid_auc": tried[x].step["best_valid_auc"],
                   "valid_uauc": tried[x].step["best_valid_uauc"], "chosen": x == lr,
                   "curve": curve(root, tried[x].name)} for x in lrs]
@@ -242,7 +262,8 @@ def main() -> None:
               "cold UAUC", "valid AUC", "rho codes", "train seqs", "tokens/prompt", "finetune s",
               "score s"]
     body = [[r["row"], fmt(r.get("test_rows")), *[fmt(r.get(k)) for k in METRICS],
-             fmt(r.get("valid_auc")), fmt(r.get("rho_codes"), 2), fmt(r.get("training_sequences")),
+             fmt(r.get("valid_auc")), fmt(r.get("rho_codes"), 2),
+             fmt(r.get("training_sequences")),
              fmt(r.get("tokens_per_prompt"), 1), fmt(r.get("train_s"), 0),
              fmt(r.get("score_s"), 0)] for r in rows]
     picks = ", ".join(f"{x['step2_lr']:g}: {x['valid_auc']:.4f}" for x in selection)
@@ -251,18 +272,20 @@ def main() -> None:
               else "seeded random test samples")
     sample = f"{sample}, up to {cfg.score.max_rows}" if cfg.score.max_rows else "all test samples"
     n_valid = cfg.finetune.max_valid_samples or "all"
+    long_note = (f" The last {len(longer)} rows run step 2 for {args.long_steps} steps, "
+                 "outside the equal budget." if longer else "")
     markdown = "\n".join([
         f"## Quality on {cfg.protocol.name} (`benchmarks/quality.py --config {args.config}`)",
         "",
-        f"SmolLM2-135M-Instruct (GGUF, float32, CPU), split `{cfg.protocol.split}` "
+        f"`{Path(cfg.model.backbone).name}` (float32, CPU), split `{cfg.protocol.split}` "
         f"{cfg.protocol.fractions}, answer score `{cfg.model.answer_score}`; LLM rows scored on "
         f"{sample} (score.seed {cfg.score.seed}); codes rows also on "
         f"the whole test split. Budget: step 1 {s1.max_steps} x {s1.batch_size} text prompts at "
         f"lr {s1.lr}; step 2 {s2.max_steps} x {s2.batch_size} prompts at lr {lr:g}, chosen on "
         f"valid_small among {picks} (binary step-2 valid AUC); every adapter chosen on "
-        f"{n_valid} valid_small prompts (valid AUC column). Wall time of "
-        f"this run {total_s / 60:.0f} min (finished stages of an earlier run are skipped; the "
-        "finetune s column sums the stage times of the steps a row trained). Cold = user or "
+        f"{n_valid} valid_small prompts (valid AUC column).{long_note} Stage time of the whole "
+        f"table {sum(stage_s.values()) / 60:.0f} min (the finetune s column sums the stage "
+        "times of the steps a row trained). Cold = user or "
         "item unseen in train; warm = user and item each > "
         f"{cfg.protocol.warm_more_than} train interactions. rho codes = Spearman correlation of "
         "a row's test scores with the binary codes' own scores on the same samples.",
@@ -270,7 +293,8 @@ def main() -> None:
         table(header, body),
     ])
     result = {"config": args.config, "overrides": shared, "config_resolved": to_dict(base_cfg),
-              "rows": rows, "step2_lr_selection": selection, "total_s": total_s}
+              "rows": rows, "step2_lr_selection": selection, "total_s": total_s,
+              "stage_s": {f"{run}/{stage}": t for (run, stage), t in stage_s.items()}}
     save(f"quality-{stem}", result, markdown)
     print(markdown)
 
