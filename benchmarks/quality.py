@@ -193,7 +193,7 @@ def main() -> None:
     parser.add_argument("--step2-lr", type=float, action="append", default=None,
                         help="another step-2 learning rate to try on valid_small (repeatable; "
                              "default 1e-3)")
-    parser.add_argument("--long-steps", type=int, default=600,
+    parser.add_argument("--long-steps", type=int, default=400,
                         help="step 2 of one more two-step row per code mode, trained this many "
                              "steps at the chosen rate (0 leaves them out)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
