@@ -91,13 +91,15 @@ def machine() -> dict[str, Any]:
 
 
 def commit() -> str:
-    """HEAD's short hash, with ``+dirty`` when tracked files differ from it."""
+    """HEAD's short hash, with ``+dirty`` when tracked files other than the benchmarks' own
+    outputs differ from it."""
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+             ":!BENCHMARKS.md", ":!benchmarks/results"],
             cwd=ROOT,
             capture_output=True,
             text=True,
