@@ -21,8 +21,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import SHARED, save, table  # noqa: E402
@@ -37,23 +35,17 @@ def prompts_of(cfg: RunConfig) -> tuple[tuple[list[str], list[int]], Any]:
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
+    from benchmarks.finetune import train_prompts
     from binllm_core.finetune import EvalSet
     from pipelines.finetune import _subsample
 
     table_ = pads.dataset(Path(cfg.output_root) / cfg.run_name / "render" / "prompts").to_table()
-    ft = cfg.finetune
-    train_ids = _subsample(table_, pc.equal(table_["split"], "train"), ft.max_train_samples, ft)
     small = pc.and_(pc.equal(table_["split"], "valid"), table_["valid_small"])
-    valid_ids = _subsample(table_, small, ft.max_valid_samples, ft)
-    text = table_.filter(pc.equal(table_["mode"], "text"))
-
-    def rows(ids: np.ndarray) -> Any:
-        return text.filter(pc.is_in(text["sample_id"], pa.array(ids, text["sample_id"].type)))
-
-    train, valid = rows(train_ids), rows(valid_ids)
-    return (
-        (train["prompt"].to_pylist(), train["label"].to_pylist()),
-        EvalSet(valid["prompt"].to_pylist(), valid["label"].to_pylist(), valid["uid"].to_pylist()),
+    ids = _subsample(table_, small, cfg.finetune.max_valid_samples, cfg.finetune)
+    keep = pc.is_in(table_["sample_id"], pa.array(ids, table_["sample_id"].type))
+    valid = table_.filter(pc.and_(pc.equal(table_["mode"], "text"), keep))
+    return train_prompts(cfg), EvalSet(
+        valid["prompt"].to_pylist(), valid["label"].to_pylist(), valid["uid"].to_pylist()
     )
 
 
