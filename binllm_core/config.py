@@ -19,6 +19,13 @@ import yaml
 
 from binllm_core.errors import ConfigError
 
+
+def resource(default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
+    """A field that says how to run (workers, devices, retries, caches), not what to compute:
+    changing it never changes a stage's hash, so it never redoes finished work."""
+    return field(default=default, default_factory=factory, metadata={"resource": True})
+
+
 SourceFormat = Literal["auto", "ml100k", "ml1m", "ml_csv", "amazon2018", "amazon2023", "recbole"]
 SplitKind = Literal["per_user", "global", "months", "months_then_halves"]
 
@@ -40,11 +47,15 @@ class DataConfig:
     on_bad_rows: Literal["error", "skip"] = "error"
     """A malformed source line stops ingest (``error``) or is dropped, counted in the manifest and
     kept in the ``rejects`` table (``skip``)."""
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = resource(factory=dict)
     """Options for the source's fsspec filesystem, e.g. ``{endpoint_url: http://..., anon: true}``
     for s3; the usual AWS environment variables work too."""
-    cache_dir: str = "~/.cache/binllm/sources"
-    """Local folder where remote (http/s3) sources are kept after their first download."""
+    cache_dir: str = resource("~/.cache/binllm/sources")
+    """Local folder where remote (http/s3) sources are kept after their first download (one
+    copy per version of a file: an edited remote file is downloaded again)."""
+    identity: Literal["stat", "content"] = resource("stat")
+    """How ingest tells whether the source changed: ``stat`` by each file's name, size and
+    modification time (ETag on S3/HTTP); ``content`` by a SHA-256 of its bytes (reads them)."""
 
 
 @dataclass
@@ -144,13 +155,13 @@ class EncoderConfig:
     beta_step: float = 0.05
     """Added to beta every 2 epochs, capped at 1.0: the chance that an element of the code is
     binary rather than continuous during training."""
-    num_workers: int = 1
+    num_workers: int = resource(1)
     """Ray Train workers."""
-    use_gpu: bool = False
+    use_gpu: bool = resource(False)
     """Train on GPUs (one per worker)."""
-    max_failures: int = 2
+    max_failures: int = resource(2)
     """How many worker failures Ray Train recovers from (from the last checkpoint)."""
-    checkpoint_every: int = 10
+    checkpoint_every: int = resource(10)
     """Checkpoint every this many epochs, besides every epoch whose binary valid AUC improves and
     the last one (a Ray Train report costs about 2 s, so not every epoch)."""
     seed: int = 2023
@@ -250,13 +261,13 @@ class FinetuneConfig:
     """Evaluate on a seeded random subset of this many ``valid_small`` samples; 0 takes all."""
     seed: int = 42
     """Seed of the subsets, the LoRA initialisation, dropout and shuffling."""
-    num_workers: int = 1
+    num_workers: int = resource(1)
     """Ray Train workers (data-parallel)."""
-    use_gpu: bool = False
+    use_gpu: bool = resource(False)
     """Train on GPUs (one per worker)."""
-    cpus_per_worker: int = 1
+    cpus_per_worker: int = resource(1)
     """CPU cores reserved per worker (also its torch thread count on CPU)."""
-    max_failures: int = 2
+    max_failures: int = resource(2)
     """How many worker failures Ray Train recovers from (from the last checkpoint)."""
 
 
@@ -289,11 +300,11 @@ class ScoreConfig:
     """A candidate whose user or item the encoder never saw (so it has no code): ``text`` scores
     it with the text-only prompt and the text adapter and flags it ``cold``; ``skip`` leaves it
     out (counted in the manifest); ``error`` stops with the row."""
-    num_actors: int = 1
+    num_actors: int = resource(1)
     """Scoring actors (each holds one copy of the merged model)."""
-    num_gpus: float = 0.0
+    num_gpus: float = resource(0.0)
     """GPUs per actor (0 on CPU)."""
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float = resource(1.0)
     """CPU cores reserved per actor (also its torch thread count on CPU)."""
     batch_size: int = 16
     """Prompts per forward pass."""
@@ -302,7 +313,7 @@ class ScoreConfig:
     time, orders them by token length (little padding), scores, and restores their order."""
     max_length: int = 1024
     """Longest prompt in tokens; longer prompts lose their beginning (the answer cue stays)."""
-    max_restarts: int = 3
+    max_restarts: int = resource(3)
     """How often a scoring actor that died is restarted (its unfinished batches are retried)."""
 
 
@@ -317,6 +328,9 @@ class RunConfig:
     output_storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options for ``output_root`` (e.g. ``{endpoint_url: ...}`` for an S3-compatible
     store)."""
+    keep_versions: int = 1
+    """How many versions of each output to keep: 1 keeps the current one only; more keep the
+    previous ones (named in the manifest's ``history``) for readers that still use them."""
     data: DataConfig = field(default_factory=DataConfig)
     """Source data."""
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
@@ -428,6 +442,18 @@ def _check(tp: Any, value: Any, key: str, where: str) -> Any:
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The config as plain data (for manifests and hashing)."""
     return dataclasses.asdict(cfg)
+
+
+def hashed(section: Any) -> Any:
+    """A config section as plain data without its :func:`resource` fields (what a stage's hash
+    covers)."""
+    if not dataclasses.is_dataclass(section):
+        return section
+    return {
+        f.name: hashed(getattr(section, f.name))
+        for f in dataclasses.fields(section)
+        if not f.metadata.get("resource")
+    }
 
 
 def config_hash(*parts: Any) -> str:

@@ -8,6 +8,8 @@ data through ``filecache::`` so each node downloads a remote file once into ``ca
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import zipfile
 from collections.abc import Iterator
@@ -47,6 +49,10 @@ class SourceFile:
     """Local cache folder for remote storage (``~`` expanded where the file is opened)."""
     size: int | None = None
     """Bytes, when known."""
+    stamp: str = ""
+    """What tells a version of the file from another without reading it: the modification time
+    of a local file, the ETag / Last-Modified of an S3 or HTTP object (a zip member's is the
+    zip's). Remote files are cached per stamp, so an edited remote file is downloaded again."""
 
     @property
     def splittable(self) -> bool:
@@ -104,6 +110,9 @@ def unreachable(where: str, err: BaseException) -> DataError:
 
 
 def _list_zip(base: SourceFile) -> Source:
+    zfs, zpath = url_to_fs(base.url, **base.options)
+    stamp = file_stamp(zfs.info(zpath))
+    base = dataclasses.replace(base, stamp=stamp)
     chain = _chain(base)
     fs, _ = url_to_fs(f"zip://::{chain}", **_options(base))
     members = fs.find("", detail=True)
@@ -116,6 +125,7 @@ def _list_zip(base: SourceFile) -> Source:
             options=base.options,
             cache_dir=base.cache_dir,
             size=info.get("size"),
+            stamp=stamp,
         )
         for path, info in sorted(members.items())
     ]
@@ -148,9 +158,18 @@ def _list_plain(base: SourceFile) -> Source:
                 options=base.options,
                 cache_dir=base.cache_dir,
                 size=info.get("size"),
+                stamp=file_stamp(info),
             )
         )
     return Source(base.url, files, anchor=anchor, root_name=root.rpartition("/")[2])
+
+
+STAMP_KEYS = ("ETag", "LastModified", "Last-Modified", "mtime", "last_modified", "generation")
+
+
+def file_stamp(info: dict[str, Any]) -> str:
+    """The version marks an fsspec ``info`` dict carries (see :attr:`SourceFile.stamp`)."""
+    return ";".join(f"{k}={info[k]}" for k in STAMP_KEYS if info.get(k) not in (None, ""))
 
 
 def _chain(file: SourceFile) -> str:
@@ -162,7 +181,10 @@ def _options(file: SourceFile) -> dict[str, Any]:
     """fsspec keyword arguments for a (possibly chained) URL of ``file``, keyed by protocol."""
     options: dict[str, Any] = {file.protocol: dict(file.options)}
     if file.cache_dir:
-        options["filecache"] = {"cache_storage": os.path.expanduser(file.cache_dir)}
+        stored = file.url.rsplit("::", 1)[-1]  # a zip member's storage object is the zip
+        version = hashlib.sha256(f"{stored}\n{file.stamp}".encode()).hexdigest()[:16]
+        folder = os.path.join(os.path.expanduser(file.cache_dir), version)
+        options["filecache"] = {"cache_storage": folder}
     return options
 
 
