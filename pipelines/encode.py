@@ -8,9 +8,10 @@ each worker computes the same validation AUC and the workers stop together.
 Rank 0 reports a checkpoint whenever the binary valid AUC improves, every
 ``encoder.checkpoint_every`` epochs and at the end (each report costs Ray Train about 2 s, so not
 every epoch). A checkpoint (``model.safetensors``, ``optimizer.safetensors``, ``state.json``)
-lands in ``{stage folder}/checkpoints/{name}``, where ``name`` is a hash of the
-encoder config and of the samples it trains on. Ray keeps the checkpoint with the best valid AUC
-of the primary model and the latest one. A worker that dies is replaced up to
+lands in ``{stage folder}/checkpoints/encoder-{stage hash}``: the hash covers the encoder
+config (resource fields aside) and the identity of the samples it trains on, so only a re-run on
+the same samples resumes it, and ``--force`` removes it. Ray keeps the checkpoint with the best
+valid AUC of the primary model and the latest one. A worker that dies is replaced up to
 ``encoder.max_failures`` times and training goes on from the latest checkpoint; running the stage
 again after a crash (same config, same samples) resumes the same way, and a finished run is not
 trained again. The codes come from the best checkpoint.
@@ -39,7 +40,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
 
 from binllm_core.codes import codes_table, signs_from_bits
-from binllm_core.config import EncoderConfig, config_hash, to_dict
+from binllm_core.config import EncoderConfig, to_dict
 from binllm_core.encoder import (
     EncoderTraining,
     Rows,
@@ -57,9 +58,6 @@ FAULT_ENV = "BINLLM_TEST_FAIL_ENCODE_AT_EPOCH"
 FAULT_MARKER = "_fault_injected"
 SAMPLE_COLUMNS = ["sample_id", "uid", "iid", "label", "split", "warm", "not_cold"]
 EVAL_COLUMNS = ["sample_id", "uid", "iid", "label", "warm", "not_cold"]
-# Fields that change how a run recovers, not what it learns: a re-run that only changes them
-# resumes the same checkpoints.
-RECOVERY_FIELDS = ("max_failures", "checkpoint_every")
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -78,10 +76,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 "check the protocol's split settings",
             )
 
-    name = "encoder-" + config_hash(
-        {k: v for k, v in to_dict(cfg).items() if k not in RECOVERY_FIELDS},
-        samples_manifest["config_hash"],
-    )
+    name = f"encoder-{ctx.digest}"
     storage = ctx.scratch_path("checkpoints")
     started = time.time()
     result = _trainer(ctx, cfg, name, storage, user_num, item_num).fit()
@@ -126,9 +121,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "epoch_train_time_s": round(sum(h["seconds"] for h in state["history"]), 3),
             "num_workers": cfg.num_workers,
             "use_gpu": cfg.use_gpu,
-            "checkpoint": best_checkpoint.path,
+            "checkpoint": _run_relative(ctx, best_checkpoint.path),
         }
     )
+
+
+def _run_relative(ctx: StageContext, path: str) -> str:
+    """A checkpoint path as the manifest records it: relative to the run folder."""
+    _, plain = resolve(path, ctx.cfg.output_storage_options) if "://" in path else (None, path)
+    return ctx.relative(plain)
 
 
 def code_report(codes: pa.Table, rows: Rows) -> dict[str, float]:

@@ -3,9 +3,12 @@
 AUC and UAUC (:mod:`binllm_core.metrics`) overall, on warm rows and on cold rows, for each split
 and prompt mode that was scored, beside the codes-only AUC the encode stage measured. Writes:
 
-* ``{run}/evaluate/metrics/`` — the metrics table (:data:`binllm_core.evaluation.METRICS_SCHEMA`);
-* ``{run}/evaluate/report/metrics.json`` — the same rows as JSON, with the definitions;
-* ``{run}/evaluate/report/report.md`` — the tables and, per split, ``roc_{split}.png``.
+* ``metrics`` — the metrics table (:data:`binllm_core.evaluation.METRICS_SCHEMA`);
+* ``report/metrics.json`` — the same rows as JSON, with the definitions;
+* ``report/report.md`` — the tables and, per split, ``roc_{split}.png``
+
+(in the stage's current version folder, ``{run}/evaluate/v-.../``; the manifest's ``report`` is
+the path of ``report.md`` relative to the run).
 
 The scores are small (one row per scored prompt), so they are read whole into this process.
 """
@@ -35,16 +38,18 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if scores.num_rows == 0:
         raise StageError("the scores table is empty", ctx.uri(ctx.stage_path("score")))
     score_metrics = ctx.manifest_of("score")["metrics"]
-    encode_metrics = ctx.manifest_of("encode")["metrics"]
     rows = llm_metrics(scores)
     found = list(dict.fromkeys(r["split"] for r in rows))
     splits = [s for s in ctx.cfg.score.splits if s in found] + [
         s for s in found if s not in ctx.cfg.score.splits
     ]
-    rows = _interleave(rows, codes_metrics(encode_metrics, splits), splits)
+    codes = []
+    if "encode" in ctx.upstream:  # a text-only run trains no encoder: no codes rows
+        codes = codes_metrics(ctx.manifest_of("encode")["metrics"], splits)
+    rows = _interleave(rows, codes, splits)
     ctx.write_table(metrics_table(rows), "metrics")
 
-    folder = join(ctx.staging, "report")
+    folder = ctx.output_path("report")
     ctx.fs.makedirs(folder, exist_ok=True)
     images = {}
     for split in splits:
@@ -75,10 +80,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
         )
     with ctx.fs.open(join(folder, "report.md"), "w") as fh:
         fh.write(report)
-    ctx.written.append("report")
     return {
         "rows": rows,
-        "report": ctx.uri(join(ctx.stage_path(), "report", "report.md")),
+        "report": ctx.relative(join(folder, "report.md")),
         "images": list(images.values()),
     }
 

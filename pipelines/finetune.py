@@ -1,11 +1,14 @@
 """Stage ``finetune`` (Ray Train): LoRA tuning on ``render/prompts``, one or two steps.
 
 Each tuning step is one ``TorchTrainer`` run of :func:`train_loop` (our own loop: DDP through
-``prepare_model``, gloo on CPU) named ``step{n}-{hash}`` under ``{stage}/checkpoints``; running
-the stage again with the same config finds that run's last checkpoint and resumes it (a finished
-step resumes straight to its end). A checkpoint is the adapter alone (safetensors), the best
-adapter so far, the optimizer state and a JSON of counters. The best adapter of each step is
-copied to ``{stage}/adapters/step{n}``; every evaluation lands in the ``evals`` table.
+``prepare_model``, gloo on CPU) named ``step{n}-{stage hash}`` under ``{stage}/checkpoints``;
+the hash covers the config, the rendered prompts' identity, the model and ``init_adapter``, so
+running the stage again on the same inputs finds that run's last checkpoint and resumes it (a
+finished step resumes straight to its end), and anything else starts fresh. A checkpoint is the
+adapter alone (safetensors), the best adapter so far, the optimizer state and a JSON of counters.
+The best adapter of each step is copied to ``adapters/step{n}`` of the stage's new version (the
+manifest records it relative to the run, so a copied run uses its own adapters); every
+evaluation lands in the ``evals`` table.
 
 Test-only fault switch: ``BINLLM_FAIL_AT_STEP=N`` makes rank 0 raise once at optimizer step N
 (a marker file next to the checkpoints keeps it to once per stage folder).
@@ -35,7 +38,7 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, S
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from binllm_core.backbone import load_backbone, score_prompts
-from binllm_core.config import FinetuneConfig, ModelConfig, TuneStepConfig, config_hash
+from binllm_core.config import FinetuneConfig, ModelConfig, TuneStepConfig
 from binllm_core.errors import StageError
 from binllm_core.finetune import (
     EarlyStopping,
@@ -102,7 +105,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
             todo="point it at an adapter folder such as runs/RUN/finetune/adapters/step1",
         )
     storage = ctx.scratch_path("checkpoints")
-    digest = config_hash(cfg, ctx.cfg.model, ctx.manifest_of("render")["config_hash"])
     prompts = ctx.read_dataset("render", "prompts")
     previous: Checkpoint | None = None
     summary: dict[str, Any] = {}
@@ -116,7 +118,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 "render/prompts",
                 "lower finetune batch_size/grad_accum/num_workers or use more samples",
             )
-        name = f"{step.name}-{digest}"
+        name = f"{step.name}-{ctx.digest}"
         started = time.time()
         result = _trainer(
             ctx,
@@ -134,11 +136,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
         evals += [{"step_name": step.name, **e} for e in state["evals"]]
         summary[step.name] = _step_summary(step, state, len(train_ids), len(valid_ids))
         summary[step.name].update(
-            adapter=ctx.uri(adapter),
-            run=ctx.uri(join(storage, name)),
+            adapter=adapter,
+            run=ctx.relative(join(storage, name)),
             wall_time_s=round(time.time() - started, 2),
         )
-    ctx.written.append("adapters")
     ctx.write_table(pa.Table.from_pylist(evals, schema=EVALS_SCHEMA), "evals")
     return {
         "strategy": cfg.strategy,
@@ -232,16 +233,16 @@ def _resources(cfg: FinetuneConfig) -> dict[str, float]:
 def _collect(
     ctx: StageContext, checkpoint: Checkpoint | None, step_name: str
 ) -> tuple[dict[str, Any], str]:
-    """Read the last checkpoint's state and stage its best adapter as ``adapters/{step}``."""
+    """Read the last checkpoint's state and copy its best adapter to ``adapters/{step}`` of the
+    new version; the adapter's path relative to the run."""
     if checkpoint is None:
         raise StageError(f"finetune {step_name} ended without a checkpoint")
-    final = join(ctx.stage_path(), "adapters", step_name)
+    target = join(ctx.output_path("adapters"), step_name)
     with checkpoint.as_directory() as folder:
         state = json.loads(Path(folder, STATE).read_text())
-        target = join(ctx.staging, "adapters", step_name)
-        ctx.fs.makedirs(join(ctx.staging, "adapters"), exist_ok=True)
+        ctx.fs.makedirs(ctx.output_path("adapters"), exist_ok=True)
         ctx.fs.put(os.path.join(folder, "best"), target, recursive=True)
-    return state, final
+    return state, ctx.relative(target)
 
 
 def _step_summary(step: TuneStep, state: dict[str, Any], n_train: int, n_valid: int) -> dict:

@@ -1,4 +1,4 @@
-"""The stages in pipeline order, and running a selection of them."""
+"""The stages in pipeline order, what each reads, and running or inspecting a selection."""
 
 from __future__ import annotations
 
@@ -6,27 +6,71 @@ from collections.abc import Callable
 from typing import Any
 
 from binllm_core.config import RunConfig
-from binllm_core.errors import ConfigError
+from binllm_core.errors import ConfigError, StageError
+from binllm_core.lineage import folder_identity, model_identity, source_identity
+from binllm_core.lock import LOCK, WriterLock
+from binllm_core.prompts import CODE_MODES
+from binllm_core.storage import join, resolve, to_uri
 from pipelines import encode, evaluate, finetune, ingest, render, samples, score
-from pipelines.runtime import ensure_ray
-from pipelines.stage import Stage, run_stage
+from pipelines.stage import Stage, run_stage, stage_state
+
+OTHER_OUTPUTS = ("pairs", "nightly", LOCK)
+"""Entries of a run folder that binllm writes besides the stage folders."""
+
+
+def codes_needed(cfg: RunConfig) -> bool:
+    """A run needs the encoder only when it renders prompts with codes."""
+    return any(m in CODE_MODES for m in cfg.prompts.modes)
+
+
+def _with_codes(cfg: RunConfig, *names: str) -> tuple[str, ...]:
+    return (*names, "encode") if codes_needed(cfg) else names
+
+
+def _model(cfg: RunConfig) -> dict[str, Any]:
+    return {"model": model_identity(cfg.model)}
+
+
+def _finetune_inputs(cfg: RunConfig) -> dict[str, Any]:
+    inputs = _model(cfg)
+    if cfg.finetune.init_adapter:
+        inputs["init_adapter"] = folder_identity(cfg.finetune.init_adapter)
+    return inputs
+
+
+def _score_inputs(cfg: RunConfig) -> dict[str, Any]:
+    inputs = _model(cfg)
+    steps = {step.name for step in finetune.plan(cfg.finetune)}
+    for mode, choice in sorted(cfg.score.adapters.items()):
+        if choice and choice != score.NONE and choice not in steps:
+            inputs[f"adapter_{mode}"] = folder_identity(choice, cfg.output_storage_options)
+    return inputs
+
 
 STAGES: tuple[Stage, ...] = (
-    Stage("ingest", ingest.run, ("data",)),
-    Stage("samples", samples.run, ("protocol",), ("ingest",)),
-    Stage("encode", encode.run, ("encoder",), ("samples",)),
-    Stage("render", render.run, ("prompts", "model"), ("samples", "encode", "ingest")),
-    Stage("finetune", finetune.run, ("finetune", "model"), ("render",)),
-    Stage("score", score.run, ("score", "model"), ("render", "finetune")),
-    Stage("evaluate", evaluate.run, ("protocol",), ("score", "encode")),
+    Stage("ingest", ingest.run, ("data",), inputs=lambda c: {"source": source_identity(c.data)}),
+    Stage("samples", samples.run, ("protocol",), lambda c: ("ingest",)),
+    Stage("encode", encode.run, ("encoder",), lambda c: ("samples",), needed=codes_needed),
+    Stage(
+        "render",
+        render.run,
+        ("prompts", "model"),
+        lambda c: _with_codes(c, "samples", "ingest"),
+        inputs=_model,
+    ),
+    Stage(
+        "finetune", finetune.run, ("finetune", "model"), lambda c: ("render",), _finetune_inputs
+    ),
+    Stage("score", score.run, ("score", "model"), lambda c: ("render", "finetune"), _score_inputs),
+    Stage("evaluate", evaluate.run, ("protocol",), lambda c: _with_codes(c, "score")),
 )
 
 
-def select(names: list[str] | None) -> list[Stage]:
-    """The named stages in pipeline order (all of them when ``names`` is empty)."""
+def select(names: list[str] | None, cfg: RunConfig | None = None) -> list[Stage]:
+    """The named stages in pipeline order; without names, every stage the config needs."""
     by_name = {s.name: s for s in STAGES}
     if not names:
-        return list(STAGES)
+        return [s for s in STAGES if cfg is None or s.needed(cfg)]
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise ConfigError(
@@ -35,23 +79,84 @@ def select(names: list[str] | None) -> list[Stage]:
     return [s for s in STAGES if s.name in names]
 
 
+def run_folder(cfg: RunConfig) -> tuple[Any, str]:
+    fs, root = resolve(cfg.output_root, cfg.output_storage_options)
+    return fs, join(root, cfg.run_name)
+
+
+def check_run_folder(cfg: RunConfig) -> None:
+    """The run folder must be new, empty, or binllm's own: binllm never writes into (or prunes
+    in) a folder of someone else's files."""
+    if "/" in cfg.run_name or cfg.run_name in ("", ".", ".."):
+        raise ConfigError(f"run_name {cfg.run_name!r} is not a plain name", todo="use e.g. ml100k")
+    fs, path = run_folder(cfg)
+    if not fs.exists(path):
+        return
+    if fs.isfile(path):
+        raise StageError(f"the run folder {to_uri(fs, path)} is a file", todo="choose run_name")
+    names = {e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=False)}
+    ours = {s.name for s in STAGES} | set(OTHER_OUTPUTS)
+    if names and not names & ours:
+        raise StageError(
+            f"the run folder {to_uri(fs, path)} holds files binllm did not write "
+            f"({sorted(names)[0]}, ...)",
+            todo="choose another run_name or output_root",
+        )
+
+
+def run_lock(cfg: RunConfig, log: Callable[[str], None] = print) -> WriterLock:
+    """The lock that makes one ``binllm run`` at a time write this run."""
+    fs, path = run_folder(cfg)
+    return WriterLock(fs, join(path, LOCK), f"run {to_uri(fs, path)}", log)
+
+
 def run_pipeline(
     cfg: RunConfig,
     names: list[str] | None = None,
     force: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, dict[str, Any]]:
-    """Run the selected stages in order on Ray; return each stage's manifest."""
-    stages = select(names)
-    ensure_ray()
+    """Run the selected stages in order on Ray, holding the run's lock; each stage's manifest."""
+    from pipelines.runtime import ensure_ray
+
+    stages = select(names, cfg)
+    check_run_folder(cfg)
     manifests = {}
-    for stage in stages:
-        log(f"[binllm] {stage.name}: running")
-        manifest = run_stage(cfg, stage, force=force)
-        state = "skipped (unchanged config, finished before)" if manifest["skipped"] else "done"
-        tables = manifest.get("tables", {}).items()
-        # Folders that are not Parquet tables (adapters, report) have no schema: not counted.
-        rows = ", ".join(f"{t}={v['rows']:,}" for t, v in tables if v["schema"])
-        log(f"[binllm] {stage.name}: {state} in {manifest['wall_time_s']:.1f}s  {rows}")
-        manifests[stage.name] = manifest
+    with run_lock(cfg, log):
+        ensure_ray()
+        for stage in stages:
+            log(f"[binllm] {stage.name}: running")
+            manifest = run_stage(cfg, stage, force=force)
+            if manifest["skipped"]:
+                log(f"[binllm] {stage.name}: {manifest['why']}")
+            else:
+                tables = manifest.get("tables", {}).items()
+                # Folders that are not Parquet tables (adapters, report) have no schema.
+                rows = ", ".join(f"{t}={v['rows']:,}" for t, v in tables if v["schema"])
+                seconds = manifest["wall_time_s"]
+                log(
+                    f"[binllm] {stage.name}: done in {seconds:.1f}s ({manifest['why']})  {rows}"
+                    f"  output {manifest['identity'][:8]}"
+                )
+            manifests[stage.name] = manifest
     return manifests
+
+
+def pipeline_status(cfg: RunConfig) -> list[dict[str, str]]:
+    """Per stage: ``done`` / ``stale`` / ``missing`` / ``not needed`` and why; runs nothing."""
+    states: dict[str, str] = {}
+    rows = []
+    for stage in STAGES:
+        if not stage.needed(cfg):
+            rows.append({"stage": stage.name, "state": "not needed", "why": _unneeded(stage)})
+            continue
+        row = stage_state(cfg, stage, states)
+        states[stage.name] = row["state"]
+        rows.append(row)
+    return rows
+
+
+def _unneeded(stage: Stage) -> str:
+    if stage.name == "encode":
+        return "prompts.modes has no code mode (a text-only run)"
+    return "not needed by this config"

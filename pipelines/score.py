@@ -10,14 +10,17 @@ had not finished are retried on it, so every input row comes out exactly once.
 
 Outputs:
 
-* stage ``score``: ``{run}/score/scores/`` — one row per scored sample and mode: sample_id, split,
-  mode, uid, iid, label, warm, not_cold, n_tokens, logit_yes, p_yes and the lineage columns
+* stage ``score``: table ``scores`` of ``{run}/score/`` — one row per scored sample and mode:
+  sample_id, split, mode, uid, iid, label, warm, not_cold, n_tokens, logit_yes, p_yes and the
+  lineage columns
   (``logit_yes`` is the answer score: the ``Yes`` logit, or ``Yes`` minus ``No`` under
   ``model.answer_score: yes_minus_no``, where ``p_yes`` is then P(Yes) of the two answers).
-* candidates and nightly (:mod:`pipelines.candidates`) use :func:`score_dataset` too.
+* pair scoring and nightly (:mod:`pipelines.pair_scoring`, :mod:`pipelines.nightly`) use
+  :func:`score_dataset` too.
 
 Lineage columns on every row: ``model`` (backbone), ``adapter`` (URI, or ``none``),
-``adapter_hash`` (16 hex of SHA-256 over the adapter files, ``none`` without one), ``run_name``,
+``adapter_hash`` (the adapter folder's content identity, the same wherever the folder lies;
+``none`` without one), ``run_name``,
 ``scored_at`` (UTC start of the scoring call).
 
 Test-only fault switch: ``BINLLM_TEST_KILL_SCORER_AT_BATCH=N`` in the environment of the process
@@ -28,13 +31,12 @@ scoring call (a marker file in the temp folder records that it happened).
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import os
 import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -49,7 +51,7 @@ from binllm_core.config import (
 )
 from binllm_core.errors import ConfigError, StageError
 from binllm_core.prompts import MODES
-from binllm_core.storage import is_local, resolve
+from binllm_core.storage import content_identity, is_local, resolve
 from pipelines.stage import StageContext
 
 FAULT_ENV = "BINLLM_TEST_KILL_SCORER_AT_BATCH"
@@ -80,8 +82,6 @@ SCORES_SCHEMA = pa.schema(
     ]
 )
 """The ``scores`` table of stage ``score``."""
-"""Scores of candidates (jobs.score, nightly): ``carried`` marks rows taken over from an earlier
-nightly partition (same prompt, model and adapter) instead of being scored again."""
 
 
 # ---- the scorer (one per actor) ----------------------------------------------------------------
@@ -128,7 +128,7 @@ class PromptScorer:
         self.calls = 0
 
     def logits(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Answer scores (``Yes`` logits by default) and token counts of ``prompts``, in their order."""
+        """Answer scores (``Yes`` logits by default) and token counts of ``prompts``, in order."""
         import torch
 
         from binllm_core.backbone import answer_scores
@@ -212,19 +212,14 @@ class local_copy:  # noqa: N801 - a context manager used like a function
 
 
 def adapter_hash(uri: str, storage_options: dict[str, Any] | None = None) -> str:
-    """16 hex of SHA-256 over the adapter's files (names and bytes); ``none`` without one."""
+    """The adapter folder's content identity (16 hex; the same wherever the folder lies);
+    ``none`` without one."""
     if not uri:
         return NONE
     fs, path = resolve(uri, storage_options)
     if not fs.isdir(path):
         raise ConfigError(f"adapter folder {uri} is not there", todo="check score.adapters")
-    digest = hashlib.sha256()
-    for f in sorted(fs.find(path)):
-        name = f[len(path.rstrip("/")) + 1 :]
-        if name.endswith((".safetensors", ".json", ".bin")):
-            digest.update(name.encode())
-            digest.update(fs.cat_file(f))
-    return digest.hexdigest()[:16]
+    return content_identity(fs, path)
 
 
 def score_dataset(
@@ -304,9 +299,16 @@ def now_utc() -> dt.datetime:
 
 
 # ---- which adapter scores which mode -----------------------------------------------------------
-def adapter_plan(cfg: RunConfig, modes: list[str], finetune: Mapping[str, Any] | None) -> dict:
+def adapter_plan(
+    cfg: RunConfig,
+    modes: list[str],
+    finetune: Mapping[str, Any] | None,
+    locate: Callable[[str], str],
+) -> dict:
     """``{mode: adapter URI ('' = bare backbone)}``: ``score.adapters`` first, else the last
-    finetune step trained on the mode, else the final adapter."""
+    finetune step trained on the mode, else the final adapter. ``locate`` turns the run-relative
+    paths of the finetune manifest into URIs of the run being scored (a copied run scores with
+    its own adapters)."""
     plan = {}
     steps = (finetune or {}).get("steps", {})
     for mode in modes:
@@ -323,10 +325,10 @@ def adapter_plan(cfg: RunConfig, modes: list[str], finetune: Mapping[str, Any] |
                 todo=f"run the finetune stage, or set score.adapters.{mode}=none or a folder",
             )
         if choice:
-            plan[mode] = steps[choice]["adapter"]
+            plan[mode] = locate(steps[choice]["adapter"])
             continue
         trained = [s for s in steps.values() if s.get("mode") == mode]
-        plan[mode] = trained[-1]["adapter"] if trained else finetune["final_adapter"]
+        plan[mode] = locate(trained[-1]["adapter"] if trained else finetune["final_adapter"])
     return plan
 
 
@@ -346,7 +348,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     cfg, sc = ctx.cfg, ctx.cfg.score
     finetune = ctx.manifest_of("finetune")["metrics"]
     modes = default_modes(cfg, finetune)
-    plan = adapter_plan(cfg, modes, finetune)
+    plan = adapter_plan(cfg, modes, finetune, ctx.run_uri)
     index = ctx.read_table("render", "prompts", columns=["sample_id", "split", "mode", "uid"])
     have = set(index["mode"].unique().to_pylist())
     for mode in modes:

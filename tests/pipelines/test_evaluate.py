@@ -8,22 +8,17 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from binllm_core import metrics
 from binllm_core.config import load_config
+from binllm_core.storage import read_output
 from pipelines.registry import STAGES
 from pipelines.stage import run_stage
+from tests.jobs.fake_run import publish_stage
 
 
 def fake(run: Path, stage: str, metrics_: dict, tables: dict[str, pa.Table]) -> None:
-    for name, table in tables.items():
-        (run / stage / name).mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, run / stage / name / "part-00000.parquet")
-    (run / stage).mkdir(parents=True, exist_ok=True)
-    (run / stage / "_manifest.json").write_text(
-        json.dumps({"config_hash": f"h-{stage}", "metrics": metrics_})
-    )
+    publish_stage(run, stage, tables, metrics_)
 
 
 def test_evaluate_writes_metrics_report_and_roc(tmp_path: Path):
@@ -50,14 +45,16 @@ def test_evaluate_writes_metrics_report_and_roc(tmp_path: Path):
     stage = next(s for s in STAGES if s.name == "evaluate")
     manifest = run_stage(cfg, stage)
     out = run / "evaluate"
-    table = pl.read_parquet(out / "metrics" / "*.parquet")
+    table = pl.from_arrow(read_output(str(out), "metrics"))
     assert table["scorer"].to_list() == ["llm", "llm", "codes"]
     text = scores.slice(0, n // 2)
     assert table["auc"][0] == metrics.auc(text["label"].to_numpy(), text["logit_yes"].to_numpy())
     assert table["auc"][2] == 0.66 and table["cold_auc"][2] is None
-    report = (out / "report" / "report.md").read_text()
+    folder = (run / manifest["metrics"]["report"]).parent  # recorded relative to the run
+    assert folder.parent.parent == out and folder.parent.name == manifest["version"]
+    report = (folder / "report.md").read_text()
     assert "| codes | codes |" in report and "score.max_rows" in report
-    assert (out / "report" / "roc_test.png").read_bytes().startswith(b"\x89PNG")
-    data = json.loads((out / "report" / "metrics.json").read_text())
+    assert (folder / "roc_test.png").read_bytes().startswith(b"\x89PNG")
+    data = json.loads((folder / "metrics.json").read_text())
     assert "warm" in data["definitions"] and len(data["rows"]) == 3
     assert manifest["metrics"]["rows"][0]["mode"] == "text"

@@ -15,8 +15,9 @@ import torch
 from binllm_core.backbone import load_backbone, score_prompts
 from binllm_core.finetune import attach_lora
 from binllm_core.metrics import auc
+from binllm_core.storage import MANIFEST
 from pipelines.finetune import FAIL_ENV
-from pipelines.stage import MANIFEST, run_stage
+from pipelines.stage import run_stage
 from tests.pipelines.test_render import fake_upstream, make_cfg, read_prompts, stage
 
 OVERRIDES = [
@@ -47,10 +48,12 @@ def test_two_steps_on_two_workers_survive_a_failure(
     assert list((out / "checkpoints").glob("fault-injected"))
     assert step1["restarts"] == 1 and step1["steps"] == 40 and step1["mode"] == "text"
     assert step2["mode"] == "binary" and step2["restarts"] == 0
+    adapters = out / manifest["version"] / "adapters"
     for name in ("step1", "step2"):
-        assert (out / "adapters" / name / "adapter_model.safetensors").exists()
-        assert not list((out / "adapters" / name).glob("*.bin"))
-        assert metrics["adapters"][name] == str(out / "adapters" / name)
+        assert (adapters / name / "adapter_model.safetensors").exists()
+        assert not list((adapters / name).glob("*.bin"))
+        # recorded relative to the run, so that a copied run uses its own adapters
+        assert metrics["adapters"][name] == f"finetune/{manifest['version']}/adapters/{name}"
     assert step1["sequences_per_s"] > 0 and step2["tokens_per_s"] > 0
     evals = json.loads((out / MANIFEST).read_text())["tables"]["evals"]
     assert evals["rows"] >= 3
@@ -64,15 +67,17 @@ def test_two_steps_on_two_workers_survive_a_failure(
     valid = prompts.filter(pc.and_(pc.equal(prompts["mode"], "binary"), prompts["valid_small"]))
     torch.set_num_threads(1)
     backbone = load_backbone(cfg.model)
-    model = attach_lora(backbone.model, cfg.finetune, str(out / "adapters" / "step2"))
+    model = attach_lora(backbone.model, cfg.finetune, str(adapters / "step2"))
     scores = score_prompts(backbone, valid["prompt"].to_pylist(), 64, 256, model=model)
     assert auc(valid["label"].to_pylist(), scores.tolist()) == pytest.approx(
         step2["best_valid_auc"], abs=1e-6
     )
 
-    # Run again (as after a driver crash): both steps resume from their last checkpoint, which
-    # says they are finished, so nothing trains again and the result is the same.
-    again = run_stage(cfg, stage("finetune"), force=True)["metrics"]["steps"]
+    # Run again as after a driver crash before the publish (the manifest never written): both
+    # steps resume from their last checkpoint of these same inputs, which says they are
+    # finished, so nothing trains again and the result is the same.
+    (out / MANIFEST).unlink()
+    again = run_stage(cfg, stage("finetune"))["metrics"]["steps"]
     assert again["step2"]["restarts"] == 1 and again["step2"]["steps"] == step2["steps"]
     assert again["step2"]["best_valid_auc"] == step2["best_valid_auc"]
 

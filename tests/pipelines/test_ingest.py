@@ -4,26 +4,26 @@ from __future__ import annotations
 
 import gzip
 import http.server
+import os
 import shutil
-import socket
 import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import pytest
 
 from binllm_core.config import DataConfig, RunConfig
 from binllm_core.errors import DataError, find_user_error
+from binllm_core.storage import read_output
 from jobs.cli import main
-from pipelines import ingest
-from pipelines.stage import Stage, run_stage
-from tests.conftest import FIXTURES
+from pipelines.registry import STAGES
+from pipelines.stage import run_stage
+from tests.conftest import FIXTURES, free_port
 
 FORMATS = FIXTURES / "formats"
-STAGE = Stage("ingest", ingest.run, ("data",))
+STAGE = next(s for s in STAGES if s.name == "ingest")
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
@@ -31,15 +31,9 @@ def run_ingest(tmp_path: Path, uri: str, **data: Any) -> dict[str, Any]:
     """Run the stage into ``tmp_path/out``; the manifest, with the tables added."""
     cfg = RunConfig(run_name="t", output_root=str(tmp_path / "out"), data=DataConfig(uri, **data))
     manifest = run_stage(cfg, STAGE, force=True)
-    folder = tmp_path / "out" / "t" / "ingest"
-    manifest["read"] = {t: pq.read_table(folder / t) for t in manifest["tables"]}
+    folder = str(tmp_path / "out" / "t" / "ingest")
+    manifest["read"] = {t: read_output(folder, t) for t in manifest["tables"]}
     return manifest
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def official_zip(tmp_path: Path, fixture: str, top: str) -> Path:
@@ -114,7 +108,7 @@ class CountingHandler(http.server.SimpleHTTPRequestHandler):
     requests: list[str] = []
 
     def log_message(self, *args: Any) -> None:
-        CountingHandler.requests.append(self.path)
+        CountingHandler.requests.append(f"{self.command} {self.path}")
 
 
 @pytest.fixture
@@ -134,18 +128,32 @@ def http_root(tmp_path) -> Iterator[tuple[str, Path, http.server.ThreadingHTTPSe
     server.server_close()
 
 
-def test_http_zip_is_cached(tmp_path, http_root) -> None:
+def test_http_zip_is_downloaded_once_per_version(tmp_path, http_root) -> None:
     url, root, server = http_root
     shutil.move(official_zip(tmp_path, "ml1m", "ml-1m"), root / "ml-1m.zip")
     cache = str(tmp_path / "cache")
     first = run_ingest(tmp_path, f"{url}/ml-1m.zip", cache_dir=cache)
     assert first["metrics"]["interactions_rows"] == 8 and CountingHandler.requests
     assert any((tmp_path / "cache").iterdir())
-    seen = len(CountingHandler.requests)
-    server.shutdown()
+    downloads = [r for r in CountingHandler.requests if r.startswith("GET")]
+    assert downloads
     second = run_ingest(tmp_path, f"{url}/ml-1m.zip", cache_dir=cache)
     assert second["read"]["interactions"].equals(first["read"]["interactions"])
-    assert len(CountingHandler.requests) == seen
+    # The second run only asked the server which version it has (HEAD), then read its cache.
+    assert [r for r in CountingHandler.requests if r.startswith("GET")] == downloads
+    assert second["inputs"]["source"] == first["inputs"]["source"]
+
+    # The file changes on the server (a new export): it is downloaded again, and read anew.
+    rows = (FORMATS / "ml1m" / "ratings.dat").read_text().splitlines()[:5]
+    with zipfile.ZipFile(root / "ml-1m.zip", "w") as zf:
+        for f in sorted((FORMATS / "ml1m").iterdir()):
+            text = "\n".join(rows) + "\n" if f.name == "ratings.dat" else f.read_bytes()
+            zf.writestr(f"ml-1m/{f.name}", text)
+    os.utime(root / "ml-1m.zip", (2_000_000_000, 2_000_000_000))
+    third = run_ingest(tmp_path, f"{url}/ml-1m.zip", cache_dir=cache)
+    assert len([r for r in CountingHandler.requests if r.startswith("GET")]) > len(downloads)
+    assert third["metrics"]["interactions_rows"] == 5
+    assert third["inputs"]["source"] != first["inputs"]["source"]
 
 
 def test_unreachable_http(tmp_path, http_root) -> None:
@@ -217,7 +225,7 @@ def test_malformed_line_stops_with_one_line_and_keeps_old_output(tmp_path, capsy
         f"malformed line in {folder}/u.data line 7: expected 4 tab-separated fields, got 3; "
         "fix the line or set data.on_bad_rows: skip"
     )
-    kept = pq.read_table(tmp_path / "out" / "t" / "ingest" / "interactions")
+    kept = read_output(str(tmp_path / "out" / "t" / "ingest"), "interactions")
     assert kept.equals(good["read"]["interactions"])
 
     config = tmp_path / "bad.yaml"

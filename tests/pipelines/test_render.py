@@ -7,12 +7,12 @@ import random
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from binllm_core.config import RunConfig, load_config
+from binllm_core.storage import MANIFEST, read_output
 from pipelines.registry import STAGES
-from pipelines.stage import MANIFEST, Stage, StageContext, run_stage
+from pipelines.stage import Stage, StageContext, run_stage
 
 N_ITEMS, N_USERS, TRAIN_ITEMS = 60, 20, 40
 SAMPLES_SCHEMA = pa.schema(
@@ -110,8 +110,7 @@ def stage(name: str) -> Stage:
 
 
 def read_prompts(tmp_path: Path) -> pa.Table:
-    folder = tmp_path / "t" / "render" / "prompts"
-    return pa.concat_tables(pq.read_table(f) for f in sorted(folder.glob("*.parquet")))
+    return read_output(str(tmp_path / "t" / "render"), "prompts")
 
 
 def test_render_writes_prompts_per_mode_with_token_stats(tmp_path: Path, ray_session) -> None:

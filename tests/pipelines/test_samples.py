@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from binllm_core.config import RunConfig, load_config
 from binllm_core.errors import StageError
+from binllm_core.storage import MANIFEST, read_output
 from pipelines import samples
-from pipelines.stage import MANIFEST, Stage, StageContext, run_stage
+from pipelines.stage import Stage, StageContext, run_stage
 
 SAMPLES = Stage("samples", samples.run, ("protocol",), ("ingest",))
 
@@ -44,7 +44,7 @@ def tiny_interactions(users: int = 12, per_user: int = 10) -> pa.Table:
 
 
 def read(tmp_path: Path, table: str) -> pa.Table:
-    return pq.read_table(tmp_path / "t" / "samples" / table)
+    return read_output(str(tmp_path / "t" / "samples"), table)
 
 
 def test_stage_writes_samples_maps_and_metrics(ray_session, tmp_path: Path):

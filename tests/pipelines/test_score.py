@@ -103,26 +103,31 @@ def test_adapter_plan_defaults_and_overrides(tmp_path: Path):
     cfg = load_config("configs/tiny.yaml", [f"output_root={tmp_path}"])
     finetune = {
         "steps": {
-            "step1": {"mode": "text", "adapter": "A1"},
-            "step2": {"mode": "binary", "adapter": "A2"},
+            "step1": {"mode": "text", "adapter": "finetune/v-1/adapters/step1"},
+            "step2": {"mode": "binary", "adapter": "finetune/v-1/adapters/step2"},
         },
-        "final_adapter": "A2",
+        "final_adapter": "finetune/v-1/adapters/step2",
     }
+
+    def locate(path: str) -> str:  # run-relative -> inside the run being scored
+        return f"/runs/copy/{path}"
+
+    a1, a2 = "/runs/copy/finetune/v-1/adapters/step1", "/runs/copy/finetune/v-1/adapters/step2"
     assert score.default_modes(cfg, finetune) == ["text", "binary"]
-    assert score.adapter_plan(cfg, ["text", "binary", "dotdec"], finetune) == {
-        "text": "A1",
-        "binary": "A2",
-        "dotdec": "A2",
+    assert score.adapter_plan(cfg, ["text", "binary", "dotdec"], finetune, locate) == {
+        "text": a1,
+        "binary": a2,
+        "dotdec": a2,
     }
     cfg.score.adapters = {"text": "step2", "binary": "none", "dotdec": "s3://b/a"}
-    assert score.adapter_plan(cfg, ["text", "binary", "dotdec"], finetune) == {
-        "text": "A2",
+    assert score.adapter_plan(cfg, ["text", "binary", "dotdec"], finetune, locate) == {
+        "text": a2,
         "binary": "",
         "dotdec": "s3://b/a",
     }
     cfg.score.adapters = {}
     with pytest.raises(StageError, match="finetune has not finished"):
-        score.adapter_plan(cfg, ["text"], None)
+        score.adapter_plan(cfg, ["text"], None, locate)
 
 
 def test_subsample_by_users_keeps_whole_users_and_is_seeded():

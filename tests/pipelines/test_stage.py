@@ -9,7 +9,8 @@ import pyarrow as pa
 import pytest
 
 from binllm_core.config import RunConfig, load_config
-from pipelines.stage import MANIFEST, Stage, StageContext, run_stage
+from binllm_core.storage import MANIFEST, read_output
+from pipelines.stage import Stage, StageContext, run_stage
 
 
 def make_cfg(tmp_path: Path, **overrides: str) -> RunConfig:
@@ -36,7 +37,10 @@ def test_manifest_records_rows_schema_and_hash(tmp_path: Path):
     assert on_disk["metrics"] == {"n": 3}
     assert on_disk["config_hash"] == manifest["config_hash"]
     assert "ray" in on_disk["packages"] and on_disk["wall_time_s"] >= 0
-    assert not list((tmp_path / "t" / "demo").glob("_staging-*"))
+    versions = list((tmp_path / "t" / "demo").glob("v-*"))
+    assert [v.name for v in versions] == [on_disk["version"]]
+    assert on_disk["tables"]["numbers"]["path"] == f"{on_disk['version']}/numbers"
+    assert read_output(str(tmp_path / "t" / "demo"), "numbers").column("x").to_pylist() == [1, 2, 3]
 
 
 def test_unchanged_config_skips_and_force_redoes(tmp_path: Path):
@@ -56,8 +60,10 @@ def test_failed_rerun_keeps_previous_output_whole(tmp_path: Path):
     with pytest.raises(RuntimeError):
         run_stage(make_cfg(tmp_path), counting_stage([], fail=True), force=True)
     assert (tmp_path / "t" / "demo" / MANIFEST).read_text() == before
-    assert len(list((tmp_path / "t" / "demo" / "numbers").glob("*.parquet"))) == 1
-    assert not list((tmp_path / "t" / "demo").glob("_staging-*"))
+    version = json.loads(before)["version"]
+    assert len(list((tmp_path / "t" / "demo" / version / "numbers").glob("*.parquet"))) == 1
+    assert read_output(str(tmp_path / "t" / "demo"), "numbers").column("x").to_pylist() == [1, 2, 3]
+    assert [v.name for v in (tmp_path / "t" / "demo").glob("v-*")] == [version]
 
 
 def test_missing_upstream_is_one_line(tmp_path: Path):

@@ -1,0 +1,58 @@
+"""Publishing outputs that are not stages (``binllm score`` results, nightly partitions) with the
+one publish of :mod:`binllm_core.storage`: check the target, lock it, write a new version,
+point the manifest at it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pyarrow as pa
+import ray
+
+from binllm_core.lock import LOCK, WriterLock
+from binllm_core.storage import (
+    Publication,
+    arrow_filesystem,
+    check_target,
+    join,
+    parquet_files,
+    to_uri,
+)
+
+
+def write_dataset(publication: Publication, ds: ray.data.Dataset, table: str) -> None:
+    """``ds`` as ``table`` of the new version; an empty dataset as an empty, typed file."""
+    path = publication.table_path(table)
+    fs = publication.fs
+    ds.write_parquet(path, filesystem=arrow_filesystem(fs))
+    if not parquet_files(fs, path):
+        schema = ds.schema()
+        arrow_schema = getattr(schema, "base_schema", None) or pa.schema([])
+        publication.write_table(arrow_schema.empty_table(), table)
+
+
+@contextmanager
+def publishing(
+    fs: Any,
+    target: str,
+    kind: str,
+    protected: list[str],
+    log: Callable[[str], None] = print,
+) -> Iterator[Publication]:
+    """Hold ``target`` for one new version: check it, lock it, begin a :class:`Publication`.
+
+    Enter it before the work, so that a bad target or a second writer stops at once (one line
+    naming the holder), not after the scoring. ``target`` must be new, empty or an earlier output
+    of ``kind``; ``protected`` folders (the run) and their ancestors are refused. The body writes
+    its tables and calls ``publish``; an exception abandons the new version and leaves the
+    current one as it was."""
+    check_target(fs, target, kind, protected)
+    with WriterLock(fs, join(target, LOCK), f"{kind} output {to_uri(fs, target)}", log):
+        publication = Publication.begin(fs, target, kind)
+        try:
+            yield publication
+        except BaseException:
+            publication.abandon()
+            raise
