@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import SHARED, save, table  # noqa: E402
 from binllm_core.config import RunConfig, load_config, to_dict  # noqa: E402
 from binllm_core.metrics import score_report  # noqa: E402
+from binllm_core.storage import read_output  # noqa: E402
 
 SHARED_STAGES = ("ingest", "samples", "encode", "render")
 METRICS = ("auc", "uauc", "warm_auc", "warm_uauc", "cold_auc", "cold_uauc")
@@ -89,7 +90,7 @@ def run_variant(
 
 
 def scored(root: Path, name: str) -> pl.DataFrame:
-    return pl.read_parquet(root / name / "score" / "scores" / "*.parquet").filter(
+    return pl.from_arrow(read_output(str(root / name / "score"), "scores")).filter(
         pl.col("split") == "test"
     )
 
@@ -113,7 +114,7 @@ class Tuned:
 
 def curve(root: Path, name: str) -> list[dict[str, Any]]:
     """Valid_small AUC/UAUC at every evaluation of a finetune run."""
-    evals = pl.read_parquet(root / name / "finetune" / "evals" / "*.parquet")
+    evals = pl.from_arrow(read_output(str(root / name / "finetune"), "evals"))
     return evals.select(["step_name", "step", "auc", "uauc", "train_loss"]).to_dicts()
 
 
@@ -138,7 +139,7 @@ def llm_row(label: str, root: Path, run: Tuned, mode: str, render: dict[str, Any
 def code_scores(root: Path, name: str) -> pl.DataFrame:
     """The binary MF score (inner product of the +-1 codes) of every test sample the base run
     scored: columns sample_id, codes."""
-    codes = pl.read_parquet(root / name / "encode" / "codes" / "*.parquet")
+    codes = pl.from_arrow(read_output(str(root / name / "encode"), "codes"))
     bits = {
         entity: dict(zip(part["id"].to_list(), np.asarray(part["bits"].to_list(), np.float32),
                          strict=True))
@@ -223,7 +224,7 @@ def main() -> None:
                                                f"{stem}-base", None)
     stage_s.update({("base", s): t for s, t in seconds.items()})
     base = Tuned(f"{stem}-base", manifests)
-    adapter = manifests["finetune"]["metrics"]["adapters"]["step1"]
+    adapter = str(root / base.name / manifests["finetune"]["metrics"]["adapters"]["step1"])
     tried = {lr: variant(f"binary-lr{lr:g}", from_step1("binary", adapter, lr), ["finetune"])
              for lr in lrs}
     lr = max(lrs, key=lambda x: tried[x].step["best_valid_auc"])

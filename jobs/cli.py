@@ -1,6 +1,7 @@
 """The ``binllm`` command line.
 
-``binllm run CONFIG [--set k=v ...] [--stages a,b] [--force]``: pipeline stages.
+``binllm run CONFIG [--set k=v ...] [--stages a,b] [--force] [--dry-run]``: pipeline stages.
+``binllm status RUN``: per stage, done / stale / missing and why (runs nothing).
 ``binllm score --run RUN --input PAIRS [--output URI]``: score (user, item) pairs.
 ``binllm nightly --run RUN --candidates PAIRS [--date YYYY-MM-DD] [--incremental]``.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from binllm_core.config import load_config
 from binllm_core.errors import ConfigError, find_user_error
@@ -19,18 +21,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run pipeline stages on a local Ray or on RAY_ADDRESS")
     add_run_arguments(run)
+    status = sub.add_parser(
+        "status", help="per stage of a run: done, stale or missing, and why (runs nothing)"
+    )
+    _add_run_ref(status, positional=True)
     score = sub.add_parser("score", help="score a table of (user, item) pairs with a trained run")
     add_score_arguments(score)
-    nightly = sub.add_parser("nightly", help="score the night's candidates into scores/date=DATE/")
+    nightly = sub.add_parser(
+        "nightly", help="score the night's candidates into RUN/nightly/date=DATE/"
+    )
     add_nightly_arguments(nightly)
     return parser
 
 
-def _add_run_ref(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--run", required=True,
-        help="the trained run: its YAML config, or its folder {output_root}/{run_name}",
-    )
+def _add_run_ref(parser: argparse.ArgumentParser, positional: bool = False) -> None:
+    what = "the run: its YAML config, or its folder {output_root}/{run_name}"
+    if positional:
+        parser.add_argument("run", help=what)
+    else:
+        parser.add_argument("--run", required=True, help=what)
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key, e.g. --set score.unknown=skip (repeatable)",
@@ -44,7 +53,9 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
         help="Parquet file or folder with string columns user and item (source ids)",
     )
     parser.add_argument(
-        "--output", default="", help="output folder URI (default: {run}/scored/{input name})"
+        "--output", default="",
+        help="output folder URI: new, empty, or an earlier binllm score output "
+        "(default: {run}/pairs/{input name})",
     )
 
 
@@ -68,7 +79,14 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="override a config key, e.g. --set data.uri=../shared/data/ml-100k (repeatable)",
     )
     parser.add_argument("--stages", default="", help="comma-separated stages (default: all)")
-    parser.add_argument("--force", action="store_true", help="redo stages that finished before")
+    parser.add_argument(
+        "--force", action="store_true",
+        help="redo the stages from scratch, training checkpoints included",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="print what each stage would do (done / stale / missing, and why); run nothing",
+    )
 
 
 def run_command(args: argparse.Namespace) -> None:
@@ -76,17 +94,39 @@ def run_command(args: argparse.Namespace) -> None:
     if not path:
         raise ConfigError("no config given", todo="write binllm run configs/ml100k.yaml")
     cfg = load_config(path, args.overrides)
-    from pipelines.registry import run_pipeline  # imports Ray: after the config is known good
+    from pipelines.registry import run_folder, run_pipeline  # imports Ray: config known good
 
+    if args.dry_run:
+        print_status(cfg)
+        return
     names = [s.strip() for s in args.stages.split(",") if s.strip()]
     manifests = run_pipeline(cfg, names, force=args.force)
     report = manifests.get("evaluate", {}).get("metrics", {}).get("report")
     if report:
-        print(f"[binllm] report: {report}")
+        from binllm_core.storage import join, to_uri
+
+        fs, run = run_folder(cfg)
+        print(f"[binllm] report: {to_uri(fs, join(run, report))}")
+
+
+def print_status(cfg: Any) -> None:
+    from pipelines.registry import pipeline_status, run_folder
+
+    fs, run = run_folder(cfg)
+    print(f"[binllm] run {run}")
+    for row in pipeline_status(cfg):
+        print(f"  {row['stage']:<9} {row['state']:<10} {row['why']}")
+
+
+def status_command(args: argparse.Namespace) -> None:
+    from pipelines.runs import open_run
+
+    print_status(open_run(args.run, args.overrides))
 
 
 def score_command(args: argparse.Namespace) -> None:
-    from pipelines.candidates import open_run, score_candidates
+    from pipelines.pair_scoring import score_candidates
+    from pipelines.runs import open_run
     from pipelines.runtime import surface_user_errors
 
     cfg = open_run(args.run, args.overrides)
@@ -95,7 +135,8 @@ def score_command(args: argparse.Namespace) -> None:
 
 
 def nightly_command(args: argparse.Namespace) -> None:
-    from pipelines.candidates import open_run, run_nightly
+    from pipelines.nightly import run_nightly
+    from pipelines.runs import open_run
     from pipelines.runtime import surface_user_errors
 
     cfg = open_run(args.run, args.overrides)
@@ -108,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             run_command(args)
+        elif args.command == "status":
+            status_command(args)
         elif args.command == "score":
             score_command(args)
         elif args.command == "nightly":

@@ -1,7 +1,7 @@
 """``python -m jobs.nightly --run RUN --candidates PAIRS [--date YYYY-MM-DD] [--incremental]``.
 
-The nightly scoring Ray job: writes ``{run}/scores/date=YYYY-MM-DD/`` whole (a re-run of the same
-date replaces it, a failed run leaves it as it was); see :func:`pipelines.candidates.run_nightly`.
+The nightly scoring Ray job: writes ``{run}/nightly/date=YYYY-MM-DD/`` whole (a re-run of the same
+date replaces it, a failed run leaves it as it was); see :func:`pipelines.nightly.run_nightly`.
 """
 
 from __future__ import annotations

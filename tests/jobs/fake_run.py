@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from binllm_core.config import RunConfig, load_config
+from binllm_core.storage import Publication, resolve
 
 N_USERS, N_ITEMS = 8, 12
 
 
-def write(run: Path, stage: str, tables: dict[str, pa.Table]) -> None:
+def publish_stage(
+    run: Path, stage: str, tables: dict[str, pa.Table], metrics: dict | None = None
+) -> None:
+    """Publish ``tables`` as the finished output of ``stage`` (the real publish, fake content)."""
+    fs, target = resolve(str(run / stage))
+    publication = Publication.begin(fs, target, f"stage:{stage}")
     for name, table in tables.items():
-        folder = run / stage / name
-        folder.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, folder / "part-00000.parquet")
-    (run / stage / "_manifest.json").write_text(
-        json.dumps({"stage": stage, "config_hash": f"fake-{stage}", "metrics": {}})
-    )
+        publication.write_table(table, name)
+    publication.publish({"stage": stage, "config_hash": f"fake-{stage}", "metrics": metrics or {}})
 
 
 def fake_run(tmp_path: Path, *overrides: str) -> RunConfig:
@@ -37,7 +38,7 @@ def fake_run(tmp_path: Path, *overrides: str) -> RunConfig:
     run = tmp_path / "f"
     users = [f"u{i}" for i in range(1, N_USERS + 1)]
     items = [f"i{i}" for i in range(1, N_ITEMS + 1)]
-    write(
+    publish_stage(
         run, "ingest", {"items": pa.table({"item": items, "title": [f"Film {i}" for i in items]})}
     )
     rows = [
@@ -61,7 +62,7 @@ def fake_run(tmp_path: Path, *overrides: str) -> RunConfig:
             ]
         )
     )
-    write(
+    publish_stage(
         run,
         "samples",
         {
@@ -76,7 +77,7 @@ def fake_run(tmp_path: Path, *overrides: str) -> RunConfig:
     )
     # The last user and item have no code (the encoder never saw them).
     code_users, code_items = list(range(1, N_USERS)), list(range(1, N_ITEMS))
-    write(
+    publish_stage(
         run,
         "encode",
         {

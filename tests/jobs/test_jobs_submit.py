@@ -9,6 +9,7 @@ with polars.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -23,6 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+
+from binllm_core.storage import MANIFEST, read_output
 
 REPO = Path(__file__).resolve().parents[2]
 FAST_FINETUNE = [
@@ -139,12 +142,12 @@ def test_pipeline_job_then_scoring_job(ray_head: str, tmp_path: Path):
     assert "[binllm] evaluate: done" in logs
 
     run = out / "tiny"
-    scores = pl.read_parquet(run / "score" / "scores" / "*.parquet")
+    scores = pl.from_arrow(read_output(str(run / "score"), "scores"))
     assert scores.height == scores.select("sample_id", "mode").unique().height
     assert set(scores["mode"]) == {"text", "binary"}
     assert scores["p_yes"].is_between(0, 1).all()
-    assert (run / "evaluate" / "report" / "report.md").exists()
-    assert (run / "evaluate" / "report" / "roc_test.png").exists()
+    report = run / json.loads((run / "evaluate" / MANIFEST).read_text())["metrics"]["report"]
+    assert report.exists() and (report.parent / "roc_test.png").exists()
 
     pq.write_table(
         pa.table({"user": ["1", "2", "nobody", "3"], "item": ["10", "11", "12", "no-item"]}),
@@ -156,7 +159,7 @@ def test_pipeline_job_then_scoring_job(ray_head: str, tmp_path: Path):
         f"python -m jobs.score --run {run} --input {tmp_path / 'pairs.parquet'} --output {target}",
         120,
     )
-    got = pl.read_parquet(target / "*.parquet").sort("row")
+    got = pl.from_arrow(read_output(str(target), "scores")).sort("row")
     assert got["user"].to_list() == ["1", "2", "nobody", "3"]
     assert got["cold"].to_list() == [False, False, True, True]
     assert got["mode"].to_list() == ["binary", "binary", "text", "text"]

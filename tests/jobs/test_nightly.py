@@ -1,4 +1,5 @@
-"""Nightly scoring: a date's partition is replaced whole, never duplicated or half-written."""
+"""Nightly scoring: a date's partition is replaced whole, never duplicated or half-written, and
+never written by two nightlies at once."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from binllm_core import storage
 from binllm_core.errors import DataError
-from pipelines import candidates as scoring
+from binllm_core.lock import LockedError, WriterLock
+from pipelines import nightly as scoring
 from tests.jobs.fake_run import candidates, fake_run
 
 DATE = "2026-11-22"
@@ -26,19 +29,20 @@ def test_nightly_twice_same_partition_then_failure_keeps_it(
     cfg = fake_run(tmp_path, "score.batch_size=8", "score.sort_window=2")
     cands = candidates(tmp_path / "c.parquet")
     first = scoring.run_nightly(cfg, str(cands), DATE, log=lambda _: None)
-    folder = tmp_path / "f" / "scores" / f"date={DATE}"
+    folder = tmp_path / "f" / "nightly" / f"date={DATE}"
     one = partition(cfg)
-    assert one.height == one.select("user", "item").unique().height == first["rows"]
+    rows = first["tables"]["scores"]["rows"]
+    assert one.height == one.select("user", "item").unique().height == rows
     assert one.filter(pl.col("user") == "u9")["cold"].all()
     assert one.filter(pl.col("user") == "u9")["mode"].unique().to_list() == ["text"]
     manifest = json.loads((folder / "_manifest.json").read_text())
-    assert manifest["date"] == DATE and manifest["rows"] == one.height
+    assert manifest["date"] == DATE and manifest["tables"]["scores"]["rows"] == one.height
 
     scoring.run_nightly(cfg, str(cands), DATE, log=lambda _: None)
     two = partition(cfg)
     assert two.height == one.height
     assert two.select(IDENTITY).equals(one.select(IDENTITY))
-    assert not [p for p in (tmp_path / "f" / "scores").iterdir() if p.name.startswith("_")]
+    assert litter(folder) == []
 
     # Incremental: every pair is carried over (same prompt, model and adapter), same scores.
     third = scoring.run_nightly(cfg, str(cands), DATE, incremental=True, log=lambda _: None)
@@ -46,18 +50,18 @@ def test_nightly_twice_same_partition_then_failure_keeps_it(
     carried = partition(cfg)
     assert carried["carried"].all() and carried.select(IDENTITY).equals(one.select(IDENTITY))
 
-    # A failure after the new files are written, before the swap: the old partition stays.
+    # A failure after the new files are written, before the pointer: the old partition stays.
     before = sorted(p.name for p in folder.iterdir())
 
-    def broken_swap(*args, **kwargs):
+    def broken_put(*args, **kwargs):
         raise RuntimeError("disk gone")
 
-    monkeypatch.setattr(scoring, "_swap", broken_swap)
+    monkeypatch.setattr(storage, "put_atomically", broken_put)
     with pytest.raises(RuntimeError, match="disk gone"):
         scoring.run_nightly(cfg, str(cands), DATE, log=lambda _: None)
     assert sorted(p.name for p in folder.iterdir()) == before
     assert partition(cfg).select(IDENTITY).equals(carried.select(IDENTITY))
-    assert not [p for p in (tmp_path / "f" / "scores").iterdir() if p.name.startswith("_")]
+    assert litter(folder) == []
     monkeypatch.undo()
 
     # A bad input (unknown user under score.unknown=error) also leaves it as it was.
@@ -65,6 +69,28 @@ def test_nightly_twice_same_partition_then_failure_keeps_it(
     with pytest.raises(DataError, match="never seen by the encoder"):
         scoring.run_nightly(strict, str(cands), DATE, log=lambda _: None)
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def litter(folder: Path) -> list[str]:
+    """What is in a partition besides its manifest and its one current version."""
+    names = [p.name for p in folder.iterdir() if p.name != "_manifest.json"]
+    current = json.loads((folder / "_manifest.json").read_text())["version"]
+    return [n for n in names if n != current]
+
+
+def test_second_nightly_of_a_date_stops_at_once_naming_the_holder(tmp_path: Path, ray_session):
+    cfg = fake_run(tmp_path)
+    cands = candidates(tmp_path / "c.parquet")
+    folder = tmp_path / "f" / "nightly" / f"date={DATE}"
+    fs, path = storage.resolve(str(folder))
+    with WriterLock(fs, f"{path}/_lock.json", "the first nightly", lambda _: None):
+        with pytest.raises(LockedError, match="is being written by") as err:
+            scoring.run_nightly(cfg, str(cands), DATE, log=lambda _: None)
+    assert "\n" not in str(err.value) and "pid" in str(err.value)
+    assert not (folder / "_manifest.json").exists()
+    # The holder gone, the same nightly runs.
+    scoring.run_nightly(cfg, str(cands), DATE, log=lambda _: None)
+    assert litter(folder) == []
 
 
 def test_skip_policy_and_bad_date(tmp_path: Path, ray_session):

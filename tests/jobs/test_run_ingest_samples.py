@@ -8,6 +8,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from binllm_core.storage import read_output
 from jobs.cli import main
 
 
@@ -59,5 +60,5 @@ def test_movielens_csv_folder_works_unchanged_but_for_the_uri(ml100k_dir: Path, 
     assert manifests["ingest"]["tables"]["interactions"]["rows"] == 100_000
     assert manifests["ingest"]["tables"]["items"]["rows"] == 1_682
     assert manifests["samples"]["tables"]["samples"]["rows"] == 100_000
-    samples = pl.read_parquet(tmp_path / "out" / "ml100k" / "samples" / "samples")
+    samples = pl.from_arrow(read_output(str(tmp_path / "out" / "ml100k" / "samples"), "samples"))
     assert samples["split"].value_counts().sort("split")["count"].sum() == 100_000

@@ -1,0 +1,62 @@
+"""A trained run opened for scoring: from its YAML config or from its folder (local or a URI).
+
+A run folder is self-contained: its manifests record their paths relative to the run, so a run
+copied with ``cp -a``, moved, or synced to a bucket opens and scores with its own files.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from binllm_core.candidates import RunLookups, build_lookups
+from binllm_core.config import RunConfig, apply_override, build, load_config
+from binllm_core.errors import ConfigError
+from binllm_core.prompts import CODE_MODES
+from binllm_core.storage import LAYOUT, read_manifest, resolve, to_uri
+from pipelines.stage import StageContext
+
+RUN_STAGES = ("ingest", "samples", "encode", "render", "finetune", "score")
+"""Stages whose manifests hold the config sections a scoring run needs."""
+
+
+def open_run(ref: str, overrides: list[str] | None = None) -> RunConfig:
+    """The config of a trained run: a YAML config file, or a run folder whose stage manifests
+    hold the config sections they ran with (``--set`` overrides either)."""
+    if ref.endswith((".yaml", ".yml")):
+        return load_config(ref, overrides)
+    fs, path = resolve(ref)
+    render = read_manifest(fs, f"{path}/render")
+    if render is None or render.get("layout") != LAYOUT:
+        raise ConfigError(
+            f"{ref} is neither a YAML config nor a run folder with a finished render stage",
+            todo="give configs/NAME.yaml or {output_root}/{run_name}",
+        )
+    raw: dict[str, Any] = {}
+    for stage in RUN_STAGES:
+        manifest = read_manifest(fs, f"{path}/{stage}")
+        if manifest is not None:
+            raw.update(manifest.get("config", {}))
+    parent, _, name = path.rpartition("/")
+    raw.update(run_name=name, output_root=to_uri(fs, parent or "/"))
+    for item in overrides or []:
+        apply_override(raw, item)
+    return build(RunConfig, raw, ref)
+
+
+def load_lookups(ctx: StageContext, mode: str) -> RunLookups:
+    """Titles, id maps, histories and codes of the run (read once, on the driver)."""
+    codes = None
+    if mode in CODE_MODES:
+        codes = ctx.read_table(
+            "encode", "codes", columns=["entity", "id", "code_binary", "code_dotdec"]
+        )
+    return build_lookups(
+        ctx.read_table("ingest", "items", columns=["item", "title"]),
+        ctx.read_table("samples", "user_map", columns=["user", "uid"]),
+        ctx.read_table("samples", "item_map", columns=["item", "iid"]),
+        codes,
+        ctx.read_table(
+            "samples", "samples", columns=["sample_id", "uid", "iid", "label", "timestamp"]
+        ),
+        ctx.cfg.prompts.history_len,
+    )
