@@ -1,0 +1,366 @@
+"""Lineage, commits and the run lock, as a user hits them with ``binllm run`` on a copy of the
+tiny fixture: what changed is redone and nothing else; a killed publish loses nothing; a second
+writer stops at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from binllm_core.config import load_config
+from binllm_core.lock import WriterLock
+from binllm_core.storage import MANIFEST, content_identity, read_output, resolve
+from jobs.cli import main
+from pipelines.registry import LOCK, STAGES, pipeline_status, run_folder
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURE = REPO / "tests" / "fixtures" / "tiny"
+
+
+def source_copy(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    shutil.copytree(FIXTURE, src)
+    return src
+
+
+def sets(tmp_path: Path, src: Path, *extra: str) -> list[str]:
+    pairs = [f"output_root={tmp_path / 'runs'}", f"data.uri={src}", *extra]
+    return [a for kv in pairs for a in ("--set", kv)]
+
+
+def run(tmp_path: Path, src: Path, *args: str, extra: tuple[str, ...] = ()) -> None:
+    assert main(["run", "configs/tiny.yaml", *sets(tmp_path, src, *extra), *args]) == 0
+
+
+def manifest(tmp_path: Path, stage: str) -> dict:
+    return json.loads((tmp_path / "runs" / "tiny" / stage / MANIFEST).read_text())
+
+
+def edit_keeping_size_and_mtime(path: Path, old: str, new: str) -> None:
+    """Change bytes of ``path`` the way a stat identity cannot see: same size, same mtime."""
+    assert len(old) == len(new)
+    stat = path.stat()
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_edited_source_redoes_ingest_and_everything_after_it(tmp_path: Path, capsys):
+    src = source_copy(tmp_path)
+    run(tmp_path, src, "--stages", "ingest,samples")
+    ingest, samples = manifest(tmp_path, "ingest"), manifest(tmp_path, "samples")
+    assert ingest["inputs"]["source"] and samples["inputs"] == {"ingest": ingest["identity"]}
+    capsys.readouterr()
+
+    run(tmp_path, src, "--stages", "ingest,samples")
+    out = capsys.readouterr().out
+    source = ingest["inputs"]["source"][:8]
+    assert f"ingest: skipped: unchanged config and inputs (source {source}" in out
+    assert f"samples: skipped: unchanged config and inputs (ingest {ingest['identity'][:8]}" in out
+
+    with (src / "tiny.inter").open("a") as f:  # a new day's ratings appended
+        f.write("1\t60\t5\t880999999\n2\t60\t5\t880999999\n")
+    run(tmp_path, src, "--stages", "ingest,samples")
+    out = capsys.readouterr().out
+    assert "ingest: done" in out and "input source changed" in out
+    assert "samples: done" in out and "input ingest changed" in out
+    after = manifest(tmp_path, "ingest")
+    assert after["identity"] != ingest["identity"]
+    assert after["tables"]["interactions"]["rows"] == ingest["tables"]["interactions"]["rows"] + 2
+    assert manifest(tmp_path, "samples")["inputs"] == {"ingest": after["identity"]}
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_forced_ingest_redoes_downstream_only_when_its_output_changed(tmp_path: Path, capsys):
+    src = source_copy(tmp_path)
+    run(tmp_path, src, "--stages", "ingest,samples")
+    ingest, samples = manifest(tmp_path, "ingest"), manifest(tmp_path, "samples")
+
+    # Same data forced again: the same output identity, so samples is not redone.
+    run(tmp_path, src, "--stages", "ingest", "--force")
+    assert manifest(tmp_path, "ingest")["identity"] == ingest["identity"]
+    assert manifest(tmp_path, "ingest")["version"] != ingest["version"]
+    capsys.readouterr()
+    run(tmp_path, src, "--stages", "ingest,samples")
+    assert "samples: skipped" in capsys.readouterr().out
+    assert manifest(tmp_path, "samples")["version"] == samples["version"]
+
+    # An edit the default stat identity cannot see (same size, same mtime) is skipped...
+    forced = manifest(tmp_path, "ingest")["version"]
+    edit_keeping_size_and_mtime(src / "tiny.inter", "1\t21\t2\t", "1\t21\t5\t")
+    run(tmp_path, src, "--stages", "ingest,samples")
+    assert manifest(tmp_path, "ingest")["version"] == forced
+    assert manifest(tmp_path, "samples")["version"] == samples["version"]
+    # ...until ingest is forced: its output changes, and a plain run redoes samples onward.
+    run(tmp_path, src, "--stages", "ingest", "--force")
+    assert manifest(tmp_path, "ingest")["identity"] != ingest["identity"]
+    capsys.readouterr()
+    run(tmp_path, src, "--stages", "ingest,samples")
+    out = capsys.readouterr().out
+    assert "ingest: skipped" in out and "samples: done" in out and "input ingest changed" in out
+
+    # data.identity=content hashes the bytes: the same kind of edit is seen without --force.
+    run(tmp_path, src, "--stages", "ingest", extra=("data.identity=content",))
+    before = manifest(tmp_path, "ingest")
+    assert before["input_details"]["source"]["by"] == "content"
+    edit_keeping_size_and_mtime(src / "tiny.inter", "1\t10\t4\t", "1\t10\t1\t")
+    capsys.readouterr()
+    run(tmp_path, src, "--stages", "ingest", extra=("data.identity=content",))
+    assert "input source changed" in capsys.readouterr().out
+    assert manifest(tmp_path, "ingest")["identity"] != before["identity"]
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_resource_settings_never_make_a_stage_stale(tmp_path: Path, capsys):
+    src = source_copy(tmp_path)
+    run(tmp_path, src, "--stages", "ingest,samples")
+    resources = [
+        "encoder.num_workers=2",
+        "encoder.max_failures=3",
+        "finetune.num_workers=2",
+        "finetune.cpus_per_worker=2",
+        "finetune.use_gpu=true",
+        "score.num_actors=4",
+        "score.cpus_per_actor=2",
+        "data.cache_dir=/tmp/elsewhere",
+    ]
+    capsys.readouterr()
+    assert main(["status", "configs/tiny.yaml", *sets(tmp_path, src, *resources)]) == 0
+    out = capsys.readouterr().out
+    assert [ln.split()[:2] for ln in out.splitlines()[1:3]] == [
+        ["ingest", "done"],
+        ["samples", "done"],
+    ]
+    assert "encode    missing" in out and "render    waits on" not in out
+
+    # A setting that does change what samples computes makes it (and only it) stale.
+    assert main(["run", "configs/tiny.yaml", *sets(tmp_path, src, "protocol.warm_more_than=5"),
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "ingest    done" in out
+    assert "samples   stale      config changed: protocol.warm_more_than" in out
+    assert manifest(tmp_path, "samples")["config"]["protocol"]["warm_more_than"] == 3  # ran nothing
+
+
+def test_text_only_run_does_not_need_the_encoder(tmp_path: Path):
+    cfg = load_config(
+        "configs/tiny.yaml",
+        [f"output_root={tmp_path}", "finetune.strategy=text_only", "prompts.modes=[text]"],
+    )
+    by_name = {s.name: s for s in STAGES}
+    assert "encode" not in by_name["render"].reads(cfg)
+    assert "encode" not in by_name["evaluate"].reads(cfg)
+    states = {row["stage"]: row for row in pipeline_status(cfg)}
+    assert states["encode"]["state"] == "not needed"
+    why = states["render"]["why"]
+    assert why.startswith("waits on") and "encode" not in why
+    coded = load_config("configs/tiny.yaml", [f"output_root={tmp_path}"])
+    assert "encode" in by_name["render"].reads(coded)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_second_run_stops_at_once_naming_the_holder_and_a_stale_lock_is_taken_over(
+    tmp_path: Path, capsys
+):
+    src = source_copy(tmp_path)
+    cfg = load_config("configs/tiny.yaml", [f"output_root={tmp_path / 'runs'}", f"data.uri={src}"])
+    fs, folder = run_folder(cfg)
+    with WriterLock(fs, f"{folder}/{LOCK}", "a run", lambda _: None):
+        assert main(["run", "configs/tiny.yaml", *sets(tmp_path, src)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"pid {os.getpid()}" in err and "delete" in err
+    assert not (tmp_path / "runs" / "tiny" / "ingest").exists()
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    record = {"owner": "someone", "host": os.uname().nodename, "pid": gone.pid,
+              "started_at": "2026-01-01T00:00:00Z", "command": "binllm run", "token": "x"}
+    (tmp_path / "runs" / "tiny" / LOCK).write_text(json.dumps(record))
+    run(tmp_path, src, "--stages", "ingest")
+    out = capsys.readouterr().out
+    assert "taking over the stale lock of run" in out and f"pid {gone.pid}" in out
+    assert not (tmp_path / "runs" / "tiny" / LOCK).exists()  # released at the end
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+def test_killed_inside_publish_keeps_the_previous_output_and_the_next_run_cleans_up(
+    tmp_path: Path, capsys
+):
+    src = source_copy(tmp_path)
+    run(tmp_path, src, "--stages", "ingest")
+    before = (tmp_path / "runs" / "tiny" / "ingest" / MANIFEST).read_text()
+    rows = read_output(str(tmp_path / "runs" / "tiny" / "ingest"), "interactions").num_rows
+
+    env = {**os.environ, "BINLLM_TEST_FAULT": "publish", "RAY_ADDRESS": ""}
+    cmd = [sys.executable, "-m", "jobs.pipeline", "configs/tiny.yaml",
+           *sets(tmp_path, src), "--stages", "ingest", "--force"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 86, done.stderr[-2000:]  # killed between tables and pointer
+
+    folder = tmp_path / "runs" / "tiny" / "ingest"
+    assert (folder / MANIFEST).read_text() == before
+    assert read_output(str(folder), "interactions").num_rows == rows
+    versions = sorted(p.name for p in folder.glob("v-*"))
+    assert len(versions) == 2  # the current one and the killed run's unpublished one
+    assert (tmp_path / "runs" / "tiny" / LOCK).exists()  # the killed run's lock: its pid is gone
+
+    run(tmp_path, src, "--stages", "ingest")
+    out = capsys.readouterr().out
+    assert "taking over the stale lock" in out and "ingest: skipped" in out
+    assert [p.name for p in folder.glob("v-*")] == [json.loads(before)["version"]]
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_s3_run_publishes_skips_and_replaces_versions(
+    tmp_path: Path, s3_bucket: tuple[str, dict], capsys
+):
+    bucket, opts = s3_bucket
+    src = source_copy(tmp_path)
+    root = f"{bucket}/runs"
+    options = json.dumps(opts)
+    args = ["run", "configs/tiny.yaml", "--stages", "ingest,samples",
+            "--set", f"output_root={root}", "--set", f"data.uri={src}",
+            "--set", f"output_storage_options={options}"]
+    assert main(args) == 0
+    first = read_output(f"{root}/tiny/samples", "samples", storage_options=opts)
+    fs, base = resolve(f"{root}/tiny/samples", opts)
+    version = json.loads(fs.cat_file(f"{base}/{MANIFEST}"))["version"]
+    capsys.readouterr()
+
+    assert main(args) == 0
+    assert "samples: skipped" in capsys.readouterr().out
+    assert main([*args, "--force"]) == 0
+    now = json.loads(fs.cat_file(f"{base}/{MANIFEST}"))
+    assert now["version"] != version
+    fs.invalidate_cache()
+    assert [e.rsplit("/", 1)[-1] for e in fs.ls(base) if "/v-" in e] == [now["version"]]
+    again = read_output(f"{root}/tiny/samples", "samples", storage_options=opts)
+    assert again.sort_by("sample_id").equals(first.sort_by("sample_id"))
+    assert not fs.exists(f"{root}/tiny/{LOCK}")
+
+
+# ---- a trained run: outputs, copies, retraining (slow: two tiny trainings) -----------------
+TRAIN = (
+    "finetune.strategy=one_step",
+    "prompts.modes=[text,binary]",
+    "finetune.step2={lr: 1.0e-2, warmup_steps: 1, batch_size: 8, max_steps: 4}",
+    "finetune.eval_every=2",
+    "encoder.max_epochs=3",
+    "score.splits=[test]",
+)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, ray_session) -> tuple[Path, Path, Path]:
+    """(work folder, source folder, run folder) of a whole tiny run, trained once per module."""
+    tmp = tmp_path_factory.mktemp("trained")
+    src = source_copy(tmp)
+    run(tmp, src, extra=TRAIN)
+    return tmp, src, tmp / "runs" / "tiny"
+
+
+def pairs_file(folder: Path) -> Path:
+    path = folder / "pairs.parquet"
+    pq.write_table(pa.table({"user": ["1", "2", "3", "nobody"], "item": ["10", "11", "12", "5"]}),
+                   path)
+    return path
+
+
+def manifests_of(run_dir: Path) -> dict[str, str]:
+    return {p.parent.name: p.read_text() for p in run_dir.glob(f"*/{MANIFEST}")}
+
+
+@pytest.mark.slow
+def test_score_output_never_replaces_what_binllm_did_not_write(trained, tmp_path: Path, capsys):
+    _, _, run_dir = trained
+    pairs = pairs_file(tmp_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    before = manifests_of(run_dir)
+
+    def score(*output: str) -> int:
+        return main(["score", "--run", str(run_dir), "--input", str(pairs), *output])
+
+    for target in (mine, mine / "notes.txt", run_dir, run_dir.parent, run_dir / "samples"):
+        capsys.readouterr()
+        assert score("--output", str(target)) == 2, target
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("binllm: error:") and "\n" not in err, err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert (mine / "notes.txt").read_text() == "keep me"
+    assert manifests_of(run_dir) == before
+
+    # An earlier output of binllm score is replaced by a new version, whole.
+    out = tmp_path / "scored"
+    assert score("--output", str(out)) == 0
+    first = json.loads((out / MANIFEST).read_text())
+    assert first["kind"] == "pairs" and first["tables"]["scores"]["rows"] == 4
+    assert score("--output", str(out)) == 0
+    second = json.loads((out / MANIFEST).read_text())
+    assert second["version"] != first["version"]
+    assert [p.name for p in out.glob("v-*")] == [second["version"]]
+    assert read_output(str(out), "scores").num_rows == 4
+
+    # Without --output, the scores go into the run: RUN/pairs/<input name>.
+    assert score() == 0
+    assert read_output(str(run_dir / "pairs" / "pairs"), "scores").num_rows == 4
+
+
+@pytest.mark.slow
+def test_copied_run_scores_with_its_own_adapters_after_the_original_is_retrained(
+    trained, tmp_path: Path
+):
+    work, src, run_dir = trained
+    copy = tmp_path / "archive" / "tiny-copy"
+    shutil.copytree(run_dir, copy)  # as cp -a / aws s3 sync would
+    finetune = json.loads((copy / "finetune" / MANIFEST).read_text())
+    adapter = finetune["metrics"]["final_adapter"]
+    assert not Path(adapter).is_absolute() and adapter.startswith("finetune/v-")
+    old_weights = (copy / adapter / "adapter_model.safetensors").read_bytes()
+    old_codes = read_output(str(copy / "encode"), "codes").sort_by([("entity", "ascending"),
+                                                                    ("id", "ascending")])
+
+    # Every label of the original's data flipped (rating r -> 6 - r), then retrained with --force.
+    inter = src / "tiny.inter"
+    head, *rows = inter.read_text().splitlines()
+    flipped = []
+    for line in rows:
+        user, item, rating, stamp = line.split("\t")
+        flipped.append(f"{user}\t{item}\t{6 - float(rating):g}\t{stamp}")
+    inter.write_text("\n".join([head, *flipped]) + "\n")
+    run(work, src, "--force", extra=TRAIN)
+
+    retrained = json.loads((run_dir / "finetune" / MANIFEST).read_text())
+    new_adapter = run_dir / retrained["metrics"]["final_adapter"]
+    assert (new_adapter / "adapter_model.safetensors").read_bytes() != old_weights
+    new_codes = read_output(str(run_dir / "encode"), "codes").sort_by([("entity", "ascending"),
+                                                                       ("id", "ascending")])
+    assert new_codes["code_binary"] != old_codes["code_binary"]
+    for stage in ("encode", "finetune"):  # only checkpoints of the new inputs are left
+        digest = json.loads((run_dir / stage / MANIFEST).read_text())["config_hash"]
+        names = [p.name for p in (run_dir / stage / "checkpoints").iterdir()]
+        assert names and all(n.endswith(digest) for n in names), names
+
+    # The copy scores with its own (old) adapters, and says so.
+    pairs = pairs_file(tmp_path)
+    assert main(["score", "--run", str(copy), "--input", str(pairs)]) == 0
+    scores = read_output(str(copy / "pairs" / "pairs"), "scores")
+    binary = scores.filter(pc.equal(scores["mode"], "binary"))
+    assert binary.num_rows and set(binary["adapter"].to_pylist()) == {str(copy / adapter)}
+    fs, path = resolve(str(copy / adapter))
+    assert set(binary["adapter_hash"].to_pylist()) == {content_identity(fs, path)}
+    fs, path = resolve(str(new_adapter))
+    assert content_identity(fs, path) not in set(binary["adapter_hash"].to_pylist())
