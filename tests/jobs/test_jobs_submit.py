@@ -138,7 +138,7 @@ def submit_and_wait(address: str, entrypoint: str, timeout: float) -> str:
 def test_pipeline_job_then_scoring_job(ray_head: str, tmp_path: Path):
     out = tmp_path / "runs"
     sets = " ".join(f"--set {s}" for s in [f"output_root={out}", *FAST_FINETUNE])
-    logs = submit_and_wait(ray_head, f"python -m jobs.pipeline configs/tiny.yaml {sets}", 240)
+    logs = submit_and_wait(ray_head, f"python -m jobs.pipeline configs/tiny.yaml {sets}", 480)
     assert "[binllm] evaluate: done" in logs
 
     run = out / "tiny"

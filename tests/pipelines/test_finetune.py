@@ -45,7 +45,6 @@ def test_two_steps_on_two_workers_survive_a_failure(
     out = tmp_path / "t" / "finetune"
 
     # Step 1 failed once at step 30, resumed from step 20 and still ended with an adapter.
-    assert list((out / "checkpoints").glob("fault-injected"))
     assert step1["restarts"] == 1 and step1["steps"] == 40 and step1["mode"] == "text"
     assert step2["mode"] == "binary" and step2["restarts"] == 0
     adapters = out / manifest["version"] / "adapters"
