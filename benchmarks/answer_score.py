@@ -33,13 +33,13 @@ def prompts_of(cfg: RunConfig) -> tuple[tuple[list[str], list[int]], Any]:
     """Text prompts of the finetune stage's train subsample and its valid_small EvalSet."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
 
     from benchmarks.finetune import train_prompts
     from binllm_core.finetune import EvalSet
+    from binllm_core.storage import read_output
     from pipelines.finetune import _subsample
 
-    table_ = pads.dataset(Path(cfg.output_root) / cfg.run_name / "render" / "prompts").to_table()
+    table_ = read_output(f"{cfg.output_root}/{cfg.run_name}/render", "prompts")
     small = pc.and_(pc.equal(table_["split"], "valid"), table_["valid_small"])
     ids = _subsample(table_, small, cfg.finetune.max_valid_samples, cfg.finetune)
     keep = pc.is_in(table_["sample_id"], pa.array(ids, table_["sample_id"].type))

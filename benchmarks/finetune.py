@@ -61,12 +61,11 @@ def train_prompts(cfg: Any) -> tuple[list[str], list[int]]:
     """The text prompts of the samples the stage trains on (same seeded subsample)."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
 
+    from binllm_core.storage import read_output
     from pipelines.finetune import _subsample
 
-    folder = Path(cfg.output_root) / cfg.run_name / "render" / "prompts"
-    prompts = pads.dataset(folder).to_table()
+    prompts = read_output(f"{cfg.output_root}/{cfg.run_name}/render", "prompts")
     train = pc.equal(prompts["split"], "train")
     ids = _subsample(prompts, train, cfg.finetune.max_train_samples, cfg.finetune)
     keep = pc.is_in(prompts["sample_id"], pa.array(ids, prompts["sample_id"].type))
