@@ -1,7 +1,9 @@
 """Typed run configuration, loaded from YAML and overridable with ``key=value`` pairs.
 
-Every section is a dataclass with a docstring under each field. Loading checks every key and
-type: an unknown key or a value of the wrong type is a single-line :class:`ConfigError`.
+Every section is a dataclass with a docstring under each field, and the rules between its
+fields in its :meth:`Section.check`, next to them. Loading checks every key, type and rule, so a
+config that loads runs: an unknown key, a value of the wrong type or one that breaks a rule is a
+single-line :class:`ConfigError` before anything starts.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from binllm_core.codes import CODE_FORMATS, MODES
 from binllm_core.errors import ConfigError
 
 
@@ -28,10 +33,32 @@ def resource(default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISS
 
 SourceFormat = Literal["auto", "ml100k", "ml1m", "ml_csv", "amazon2018", "amazon2023", "recbole"]
 SplitKind = Literal["per_user", "global", "months", "months_then_halves"]
+Split = Literal["train", "valid", "test"]
+
+MONTH = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
+MONTH_FIELDS = ("train_months", "valid_months", "test_months", "holdout_months")
+SPLIT_MONTHS: dict[str, tuple[str, ...]] = {
+    "months": ("train_months", "valid_months", "test_months"),
+    "months_then_halves": ("train_months", "holdout_months"),
+}
+"""The month ranges each month split reads."""
+PLACEHOLDERS = ("<ItemTitleList>", "<UserID>", "<TargetItemTitle>", "<TargetItemID>")
+"""What a prompt template can hold; ``fill`` replaces each."""
+_LOOKS_LIKE_PLACEHOLDER = re.compile(r"<[A-Z][A-Za-z]*>")
+
+
+class Section:
+    """A config section. :func:`build` calls :meth:`check` on every section it builds, after
+    checking each field's type and choices."""
+
+    def check(self, key: str, where: str = "") -> None:
+        """Raise a one-line :class:`ConfigError` for a value that breaks one of the section's
+        rules; ``key`` is the section's dotted key (``""`` at the top), ``where`` the config file.
+        A section without rules beyond its field types keeps this one."""
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     """Where the raw interactions come from and how to read them."""
 
     uri: str = ""
@@ -59,7 +86,7 @@ class DataConfig:
 
 
 @dataclass
-class ProtocolConfig:
+class ProtocolConfig(Section):
     """How interactions become labelled, split samples. Every rule is a field."""
 
     name: str = "ml100k"
@@ -80,7 +107,8 @@ class ProtocolConfig:
     ``months_then_halves``: ``train_months`` for train, rows in ``holdout_months`` in time order,
     first half valid and second half test."""
     fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
-    """Train/valid/test fractions for the ``per_user`` and ``global`` splits."""
+    """Train/valid/test fractions for the ``per_user`` and ``global`` splits: three non-negative
+    shares summing to 1 (checked whatever the split)."""
     train_months: list[str] = field(default_factory=list)
     """Inclusive ``[first, last]`` months (``YYYY-MM``, UTC) of the train split."""
     valid_months: list[str] = field(default_factory=list)
@@ -99,9 +127,45 @@ class ProtocolConfig:
     history_len: int = 10
     """How many of the latest positives strictly before a sample are kept as its history."""
 
+    def check(self, key: str, where: str = "") -> None:
+        fr = self.fractions
+        if len(fr) != 3 or not all(f >= 0 for f in fr) or not abs(sum(fr) - 1.0) <= 1e-6:
+            raise ConfigError(
+                f"{key}.fractions = {fr} must be three non-negative train/valid/test shares "
+                "summing to 1",
+                where,
+                "write e.g. fractions: [0.8, 0.1, 0.1]",
+            )
+        spans = {
+            name: month_range(getattr(self, name), f"{key}.{name}", where)
+            for name in MONTH_FIELDS
+            if getattr(self, name)
+        }
+        for name in SPLIT_MONTHS.get(self.split, ()):
+            if name not in spans:
+                raise ConfigError(
+                    f"{key}.split = {self.split} needs {key}.{name}",
+                    where,
+                    f"set {key}.{name}: [YYYY-MM, YYYY-MM]",
+                )
+        used = [(name, spans[name]) for name in SPLIT_MONTHS.get(self.split, ())]
+        for i, (name, (lo, hi)) in enumerate(used):
+            for other, (lo2, hi2) in used[i + 1 :]:
+                if lo <= hi2 and lo2 <= hi:
+                    raise ConfigError(
+                        f"{key}.{name} and {key}.{other} overlap",
+                        where,
+                        "make the month ranges disjoint",
+                    )
+        if not 0.0 <= self.valid_small_fraction <= 1.0:
+            raise ConfigError(
+                f"{key}.valid_small_fraction = {self.valid_small_fraction} is not in [0, 1]", where
+            )
+        _signs(self, key, where, non_negative="history_len")
+
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """The causal language model behind the recommender."""
 
     backbone: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -117,9 +181,15 @@ class ModelConfig:
     ``No``, the log-odds of the two answers (TALLRec's P(Yes)). A raw logit starts far from 0
     (about +14 for SmolLM2), so a short budget spends its first steps pulling it down."""
 
+    def check(self, key: str, where: str = "") -> None:
+        if not self.backbone:
+            raise ConfigError(
+                f"{key}.backbone is empty", where, "give a hub id, a model folder, a .gguf or tiny"
+            )
+
 
 @dataclass
-class EncoderConfig:
+class EncoderConfig(Section):
     """The binarized collaborative encoder (MF or LightGCN -> Linear -> tanh -> sign)."""
 
     backbone: Literal["mf", "lightgcn"] = "mf"
@@ -167,9 +237,31 @@ class EncoderConfig:
     seed: int = 2023
     """Seed of the initialisation, the shuffling and the binary/continuous mix."""
 
+    def check(self, key: str, where: str = "") -> None:
+        multiple = math.lcm(*(f.dim_multiple for f in CODE_FORMATS.values()))
+        if self.dim <= 0 or self.dim % multiple:
+            needs = [
+                f"{f.name} codes need a multiple of {f.dim_multiple}"
+                for f in CODE_FORMATS.values()
+                if f.dim_multiple > 1
+            ]
+            raise ConfigError(
+                f"{key}.dim = {self.dim} is not a positive multiple of {multiple}",
+                where,
+                "; ".join([*needs, f"use e.g. {4 * multiple} or {8 * multiple}"]),
+            )
+        _signs(
+            self,
+            key,
+            where,
+            positive="lr float_lr float_init_std batch_size max_epochs patience checkpoint_every "
+            "num_workers",
+            non_negative="lightgcn_layers weight_decay float_weight_decay beta_step",
+        )
+
 
 @dataclass
-class PromptConfig:
+class PromptConfig(Section):
     """How samples become prompts (stage ``render``)."""
 
     domain: Literal["movie", "book"] = "movie"
@@ -192,9 +284,33 @@ class PromptConfig:
     empty_history: str = ""
     """Text for an empty history; empty takes the style's own (``unkow`` or ``none``)."""
 
+    def check(self, key: str, where: str = "") -> None:
+        if not self.modes:
+            raise ConfigError(
+                f"{key}.modes has no modes", where, f"choose among: {', '.join(MODES)}"
+            )
+        _check_modes(self.modes, f"{key}.modes", where)
+        if self.text_template:
+            _check_template(
+                self.text_template,
+                f"{key}.text_template",
+                where,
+                needs=("<TargetItemTitle>",),
+                codes=False,
+            )
+        if self.code_template:
+            _check_template(
+                self.code_template,
+                f"{key}.code_template",
+                where,
+                needs=("<UserID>", "<TargetItemID>"),
+                codes=True,
+            )
+        _signs(self, key, where, non_negative="history_len")
+
 
 @dataclass
-class TuneStepConfig:
+class TuneStepConfig(Section):
     """Optimisation budget and schedule of one LoRA tuning step."""
 
     lr: float = 1e-3
@@ -215,17 +331,33 @@ class TuneStepConfig:
     epochs: float = 0.0
     """Upper bound in passes over the (subsampled) train prompts; 0 means only ``max_steps``."""
 
+    def check(self, key: str, where: str = "") -> None:
+        _signs(
+            self,
+            key,
+            where,
+            positive="lr batch_size grad_accum",
+            non_negative="min_lr warmup_lr warmup_steps max_steps epochs",
+        )
+        if self.max_steps == 0 and self.epochs == 0:
+            raise ConfigError(
+                f"{key} has no budget: max_steps and epochs are both 0",
+                where,
+                f"set {key}.max_steps or {key}.epochs above 0",
+            )
+
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(Section):
     """LoRA fine-tuning of the backbone on prompts (stage ``finetune``, Ray Train)."""
 
     strategy: Literal["two_step", "one_step", "text_only"] = "two_step"
     """``two_step``: step 1 on ``text`` prompts, step 2 from that adapter on code prompts;
     ``one_step``: code prompts from a fresh adapter (intuitive tuning); ``text_only``: step 1
     alone (the TALLRec / BinLLM-TO ablation)."""
-    code_mode: Literal["binary", "dotdec"] = "binary"
-    """Prompt mode of the code-bearing step."""
+    code_mode: str = "binary"
+    """Prompt mode of the code-bearing step: one of the code formats (``binary``, ``dotdec``;
+    :data:`binllm_core.codes.CODE_FORMATS`)."""
     lora_r: int = 8
     """LoRA rank."""
     lora_alpha: int = 16
@@ -270,9 +402,33 @@ class FinetuneConfig:
     max_failures: int = resource(2)
     """How many worker failures Ray Train recovers from (from the last checkpoint)."""
 
+    def check(self, key: str, where: str = "") -> None:
+        if self.code_mode not in CODE_FORMATS:
+            raise ConfigError(
+                f"{key}.code_mode = {self.code_mode!r} is not a code format",
+                where,
+                f"choose among: {', '.join(CODE_FORMATS)}",
+            )
+        _signs(
+            self,
+            key,
+            where,
+            positive="lora_r lora_alpha eval_every patience eval_batch_size max_length "
+            "num_workers cpus_per_worker",
+            non_negative="weight_decay max_train_samples max_valid_samples",
+        )
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"{key}.lora_dropout = {self.lora_dropout} is not in [0, 1)", where)
+        if not self.lora_target_modules:
+            raise ConfigError(
+                f"{key}.lora_target_modules is empty",
+                where,
+                "name the modules that get adapters, e.g. [q_proj, v_proj]",
+            )
+
 
 @dataclass
-class ScoreConfig:
+class ScoreConfig(Section):
     """Bulk scoring with the fine-tuned adapters (stage ``score``, ``binllm score``/``nightly``)."""
 
     modes: list[str] = field(default_factory=list)
@@ -282,7 +438,7 @@ class ScoreConfig:
     """Adapter per mode, overriding the default (the last finetune step trained on that mode,
     else the final adapter): a step name (``step1``/``step2``), an adapter folder or URI, or
     ``none`` for the bare backbone."""
-    splits: list[str] = field(default_factory=lambda: ["test", "valid"])
+    splits: list[Split] = field(default_factory=lambda: ["test", "valid"])
     """Splits of the rendered prompts the ``score`` stage scores."""
     max_rows: int = 0
     """Score a seeded random subset of this many samples per split (the same samples in every
@@ -316,9 +472,34 @@ class ScoreConfig:
     max_restarts: int = resource(3)
     """How often a scoring actor that died is restarted (its unfinished batches are retried)."""
 
+    def check(self, key: str, where: str = "") -> None:
+        _check_modes(self.modes, f"{key}.modes", where)
+        if self.candidate_mode and self.candidate_mode not in MODES:
+            raise ConfigError(
+                f"{key}.candidate_mode = {self.candidate_mode!r} is not one of: {', '.join(MODES)}",
+                where,
+                "or leave it empty for the code mode of the finetune stage",
+            )
+        unknown = sorted(set(self.adapters) - set(MODES))
+        if unknown:
+            raise ConfigError(
+                f"{key}.adapters has {unknown[0]}, not a prompt mode",
+                where,
+                f"key it by a mode among: {', '.join(MODES)}",
+            )
+        if not self.splits:
+            raise ConfigError(f"{key}.splits is empty", where, "choose among: train, valid, test")
+        _signs(
+            self,
+            key,
+            where,
+            positive="batch_size sort_window max_length num_actors cpus_per_actor",
+            non_negative="max_rows num_gpus",
+        )
+
 
 @dataclass
-class RunConfig:
+class RunConfig(Section):
     """A whole pipeline run: where outputs go and the configuration of each stage."""
 
     run_name: str = "ml100k"
@@ -345,6 +526,84 @@ class RunConfig:
     """LoRA fine-tuning."""
     score: ScoreConfig = field(default_factory=ScoreConfig)
     """Bulk scoring (stage ``score``, candidates and nightly)."""
+
+    def check(self, key: str, where: str = "") -> None:
+        """The rules between sections (each section checks its own fields when it is built)."""
+        _signs(self, key, where, positive="keep_versions")
+        unrendered = [m for m in self.score.modes if m not in self.prompts.modes]
+        if unrendered:
+            raise ConfigError(
+                f"score.modes has {unrendered[0]}, which prompts.modes does not render",
+                where,
+                f"add {unrendered[0]} to prompts.modes or drop it from score.modes",
+            )
+
+
+def month_range(value: list[str], key: str, where: str = "") -> tuple[int, int]:
+    """``["YYYY-MM", "YYYY-MM"]`` -> inclusive month indices ``(year * 12 + month - 1)``."""
+    if not isinstance(value, list) or len(value) != 2:
+        raise ConfigError(
+            f"{key} = {value!r} must be two months [first, last]",
+            where,
+            'write e.g. ["2001-06", "2002-03"] (inclusive, UTC)',
+        )
+    indices = []
+    for text in value:
+        match = MONTH.match(str(text))
+        if not match:
+            raise ConfigError(
+                f"{key} holds {text!r}, not a YYYY-MM month (month 01-12)",
+                where,
+                'write e.g. ["2001-06", "2002-03"] (inclusive, UTC)',
+            )
+        indices.append(int(match[1]) * 12 + int(match[2]) - 1)
+    if indices[0] > indices[1]:
+        raise ConfigError(f"{key} = {value!r} ends before it starts", where, "swap the two months")
+    return indices[0], indices[1]
+
+
+def _signs(
+    section: Section, key: str, where: str, positive: str = "", non_negative: str = ""
+) -> None:
+    """The fields named in ``positive`` (space-separated) must be > 0, those in
+    ``non_negative`` >= 0 (NaN is neither)."""
+    for names, zero in ((positive, False), (non_negative, True)):
+        for name in names.split():
+            value = getattr(section, name)
+            if not (value >= 0 if zero else value > 0):
+                dotted = f"{key}.{name}" if key else name
+                raise ConfigError(f"{dotted} = {value} must be {'>=' if zero else '>'} 0", where)
+
+
+def _check_modes(modes: list[str], key: str, where: str) -> None:
+    """Every mode one of :data:`MODES`, none twice."""
+    for i, mode in enumerate(modes):
+        if mode not in MODES:
+            raise ConfigError(f"{key} has {mode}", where, f"choose among: {', '.join(MODES)}")
+        if mode in modes[:i]:
+            raise ConfigError(f"{key} has {mode} twice", where, "name each mode once")
+
+
+def _check_template(
+    template: str, key: str, where: str, needs: tuple[str, ...], codes: bool
+) -> None:
+    """Only known placeholders, the ``needs`` among them, and code ones only with ``codes``."""
+    for token in _LOOKS_LIKE_PLACEHOLDER.findall(template):
+        if token not in PLACEHOLDERS:
+            raise ConfigError(
+                f"{key} has the unknown placeholder {token}",
+                where,
+                f"use {', '.join(PLACEHOLDERS)}",
+            )
+        if not codes and token in ("<UserID>", "<TargetItemID>"):
+            raise ConfigError(
+                f"{key} has {token}, which text prompts have no code for",
+                where,
+                "put codes in prompts.code_template",
+            )
+    missing = [p for p in needs if p not in template]
+    if missing:
+        raise ConfigError(f"{key} lacks the placeholder {missing[0]}", where)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
@@ -378,7 +637,8 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 
 def build(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
-    """Validate ``raw`` against dataclass ``cls`` and build it, recursively."""
+    """Validate ``raw`` against dataclass ``cls`` and build it, recursively: the types and
+    choices of its fields, then (inner sections first) each section's :meth:`Section.check`."""
     if not isinstance(raw, dict):
         raise ConfigError(f"config key {prefix or '(top)'} must be a mapping", where)
     hints = typing.get_type_hints(cls)
@@ -392,7 +652,10 @@ def build(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
     values = {}
     for name, value in raw.items():
         values[name] = _check(hints[name], value, f"{prefix}{name}", where)
-    return cls(**values)
+    section = cls(**values)
+    if isinstance(section, Section):
+        section.check(prefix.rstrip("."), where)
+    return section
 
 
 def _check(tp: Any, value: Any, key: str, where: str) -> Any:

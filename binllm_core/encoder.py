@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from binllm_core.config import EncoderConfig, to_dict
-from binllm_core.errors import ConfigError, StageError
+from binllm_core.errors import StageError
 from binllm_core.metrics import score_report
 from binllm_core.storage import jsonable
 
@@ -252,11 +252,9 @@ def seed_everything(seed: int) -> None:
 
 
 def check_config(cfg: EncoderConfig) -> None:
-    if cfg.dim <= 0 or cfg.dim % 8:
-        raise ConfigError(
-            f"encoder.dim = {cfg.dim} is not a positive multiple of 8",
-            todo="dot-decimal codes need whole octets: use 32 or 64",
-        )
+    """The encoder's rules (:meth:`EncoderConfig.check`, also run when a config is loaded), for
+    a config built in code; a bad value is a one-line :class:`ConfigError`."""
+    cfg.check("encoder")
 
 
 # ---- training --------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ the history is a gather from a per-positive window table (see :func:`_histories`
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,14 +28,13 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from binllm_core.config import ProtocolConfig
-from binllm_core.errors import ConfigError, DataError, StageError
+from binllm_core.config import ProtocolConfig, month_range
+from binllm_core.errors import DataError, StageError
 
 SPLITS = ("train", "valid", "test")
 SPLIT_DTYPE = pl.Enum(SPLITS)
 """``split`` while the protocol runs (one byte a row); a string in the output."""
 INTERACTION_COLUMNS = ("user", "item", "rating", "timestamp", "row")
-MONTH = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
 # Added to ``fraction * n`` before flooring so that e.g. 0.29 * 100 = 28.999999999999996 cuts at 29.
 EPS = 1e-9
 # Rows per chunk when cutting the history lists (bounds the temporary index arrays).
@@ -104,56 +102,9 @@ def build_samples(interactions: pl.DataFrame, cfg: ProtocolConfig) -> ProtocolRe
 
 # ---- config ------------------------------------------------------------------------------------
 def validate_protocol(cfg: ProtocolConfig) -> None:
-    """Check the fields the chosen split uses; a bad value is a one-line :class:`ConfigError`."""
-    if cfg.split in ("per_user", "global"):
-        fr = cfg.fractions
-        if len(fr) != 3 or min(fr) < 0 or abs(sum(fr) - 1.0) > 1e-6:
-            raise ConfigError(
-                f"protocol.fractions = {fr} must be three non-negative train/valid/test shares "
-                "summing to 1",
-                f"protocol {cfg.name}",
-                "write e.g. fractions: [0.8, 0.1, 0.1]",
-            )
-    ranges = {
-        "months": ("train_months", "valid_months", "test_months"),
-        "months_then_halves": ("train_months", "holdout_months"),
-    }.get(cfg.split, ())
-    spans = [(key, month_range(getattr(cfg, key), f"protocol.{key}")) for key in ranges]
-    for i, (key, (lo, hi)) in enumerate(spans):
-        for other, (lo2, hi2) in spans[i + 1 :]:
-            if lo <= hi2 and lo2 <= hi:
-                raise ConfigError(
-                    f"protocol.{key} and protocol.{other} overlap",
-                    f"protocol {cfg.name}",
-                    "make the month ranges disjoint",
-                )
-    if not 0.0 <= cfg.valid_small_fraction <= 1.0:
-        raise ConfigError(
-            f"protocol.valid_small_fraction = {cfg.valid_small_fraction} is not in [0, 1]"
-        )
-    if cfg.history_len < 0:
-        raise ConfigError(f"protocol.history_len = {cfg.history_len} must be >= 0")
-
-
-def month_range(value: list[str], key: str) -> tuple[int, int]:
-    """``["YYYY-MM", "YYYY-MM"]`` -> inclusive month indices ``(year * 12 + month - 1)``."""
-    if not isinstance(value, list) or len(value) != 2:
-        raise ConfigError(
-            f"{key} = {value!r} must be two months [first, last]",
-            todo='write e.g. ["2001-06", "2002-03"] (inclusive, UTC)',
-        )
-    indices = []
-    for text in value:
-        match = MONTH.match(str(text))
-        if not match:
-            raise ConfigError(
-                f"{key} holds {text!r}, not a YYYY-MM month",
-                todo='write e.g. ["2001-06", "2002-03"] (inclusive, UTC)',
-            )
-        indices.append(int(match[1]) * 12 + int(match[2]) - 1)
-    if indices[0] > indices[1]:
-        raise ConfigError(f"{key} = {value!r} ends before it starts", todo="swap the two months")
-    return indices[0], indices[1]
+    """The protocol's rules (:meth:`ProtocolConfig.check`, also run when a config is loaded), for
+    configs built in code; a bad value is a one-line :class:`ConfigError`."""
+    cfg.check("protocol", f"protocol {cfg.name}")
 
 
 # ---- steps -------------------------------------------------------------------------------------
@@ -203,24 +154,6 @@ def _activity_filter(frame: pl.DataFrame, min_user: int, min_item: int) -> pl.Da
         return frame
     keep = (pl.len().over("user") >= min_user) & (pl.len().over("item") >= min_item)
     return frame.filter(keep)
-
-
-def _cut(position: pl.Expr, n: pl.Expr, fractions: list[float]) -> pl.Expr:
-    """Split by 0-based ``position`` among ``n`` rows in time order.
-
-    train: ``position < floor(f_train * n)``; valid: ``position < floor((f_train + f_valid) * n)``;
-    test: the rest. So with 0.8/0.1/0.1 a user with 10 rows gets 8/1/1, with 15 rows 12/1/2, and
-    with fewer than 10 rows possibly no valid row (n = 1: its only row is test).
-    """
-    train_end = (n * fractions[0] + EPS).floor()
-    valid_end = (n * (fractions[0] + fractions[1]) + EPS).floor()
-    return (
-        pl.when(position < train_end)
-        .then(pl.lit("train"))
-        .when(position < valid_end)
-        .then(pl.lit("valid"))
-        .otherwise(pl.lit("test"))
-    )
 
 
 def assign_split(frame: pl.DataFrame, cfg: ProtocolConfig) -> pl.DataFrame:

@@ -1,4 +1,5 @@
-"""Every preset loads; unknown keys, wrong types and bad overrides are one clear line."""
+"""Every preset loads; unknown keys, wrong types and values that break a rule are one clear line
+at load, before anything runs."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from binllm_core.config import RunConfig, config_hash, load_config
+from binllm_core.config import RunConfig, build, config_hash, load_config
 from binllm_core.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
@@ -65,3 +66,80 @@ def test_config_hash_is_stable_and_sensitive():
     c = load_config("configs/ml100k.yaml", ["data.uri=elsewhere"])
     assert config_hash(a.data) == config_hash(b.data)
     assert config_hash(a.data) != config_hash(c.data)
+
+
+def test_default_sections_keep_their_rules():
+    assert build(RunConfig, {}, "defaults") == RunConfig()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["protocol.train_months=[2001-06,2002-13]"], "protocol.train_months holds '2002-13'"),
+        (["protocol.train_months=[2002-03,2001-06]"], "ends before it starts"),
+        (["protocol.train_months=[2001-06]"], "must be two months"),
+        (["protocol.test_months=[]"], "protocol.split = months needs protocol.test_months"),
+        (["finetune.code_mode=text"], "finetune.code_mode = 'text' is not a code format"),
+        (["protocol.valid_months=[2002-03,2002-08]"], "train_months and protocol.valid_months"),
+        (["protocol.fractions=[0.5,0.1]"], "protocol.fractions = [0.5, 0.1] must be three"),
+        (["protocol.fractions=[0.8,0.3,-0.1]"], "protocol.fractions"),
+        (["protocol.valid_small_fraction=1.5"], "protocol.valid_small_fraction = 1.5"),
+        (["protocol.history_len=-1"], "protocol.history_len = -1 must be >= 0"),
+        (["model.backbone="], "model.backbone is empty"),
+        (["encoder.dim=12"], "encoder.dim = 12 is not a positive multiple of 8"),
+        (["encoder.dim=0"], "encoder.dim = 0"),
+        (["encoder.checkpoint_every=0"], "encoder.checkpoint_every = 0 must be > 0"),
+        (["encoder.lr=-1e-3"], "encoder.lr = -0.001 must be > 0"),
+        (["encoder.beta_step=-0.1"], "encoder.beta_step = -0.1 must be >= 0"),
+        (["prompts.modes=[text,bogus]"], "prompts.modes has bogus"),
+        (["prompts.modes=[]"], "prompts.modes has no modes"),
+        (["prompts.modes=[text,text]"], "prompts.modes has text twice"),
+        (["prompts.code_template=<UserID> only"], "lacks the placeholder <TargetItemID>"),
+        (["prompts.text_template=<TargetItemTitle> <Foo>"], "unknown placeholder <Foo>"),
+        (["prompts.text_template=<TargetItemTitle> <UserID>"], "text prompts have no code"),
+        (["prompts.history_len=-1"], "prompts.history_len = -1 must be >= 0"),
+        (["finetune.step1.max_steps=0"], "finetune.step1 has no budget"),
+        (["finetune.step2.batch_size=0"], "finetune.step2.batch_size = 0 must be > 0"),
+        (["finetune.step2.epochs=-1"], "finetune.step2.epochs = -1.0 must be >= 0"),
+        (["finetune.eval_every=0"], "finetune.eval_every = 0 must be > 0"),
+        (["finetune.lora_dropout=1.0"], "finetune.lora_dropout = 1.0 is not in [0, 1)"),
+        (["finetune.lora_target_modules=[]"], "finetune.lora_target_modules is empty"),
+        (["score.modes=[bogus]"], "score.modes has bogus"),
+        (["score.candidate_mode=bogus"], "score.candidate_mode = 'bogus' is not one of"),
+        (["score.adapters={binry: none}"], "score.adapters has binry, not a prompt mode"),
+        (["score.splits=[tst]"], "score.splits[0] = 'tst' is not one of: train, valid, test"),
+        (["score.splits=[]"], "score.splits is empty"),
+        (["score.batch_size=0"], "score.batch_size = 0 must be > 0"),
+        (["keep_versions=0"], "keep_versions = 0 must be > 0"),
+        (
+            ["prompts.modes=[text,binary]", "score.modes=[dotdec]"],
+            "score.modes has dotdec, which prompts.modes does not render",
+        ),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
+def test_bad_values_fail_at_load_in_one_line(overrides: list[str], needle: str):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/ml1m.yaml", overrides)
+    message = str(err.value)
+    assert needle in message and "configs/ml1m.yaml" in message
+    assert "\n" not in message
+
+
+def test_status_with_a_bad_value_exits_2_before_ray(monkeypatch, capsys):
+    import ray
+
+    from jobs import cli
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("binllm status started Ray")
+
+    def no_status(cfg):
+        raise AssertionError("binllm status went past loading the config")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setattr(cli, "print_status", no_status)
+    assert cli.main(["status", "configs/ml1m.yaml", "--set", "encoder.dim=12"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("binllm: error: encoder.dim = 12 is not a positive multiple of 8")
+    assert err.count("\n") == 1

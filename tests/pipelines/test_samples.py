@@ -76,9 +76,13 @@ def test_stage_writes_samples_maps_and_metrics(ray_session, tmp_path: Path):
 
 
 def test_empty_split_fails_and_writes_nothing(ray_session, tmp_path: Path):
-    cfg = make_cfg(tmp_path, "protocol.split=months", "protocol.train_months=[2001-06, 2002-03]")
-    cfg.protocol.valid_months = ["2002-04", "2002-08"]
-    cfg.protocol.test_months = ["2002-09", "2003-01"]
+    cfg = make_cfg(
+        tmp_path,
+        "protocol.split=months",
+        "protocol.train_months=[2001-06, 2002-03]",
+        "protocol.valid_months=[2002-04, 2002-08]",
+        "protocol.test_months=[2002-09, 2003-01]",
+    )
     run_stage(cfg, fake_ingest(tiny_interactions()))
     with pytest.raises(StageError, match="protocol tiny leaves split train empty: 0 of 120"):
         run_stage(cfg, SAMPLES)
