@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from binllm_core.errors import DataError
-from binllm_core.prompts import Lookups, Templates, fill, lookups_from_tables, title_list
+from binllm_core.prompts import Lookups, Templates, lookups_from_tables, prompt_of, title_list
 
 UNKNOWN_POLICIES = ("text", "skip", "error")
 
@@ -158,19 +158,14 @@ def render_candidates(
                     "set score.unknown=text to score it with the text prompt, or skip",
                 )
             row_mode = "text"
-        values = {
-            "<ItemTitleList>": title_list(
-                lookups.histories.get(uid, []) if uid else [],
-                lookups.prompt.titles,
-                history_len,
-                templates.empty_history,
-            ),
-            "<TargetItemTitle>": f'"{_title(lookups, item, iid)}"',
-        }
-        if row_mode != "text":
-            values["<UserID>"] = user_codes[uid]
-            values["<TargetItemID>"] = item_codes[iid]
-        prompt = fill(templates.for_mode(row_mode), values)
+        history = title_list(
+            lookups.histories.get(uid, []) if uid else [],
+            lookups.prompt.titles,
+            history_len,
+            templates.empty_history,
+        )
+        codes = (user_codes[uid], item_codes[iid]) if row_mode != "text" else None
+        prompt = prompt_of(templates, row_mode, history, _title(lookups, item, iid), codes)
         for name, value in (
             ("row", row),
             ("user", user),

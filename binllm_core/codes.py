@@ -1,12 +1,18 @@
-"""Binary codes as bits, as a binary string and as dot-decimal text, and the ``codes`` table.
+"""Binary codes as bits, their text formats, and the ``codes`` table.
 
-A code of ``d`` dimensions is ``d`` bits in {0, 1} (the encoder's -1 is 0, +1 is 1).
+A code of ``d`` dimensions is ``d`` bits in {0, 1} (the encoder's -1 is 0, +1 is 1). Each text
+format is one entry of :data:`CODE_FORMATS`; the prompt modes (``text`` plus one per format), the
+config check, the ``codes`` table's columns, render and pair scoring all derive from it, so a new
+format is one entry here.
 ``code_binary`` writes bit k as character k (``"0110..."``); ``code_dotdec`` packs every 8 bits,
 most significant first, into a number 0-255 and joins them with ``.`` (IPv4 style:
 ``10101100 00010000 11111110 00000001`` -> ``172.16.254.1``), so ``d`` must be a multiple of 8.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -75,6 +81,39 @@ def dotdec_to_binary(codes: list[str]) -> list[str]:
     return to_binary(from_dotdec(codes))
 
 
+@dataclass(frozen=True)
+class CodeFormat:
+    """One way of writing a code as text in a prompt."""
+
+    name: str
+    """The prompt mode that uses it, and the suffix of its ``codes`` column."""
+    to_text: Callable[[np.ndarray], list[str]]
+    """Bits (n x d, 0/1) -> one string per row."""
+    from_text: Callable[[list[str]], np.ndarray]
+    """The inverse: strings -> bits."""
+    dim_multiple: int = 1
+    """The code width must be a multiple of this (dot-decimal packs 8 bits per number)."""
+
+    @property
+    def column(self) -> str:
+        return f"code_{self.name}"
+
+
+CODE_FORMATS: dict[str, CodeFormat] = {
+    f.name: f
+    for f in (
+        CodeFormat("binary", to_binary, from_binary),
+        CodeFormat("dotdec", to_dotdec, from_dotdec, dim_multiple=8),
+    )
+}
+CODE_MODES: tuple[str, ...] = tuple(CODE_FORMATS)
+"""Prompt modes that hold codes."""
+MODES: tuple[str, ...] = ("text", *CODE_MODES)
+"""Every prompt mode: titles only, or titles and codes in one of the formats."""
+CODE_COLUMNS: list[str] = [f.column for f in CODE_FORMATS.values()]
+"""The text columns of the ``codes`` table, one per format."""
+
+
 def codes_schema(dim: int) -> pa.Schema:
     """Schema of the ``codes`` table for ``dim``-bit codes."""
     return pa.schema(
@@ -82,8 +121,7 @@ def codes_schema(dim: int) -> pa.Schema:
             ("entity", pa.string()),
             ("id", pa.int32()),
             ("bits", pa.list_(pa.uint8(), dim)),
-            ("code_binary", pa.string()),
-            ("code_dotdec", pa.string()),
+            *[(column, pa.string()) for column in CODE_COLUMNS],
         ]
     )
 
@@ -106,8 +144,10 @@ def codes_table(user_signs: np.ndarray, item_signs: np.ndarray) -> pa.Table:
                     "entity": pa.array([entity] * n, pa.string()),
                     "id": pa.array(np.arange(1, n + 1, dtype=np.int32)),
                     "bits": pa.FixedSizeListArray.from_arrays(flat, dim),
-                    "code_binary": pa.array(to_binary(bits), pa.string()),
-                    "code_dotdec": pa.array(to_dotdec(bits), pa.string()),
+                    **{
+                        f.column: pa.array(f.to_text(bits), pa.string())
+                        for f in CODE_FORMATS.values()
+                    },
                 },
                 schema=codes_schema(dim),
             )

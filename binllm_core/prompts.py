@@ -14,12 +14,9 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from binllm_core.config import PromptConfig
-from binllm_core.errors import ConfigError, DataError
-
-MODES = ("text", "binary", "dotdec")
-CODE_MODES = ("binary", "dotdec")
-PLACEHOLDERS = ("<ItemTitleList>", "<UserID>", "<TargetItemTitle>", "<TargetItemID>")
+from binllm_core.codes import CODE_FORMATS, CODE_MODES
+from binllm_core.config import PLACEHOLDERS, PromptConfig
+from binllm_core.errors import DataError
 
 _CUE = ' Answer with "Yes" or "No". \\n#Answer:'
 PAPER_TEXT = (
@@ -36,7 +33,6 @@ PAPER_CODE = (
 EMPTY_HISTORY = {"paper": "unkow", "default": "none"}
 
 _PLACEHOLDER_RE = re.compile("|".join(re.escape(p) for p in PLACEHOLDERS))
-_LOOKS_LIKE_PLACEHOLDER = re.compile(r"<[A-Z][A-Za-z]*>")
 
 PROMPT_SCHEMA = pa.schema(
     [
@@ -76,29 +72,12 @@ def builtin_template(style: str, domain: str, with_codes: bool) -> str:
 
 
 def templates_from_config(cfg: PromptConfig) -> Templates:
-    """Resolve built-in or own templates and check their placeholders."""
-    unknown = [m for m in cfg.modes if m not in MODES]
-    if unknown or not cfg.modes:
-        raise ConfigError(
-            f"prompts.modes has {unknown[0] if unknown else 'no modes'}",
-            todo=f"choose among: {', '.join(MODES)}",
-        )
+    """Resolve built-in or own templates, after the prompt rules (:meth:`PromptConfig.check`,
+    also run when a config is loaded) for a config built in code."""
+    cfg.check("prompts")
     text = cfg.text_template or builtin_template(cfg.style, cfg.domain, with_codes=False)
     code = cfg.code_template or builtin_template(cfg.style, cfg.domain, with_codes=True)
-    _check_template(text, "prompts.text_template", needs=("<TargetItemTitle>",))
-    _check_template(code, "prompts.code_template", needs=("<UserID>", "<TargetItemID>"))
     return Templates(text, code, cfg.empty_history or EMPTY_HISTORY[cfg.style])
-
-
-def _check_template(template: str, key: str, needs: Sequence[str]) -> None:
-    for token in _LOOKS_LIKE_PLACEHOLDER.findall(template):
-        if token not in PLACEHOLDERS:
-            raise ConfigError(
-                f"{key} has the unknown placeholder {token}", todo=f"use {', '.join(PLACEHOLDERS)}"
-            )
-    missing = [p for p in needs if p not in template]
-    if missing:
-        raise ConfigError(f"{key} lacks the placeholder {missing[0]}")
 
 
 def fill(template: str, values: Mapping[str, str]) -> str:
@@ -135,7 +114,8 @@ def lookups_from_tables(items: pa.Table, item_map: pa.Table, codes: pa.Table | N
     if codes is not None:
         entity, ids = codes["entity"].to_pylist(), codes["id"].to_pylist()
         for mode in CODE_MODES:
-            for ent, i, code in zip(entity, ids, codes[f"code_{mode}"].to_pylist(), strict=True):
+            column = codes[CODE_FORMATS[mode].column].to_pylist()
+            for ent, i, code in zip(entity, ids, column, strict=True):
                 (user_codes if ent == "user" else item_codes)[mode][i] = code
     return Lookups(titles, user_codes, item_codes)
 
@@ -172,12 +152,10 @@ def render_table(
     for row in range(samples.num_rows):
         uid, iid = cols["uid"][row], cols["iid"][row]
         try:
-            base = {
-                "<ItemTitleList>": title_list(
-                    cols["history"][row] or [], lookups.titles, history_len, templates.empty_history
-                ),
-                "<TargetItemTitle>": f'"{lookups.titles[iid]}"',
-            }
+            history = title_list(
+                cols["history"][row] or [], lookups.titles, history_len, templates.empty_history
+            )
+            target = lookups.titles[iid]
         except KeyError as err:
             raise DataError(
                 f"item iid={err.args[0]} of sample {cols['sample_id'][row]} has no title",
@@ -185,15 +163,33 @@ def render_table(
                 "re-run the samples stage on the same ingest output",
             ) from None
         for mode in modes:
-            values = dict(base)
+            codes = None
             if mode != "text":
-                values["<UserID>"] = _code(lookups.user_codes[mode], uid, "user uid", mode)
-                values["<TargetItemID>"] = _code(lookups.item_codes[mode], iid, "item iid", mode)
+                codes = (
+                    _code(lookups.user_codes[mode], uid, "user uid", mode),
+                    _code(lookups.item_codes[mode], iid, "item iid", mode),
+                )
             for name in SAMPLE_COLUMNS[:-1]:
                 out[name].append(cols[name][row])
             out["mode"].append(mode)
-            out["prompt"].append(fill(templates.for_mode(mode), values))
+            out["prompt"].append(prompt_of(templates, mode, history, target, codes))
     return pa.table(out, schema=PROMPT_SCHEMA)
+
+
+def prompt_of(
+    templates: Templates,
+    mode: str,
+    history: str,
+    target_title: str,
+    codes: tuple[str, str] | None = None,
+) -> str:
+    """One prompt: the mode's template with the history's title list, the target's title and,
+    in a code mode, the (user, item) codes. Every prompt binllm renders is made here."""
+    values = {"<ItemTitleList>": history, "<TargetItemTitle>": f'"{target_title}"'}
+    if mode != "text":
+        assert codes is not None, f"{mode} prompts need the user and item codes"
+        values["<UserID>"], values["<TargetItemID>"] = codes
+    return fill(templates.for_mode(mode), values)
 
 
 def _code(codes: Mapping[int, str], key: int, what: str, mode: str) -> str:

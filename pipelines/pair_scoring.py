@@ -26,8 +26,8 @@ from binllm_core.candidates import (
     with_row_numbers,
 )
 from binllm_core.config import RunConfig, config_hash
-from binllm_core.errors import ConfigError, DataError, StageError
-from binllm_core.prompts import MODES, Templates, templates_from_config
+from binllm_core.errors import DataError, StageError
+from binllm_core.prompts import Templates, templates_from_config
 from binllm_core.storage import join, parquet_files, read_parquet, resolve, to_uri
 from pipelines.publish import publishing, write_dataset
 from pipelines.runs import load_lookups
@@ -63,12 +63,11 @@ PAIRS = "pairs"
 
 
 def candidate_mode(cfg: RunConfig) -> str:
-    mode = cfg.score.candidate_mode or (
+    """The mode candidates are rendered in: ``score.candidate_mode`` (checked at load), else the
+    mode the run was tuned on last."""
+    return cfg.score.candidate_mode or (
         "text" if cfg.finetune.strategy == "text_only" else cfg.finetune.code_mode
     )
-    if mode not in MODES:
-        raise ConfigError(f"score.candidate_mode {mode} is not one of {', '.join(MODES)}")
-    return mode
 
 
 def read_pairs(uri: str, storage_options: dict[str, Any] | None = None) -> pa.Table:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from binllm_core.codes import CODE_MODES
 from binllm_core.config import RunConfig
 from binllm_core.errors import ConfigError, StageError
 from binllm_core.lineage import folder_identity, model_identity, source_identity
 from binllm_core.lock import LOCK, WriterLock
-from binllm_core.prompts import CODE_MODES
 from binllm_core.storage import join, resolve, to_uri
 from pipelines import encode, evaluate, finetune, ingest, render, samples, score
 from pipelines.stage import Stage, run_stage, stage_state

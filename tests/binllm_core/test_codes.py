@@ -54,3 +54,14 @@ def test_codes_table() -> None:
     np.testing.assert_array_equal(bits[:3], codes.bits_from_signs(users[1:]))
     np.testing.assert_array_equal(codes.from_binary(table.column("code_binary").to_pylist()), bits)
     np.testing.assert_array_equal(codes.from_dotdec(table.column("code_dotdec").to_pylist()), bits)
+
+
+def test_every_format_of_the_registry_round_trips_and_makes_a_mode_and_a_column() -> None:
+    bits = np.random.default_rng(1).integers(0, 2, size=(5, 32)).astype(np.uint8)
+    table = codes.codes_table(np.where(bits, 1, -1), np.where(bits, 1, -1))
+    assert codes.MODES == ("text", *codes.CODE_FORMATS)
+    for name, fmt in codes.CODE_FORMATS.items():
+        assert fmt.name == name and 32 % fmt.dim_multiple == 0
+        np.testing.assert_array_equal(fmt.from_text(fmt.to_text(bits)), bits)
+        assert fmt.column in table.column_names
+        np.testing.assert_array_equal(fmt.from_text(table[fmt.column].to_pylist()[:4]), bits[1:5])
