@@ -35,8 +35,8 @@ def prompts_of(cfg: RunConfig) -> tuple[tuple[list[str], list[int]], Any]:
     import pyarrow.compute as pc
 
     from benchmarks.finetune import train_prompts
-    from binllm_core.finetune import EvalSet
     from binllm_core.storage import read_output
+    from binllm_core.tuning import EvalSet
     from pipelines.finetune import _subsample
 
     table_ = read_output(f"{cfg.output_root}/{cfg.run_name}/render", "prompts")
@@ -52,23 +52,30 @@ def prompts_of(cfg: RunConfig) -> tuple[tuple[list[str], list[int]], Any]:
 def fit(cfg: RunConfig, head: str, train: Any, valid: Any, steps: int, every: int) -> dict:
     import torch
 
-    from binllm_core.backbone import bce_loss, load_backbone, score_prompts
-    from binllm_core.finetune import attach_lora, fit_plain
+    from binllm_core.recommender import LLMRecommender
+    from binllm_core.scoring import Scorer
+    from binllm_core.tuning import fit_plain
 
     ft = dataclasses.replace(cfg.finetune, eval_every=every, patience=10**6)
     step = dataclasses.replace(ft.step1, max_steps=steps)
-    backbone = load_backbone(dataclasses.replace(cfg.model, answer_score=head))
-    torch.manual_seed(ft.seed)
-    model = attach_lora(backbone.model, ft)
-    start = score_prompts(backbone, valid.prompts, ft.eval_batch_size, ft.max_length, model=model)
-    start_loss = float(bce_loss(start, torch.as_tensor(valid.labels)))
-    result = fit_plain(backbone, model, train, step, ft, valid=valid)
+    model = dataclasses.replace(cfg.model, answer_score=head)
+    torch.manual_seed(ft.seed)  # the fresh adapter fit_plain starts from
+    fresh = LLMRecommender.load(model, finetune=ft, trainable=True)
+    start = torch.as_tensor(
+        Scorer(fresh, ft.eval_batch_size, ft.max_length).score(valid.prompts)[0]
+    ).float()
+    start_loss = float(
+        torch.nn.functional.binary_cross_entropy_with_logits(
+            start, torch.as_tensor(valid.labels).float()
+        )
+    )
+    result = fit_plain(LLMRecommender.load(model), train, step, ft, valid=valid).state
     return {
         "answer_score": head,
         "start_mean_score": float(start.mean()),
         "start_valid_bce": start_loss,
         "evals": [{"step": 0, **valid.metrics(start.tolist())}, *result.evals],
-        "best_valid_auc": result.best_auc,
+        "best_valid_auc": result.best,
         "best_step": result.best_step,
         "sequences": result.sequences,
         "train_s": round(result.train_seconds, 1),

@@ -77,20 +77,18 @@ def plain(args: argparse.Namespace) -> None:
     """The plain peft loop, in its own process: prints a JSON line with its numbers."""
     import torch
 
-    from binllm_core.backbone import load_backbone
-    from binllm_core.finetune import attach_lora, fit_plain
+    from binllm_core.recommender import LLMRecommender
+    from binllm_core.tuning import fit_plain
 
     torch.set_num_threads(args.cpus)
     cfg = config(args)
     prompts, labels = train_prompts(cfg)
-    torch.manual_seed(cfg.finetune.seed)
-    backbone = load_backbone(cfg.model)
-    model = attach_lora(backbone.model, cfg.finetune)
-    result = fit_plain(backbone, model, (prompts, labels), cfg.finetune.step1, cfg.finetune)
+    recommender = LLMRecommender.load(cfg.model)
+    result = fit_plain(recommender, (prompts, labels), cfg.finetune.step1, cfg.finetune).state
     print(
         json.dumps(
             {
-                "steps": result.steps,
+                "steps": result.step,
                 "sequences": result.sequences,
                 "tokens": result.tokens,
                 "train_seconds": result.train_seconds,

@@ -76,11 +76,9 @@ def make_prompts(n: int, seed: int = 0) -> list[str]:
 
 
 def fresh_adapter(cfg: RunConfig, folder: Path) -> str:
-    from binllm_core.backbone import load_backbone
-    from binllm_core.finetune import attach_lora
+    from binllm_core.recommender import LLMRecommender
 
-    backbone = load_backbone(cfg.model)
-    attach_lora(backbone.model, cfg.finetune).save_pretrained(folder)
+    LLMRecommender.load(cfg.model, finetune=cfg.finetune, trainable=True).save(folder)
     return str(folder)
 
 
@@ -89,17 +87,24 @@ def plain_loop(cfg: RunConfig, adapter: str, prompts: list[str], batch_size: int
     import torch
     from peft import PeftModel
 
-    from binllm_core.backbone import encode, load_backbone
+    from binllm_core.llm import load_language_model
 
     torch.set_num_threads(int(cfg.score.cpus_per_actor))
-    backbone = load_backbone(cfg.model)
-    model = PeftModel.from_pretrained(backbone.model, adapter).eval()
+    lm = load_language_model(cfg.model)
+    model = PeftModel.from_pretrained(lm.model, adapter).eval()
     scores = []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
-            batch = encode(backbone.tokenizer, prompts[start : start + batch_size], 1024)
+            batch = lm.tokenizer(
+                prompts[start : start + batch_size],
+                add_special_tokens=False,
+                padding=True,
+                truncation=True,
+                max_length=1024,
+                return_tensors="pt",
+            )
             out = model(**batch)  # full logits, as a plain loop does
-            scores.append(backbone.answer(out.logits[:, -1]))
+            scores.append(lm.answer(out.logits[:, -1]))
     return torch.cat(scores).numpy()
 
 

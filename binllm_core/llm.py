@@ -1,10 +1,11 @@
-"""Loading the causal LM and its tokenizer, and the Yes-logit score every stage agrees on.
+"""Loading the causal LM and its tokenizer, and how its answer is read (:class:`AnswerScore`).
 
-Score of a prompt = the logit of the answer token ``Yes`` at the last prompt position (prompts
-are left-padded so that position is the same column for the whole batch). Training loss =
-BCE-with-logits of that score against the label. The ``Yes`` token id is read from the tokenizer
-as it tokenizes the answer right after a prompt, because BPE tokenizers give ``Yes`` and `` Yes``
-different ids.
+Where weights come from (a local folder, a ``.gguf`` file, a hub id only when the user names one,
+or the tiny random model of the tests) and the tokenizer set-up every caller shares: left
+padding and truncation, so the answer cue at the end of a prompt is the last column of a batch.
+The ``Yes`` token id is read from the tokenizer as it tokenizes the answer right after a prompt,
+because BPE tokenizers give ``Yes`` and `` Yes`` different ids. What is trained and scored on
+top of the loaded model is :class:`binllm_core.recommender.LLMRecommender`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from binllm_core.config import ModelConfig
@@ -44,8 +44,9 @@ class AnswerScore:
 
 
 @dataclass
-class Backbone:
-    """A loaded model with its tokenizer and how its answer is scored."""
+class LanguageModel:
+    """A loaded causal LM with its tokenizer and how its answer is scored (the LLM's backbone;
+    not to be confused with the collaborative encoder's ``Backbone``)."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
@@ -117,7 +118,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backbone:
+def load_language_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> LanguageModel:
     """Model (eval mode, on ``device``, dtype from config) with tokenizer and ``Yes`` id."""
     from transformers import AutoModelForCausalLM
 
@@ -133,7 +134,7 @@ def load_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backb
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.to(device).eval()
-    return Backbone(model, tokenizer, answer_score(tokenizer, cfg))
+    return LanguageModel(model, tokenizer, answer_score(tokenizer, cfg))
 
 
 def answer_score(tokenizer: PreTrainedTokenizerBase, cfg: ModelConfig) -> AnswerScore:
@@ -169,62 +170,6 @@ def answer_token_id(tokenizer: PreTrainedTokenizerBase, answer: str = ANSWER) ->
     if common >= len(after):
         raise ConfigError(f"the tokenizer gives no token for the answer {answer!r}")
     return int(after[common])
-
-
-def encode(
-    tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_length: int
-) -> dict[str, torch.Tensor]:
-    """Left-padded ``input_ids``/``attention_mask`` for a batch of prompts (no BOS added)."""
-    enc = tokenizer(
-        prompts,
-        add_special_tokens=False,
-        padding="longest",
-        truncation=True,
-        max_length=max_length,
-        return_tensors="pt",
-    )
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-
-def answer_scores(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    answer: AnswerScore,
-) -> torch.Tensor:
-    """The answer score of each left-padded prompt, float32, shape ``(batch,)``."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1)
-    return answer(out.logits[:, -1])
-
-
-def bce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The training loss: BCE-with-logits of the answer score against the 0/1 label."""
-    return F.binary_cross_entropy_with_logits(logits, labels.float())
-
-
-@torch.no_grad()
-def score_prompts(
-    backbone: Backbone,
-    prompts: list[str],
-    batch_size: int = 32,
-    max_length: int = 1024,
-    model: torch.nn.Module | None = None,
-) -> torch.Tensor:
-    """Answer scores of many prompts, in order (``model`` overrides the backbone's, e.g. a peft
-    wrapper around it)."""
-    net = model if model is not None else backbone.model
-    was_training = net.training
-    net.eval()
-    device = next(net.parameters()).device
-    scores = []
-    for start in range(0, len(prompts), batch_size):
-        batch = encode(backbone.tokenizer, prompts[start : start + batch_size], max_length)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        scores.append(
-            answer_scores(net, batch["input_ids"], batch["attention_mask"], backbone.answer)
-        )
-    net.train(was_training)
-    return torch.cat(scores).cpu() if scores else torch.empty(0)
 
 
 # ---- the tiny backbone (tests, configs/tiny.yaml) ---------------------------------------------

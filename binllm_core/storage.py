@@ -22,7 +22,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,6 +131,15 @@ def read_parquet(
     return pa.concat_tables(tables, promote_options="default")
 
 
+def partition_path(folder: str, part: Mapping[str, str] | None) -> str:
+    """The folder of one partition of a table: ``folder/key=value/...`` in the order given.
+
+    A partitioned table keeps its partition columns inside the files too, so any slice (and the
+    whole table, read recursively) is self-describing; readers turn hive partition discovery
+    off."""
+    return join(folder, *(f"{k}={v}" for k, v in (part or {}).items()))
+
+
 def write_parquet(fs: fsspec.AbstractFileSystem, folder: str, table: pa.Table) -> None:
     """``table`` as ``folder/part-00000.parquet``."""
     fs.makedirs(folder, exist_ok=True)
@@ -194,14 +203,14 @@ def file_digest(fs: fsspec.AbstractFileSystem, path: str) -> str:
 def content_identity(fs: fsspec.AbstractFileSystem, folder: str) -> str:
     """16 hex of SHA-256 over what ``folder`` holds, independent of where it lies.
 
-    Parquet files count by table (the first folder level) and content, not by name (Ray names
-    its files with a random write id); other files (adapters, reports) by relative path and
-    content. The same data written again gives the same identity."""
+    Parquet files count by folder (a table, or a partition of one) and content, not by name
+    (Ray names its files with a random write id); other files (adapters, reports) by relative
+    path and content. The same data written again gives the same identity."""
     entries = []
     base = folder.rstrip("/") + "/"
     for f in sorted(fs.find(folder)):
         rel = f[len(base) :] if f.startswith(base) else f
-        key = rel.split("/", 1)[0] + "/*.parquet" if rel.endswith(".parquet") else rel
+        key = rel.rpartition("/")[0] + "/*.parquet" if rel.endswith(".parquet") else rel
         entries.append(f"{key}\t{file_digest(fs, f)}")
     return hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()[:16]
 

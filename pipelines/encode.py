@@ -16,16 +16,15 @@ valid AUC of the primary model and the latest one. A worker that dies is replace
 again after a crash (same config, same samples) resumes the same way, and a finished run is not
 trained again. The codes come from the best checkpoint.
 
-Test-only fault switch: ``BINLLM_TEST_FAIL_ENCODE_AT_EPOCH=N`` in the environment of the process
-that runs the stage makes rank 0 exit its process (``os._exit(1)``) at the start of epoch ``N``
-(0-based), once per run: the marker file ``_fault_injected`` in the run's checkpoint folder
-records that it happened, so the replacement worker, or a re-run, goes on.
+Test-only fault point ``BINLLM_TEST_FAULT=encode-epoch@N`` (:mod:`binllm_core.faults`): rank 0
+exits its process at the start of epoch ``N`` (0-based), once per run: the marker file
+``_fault_injected`` in the run's checkpoint folder records that it happened, so the replacement
+worker, or a re-run, goes on.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import time
 from typing import Any
@@ -50,11 +49,12 @@ from binllm_core.encoder import (
     train_graph,
 )
 from binllm_core.errors import StageError
+from binllm_core.faults import armed
 from binllm_core.metrics import score_report
 from binllm_core.storage import is_local, join, jsonable, resolve
 from pipelines.stage import StageContext
 
-FAULT_ENV = "BINLLM_TEST_FAIL_ENCODE_AT_EPOCH"
+FAULT_POINT = "encode-epoch"
 FAULT_MARKER = "_fault_injected"
 SAMPLE_COLUMNS = ["sample_id", "uid", "iid", "label", "split", "warm", "not_cold"]
 EVAL_COLUMNS = ["sample_id", "uid", "iid", "label", "warm", "not_cold"]
@@ -162,14 +162,15 @@ def _trainer(
     # Read now, before the workers hold their CPUs: on a small machine the workers can take
     # every CPU and leave none for read tasks. These narrow columns are small.
     datasets = {k: ds.materialize() for k, ds in datasets.items()}
-    fail_at = os.environ.get(FAULT_ENV)
     loop_config = {
         "encoder": to_dict(cfg),
         "user_num": user_num,
         "item_num": item_num,
-        "fail_at_epoch": int(fail_at) if fail_at else None,
-        "fault_marker": ctx.uri(join(storage, name, FAULT_MARKER)),
-        "storage_options": ctx.cfg.output_storage_options,
+        "fault": armed(
+            FAULT_POINT,
+            ctx.uri(join(storage, name, FAULT_MARKER)),
+            ctx.cfg.output_storage_options,
+        ),
     }
     local = is_local(ctx.fs)
     run_config = ray.train.RunConfig(
@@ -212,7 +213,8 @@ def train_loop(config: dict[str, Any]) -> None:
         training.resumed_at.append(training.epoch + 1)
     training.forward_module = ray.train.torch.prepare_model(training.models)
     while not training.finished:
-        _maybe_fail(config, training.epoch + 1, rank)
+        if rank == 0 and config["fault"] is not None:
+            config["fault"].reached(training.epoch + 1)
         loss = training.train_epoch(train, rank, world)
         improved = training.validate(valid, test)
         periodic = (training.epoch + 1) % cfg.checkpoint_every == 0
@@ -250,14 +252,3 @@ def _shard_rows(name: str) -> Rows:
     return Rows.from_arrow(pa.concat_tables(batches).sort_by("sample_id"))
 
 
-def _maybe_fail(config: dict[str, Any], epoch: int, rank: int) -> None:
-    """The test-only fault switch (see the module docstring)."""
-    if config["fail_at_epoch"] is None or epoch != config["fail_at_epoch"] or rank != 0:
-        return
-    fs, path = resolve(config["fault_marker"], config["storage_options"])
-    if fs.exists(path):
-        return
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "w") as fh:
-        fh.write(f"worker failure injected at epoch {epoch}\n")
-    os._exit(1)

@@ -1,17 +1,21 @@
 """Stage ``finetune`` (Ray Train): LoRA tuning on ``render/prompts``, one or two steps.
 
-Each tuning step is one ``TorchTrainer`` run of :func:`train_loop` (our own loop: DDP through
-``prepare_model``, gloo on CPU) named ``step{n}-{stage hash}`` under ``{stage}/checkpoints``;
-the hash covers the config, the rendered prompts' identity, the model and ``init_adapter``, so
-running the stage again on the same inputs finds that run's last checkpoint and resumes it (a
-finished step resumes straight to its end), and anything else starts fresh. A checkpoint is the
+Each tuning step is one ``TorchTrainer`` run of :func:`train_loop`, which drives the same
+:class:`binllm_core.tuning.TuningRun` as the plain loop of the benchmarks and adds only the Ray
+parts (data shards, DDP through ``prepare_model`` with gloo on CPU, evaluation gathered across
+workers, checkpoints reported). A run is named ``step{n}-{stage hash}`` under
+``{stage}/checkpoints``; the hash covers the config, the rendered prompts' identity, the model
+and ``init_adapter``, so running the stage again on the same inputs finds that run's last
+checkpoint and resumes it (a finished step resumes straight to its end), and anything else
+starts fresh. A checkpoint is the
 adapter alone (safetensors), the best adapter so far, the optimizer state and a JSON of counters.
 The best adapter of each step is copied to ``adapters/step{n}`` of the stage's new version (the
 manifest records it relative to the run, so a copied run uses its own adapters); every
 evaluation lands in the ``evals`` table.
 
-Test-only fault switch: ``BINLLM_FAIL_AT_STEP=N`` makes rank 0 raise once at optimizer step N
-(a marker file next to the checkpoints keeps it to once per stage folder).
+Test-only fault point ``BINLLM_TEST_FAULT=finetune-step@N`` (:mod:`binllm_core.faults`): rank 0
+raises after optimizer step N, once per stage run (a marker file named by the stage hash next to
+the checkpoints records that it happened).
 """
 
 from __future__ import annotations
@@ -20,10 +24,8 @@ import json
 import os
 import resource
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,25 +39,15 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from binllm_core.backbone import load_backbone, score_prompts
-from binllm_core.config import FinetuneConfig, ModelConfig, TuneStepConfig
+from binllm_core.config import FinetuneConfig, TuneStepConfig
 from binllm_core.errors import StageError
-from binllm_core.finetune import (
-    EarlyStopping,
-    EvalSet,
-    Schedule,
-    attach_lora,
-    backward,
-    collate,
-    make_optimizer,
-    planned_steps,
-    set_lr,
-)
+from binllm_core.faults import armed
+from binllm_core.recommender import LLMRecommender
 from binllm_core.storage import join
+from binllm_core.tuning import STATE, EvalSet, TuningRun
 from pipelines.stage import StageContext
 
-FAIL_ENV = "BINLLM_FAIL_AT_STEP"
-STATE = "state.json"
+FAULT_POINT = "finetune-step"
 EVAL_COLUMNS = ["prompt", "label", "uid"]
 
 
@@ -105,7 +97,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
             todo="point it at an adapter folder such as runs/RUN/finetune/adapters/step1",
         )
     storage = ctx.scratch_path("checkpoints")
-    prompts = ctx.read_dataset("render", "prompts")
     previous: Checkpoint | None = None
     summary: dict[str, Any] = {}
     evals: list[dict[str, Any]] = []
@@ -126,7 +117,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
             step,
             name,
             storage,
-            prompts,
             train_ids,
             valid_ids,
             previous if step.from_previous else None,
@@ -171,13 +161,14 @@ def _subsample(index: pa.Table, mask: pa.Array, limit: int, cfg: FinetuneConfig)
     return ids
 
 
-def _rows(prompts: ray.data.Dataset, mode: str, ids: np.ndarray) -> ray.data.Dataset:
+def _rows(ctx: StageContext, mode: str, split: str, ids: np.ndarray) -> ray.data.Dataset:
+    """The ``ids`` of one partition of the rendered prompts (only that slice is read)."""
     keep = pa.array(ids, pa.int64())
 
     def select(batch: pa.Table) -> pa.Table:
-        mask = pc.and_(pc.equal(batch["mode"], mode), pc.is_in(batch["sample_id"], keep))
-        return batch.filter(mask).select(["sample_id", *EVAL_COLUMNS])
+        return batch.filter(pc.is_in(batch["sample_id"], keep)).select(["sample_id", *EVAL_COLUMNS])
 
+    prompts = ctx.read_dataset("render", "prompts", {"mode": mode, "split": split})
     return prompts.map_batches(select, batch_format="pyarrow").materialize()
 
 
@@ -187,14 +178,12 @@ def _trainer(
     step: TuneStep,
     name: str,
     storage: str,
-    prompts: ray.data.Dataset,
     train_ids: np.ndarray,
     valid_ids: np.ndarray,
     init: Checkpoint | None,
 ) -> TorchTrainer:
-    train = _rows(prompts, step.mode, train_ids).random_shuffle(seed=cfg.seed).materialize()
-    valid = _rows(prompts, step.mode, valid_ids)
-    fail_at = int(os.environ.get(FAIL_ENV, "0") or 0)
+    train = _rows(ctx, step.mode, "train", train_ids).random_shuffle(seed=cfg.seed).materialize()
+    valid = _rows(ctx, step.mode, "valid", valid_ids)
     loop_config = {
         "finetune": cfg,
         "step": step.cfg,
@@ -202,8 +191,9 @@ def _trainer(
         "n_train": len(train_ids),
         "init": init,
         "init_adapter": "" if init is not None or step.name != "step1" else cfg.init_adapter,
-        "fail_at_step": fail_at,
-        "fail_marker": os.path.join(storage, "fault-injected") if fail_at else "",
+        "fault": armed(
+            FAULT_POINT, ctx.uri(join(storage, f"fault-injected-{ctx.digest}")), raises=True
+        ),
     }
     return TorchTrainer(
         train_loop,
@@ -270,113 +260,53 @@ def _step_summary(step: TuneStep, state: dict[str, Any], n_train: int, n_valid: 
 
 # ---- workers ---------------------------------------------------------------------------------
 def train_loop(config: dict[str, Any]) -> None:
-    """One tuning step on a Ray Train worker: resume or start, train, evaluate, checkpoint."""
+    """One tuning step on a Ray Train worker: the shared :class:`TuningRun`, fed from this
+    worker's data shard, with DDP, evaluation gathered across workers and checkpoints reported."""
     ft: FinetuneConfig = config["finetune"]
     step_cfg: TuneStepConfig = config["step"]
-    model_cfg: ModelConfig = config["model"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
 
-    torch.manual_seed(ft.seed)
-    backbone = load_backbone(model_cfg, device)
-    workdir = Path(tempfile.mkdtemp(prefix="binllm-ft-"))
-    best_dir = workdir / "best"
-    state = _fresh_state(planned_steps(step_cfg, config["n_train"], world))
+    rec = LLMRecommender.load(config["model"], device=device)
+    run = TuningRun(rec, ft, step_cfg, config["n_train"], rank, world)
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as folder:
-            model = attach_lora(backbone.model, ft, os.path.join(folder, "adapter"))
-            optimizer = make_optimizer(model, ft.weight_decay)
-            optimizer.load_state_dict(torch.load(Path(folder, "optimizer.pt")))
-            state = json.loads(Path(folder, STATE).read_text())
-            state["restarts"] = state.get("restarts", 0) + 1
-            shutil.copytree(Path(folder, "best"), best_dir)
+            run.setup(resume=folder)
     elif config["init"] is not None:
         with config["init"].as_directory() as folder:
-            model = attach_lora(backbone.model, ft, os.path.join(folder, "best"))
-        optimizer = make_optimizer(model, ft.weight_decay)
-    elif config["init_adapter"]:
-        model = attach_lora(backbone.model, ft, config["init_adapter"])
-        optimizer = make_optimizer(model, ft.weight_decay)
+            run.setup(start_from=os.path.join(folder, "best"))
     else:
-        model = attach_lora(backbone.model, ft)
-        optimizer = make_optimizer(model, ft.weight_decay)
-    torch.manual_seed(ft.seed + rank + 1000 * state["step"])
-    ddp = ray.train.torch.prepare_model(model)
-    stopper = EarlyStopping(ft.patience, state["best"], state["best_step"], state["bad_evals"])
-    schedule = Schedule.of(step_cfg, state["planned_steps"])
+        run.setup(start_from=config["init_adapter"])
+    rec.forward_net = ray.train.torch.prepare_model(rec.net)
+    if rank != 0:  # rank 0 carries the totals of the checkpoint; the others count from zero
+        run.state.sequences = run.state.tokens = 0
     valid = _eval_slice(rank, world)
+    gather = _gather(world) if world > 1 else None
     stream = _micro_batches(step_cfg.batch_size, ft.seed + rank)
-    # Counters since this (re)start; rank 0 carries the totals from the checkpoint.
-    carried = {k: state[k] if rank == 0 else 0 for k in ("sequences", "tokens")}
-    local = {"sequences": 0, "tokens": 0}
-    loss_sum, loss_n = 0.0, 0
-    done = state["finished"]
-    step = state["step"]
     reported = False
-    while not done:
-        started = time.perf_counter()
-        lr = schedule.lr_at(step)
-        set_lr(optimizer, lr)
-        for micro in range(step_cfg.grad_accum):
-            prompts, labels = next(stream)
-            batch = collate(backbone.tokenizer, prompts, labels, ft.max_length).to(device)
-            last = micro == step_cfg.grad_accum - 1
-            sync = nullcontext() if last or world == 1 else ddp.no_sync()
-            with sync:
-                loss_sum += backward(ddp, batch, backbone.answer, step_cfg.grad_accum)
-            loss_n += 1
-            local["sequences"] += len(prompts)
-            local["tokens"] += batch.n_tokens
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        state["train_seconds"] += time.perf_counter() - started
-        _maybe_fail(config, rank, step)
-        if step % ft.eval_every and step < state["planned_steps"]:
+    while not run.done:
+        run.train_step(stream)
+        if rank == 0 and config["fault"] is not None:
+            config["fault"].reached(run.state.step)
+        if not run.due_for_eval:
             continue
-        metrics = _evaluate(backbone, model, valid, ft, world, device)
-        if stopper.update(metrics["auc"], step) and rank == 0:
-            shutil.rmtree(best_dir, ignore_errors=True)
-            model.save_pretrained(best_dir)
-        totals = _all_sum(
-            [carried["sequences"] + local["sequences"], carried["tokens"] + local["tokens"]], device
-        )
-        record = {"step": step, **metrics, "train_loss": loss_sum / max(loss_n, 1), "lr": lr}
-        loss_sum, loss_n = 0.0, 0
-        done = stopper.stop or step >= state["planned_steps"]
-        state.update(
-            step=step,
-            finished=done,
-            evals=[*state["evals"], record],
-            sequences=int(totals[0]),
-            tokens=int(totals[1]),
-            peak_rss_mb=_peak_rss_mb(),
-            **stopper.state(),
-        )
-        _report(state, record, model, optimizer, best_dir, workdir, rank)
+        _report(run, run.evaluate(valid, gather), device)
         reported = True
     if not reported:
         # Resumed a step that had finished: report again so this run's result has a checkpoint.
-        _report(state, state["evals"][-1], model, optimizer, best_dir, workdir, rank)
-    shutil.rmtree(workdir, ignore_errors=True)
+        _report(run, run.state.evals[-1], device)
+    run.close()
 
 
-def _fresh_state(planned: int) -> dict[str, Any]:
-    return {
-        "step": 0,
-        "planned_steps": planned,
-        "finished": False,
-        "evals": [],
-        "best": float("-inf"),
-        "best_step": -1,
-        "bad_evals": 0,
-        "sequences": 0,
-        "tokens": 0,
-        "train_seconds": 0.0,
-        "restarts": 0,
-    }
+def _gather(world: int) -> Any:
+    def gather(mine: tuple) -> list[tuple]:
+        parts: list[Any] = [None] * world
+        torch.distributed.all_gather_object(parts, mine)
+        return parts
+
+    return gather
 
 
 def _micro_batches(batch_size: int, seed: int) -> Iterator[tuple[list[str], list[int]]]:
@@ -411,19 +341,6 @@ def _eval_slice(rank: int, world: int) -> EvalSet:
     return EvalSet(part["prompt"].to_pylist(), part["label"].to_pylist(), part["uid"].to_pylist())
 
 
-def _evaluate(
-    backbone: Any, model: Any, valid: EvalSet, ft: FinetuneConfig, world: int, device: Any
-) -> dict[str, float]:
-    scores = score_prompts(backbone, valid.prompts, ft.eval_batch_size, ft.max_length, model=model)
-    mine = (scores.tolist(), valid.labels, valid.uids)
-    parts = [mine]
-    if world > 1:
-        parts = [None] * world
-        torch.distributed.all_gather_object(parts, mine)
-    whole = EvalSet([], [y for p in parts for y in p[1]], [u for p in parts for u in p[2]])
-    return whole.metrics([s for p in parts for s in p[0]])
-
-
 def _all_sum(values: list[float], device: Any) -> list[float]:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return values
@@ -439,34 +356,20 @@ def _peak_rss_mb() -> float:
     return round(peak, 1)
 
 
-def _report(
-    state: dict[str, Any],
-    record: dict[str, Any],
-    model: Any,
-    optimizer: torch.optim.Optimizer,
-    best_dir: Path,
-    workdir: Path,
-    rank: int,
-) -> None:
-    """Every worker reports (it is a barrier); rank 0 attaches the checkpoint."""
+def _report(run: TuningRun, record: dict[str, Any], device: Any) -> None:
+    """Every worker reports (it is a barrier); rank 0 attaches the checkpoint, whose counters
+    are the sums over all workers."""
     metrics = {k: v for k, v in record.items() if isinstance(v, int | float)}
-    if rank != 0:
+    if run.rank != 0:
+        _all_sum([run.state.sequences, run.state.tokens], device)
         ray.train.report(metrics)
         return
-    folder = workdir / f"ckpt-{state['step']}"
-    model.save_pretrained(folder / "adapter")
-    if not best_dir.exists():  # no valid AUC yet (one class only): the current adapter stands in
-        model.save_pretrained(best_dir)
-    shutil.copytree(best_dir, folder / "best")
-    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-    (folder / STATE).write_text(json.dumps(state))
+    local = run.state.sequences, run.state.tokens
+    totals = _all_sum(list(local), device)
+    run.state.sequences, run.state.tokens = int(totals[0]), int(totals[1])
+    run.state.peak_rss_mb = _peak_rss_mb()
+    folder = run.workdir / f"ckpt-{run.state.step}"
+    run.save_checkpoint(folder)
+    run.state.sequences, run.state.tokens = local
     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)))
     shutil.rmtree(folder, ignore_errors=True)
-
-
-def _maybe_fail(config: dict[str, Any], rank: int, step: int) -> None:
-    marker = config["fail_marker"]
-    if rank != 0 or step != config["fail_at_step"] or not marker or os.path.exists(marker):
-        return
-    Path(marker).write_text(f"failed once at step {step}\n")
-    raise RuntimeError(f"{FAIL_ENV}: injected worker failure at step {step}")

@@ -4,7 +4,7 @@ point the manifest at it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,19 +18,27 @@ from binllm_core.storage import (
     check_target,
     join,
     parquet_files,
+    partition_path,
     to_uri,
+    write_parquet,
 )
 
 
-def write_dataset(publication: Publication, ds: ray.data.Dataset, table: str) -> None:
-    """``ds`` as ``table`` of the new version; an empty dataset as an empty, typed file."""
-    path = publication.table_path(table)
+def write_dataset(
+    publication: Publication,
+    ds: ray.data.Dataset,
+    table: str,
+    part: Mapping[str, str] | None = None,
+) -> None:
+    """``ds`` as ``table`` (or its partition ``part``) of the new version; an empty dataset as
+    an empty, typed file."""
+    path = partition_path(publication.table_path(table), part)
     fs = publication.fs
     ds.write_parquet(path, filesystem=arrow_filesystem(fs))
     if not parquet_files(fs, path):
         schema = ds.schema()
         arrow_schema = getattr(schema, "base_schema", None) or pa.schema([])
-        publication.write_table(arrow_schema.empty_table(), table)
+        write_parquet(fs, path, arrow_schema.empty_table())
 
 
 @contextmanager

@@ -3,7 +3,9 @@
 One row per sample and prompt mode. Titles and codes are small next to the samples, so they are
 read once on the driver and shipped to the rendering tasks; the samples stream through
 ``map_batches``. A second pass counts tokens with the configured tokenizer (one actor, loaded
-once) into ``n_tokens``, whose per-mode summary goes to the manifest.
+once) into ``n_tokens``, whose per-mode summary goes to the manifest. ``prompts`` is written
+partitioned, ``prompts/mode=M/split=S/`` (the columns stay in the files too), so a stage that needs
+one mode reads only its slice: ``ctx.read_dataset("render", "prompts", {"mode": "binary"})``.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from binllm_core.backbone import load_tokenizer
+from binllm_core.codes import CODE_COLUMNS
 from binllm_core.config import ModelConfig
 from binllm_core.errors import StageError
+from binllm_core.llm import load_tokenizer
 from binllm_core.prompts import (
     SAMPLE_COLUMNS,
     Lookups,
@@ -29,8 +32,6 @@ from binllm_core.prompts import (
 )
 from pipelines.stage import StageContext
 
-CODE_COLUMNS = ["entity", "id", "code_binary", "code_dotdec"]
-
 
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.cfg.prompts
@@ -40,7 +41,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     item_map = ctx.read_table("samples", "item_map", columns=["item", "iid"])
     codes = None
     if any(m != "text" for m in modes):
-        codes = ctx.read_table("encode", "codes", columns=CODE_COLUMNS)
+        codes = ctx.read_table("encode", "codes", columns=["entity", "id", *CODE_COLUMNS])
     lookups = lookups_from_tables(items, item_map, codes)
     if codes is not None:
         ids = ctx.read_table("samples", "samples", columns=["uid", "iid"])
@@ -72,11 +73,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
     )
     if prompts.count() == 0:
         raise StageError("no samples to render", ctx.uri(ctx.stage_path("samples")))
-    ctx.write_dataset(prompts, "prompts")
-
     summary = pa.concat_tables(
         ray.get(prompts.select_columns(["mode", "split", "n_tokens"]).to_arrow_refs())
     )
+    # Partitioned by mode and split: finetune and score read only the slices they use.
+    for mode in modes:
+        for split in _count(summary.filter(pc.equal(summary["mode"], mode)), "split"):
+            part = prompts.filter(expr=f"mode == '{mode}' and split == '{split}'")
+            ctx.write_dataset(part, "prompts", {"mode": mode, "split": split})
+
     return {
         "modes": modes,
         "rows_per_mode": _count(summary, "mode"),

@@ -23,9 +23,9 @@ Lineage columns on every row: ``model`` (backbone), ``adapter`` (URI, or ``none`
 ``none`` without one), ``run_name``,
 ``scored_at`` (UTC start of the scoring call).
 
-Test-only fault switch: ``BINLLM_TEST_KILL_SCORER_AT_BATCH=N`` in the environment of the process
-that starts scoring makes an actor exit its process (``os._exit(1)``) at its N-th batch, once per
-scoring call (a marker file in the temp folder records that it happened).
+Test-only fault point ``BINLLM_TEST_FAULT=scorer-batch@N`` (:mod:`binllm_core.faults`): an actor
+exits its process at its N-th batch, once per scoring call (a marker file in the temp folder
+records that it happened).
 """
 
 from __future__ import annotations
@@ -50,11 +50,11 @@ from binllm_core.config import (
     ScoreConfig,
 )
 from binllm_core.errors import ConfigError, StageError
-from binllm_core.prompts import MODES
+from binllm_core.faults import Fault, armed
 from binllm_core.storage import content_identity, is_local, resolve
 from pipelines.stage import StageContext
 
-FAULT_ENV = "BINLLM_TEST_KILL_SCORER_AT_BATCH"
+FAULT_POINT = "scorer-batch"
 NONE = "none"
 LINEAGE = ["model", "adapter", "adapter_hash", "run_name", "scored_at"]
 SCORE_FIELDS = [
@@ -100,67 +100,35 @@ class PromptScorer:
         use_gpu: bool = False,
         sort_by_length: bool = True,
         storage_options: dict[str, Any] | None = None,
-        fault: dict[str, Any] | None = None,
+        fault: Fault | None = None,
     ) -> None:
         import torch
 
-        from binllm_core.backbone import load_backbone
+        from binllm_core.recommender import LLMRecommender
+        from binllm_core.scoring import Scorer
 
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         if device == "cpu":
             torch.set_num_threads(max(1, threads))
-        self.backbone = load_backbone(model_cfg, device)
-        self.model = self.backbone.model
+        self.recommender = LLMRecommender.load(model_cfg, device=device)
         if adapter:
-            from peft import PeftModel
-
             with local_copy(adapter, storage_options) as folder:
-                peft_model = PeftModel.from_pretrained(self.model, folder)
-            self.model = peft_model.merge_and_unload()
-        self.model.eval()
-        self.device = torch.device(device)
-        self.pad_id = self.backbone.tokenizer.pad_token_id
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.sort_by_length = sort_by_length
+                self.recommender.attach_adapter(folder, trainable=False)
+            self.recommender.merge_adapter()
+        self.recommender.train(False)
+        self.scorer = Scorer(self.recommender, batch_size, max_length, sort_by_length)
         self.lineage = lineage
-        self.fault = fault or {}
+        self.fault = fault
         self.calls = 0
 
     def logits(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Answer scores (``Yes`` logits by default) and token counts of ``prompts``, in order."""
-        import torch
-
-        from binllm_core.backbone import answer_scores
-
-        ids = self.backbone.tokenizer(
-            prompts, add_special_tokens=False, truncation=True, max_length=self.max_length
-        )["input_ids"]
-        lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
-        order = np.argsort(lengths, kind="stable") if self.sort_by_length else np.arange(len(ids))
-        out = np.empty(len(ids), np.float64)
-        with torch.inference_mode():
-            for start in range(0, len(ids), self.batch_size):
-                idx = order[start : start + self.batch_size]
-                width = int(lengths[idx].max())
-                input_ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for j, i in enumerate(idx):  # left padding: the answer cue in the last column
-                    n = int(lengths[i])
-                    input_ids[j, width - n :] = torch.as_tensor(ids[i], dtype=torch.long)
-                    mask[j, width - n :] = 1
-                logits = answer_scores(
-                    self.model,
-                    input_ids.to(self.device),
-                    mask.to(self.device),
-                    self.backbone.answer,
-                )
-                out[idx] = logits.cpu().numpy()
-        return out, lengths
+        return self.scorer.score(prompts)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.calls += 1
-        self._maybe_die()
+        if self.fault is not None:
+            self.fault.reached(self.calls)
         logits, lengths = self.logits(batch["prompt"].to_pylist())
         n = batch.num_rows
         out = batch.drop_columns(["prompt"])
@@ -179,15 +147,6 @@ class PromptScorer:
                 out = out.drop_columns([name])
             out = out.append_column(name, values)
         return out
-
-    def _maybe_die(self) -> None:
-        """The test-only fault switch (see the module docstring)."""
-        marker = self.fault.get("marker")
-        if not marker or self.calls != self.fault.get("at_batch") or os.path.exists(marker):
-            return
-        with open(marker, "w") as fh:
-            fh.write(f"scorer killed at batch {self.calls}\n")
-        os._exit(1)
 
 
 class local_copy:  # noqa: N801 - a context manager used like a function
@@ -244,11 +203,8 @@ def score_dataset(
         "run_name": cfg.run_name,
         "scored_at": scored_at,
     }
-    at_batch = int(os.environ.get(FAULT_ENV, "0") or 0)
-    fault = None
-    if at_batch:
-        marker = os.path.join(tempfile.gettempdir(), f"binllm-scorer-fault-{uuid.uuid4().hex}")
-        fault = {"at_batch": at_batch, "marker": marker}
+    marker = os.path.join(tempfile.gettempdir(), f"binllm-scorer-fault-{uuid.uuid4().hex}")
+    fault = armed(FAULT_POINT, marker)
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameter for actor restarts yet and flags **ray_remote_args as
         # deprecated; without them the pool restarts actors without bound (Ray Data's default).
@@ -262,7 +218,7 @@ def _map_scorer(
     adapter: str,
     lineage: dict[str, Any],
     sort_by_length: bool,
-    fault: dict[str, Any] | None,
+    fault: Fault | None,
     num_actors: int | None,
 ) -> ray.data.Dataset:
     sc = cfg.score
@@ -333,10 +289,7 @@ def adapter_plan(
 
 
 def default_modes(cfg: RunConfig, finetune: Mapping[str, Any] | None) -> list[str]:
-    if cfg.score.modes:
-        bad = [m for m in cfg.score.modes if m not in MODES]
-        if bad:
-            raise ConfigError(f"score.modes has {bad[0]}", todo=f"choose among {', '.join(MODES)}")
+    if cfg.score.modes:  # checked against the modes when the config was loaded
         return list(cfg.score.modes)
     if finetune is None:
         return list(cfg.prompts.modes)
@@ -363,12 +316,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
         raise StageError(
             f"no prompts in the splits {sc.splits} to score", ctx.uri(ctx.stage_path("render"))
         )
-    prompts = ctx.read_dataset("render", "prompts")
     scored_at = now_utc()
     parts, per_mode = [], {}
     for mode, adapter in plan.items():
         started = time.time()
-        part = score_dataset(_select(prompts, mode, ids), cfg, adapter, scored_at).materialize()
+        part = score_dataset(_select(ctx, mode, ids), cfg, adapter, scored_at).materialize()
         seconds = time.time() - started
         rows = part.count()
         per_mode[mode] = {
@@ -423,11 +375,12 @@ def _whole_users(
     return ids[np.isin(uids, users[order][fits])]
 
 
-def _select(prompts: ray.data.Dataset, mode: str, ids: np.ndarray) -> ray.data.Dataset:
+def _select(ctx: StageContext, mode: str, ids: np.ndarray) -> ray.data.Dataset:
+    """The rendered prompts of ``mode`` (only that partition is read) whose ids are ``ids``."""
     keep = pa.array(ids, pa.int64())
 
     def select(batch: pa.Table) -> pa.Table:
-        mask = pc.and_(pc.equal(batch["mode"], mode), pc.is_in(batch["sample_id"], keep))
-        return batch.filter(mask).select(STAGE_INPUT)
+        return batch.filter(pc.is_in(batch["sample_id"], keep)).select(STAGE_INPUT)
 
+    prompts = ctx.read_dataset("render", "prompts", {"mode": mode})
     return prompts.map_batches(select, batch_format="pyarrow")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -30,6 +30,7 @@ from binllm_core.storage import (
     arrow_filesystem,
     is_relative,
     join,
+    partition_path,
     prune,
     read_manifest,
     read_parquet,
@@ -109,12 +110,23 @@ class StageContext:
             )
         return manifest
 
-    def read_dataset(self, stage: str, table: str) -> ray.data.Dataset:
-        return ray.data.read_parquet(self.table_path(stage, table), filesystem=self.arrow_fs)
+    def read_dataset(
+        self, stage: str, table: str, part: Mapping[str, str] | None = None
+    ) -> ray.data.Dataset:
+        """A table, or only its partition ``part`` (e.g. ``{"mode": "text"}``), as a dataset."""
+        path = partition_path(self.table_path(stage, table), part)
+        return ray.data.read_parquet(path, filesystem=self.arrow_fs, partitioning=None)
 
-    def read_table(self, stage: str, table: str, columns: list[str] | None = None) -> pa.Table:
-        """A whole table in this process (for steps that need all rows at once)."""
-        return read_parquet(self.fs, self.table_path(stage, table), columns)
+    def read_table(
+        self,
+        stage: str,
+        table: str,
+        columns: list[str] | None = None,
+        part: Mapping[str, str] | None = None,
+    ) -> pa.Table:
+        """A table (or its partition ``part``) in this process, for steps that need all rows at
+        once."""
+        return read_parquet(self.fs, partition_path(self.table_path(stage, table), part), columns)
 
     # ---- writing (into the new version, published when the stage succeeds) ----------------
     def output_path(self, name: str) -> str:
@@ -123,10 +135,12 @@ class StageContext:
             raise RuntimeError("the stage is not running: nothing to write into")
         return self.publication.table_path(name)
 
-    def write_dataset(self, ds: ray.data.Dataset, table: str) -> None:
-        """Write a Ray dataset as this stage's ``table``."""
+    def write_dataset(
+        self, ds: ray.data.Dataset, table: str, part: Mapping[str, str] | None = None
+    ) -> None:
+        """Write a Ray dataset as this stage's ``table``, or as its partition ``part``."""
         assert self.publication is not None, "the stage is not running"
-        write_dataset(self.publication, ds, table)
+        write_dataset(self.publication, ds, table, part)
 
     def write_table(self, data: pa.Table, table: str) -> None:
         """Write an Arrow table from this process as this stage's ``table``."""

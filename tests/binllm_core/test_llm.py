@@ -1,4 +1,5 @@
-"""Backbone loading, the Yes-logit score, and a proof that codes in the prompt reach the model."""
+"""The LLM recommender: loading, the answer score, one tuning loop, and a proof that codes in
+the prompt reach the model."""
 
 from __future__ import annotations
 
@@ -8,17 +9,13 @@ import pyarrow as pa
 import pytest
 import torch
 
-from binllm_core.backbone import (
-    answer_token_id,
-    load_backbone,
-    load_tokenizer,
-    resolve_source,
-    score_prompts,
-)
 from binllm_core.config import FinetuneConfig, ModelConfig, PromptConfig, TuneStepConfig
 from binllm_core.errors import ConfigError
-from binllm_core.finetune import EvalSet, Schedule, attach_lora, fit_plain
+from binllm_core.llm import answer_token_id, load_tokenizer, resolve_source
 from binllm_core.prompts import Lookups, render_table, templates_from_config
+from binllm_core.recommender import LLMRecommender, collate
+from binllm_core.scoring import Scorer
+from binllm_core.tuning import EvalSet, Schedule, TuningRun, fit_plain, shuffled_batches
 from tests.binllm_core.test_prompts import SAMPLE_SCHEMA
 from tests.conftest import SMOLLM_GGUF
 
@@ -48,29 +45,39 @@ def test_sources_never_reach_for_the_network(tmp_path) -> None:
         assert "\n" not in str(err.value)
 
 
+def scores(rec: LLMRecommender, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
+    return torch.as_tensor(Scorer(rec, batch_size, 1024).score(prompts)[0]).float()
+
+
 def test_tiny_backbone_is_deterministic_and_left_padded() -> None:
-    first, second = load_backbone(TINY), load_backbone(TINY)
+    first, second = LLMRecommender.load(TINY), LLMRecommender.load(TINY)
     assert first.tokenizer.padding_side == "left" and first.tokenizer.pad_token == "<pad>"
-    assert first.tokenizer.convert_ids_to_tokens([first.yes_id]) == ["Yes"]
+    assert first.tokenizer.convert_ids_to_tokens([first.lm.yes_id]) == ["Yes"]
     prompts = ['#Question: a b c? Answer with "Yes" or "No".\n#Answer:', "movie 0 1 1 0 . 3"]
-    together = score_prompts(first, prompts)
-    alone = torch.cat([score_prompts(second, [p]) for p in prompts])
+    together = scores(first, prompts)
+    alone = torch.cat([scores(second, [p]) for p in prompts])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    # The batch collate builds is what the scorer scores: the same numbers.
+    with torch.no_grad():
+        direct = first.score(collate(first.tokenizer, prompts, None, 1024))
+    torch.testing.assert_close(direct, together, atol=1e-5, rtol=1e-5)
 
 
 def test_yes_minus_no_score_is_the_log_odds_of_the_two_answers() -> None:
-    raw = load_backbone(TINY)
-    odds = load_backbone(ModelConfig(backbone="tiny", answer_score="yes_minus_no"))
-    assert odds.tokenizer.convert_ids_to_tokens([odds.answer.no_id]) == ["No"]
+    raw = LLMRecommender.load(TINY)
+    odds = LLMRecommender.load(ModelConfig(backbone="tiny", answer_score="yes_minus_no"))
+    answer = odds.lm.answer
+    assert odds.tokenizer.convert_ids_to_tokens([answer.no_id]) == ["No"]
     prompts = ['#Question: a b c? Answer with "Yes" or "No".\n#Answer:', "movie 0 1 1 0 . 3"]
     enc = odds.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
     with torch.no_grad():
-        last = odds.model(**enc).logits[:, -1]
-    expected = last[:, odds.answer.yes_id] - last[:, odds.answer.no_id]
-    torch.testing.assert_close(score_prompts(odds, prompts), expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(score_prompts(raw, prompts), last[:, raw.yes_id])
+        last = odds.lm.model(**enc).logits[:, -1]
+    expected = last[:, answer.yes_id] - last[:, answer.no_id]
+    torch.testing.assert_close(scores(odds, prompts), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scores(raw, prompts), last[:, raw.lm.yes_id], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # loads the real tokenizer from the GGUF file
 @pytest.mark.skipif(not SMOLLM_GGUF.exists(), reason=f"shared model not found at {SMOLLM_GGUF}")
 def test_smollm_answer_token_has_the_leading_space() -> None:
     tokenizer = load_tokenizer(ModelConfig(backbone=str(SMOLLM_GGUF)))
@@ -122,23 +129,62 @@ def code_only_task(mode: str) -> tuple[tuple[list[str], list[int]], EvalSet]:
     )
 
 
+@pytest.mark.slow  # trains a tiny LLM twice for 120 steps
 def test_codes_reach_the_model_and_a_saved_adapter_scores_the_same(tmp_path) -> None:
-    cfg = FinetuneConfig(eval_every=60, patience=5, max_length=256)
+    cfg = FinetuneConfig(eval_every=60, patience=5, max_length=256, seed=0)
     step = TuneStepConfig(lr=1e-2, min_lr=1e-4, warmup_steps=10, batch_size=16, max_steps=120)
     results = {}
     for mode in ("text", "binary"):
         train, valid = code_only_task(mode)
-        torch.manual_seed(0)
-        backbone = load_backbone(TINY)
-        model = attach_lora(backbone.model, cfg)
-        results[mode] = fit_plain(backbone, model, train, step, cfg, valid)
-    assert results["binary"].best_auc > 0.9, results["binary"].evals
-    assert results["text"].best_auc < 0.65, results["text"].evals
+        rec = LLMRecommender.load(TINY)
+        results[mode] = fit_plain(rec, train, step, cfg, valid).state
+    assert results["binary"].best > 0.9, results["binary"].evals
+    assert results["text"].best < 0.65, results["text"].evals
 
     # The adapter alone, saved and loaded onto a fresh base, gives the same scores.
-    model.save_pretrained(tmp_path / "adapter")
+    rec.save(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
-    before = score_prompts(backbone, valid.prompts[:32], model=model)
-    fresh = load_backbone(TINY)
-    reloaded = attach_lora(fresh.model, cfg, init_adapter=str(tmp_path / "adapter"))
-    torch.testing.assert_close(score_prompts(fresh, valid.prompts[:32], model=reloaded), before)
+    assert not list((tmp_path / "adapter").glob("*.bin"))
+    before = scores(rec, valid.prompts[:32])
+    reloaded = LLMRecommender.load(TINY, adapter=str(tmp_path / "adapter"))
+    torch.testing.assert_close(scores(reloaded, valid.prompts[:32]), before)
+    reloaded.merge_adapter()  # folded into the base for inference: the same scores
+    torch.testing.assert_close(scores(reloaded, valid.prompts[:32]), before, atol=1e-4, rtol=0)
+
+
+def test_a_run_resumed_from_its_checkpoint_continues_exactly(tmp_path) -> None:
+    """Interrupted after 6 of 10 steps and resumed from the checkpoint, a run ends with the
+    weights, evaluations and counters of the run that was never interrupted."""
+    cfg = FinetuneConfig(eval_every=3, patience=10, max_length=256, lora_dropout=0.0)
+    step = TuneStepConfig(lr=1e-2, warmup_steps=2, batch_size=8, max_steps=10)
+    train, valid = code_only_task("binary")
+
+    def drive(run: TuningRun, stream, until: int) -> None:
+        while not run.done and run.state.step < until:
+            run.train_step(stream)
+            if run.due_for_eval:
+                run.evaluate(valid)
+
+    whole = TuningRun(LLMRecommender.load(TINY), cfg, step, len(train[0]))
+    whole.setup()
+    drive(whole, shuffled_batches(*train, 8, cfg.seed), 10)
+
+    first = TuningRun(LLMRecommender.load(TINY), cfg, step, len(train[0]))
+    first.setup()
+    stream = shuffled_batches(*train, 8, cfg.seed)
+    drive(first, stream, 6)
+    first.save_checkpoint(tmp_path / "ckpt")
+    resumed = TuningRun(LLMRecommender.load(TINY), cfg, step, len(train[0]))
+    resumed.setup(resume=str(tmp_path / "ckpt"))
+    assert resumed.state.step == 6 and resumed.state.restarts == 1
+    drive(resumed, stream, 10)  # the same data stream goes on
+
+    assert resumed.done and whole.done
+    assert [e["step"] for e in resumed.state.evals] == [e["step"] for e in whole.state.evals]
+    for a, b in zip(resumed.state.evals, whole.state.evals, strict=True):
+        assert a["auc"] == pytest.approx(b["auc"], abs=1e-6)
+    assert resumed.state.sequences == whole.state.sequences == 80
+    ours = dict(resumed.rec.net.named_parameters())
+    for name, p in whole.rec.net.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(ours[name], p, atol=1e-5, rtol=1e-4)

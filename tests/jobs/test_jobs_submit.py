@@ -27,6 +27,8 @@ import yaml
 
 from binllm_core.storage import MANIFEST, read_output
 
+pytestmark = pytest.mark.slow  # a Ray head and job submission
+
 REPO = Path(__file__).resolve().parents[2]
 FAST_FINETUNE = [
     "finetune.step1.max_steps=4",

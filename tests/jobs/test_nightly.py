@@ -15,6 +15,8 @@ from binllm_core.lock import LockedError, WriterLock
 from pipelines import nightly as scoring
 from tests.jobs.fake_run import candidates, fake_run
 
+pytestmark = pytest.mark.slow  # scoring actor pools
+
 DATE = "2026-11-22"
 IDENTITY = ["user", "item", "mode", "cold", "prompt_hash", "logit_yes", "p_yes", "adapter_hash"]
 

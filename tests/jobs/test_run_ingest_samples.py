@@ -11,6 +11,8 @@ import pytest
 from binllm_core.storage import read_output
 from jobs.cli import main
 
+pytestmark = pytest.mark.slow  # all of MovieLens 100K through Ray Data
+
 
 def run_cli(uri: Path, out: Path, *extra: str) -> dict:
     args = ["run", "configs/ml100k.yaml", "--stages", "ingest,samples",

@@ -17,6 +17,8 @@ from pipelines import encode
 from pipelines.stage import Stage, StageContext, run_stage
 from tests.binllm_core.test_encoder import planted_samples
 
+pytestmark = pytest.mark.slow  # Ray Train
+
 USERS, ITEMS = 100, 60
 ENCODER = EncoderConfig(
     dim=16,
@@ -53,7 +55,7 @@ def read_codes(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 
 def test_two_workers_survive_a_worker_failure(ray_session, tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv(encode.FAULT_ENV, "2")
+    monkeypatch.setenv("BINLLM_TEST_FAULT", f"{encode.FAULT_POINT}@2")
     cfg = RunConfig(run_name="two", output_root=str(tmp_path))
     cfg.encoder = EncoderConfig(**{**ENCODER.__dict__, "num_workers": 2, "max_failures": 1})
     run_stage(cfg, fake_samples_stage(seed=0))
@@ -94,13 +96,13 @@ def test_crashed_run_resumes_and_matches_the_plain_loop(ray_session, tmp_path, m
     cfg.encoder = EncoderConfig(**{**ENCODER.__dict__, "num_workers": 1, "max_failures": 0})
     run_stage(cfg, fake_samples_stage(seed=3))
 
-    monkeypatch.setenv(encode.FAULT_ENV, "3")
+    monkeypatch.setenv("BINLLM_TEST_FAULT", f"{encode.FAULT_POINT}@3")
     with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker's exit in its own error
         run_stage(cfg, ENCODE)
     assert not (tmp_path / "one" / "encode" / MANIFEST).exists()
     assert not list((tmp_path / "one" / "encode").glob("v-*"))  # the failed version is gone
 
-    monkeypatch.delenv(encode.FAULT_ENV)
+    monkeypatch.delenv("BINLLM_TEST_FAULT")
     metrics = run_stage(cfg, ENCODE)["metrics"]
     assert len(metrics["resumed_at"]) == 1 and 1 <= metrics["resumed_at"][0] <= 3
 

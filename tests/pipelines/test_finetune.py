@@ -12,13 +12,15 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from binllm_core.backbone import load_backbone, score_prompts
-from binllm_core.finetune import attach_lora
 from binllm_core.metrics import auc
+from binllm_core.recommender import LLMRecommender
+from binllm_core.scoring import Scorer
 from binllm_core.storage import MANIFEST
-from pipelines.finetune import FAIL_ENV
+from pipelines.finetune import FAULT_POINT
 from pipelines.stage import run_stage
 from tests.pipelines.test_render import fake_upstream, make_cfg, read_prompts, stage
+
+pytestmark = pytest.mark.slow  # Ray Train
 
 OVERRIDES = [
     "finetune.strategy=two_step",
@@ -38,7 +40,7 @@ def test_two_steps_on_two_workers_survive_a_failure(
     cfg = make_cfg(tmp_path, *OVERRIDES)
     fake_upstream(cfg)
     run_stage(cfg, stage("render"))
-    monkeypatch.setenv(FAIL_ENV, "30")  # after the checkpoint at step 20 of step 1
+    monkeypatch.setenv("BINLLM_TEST_FAULT", f"{FAULT_POINT}@30")  # after step 1's checkpoint at 20
     manifest = run_stage(cfg, stage("finetune"))
     metrics = manifest["metrics"]
     step1, step2 = metrics["steps"]["step1"], metrics["steps"]["step2"]
@@ -65,9 +67,8 @@ def test_two_steps_on_two_workers_survive_a_failure(
     prompts = read_prompts(tmp_path)
     valid = prompts.filter(pc.and_(pc.equal(prompts["mode"], "binary"), prompts["valid_small"]))
     torch.set_num_threads(1)
-    backbone = load_backbone(cfg.model)
-    model = attach_lora(backbone.model, cfg.finetune, str(adapters / "step2"))
-    scores = score_prompts(backbone, valid["prompt"].to_pylist(), 64, 256, model=model)
+    rec = LLMRecommender.load(cfg.model, adapter=str(adapters / "step2"))
+    scores, _ = Scorer(rec, 64, 256).score(valid["prompt"].to_pylist())
     assert auc(valid["label"].to_pylist(), scores.tolist()) == pytest.approx(
         step2["best_valid_auc"], abs=1e-6
     )

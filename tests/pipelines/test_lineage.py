@@ -55,6 +55,7 @@ def edit_keeping_size_and_mtime(path: Path, old: str, new: str) -> None:
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
+@pytest.mark.slow  # ingest and samples through the CLI, several times
 @pytest.mark.usefixtures("ray_session")
 def test_edited_source_redoes_ingest_and_everything_after_it(tmp_path: Path, capsys):
     src = source_copy(tmp_path)
@@ -81,6 +82,7 @@ def test_edited_source_redoes_ingest_and_everything_after_it(tmp_path: Path, cap
     assert manifest(tmp_path, "samples")["inputs"] == {"ingest": after["identity"]}
 
 
+@pytest.mark.slow  # ingest and samples through the CLI, several times
 @pytest.mark.usefixtures("ray_session")
 def test_forced_ingest_redoes_downstream_only_when_its_output_changed(tmp_path: Path, capsys):
     src = source_copy(tmp_path)
@@ -222,6 +224,7 @@ def test_killed_inside_publish_keeps_the_previous_output_and_the_next_run_cleans
     assert [p.name for p in folder.glob("v-*")] == [json.loads(before)["version"]]
 
 
+@pytest.mark.slow  # ingest and samples through the CLI, several times
 @pytest.mark.usefixtures("ray_session")
 def test_s3_run_publishes_skips_and_replaces_versions(
     tmp_path: Path, s3_bucket: tuple[str, dict], capsys

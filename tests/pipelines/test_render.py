@@ -14,6 +14,8 @@ from binllm_core.storage import MANIFEST, read_output
 from pipelines.registry import STAGES
 from pipelines.stage import Stage, StageContext, run_stage
 
+pytestmark = pytest.mark.slow  # the token-counting actor pool
+
 N_ITEMS, N_USERS, TRAIN_ITEMS = 60, 20, 40
 SAMPLES_SCHEMA = pa.schema(
     [
@@ -132,9 +134,8 @@ def test_render_writes_prompts_per_mode_with_token_stats(tmp_path: Path, ray_ses
         "prompt",
         "n_tokens",
     ]
-    first = prompts.slice(0, 3).to_pylist()
-    assert [r["mode"] for r in first] == ["text", "binary", "dotdec"]
-    assert {r["sample_id"] for r in first} == {0}
+    by_mode = {r["mode"]: r for r in prompts.to_pylist() if r["sample_id"] == 0}
+    first = [by_mode["text"], by_mode["binary"], by_mode["dotdec"]]
     assert first[1]["prompt"] == (
         '#Question: A user has given high ratings to the following movies: "Title 3", '
         '"Title 1". Additionally, we have information about the user\'s preferences encoded in '
@@ -149,6 +150,18 @@ def test_render_writes_prompts_per_mode_with_token_stats(tmp_path: Path, ray_ses
     assert tokens["binary"]["mean"] > tokens["dotdec"]["mean"] > tokens["text"]["mean"] > 0
     assert tokens["binary"]["max"] >= tokens["binary"]["p95"] >= tokens["binary"]["mean"]
     assert manifest["metrics"]["rows_per_mode"] == {"binary": 50, "dotdec": 50, "text": 50}
+
+    # Partitioned by mode and split, the columns kept in the files: a slice reads alone.
+    folder = tmp_path / "t" / "render" / manifest["tables"]["prompts"]["path"]
+    slices = sorted(p.relative_to(folder).as_posix() for p in folder.glob("mode=*/split=*"))
+    assert slices == [f"mode={m}/split={s}" for m in ("binary", "dotdec", "text")
+                      for s in ("train", "valid")]
+    ctx = StageContext.open(cfg, "finetune")
+    part = ctx.read_table("render", "prompts", part={"mode": "binary", "split": "valid"})
+    assert set(part["mode"].to_pylist()) == {"binary"} and set(part["split"].to_pylist()) == {
+        "valid"
+    }
+    assert ctx.read_dataset("render", "prompts", {"mode": "text"}).count() == 50
 
 
 def test_render_stops_on_a_user_without_code(tmp_path: Path, ray_session) -> None:

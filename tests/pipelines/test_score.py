@@ -11,9 +11,10 @@ import pyarrow as pa
 import pytest
 import ray
 
-from binllm_core.backbone import load_backbone, score_prompts
 from binllm_core.config import ModelConfig, load_config
 from binllm_core.errors import StageError
+from binllm_core.recommender import LLMRecommender
+from binllm_core.scoring import Scorer
 from pipelines import score
 
 WORDS = "A user has given high ratings to the following movies Yes No 0 1 2 3 4 5 6 7".split()
@@ -42,8 +43,9 @@ def test_length_sorted_scores_equal_plain_scores_in_order():
         ModelConfig(backbone="tiny"), "", lineage(), batch_size=8, max_length=1024
     )
     got, lengths = scorer.logits(texts)
-    plain = score_prompts(load_backbone(ModelConfig(backbone="tiny")), texts, batch_size=8)
-    np.testing.assert_allclose(got, plain.numpy(), atol=1e-4)
+    rec = LLMRecommender.load(ModelConfig(backbone="tiny"))
+    plain, _ = Scorer(rec, batch_size=8, max_length=1024, sort_by_length=False).score(texts)
+    np.testing.assert_allclose(got, plain, atol=1e-4)
     out = scorer(pa.table({"sample_id": list(range(37)), "prompt": texts}))
     assert out.column_names[:2] == ["sample_id", "n_tokens"] and "prompt" not in out.column_names
     assert out["sample_id"].to_pylist() == list(range(37))
@@ -55,14 +57,14 @@ def test_length_sorted_scores_equal_plain_scores_in_order():
 def test_merged_lora_adapter_scores_like_the_peft_model(tmp_path: Path):
     from peft import LoraConfig, get_peft_model
 
-    backbone = load_backbone(ModelConfig(backbone="tiny"))
+    rec = LLMRecommender.load(ModelConfig(backbone="tiny"))
     config = LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
     )
-    peft_model = get_peft_model(backbone.model, config)
-    peft_model.save_pretrained(tmp_path / "adapter")
+    rec.net = get_peft_model(rec.lm.model, config)
+    rec.save(tmp_path / "adapter")
     texts = prompts(10, seed=3)
-    expected = score_prompts(backbone, texts, batch_size=4, model=peft_model).numpy()
+    expected, _ = Scorer(rec, batch_size=4, max_length=1024).score(texts)
     scorer = score.PromptScorer(
         ModelConfig(backbone="tiny"),
         str(tmp_path / "adapter"),
@@ -70,14 +72,15 @@ def test_merged_lora_adapter_scores_like_the_peft_model(tmp_path: Path):
         batch_size=4,
         max_length=1024,
     )
-    assert not any("lora" in n for n, _ in scorer.model.named_modules())  # merged
+    assert not any("lora" in n for n, _ in scorer.recommender.net.named_modules())  # merged
     np.testing.assert_allclose(scorer.logits(texts)[0], expected, atol=1e-4)
 
 
+@pytest.mark.slow  # an actor pool, killed and restarted
 def test_killed_actor_is_replaced_and_every_row_is_scored_once(
     tmp_path: Path, ray_session, monkeypatch: pytest.MonkeyPatch
 ):
-    monkeypatch.setenv(score.FAULT_ENV, "3")
+    monkeypatch.setenv("BINLLM_TEST_FAULT", f"{score.FAULT_POINT}@3")
     cfg = load_config(
         "configs/tiny.yaml",
         [

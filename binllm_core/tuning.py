@@ -1,0 +1,327 @@
+"""One tuning run of the LLM recommender: the LoRA loop every caller drives.
+
+:class:`TuningRun` has the lifecycle of a torchtune recipe — ``setup`` (fresh, from a saved
+adapter, or resumed from a checkpoint), ``train_step`` (one optimizer step over gradient-
+accumulated micro-batches), ``evaluate`` (validation AUC/UAUC, early stopping, the best adapter
+kept), ``save_checkpoint`` — and both the plain single-process loop (:func:`fit_plain`: the
+benchmarks and tests) and the Ray Train worker (``pipelines/finetune.py``) drive it, the way both
+drive :class:`binllm_core.encoder.EncoderTraining`. The Ray side adds only data shards, DDP,
+gathering evaluation scores across workers and reporting checkpoints.
+
+The optimiser is AdamW with weight decay on matrices only; the learning rate warms up linearly
+over *global* steps, then decays on a cosine to a minimum (:class:`Schedule`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from binllm_core.config import FinetuneConfig, TuneStepConfig
+from binllm_core.metrics import auc, uauc
+from binllm_core.recommender import LLMRecommender, PromptBatch, collate
+from binllm_core.scoring import Scorer
+
+STATE = "state.json"
+OPTIMIZER = "optimizer.pt"
+
+
+# ---- the pieces ------------------------------------------------------------------------------
+def make_optimizer(params: Iterable[torch.nn.Parameter], weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; decay only on weight matrices (as the official runner)."""
+    decay, no_decay = [], []
+    for p in params:
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Linear warm-up from ``warmup_lr`` to ``lr`` over global steps, then cosine to ``min_lr``
+    at ``total_steps``. (The official runner restarts warm-up each epoch; this one does not.)"""
+
+    lr: float
+    min_lr: float
+    warmup_lr: float
+    warmup_steps: int
+    total_steps: int
+
+    @classmethod
+    def of(cls, step: TuneStepConfig, total_steps: int) -> Schedule:
+        return cls(step.lr, step.min_lr, step.warmup_lr, step.warmup_steps, total_steps)
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.warmup_lr + (self.lr - self.warmup_lr) * step / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def planned_steps(step: TuneStepConfig, n_train: int, world_size: int = 1) -> int:
+    """Optimizer steps of a tuning step: the smaller of ``max_steps`` and ``epochs`` passes."""
+    per_step = step.batch_size * step.grad_accum * world_size
+    bounds = []
+    if step.max_steps > 0:
+        bounds.append(step.max_steps)
+    if step.epochs > 0:
+        bounds.append(max(1, int(step.epochs * (n_train // per_step))))
+    if not bounds:
+        raise ValueError("a tuning step needs max_steps > 0 or epochs > 0")
+    return min(bounds)
+
+
+@dataclass
+class EarlyStopping:
+    """Track the best validation AUC; ``stop`` after ``patience`` evaluations without a better."""
+
+    patience: int
+    best: float = -math.inf
+    best_step: int = -1
+    bad_evals: int = 0
+
+    def update(self, value: float, step: int) -> bool:
+        """Record an evaluation; True when it is the best so far (NaN never is)."""
+        if not math.isnan(value) and value > self.best:
+            self.best, self.best_step, self.bad_evals = value, step, 0
+            return True
+        self.bad_evals += 1
+        return False
+
+    @property
+    def stop(self) -> bool:
+        return self.bad_evals >= self.patience
+
+
+@dataclass
+class EvalSet:
+    """Validation prompts with labels and users."""
+
+    prompts: list[str]
+    labels: list[int]
+    uids: list[int]
+
+    def metrics(self, scores: Sequence[float]) -> dict[str, float]:
+        return {"auc": auc(self.labels, scores), "uauc": uauc(self.uids, self.labels, scores)}
+
+
+@dataclass
+class TuningState:
+    """Everything a resumed run needs besides the weights; a checkpoint's ``state.json``."""
+
+    planned_steps: int
+    step: int = 0
+    finished: bool = False
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    best: float = -math.inf
+    best_step: int = -1
+    bad_evals: int = 0
+    sequences: int = 0
+    """Sequences trained on, all workers (the Ray side sums them before it reports)."""
+    tokens: int = 0
+    train_seconds: float = 0.0
+    restarts: int = 0
+    peak_rss_mb: float | None = None
+
+
+Gather = Callable[[tuple[list[float], list[int], list[int]]], list[tuple]]
+"""Collects every worker's (scores, labels, uids) of its evaluation share (Ray: all_gather)."""
+
+
+# ---- the run ---------------------------------------------------------------------------------
+class TuningRun:
+    """One tuning step of the recommender, driven step by step by its caller."""
+
+    def __init__(
+        self,
+        recommender: LLMRecommender,
+        cfg: FinetuneConfig,
+        step_cfg: TuneStepConfig,
+        n_train: int,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        self.rec = recommender
+        self.cfg = cfg
+        self.step_cfg = step_cfg
+        self.rank, self.world = rank, world
+        self.state = TuningState(planned_steps(step_cfg, n_train, world))
+        self.stopper = EarlyStopping(cfg.patience)
+        self.schedule = Schedule.of(step_cfg, self.state.planned_steps)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.workdir = Path(tempfile.mkdtemp(prefix="binllm-tune-"))
+        self.best_dir = self.workdir / "best"
+        """The best adapter so far (rank 0 writes it)."""
+        self.lr = 0.0
+        self._loss_sum, self._loss_n = 0.0, 0
+
+    # ---- setup -----------------------------------------------------------------------------
+    def setup(self, start_from: str = "", resume: str = "") -> None:
+        """Attach the adapter and the optimiser: resumed from the checkpoint folder ``resume``
+        (weights, best adapter, optimiser and counters), else starting from the adapter saved in
+        ``start_from`` (an earlier step's best, ``finetune.init_adapter``), else fresh."""
+        torch.manual_seed(self.cfg.seed)  # a fresh adapter's initial weights
+        if resume:
+            folder = Path(resume)
+            self.rec.attach_adapter(str(folder / "adapter"), self.cfg)
+            self._make_optimizer()
+            assert self.optimizer is not None
+            self.optimizer.load_state_dict(torch.load(folder / OPTIMIZER))
+            self.state = TuningState(**json.loads((folder / STATE).read_text()))
+            self.state.restarts += 1
+            shutil.copytree(folder / "best", self.best_dir)
+        else:
+            self.rec.attach_adapter(start_from, self.cfg)
+            self._make_optimizer()
+        s = self.state
+        self.stopper = EarlyStopping(self.cfg.patience, s.best, s.best_step, s.bad_evals)
+        self.schedule = Schedule.of(self.step_cfg, s.planned_steps)
+        self.rec.train(True)
+        # Dropout differs per worker and per (re)start, reproducibly.
+        torch.manual_seed(self.cfg.seed + self.rank + 1000 * s.step)
+
+    def _make_optimizer(self) -> None:
+        self.optimizer = make_optimizer(self.rec.trainable_parameters(), self.cfg.weight_decay)
+
+    # ---- training --------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.state.finished or self.state.step >= self.state.planned_steps
+
+    def batches(self, prompts: Sequence[str], labels: Sequence[int]) -> PromptBatch:
+        """A training micro-batch of prompts and labels on the model's device."""
+        batch = collate(self.rec.tokenizer, prompts, labels, self.cfg.max_length)
+        return batch.to(self.rec.device)
+
+    def train_step(self, micro_batches: Iterator[tuple[Sequence[str], Sequence[int]]]) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches from ``micro_batches``; gradients
+        are synchronised across workers on the last micro-batch only. The mean loss."""
+        assert self.optimizer is not None, "call setup() first"
+        started = time.perf_counter()
+        self.lr = self.schedule.lr_at(self.state.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        accum = self.step_cfg.grad_accum
+        losses = []
+        for micro in range(accum):
+            prompts, labels = next(micro_batches)
+            batch = self.batches(prompts, labels)
+            net = self.rec.forward_net
+            sync = micro == accum - 1 or self.world == 1 or net is None
+            with nullcontext() if sync else net.no_sync():
+                loss = self.rec.loss(batch)
+                (loss / accum).backward()
+            losses.append(float(loss.detach()))
+            self.state.sequences += len(batch)
+            self.state.tokens += batch.n_tokens
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.train_seconds += time.perf_counter() - started
+        self._loss_sum += sum(losses)
+        self._loss_n += len(losses)
+        return sum(losses) / len(losses)
+
+    @property
+    def due_for_eval(self) -> bool:
+        """Every ``eval_every`` steps, and after the last planned step."""
+        s = self.state
+        return s.step % self.cfg.eval_every == 0 or s.step >= s.planned_steps
+
+    # ---- evaluation ------------------------------------------------------------------------
+    def evaluate(self, valid: EvalSet, gather: Gather | None = None) -> dict[str, Any]:
+        """Score this worker's ``valid`` share, gather every share, update early stopping and
+        keep the best adapter; the evaluation record (also appended to the state)."""
+        scorer = Scorer(self.rec, self.cfg.eval_batch_size, self.cfg.max_length, False)
+        scores, _ = scorer.score(valid.prompts)
+        mine = (scores.tolist(), list(valid.labels), list(valid.uids))
+        parts = gather(mine) if gather is not None else [mine]
+        whole = EvalSet([], [y for p in parts for y in p[1]], [u for p in parts for u in p[2]])
+        metrics = whole.metrics([x for p in parts for x in p[0]])
+        if self.stopper.update(metrics["auc"], self.state.step) and self.rank == 0:
+            shutil.rmtree(self.best_dir, ignore_errors=True)
+            self.rec.save(self.best_dir)
+        record = {
+            "step": self.state.step,
+            **metrics,
+            "train_loss": self._loss_sum / max(self._loss_n, 1),
+            "lr": self.lr,
+        }
+        self._loss_sum, self._loss_n = 0.0, 0
+        s = self.state
+        s.evals = [*s.evals, record]
+        s.best, s.best_step, s.bad_evals = (
+            self.stopper.best,
+            self.stopper.best_step,
+            self.stopper.bad_evals,
+        )
+        s.finished = self.stopper.stop or s.step >= s.planned_steps
+        return record
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def save_checkpoint(self, folder: str | Path) -> None:
+        """The current adapter, the best one, the optimiser and the state, under ``folder``."""
+        assert self.optimizer is not None
+        folder = Path(folder)
+        self.rec.save(folder / "adapter")
+        if not self.best_dir.exists():  # no valid AUC yet (one class only): the current stands in
+            self.rec.save(self.best_dir)
+        shutil.copytree(self.best_dir, folder / "best")
+        torch.save(self.optimizer.state_dict(), folder / OPTIMIZER)
+        (folder / STATE).write_text(json.dumps(asdict(self.state)))
+
+    def close(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+# ---- the plain single-process driver -----------------------------------------------------------
+def shuffled_batches(
+    prompts: Sequence[str], labels: Sequence[int], batch_size: int, seed: int
+) -> Iterator[tuple[list[str], list[int]]]:
+    """Endless shuffled micro-batches (a fresh permutation every epoch; the last partial batch
+    is dropped, as with ``drop_last``)."""
+    order = list(range(len(prompts)))
+    rng = random.Random(seed)
+    if len(order) < batch_size:
+        raise ValueError(f"{len(order)} train prompts are fewer than one batch of {batch_size}")
+    while True:
+        rng.shuffle(order)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            idx = order[start : start + batch_size]
+            yield [prompts[i] for i in idx], [labels[i] for i in idx]
+
+
+def fit_plain(
+    recommender: LLMRecommender,
+    train: tuple[Sequence[str], Sequence[int]],
+    step_cfg: TuneStepConfig,
+    cfg: FinetuneConfig,
+    valid: EvalSet | None = None,
+    start_from: str = "",
+) -> TuningRun:
+    """Tune ``recommender`` in this process; evaluate every ``cfg.eval_every`` steps when
+    ``valid`` is given. The finished run (its ``state`` holds the evaluations and counters; its
+    ``best_dir`` the best adapter until ``close``)."""
+    run = TuningRun(recommender, cfg, step_cfg, len(train[0]))
+    run.setup(start_from=start_from)
+    stream = shuffled_batches(train[0], train[1], step_cfg.batch_size, cfg.seed)
+    while not run.done:
+        run.train_step(stream)
+        if valid is not None and run.due_for_eval:
+            run.evaluate(valid)
+    run.rec.train(False)
+    return run
