@@ -22,6 +22,7 @@ import argparse
 import datetime as dt
 import multiprocessing as mp
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,9 +30,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from benchmarks.common import SHARED, measured, save, table
-from binllm_core.config import PromptConfig, RunConfig, load_config
-from binllm_core.prompts import fill, templates_from_config
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # ``python benchmarks/score.py``
+
+from benchmarks.common import SHARED, measured, save, table  # noqa: E402
+from binllm_core.config import PromptConfig, RunConfig, load_config  # noqa: E402
+from binllm_core.prompts import fill, templates_from_config  # noqa: E402
 
 GGUF = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
