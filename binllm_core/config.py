@@ -276,9 +276,10 @@ class PromptConfig(Section):
     code_template: str = ""
     """Own template for ``binary``/``dotdec`` prompts (replaces the built-in one when not empty):
     ``<ItemTitleList>``, ``<UserID>``, ``<TargetItemTitle>``, ``<TargetItemID>``."""
-    modes: list[str] = field(default_factory=lambda: ["text", "binary", "dotdec"])
-    """Prompt modes to render: ``text`` (no codes), ``binary`` and ``dotdec`` (codes in the user
-    and target item slots). One output row per sample and mode."""
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    """Prompt modes to render: ``text`` (no codes) and one per code format (``binary``,
+    ``dotdec``: codes in the user and target item slots); default all. One output row per sample
+    and mode."""
     history_len: int = 10
     """How many of the latest positive titles (quoted, comma-joined) fill ``<ItemTitleList>``."""
     empty_history: str = ""
