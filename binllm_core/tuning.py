@@ -202,7 +202,7 @@ class TuningRun:
     def done(self) -> bool:
         return self.state.finished or self.state.step >= self.state.planned_steps
 
-    def batches(self, prompts: Sequence[str], labels: Sequence[int]) -> PromptBatch:
+    def _batch(self, prompts: Sequence[str], labels: Sequence[int]) -> PromptBatch:
         """A training micro-batch of prompts and labels on the model's device."""
         batch = collate(self.rec.tokenizer, prompts, labels, self.cfg.max_length)
         return batch.to(self.rec.device)
@@ -219,7 +219,7 @@ class TuningRun:
         losses = []
         for micro in range(accum):
             prompts, labels = next(micro_batches)
-            batch = self.batches(prompts, labels)
+            batch = self._batch(prompts, labels)
             net = self.rec.forward_net
             sync = micro == accum - 1 or self.world == 1 or net is None
             with nullcontext() if sync else net.no_sync():

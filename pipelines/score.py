@@ -115,7 +115,7 @@ class PromptScorer:
             with local_copy(adapter, storage_options) as folder:
                 self.recommender.attach_adapter(folder, trainable=False)
             self.recommender.merge_adapter()
-        self.recommender.train(False)
+        self.recommender.train(False)  # a bare backbone too: no dropout when scoring
         self.scorer = Scorer(self.recommender, batch_size, max_length, sort_by_length)
         self.lineage = lineage
         self.fault = fault

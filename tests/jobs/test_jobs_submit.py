@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import pytest
 import yaml
 
 from binllm_core.storage import MANIFEST, read_output
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow  # a Ray head and job submission
 
@@ -39,12 +39,6 @@ FAST_FINETUNE = [
     "finetune.step2.warmup_steps=1",
     "finetune.eval_every=2",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
