@@ -6,7 +6,10 @@ config check, the ``codes`` table's columns, render and pair scoring all derive 
 format is one entry here.
 ``code_binary`` writes bit k as character k (``"0110..."``); ``code_dotdec`` packs every 8 bits,
 most significant first, into a number 0-255 and joins them with ``.`` (IPv4 style:
-``10101100 00010000 11111110 00000001`` -> ``172.16.254.1``), so ``d`` must be a multiple of 8.
+``10101100 00010000 11111110 00000001`` -> ``172.16.254.1``), so ``d`` must be a multiple of 8;
+``code_hex`` writes every 4 bits, most significant first, as one lowercase hexadecimal digit
+(``1010 1100 0001 0000`` -> ``ac10``), so a 32-bit code is 8 characters: SmolLM2's tokenizer
+gives it ~8 tokens against ~13 for dot-decimal and 33 for binary.
 """
 
 from __future__ import annotations
@@ -73,6 +76,29 @@ def from_dotdec(codes: list[str]) -> np.ndarray:
     return np.unpackbits(octets.astype(np.uint8).reshape(len(codes), -1), axis=1)
 
 
+_HEX_DIGITS = np.array(list("0123456789abcdef"))
+_NIBBLE = np.array([8, 4, 2, 1], dtype=np.uint8)
+
+
+def to_hex(bits: np.ndarray) -> list[str]:
+    """Rows of bits (n, d) -> ``n`` strings of ``d / 4`` lowercase hexadecimal digits."""
+    bits = np.atleast_2d(np.asarray(bits, dtype=np.uint8))
+    if bits.shape[1] % 4:
+        raise DataError(f"a code of {bits.shape[1]} bits is not a whole number of hex digits")
+    digits = _HEX_DIGITS[bits.reshape(len(bits), -1, 4) @ _NIBBLE]
+    return ["".join(row) for row in digits.tolist()]
+
+
+def from_hex(codes: list[str]) -> np.ndarray:
+    """Hexadecimal strings -> bits (n, 4 * digits); every string must have the same length."""
+    try:
+        values = np.array([[int(c, 16) for c in code] for code in codes], dtype=np.uint8)
+    except ValueError:
+        raise DataError("a hex code holds a character other than 0-9 and a-f") from None
+    values = values.reshape(len(codes), -1)
+    return ((values[:, :, None] & _NIBBLE) > 0).astype(np.uint8).reshape(len(codes), -1)
+
+
 def binary_to_dotdec(codes: list[str]) -> list[str]:
     return to_dotdec(from_binary(codes))
 
@@ -104,6 +130,7 @@ CODE_FORMATS: dict[str, CodeFormat] = {
     for f in (
         CodeFormat("binary", to_binary, from_binary),
         CodeFormat("dotdec", to_dotdec, from_dotdec, dim_multiple=8),
+        CodeFormat("hex", to_hex, from_hex, dim_multiple=4),
     )
 }
 CODE_MODES: tuple[str, ...] = tuple(CODE_FORMATS)

@@ -384,6 +384,12 @@ class FinetuneConfig(Section):
     """Sequences per scoring batch during evaluation."""
     max_length: int = 1024
     """Longest prompt in tokens; longer prompts lose their beginning (the answer cue stays)."""
+    share_prefix: bool = True
+    """Compute each user prefix once (:mod:`binllm_core.prefix_sharing`): a micro-batch takes
+    whole groups of prompts with the same user and history, whose shared prefix runs forward
+    and backward once; evaluation scores such groups with one prefix pass; a
+    ``max_train_samples`` subset is drawn as whole groups. False: micro-batches of prompts
+    drawn at random, each prompt run whole (the loss is the same BCE either way)."""
     init_adapter: str = ""
     """Start the first tuning step from this saved adapter (a folder every worker can read, e.g.
     the ``adapters/step1`` of another run) instead of a fresh one; empty starts fresh."""
@@ -470,6 +476,10 @@ class ScoreConfig(Section):
     time, orders them by token length (little padding), scores, and restores their order."""
     max_length: int = 1024
     """Longest prompt in tokens; longer prompts lose their beginning (the answer cue stays)."""
+    share_prefix: bool = True
+    """Score the prompts that share a user prefix (same user, same history) with one prefix
+    pass and a copy of its key/value cache per prompt (:mod:`binllm_core.prefix_sharing`);
+    scores equal those of whole prompts (float32 differences ~1e-5). False: every prompt whole."""
     max_restarts: int = resource(3)
     """How often a scoring actor that died is restarted (its unfinished batches are retried)."""
 

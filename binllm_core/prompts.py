@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 
 from binllm_core.codes import CODE_FORMATS, CODE_MODES
@@ -62,6 +63,40 @@ class Templates:
     def for_mode(self, mode: str) -> str:
         return self.text if mode == "text" else self.code
 
+    def prefix_cut(self) -> PrefixCut:
+        """Where a prompt of these templates stops depending on the user alone (for scoring a
+        user's prompts with one prefix pass, :mod:`binllm_core.prefix_sharing`)."""
+        return PrefixCut(tuple(a for a in map(_item_anchor, (self.text, self.code)) if a))
+
+
+ITEM_PLACEHOLDERS = ("<TargetItemTitle>", "<TargetItemID>")
+
+
+def _item_anchor(template: str) -> str:
+    """The literal text of ``template`` right before its first item placeholder (after the
+    placeholder before it): in a filled prompt, the item's part begins where it ends."""
+    first = min((template.find(p) for p in ITEM_PLACEHOLDERS if p in template), default=-1)
+    if first < 0:
+        return ""
+    head = template[:first]
+    return head[max((m.end() for m in _PLACEHOLDER_RE.finditer(head)), default=0) :]
+
+
+@dataclass(frozen=True)
+class PrefixCut:
+    """A prompt -> how many of its first characters hold the user's part: up to the end of the
+    last occurrence of a template's item anchor (0 when none occurs).
+
+    A cut only decides how much can be shared, never a score: prompts share a prefix pass only
+    when their tokens up to the cut are identical. A title that happens to hold an anchor can
+    therefore cost sharing, not correctness."""
+
+    anchors: tuple[str, ...]
+
+    def __call__(self, prompt: str) -> int:
+        ends = [prompt.rfind(a) + len(a) for a in self.anchors if a in prompt]
+        return max(ends, default=0)
+
 
 def builtin_template(style: str, domain: str, with_codes: bool) -> str:
     """The official template text for ``style`` (``paper``/``default``) and ``domain``."""
@@ -103,7 +138,9 @@ class Lookups:
 
 
 def lookups_from_tables(items: pa.Table, item_map: pa.Table, codes: pa.Table | None) -> Lookups:
-    """Build the lookups from ``ingest/items``, ``samples/item_map`` and ``encode/codes``."""
+    """Build the lookups from ``ingest/items``, ``samples/item_map`` and ``encode/codes``
+    (entity, id, bits). Each format's text is made from the bits here, so codes encoded before a
+    format existed are written in it too."""
     title_of = dict(zip(items["item"].to_pylist(), items["title"].to_pylist(), strict=True))
     titles = {
         iid: str(title_of.get(item) or item)
@@ -111,11 +148,12 @@ def lookups_from_tables(items: pa.Table, item_map: pa.Table, codes: pa.Table | N
     }
     user_codes: dict[str, dict[int, str]] = {m: {} for m in CODE_MODES}
     item_codes: dict[str, dict[int, str]] = {m: {} for m in CODE_MODES}
-    if codes is not None:
+    if codes is not None and codes.num_rows:
         entity, ids = codes["entity"].to_pylist(), codes["id"].to_pylist()
+        bits = np.stack(codes["bits"].to_numpy(zero_copy_only=False))
         for mode in CODE_MODES:
-            column = codes[CODE_FORMATS[mode].column].to_pylist()
-            for ent, i, code in zip(entity, ids, column, strict=True):
+            texts = CODE_FORMATS[mode].to_text(bits)
+            for ent, i, code in zip(entity, ids, texts, strict=True):
                 (user_codes if ent == "user" else item_codes)[mode][i] = code
     return Lookups(titles, user_codes, item_codes)
 

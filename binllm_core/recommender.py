@@ -9,8 +9,9 @@ answer score, the LoRA adapter and a :class:`torch.nn.ModuleDict` of extra train
 * ``loss(batch)`` — BCE-with-logits of that score against the 0/1 labels;
 * ``save(folder)`` / ``load`` — the adapter (safetensors) and the extra modules, never the base.
 
-A batch is built from prompts by :func:`collate` (tokenise, then :func:`pad_left`), the one place
-that decides tokenisation and padding for training, evaluation and scoring alike.
+A training batch is built from prompts by :func:`collate` (tokenise, then :func:`pad_left`, or
+group prompts that share a prefix into a :class:`~binllm_core.prefix_sharing.SharedPrefixBatch`);
+:class:`binllm_core.scoring.Scorer` builds both kinds of batch for scoring.
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ import torch
 import torch.nn.functional as F
 
 from binllm_core.config import FinetuneConfig, ModelConfig
-from binllm_core.llm import LanguageModel, load_language_model
+from binllm_core.llm import AnswerScore, LanguageModel, load_language_model
+from binllm_core.prefix_sharing import (
+    PrefixCut,
+    SharedPrefixBatch,
+    group_by_prefix,
+    left_padded,
+    positions,
+    tokenize_with_prefix,
+)
 
 EXTRA_MODULES = "extra_modules.safetensors"
 """Where :meth:`LLMRecommender.save` writes the extra trainable modules, next to the adapter."""
@@ -34,7 +43,9 @@ EXTRA_MODULES = "extra_modules.safetensors"
 # ---- batches -----------------------------------------------------------------------------------
 @dataclass
 class PromptBatch:
-    """Left-padded prompts (the answer cue in the last column), with labels when training."""
+    """Whole prompts, left-padded (the answer cue in the last column), with labels when
+    training. :class:`~binllm_core.prefix_sharing.SharedPrefixBatch` is the other kind of batch:
+    prompts grouped by a shared prefix that runs once per group."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -45,12 +56,28 @@ class PromptBatch:
         """Real (non-pad) tokens."""
         return int(self.attention_mask.sum())
 
+    computed_tokens = n_tokens
+
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
     def to(self, device: torch.device | str) -> PromptBatch:
         labels = None if self.labels is None else self.labels.to(device)
         return PromptBatch(self.input_ids.to(device), self.attention_mask.to(device), labels)
+
+    def last_logits(self, net: torch.nn.Module, config: Any = None) -> torch.Tensor:
+        """Logits at each prompt's last token, shape ``(batch, vocab)``."""
+        out = net(
+            input_ids=self.input_ids,
+            attention_mask=self.attention_mask,
+            position_ids=positions(self.attention_mask),
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1]
+
+
+Batch = PromptBatch | SharedPrefixBatch
+"""What the recommender scores and trains on."""
 
 
 def tokenize(tokenizer: Any, prompts: Sequence[str], max_length: int) -> list[list[int]]:
@@ -64,22 +91,45 @@ def pad_left(
     ids: Sequence[Sequence[int]], pad_id: int, labels: Sequence[int] | None = None
 ) -> PromptBatch:
     """Token id lists as one left-padded batch."""
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, tokens in enumerate(ids):
-        if tokens:
-            input_ids[row, width - len(tokens) :] = torch.as_tensor(tokens, dtype=torch.long)
-            mask[row, width - len(tokens) :] = 1
+    input_ids, mask = left_padded(ids, pad_id)
     target = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.float32)
     return PromptBatch(input_ids, mask, target)
 
 
 def collate(
-    tokenizer: Any, prompts: Sequence[str], labels: Sequence[int] | None, max_length: int
-) -> PromptBatch:
-    """Prompts (and their 0/1 labels) as one batch: the only way batches are built."""
-    return pad_left(tokenize(tokenizer, prompts, max_length), tokenizer.pad_token_id, labels)
+    tokenizer: Any,
+    prompts: Sequence[str],
+    labels: Sequence[int] | None,
+    max_length: int,
+    cut: PrefixCut | None = None,
+) -> Batch:
+    """Prompts (and their 0/1 labels) as one batch: the only way training batches are built.
+    With a prefix ``cut``, prompts that share their prefix tokens are grouped (the rows and
+    labels then follow the groups: see :meth:`SharedPrefixBatch.build`)."""
+    tokens = tokenize_with_prefix(tokenizer, prompts, max_length, cut)
+    groups, alone = group_by_prefix(tokens)
+    if not groups:
+        return pad_left(tokens.ids, tokenizer.pad_token_id, labels)
+    groups = [*groups, *([i] for i in alone)]
+    prefix = [tokens.prefix_tokens[g[0]] if len(g) > 1 else 0 for g in groups]
+    return SharedPrefixBatch.build(tokens.ids, groups, prefix, tokenizer.pad_token_id, labels)
+
+
+# ---- the model a forward pass runs -------------------------------------------------------------
+class AnswerModel(torch.nn.Module):
+    """A batch -> the answer score of each prompt (float32): the LM with its adapter and the
+    extra trainable modules in one module, which is what DDP wraps on Ray Train."""
+
+    def __init__(self, net: torch.nn.Module, answer: AnswerScore) -> None:
+        super().__init__()
+        self.net = net
+        self.extra = torch.nn.ModuleDict()
+        self.answer = answer
+        self.config = net.config
+        """The base LM's config (the layer kinds of a key/value cache)."""
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.answer(batch.last_logits(self.net, self.config))
 
 
 # ---- the recommender ---------------------------------------------------------------------------
@@ -88,12 +138,24 @@ class LLMRecommender:
 
     def __init__(self, lm: LanguageModel) -> None:
         self.lm = lm
-        self.net: torch.nn.Module = lm.model
-        """What a forward pass runs: the base model, or the base wrapped with its adapter."""
-        self.extra = torch.nn.ModuleDict()
-        """Trainable modules besides the adapter (e.g. a projector), saved with it."""
+        self.model = AnswerModel(lm.model, lm.answer)
+        """What a forward pass runs: :attr:`net` and :attr:`extra`, scoring a batch."""
         self.forward_net: torch.nn.Module | None = None
-        """A wrapper of :attr:`net` for training (a DDP module on Ray Train), when set."""
+        """A wrapper of :attr:`model` for training (a DDP module on Ray Train), when set."""
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """The LM: the base model, or the base wrapped with its adapter."""
+        return self.model.net
+
+    @net.setter
+    def net(self, value: torch.nn.Module) -> None:
+        self.model.net = value
+
+    @property
+    def extra(self) -> torch.nn.ModuleDict:
+        """Trainable modules besides the adapter (e.g. a projector), saved with it."""
+        return self.model.extra
 
     # ---- building --------------------------------------------------------------------------
     @classmethod
@@ -142,27 +204,21 @@ class LLMRecommender:
         return next(self.net.parameters()).device
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        return params + [p for p in self.extra.parameters() if p.requires_grad]
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def train(self, mode: bool = True) -> None:
-        self.net.train(mode)
-        self.extra.train(mode)
+        self.model.train(mode)
 
-    def score(self, batch: PromptBatch, net: torch.nn.Module | None = None) -> torch.Tensor:
-        """The answer score of each prompt, float32, shape ``(batch,)``."""
-        out = (net or self.net)(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1
-        )
-        return self.lm.answer(out.logits[:, -1])
+    def score(self, batch: Batch) -> torch.Tensor:
+        """The answer score of each prompt (in the batch's row order), float32, ``(batch,)``."""
+        return self.model(batch)
 
-    def loss(self, batch: PromptBatch) -> torch.Tensor:
+    def loss(self, batch: Batch) -> torch.Tensor:
         """BCE-with-logits of the answer score against the batch's labels (through the training
         wrapper when one is set)."""
         assert batch.labels is not None, "a training batch needs labels"
-        return F.binary_cross_entropy_with_logits(
-            self.score(batch, self.forward_net), batch.labels.float()
-        )
+        scores = (self.forward_net or self.model)(batch)
+        return F.binary_cross_entropy_with_logits(scores, batch.labels.float())
 
     def save(self, folder: str | Path) -> None:
         """The adapter (safetensors) and the extra modules' weights; never the base model."""

@@ -30,7 +30,8 @@ import torch
 
 from binllm_core.config import FinetuneConfig, TuneStepConfig
 from binllm_core.metrics import auc, uauc
-from binllm_core.recommender import LLMRecommender, PromptBatch, collate
+from binllm_core.prefix_sharing import PrefixCut
+from binllm_core.recommender import Batch, LLMRecommender, collate
 from binllm_core.scoring import Scorer
 
 STATE = "state.json"
@@ -154,8 +155,12 @@ class TuningRun:
         n_train: int,
         rank: int = 0,
         world: int = 1,
+        prefix_cut: PrefixCut | None = None,
     ) -> None:
         self.rec = recommender
+        self.prefix_cut = prefix_cut
+        """Where prompts stop depending on the user alone: micro-batch prompts that share
+        their prefix tokens run it once (training and evaluation); None runs prompts whole."""
         self.cfg = cfg
         self.step_cfg = step_cfg
         self.rank, self.world = rank, world
@@ -202,9 +207,9 @@ class TuningRun:
     def done(self) -> bool:
         return self.state.finished or self.state.step >= self.state.planned_steps
 
-    def _batch(self, prompts: Sequence[str], labels: Sequence[int]) -> PromptBatch:
+    def _batch(self, prompts: Sequence[str], labels: Sequence[int]) -> Batch:
         """A training micro-batch of prompts and labels on the model's device."""
-        batch = collate(self.rec.tokenizer, prompts, labels, self.cfg.max_length)
+        batch = collate(self.rec.tokenizer, prompts, labels, self.cfg.max_length, self.prefix_cut)
         return batch.to(self.rec.device)
 
     def train_step(self, micro_batches: Iterator[tuple[Sequence[str], Sequence[int]]]) -> float:
@@ -246,7 +251,9 @@ class TuningRun:
     def evaluate(self, valid: EvalSet, gather: Gather | None = None) -> dict[str, Any]:
         """Score this worker's ``valid`` share, gather every share, update early stopping and
         keep the best adapter; the evaluation record (also appended to the state)."""
-        scorer = Scorer(self.rec, self.cfg.eval_batch_size, self.cfg.max_length, False)
+        scorer = Scorer(
+            self.rec, self.cfg.eval_batch_size, self.cfg.max_length, False, self.prefix_cut
+        )
         scores, _ = scorer.score(valid.prompts)
         mine = (scores.tolist(), list(valid.labels), list(valid.uids))
         parts = gather(mine) if gather is not None else [mine]
@@ -294,12 +301,49 @@ def shuffled_batches(
 ) -> Iterator[tuple[list[str], list[int]]]:
     """Endless shuffled micro-batches (a fresh permutation every epoch; the last partial batch
     is dropped, as with ``drop_last``)."""
-    order = list(range(len(prompts)))
+    return _batches([[i] for i in range(len(prompts))], prompts, labels, batch_size, seed)
+
+
+def prefix_grouped_batches(
+    prompts: Sequence[str], labels: Sequence[int], batch_size: int, seed: int, cut: PrefixCut
+) -> Iterator[tuple[list[str], list[int]]]:
+    """Endless micro-batches in which prompts with the same prefix (``prompt[:cut(prompt)]``)
+    come together: every epoch shuffles the groups and the prompts within each, lays them end
+    to end and cuts ``batch_size`` at a time (a group may straddle two batches)."""
+    groups: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(prompt[: cut(prompt)], []).append(i)
+    return _batches(list(groups.values()), prompts, labels, batch_size, seed)
+
+
+def micro_batches(
+    prompts: Sequence[str],
+    labels: Sequence[int],
+    batch_size: int,
+    seed: int,
+    cut: PrefixCut | None,
+) -> Iterator[tuple[list[str], list[int]]]:
+    """The micro-batches a tuning run trains on: grouped by prefix when ``cut`` is given."""
+    if cut is None:
+        return shuffled_batches(prompts, labels, batch_size, seed)
+    return prefix_grouped_batches(prompts, labels, batch_size, seed, cut)
+
+
+def _batches(
+    groups: list[list[int]],
+    prompts: Sequence[str],
+    labels: Sequence[int],
+    batch_size: int,
+    seed: int,
+) -> Iterator[tuple[list[str], list[int]]]:
+    if len(prompts) < batch_size:
+        raise ValueError(f"{len(prompts)} train prompts are fewer than one batch of {batch_size}")
     rng = random.Random(seed)
-    if len(order) < batch_size:
-        raise ValueError(f"{len(order)} train prompts are fewer than one batch of {batch_size}")
     while True:
-        rng.shuffle(order)
+        rng.shuffle(groups)
+        for members in groups:
+            rng.shuffle(members)
+        order = [i for members in groups for i in members]
         for start in range(0, len(order) - batch_size + 1, batch_size):
             idx = order[start : start + batch_size]
             yield [prompts[i] for i in idx], [labels[i] for i in idx]
@@ -312,13 +356,16 @@ def fit_plain(
     cfg: FinetuneConfig,
     valid: EvalSet | None = None,
     start_from: str = "",
+    prefix_cut: PrefixCut | None = None,
 ) -> TuningRun:
     """Tune ``recommender`` in this process; evaluate every ``cfg.eval_every`` steps when
-    ``valid`` is given. The finished run (its ``state`` holds the evaluations and counters; its
+    ``valid`` is given; with ``prefix_cut`` (and ``cfg.share_prefix``), on prefix-grouped
+    micro-batches. The finished run (its ``state`` holds the evaluations and counters; its
     ``best_dir`` the best adapter until ``close``)."""
-    run = TuningRun(recommender, cfg, step_cfg, len(train[0]))
+    cut = prefix_cut if cfg.share_prefix else None
+    run = TuningRun(recommender, cfg, step_cfg, len(train[0]), prefix_cut=cut)
     run.setup(start_from=start_from)
-    stream = shuffled_batches(train[0], train[1], step_cfg.batch_size, cfg.seed)
+    stream = micro_batches(train[0], train[1], step_cfg.batch_size, cfg.seed, cut)
     while not run.done:
         run.train_step(stream)
         if valid is not None and run.due_for_eval:

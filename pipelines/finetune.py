@@ -25,7 +25,6 @@ import os
 import resource
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,9 +41,11 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from binllm_core.config import FinetuneConfig, TuneStepConfig
 from binllm_core.errors import StageError
 from binllm_core.faults import armed
+from binllm_core.prefix_sharing import PrefixCut
+from binllm_core.prompts import templates_from_config
 from binllm_core.recommender import LLMRecommender
 from binllm_core.storage import join
-from binllm_core.tuning import STATE, EvalSet, TuningRun
+from binllm_core.tuning import STATE, EvalSet, TuningRun, micro_batches
 from pipelines.stage import StageContext
 
 FAULT_POINT = "finetune-step"
@@ -85,7 +86,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 ctx.uri(ctx.stage_path("render")),
                 f"add {step.mode} to prompts.modes and re-run render",
             )
-    train_ids = _subsample(index, pc.equal(index["split"], "train"), cfg.max_train_samples, cfg)
+    cut = templates_from_config(ctx.cfg.prompts).prefix_cut() if cfg.share_prefix else None
+    train_groups = _prefix_groups(ctx, steps[0].mode, cut) if cut is not None else None
+    train_ids = _subsample(
+        index, pc.equal(index["split"], "train"), cfg.max_train_samples, cfg, train_groups
+    )
     valid_mask = pc.and_(pc.equal(index["split"], "valid"), index["valid_small"])
     valid_ids = _subsample(index, valid_mask, cfg.max_valid_samples, cfg)
     if len(valid_ids) == 0:
@@ -120,6 +125,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             train_ids,
             valid_ids,
             previous if step.from_previous else None,
+            cut,
         ).fit()
         state, adapter = _collect(ctx, result.checkpoint, step.name)
         previous = result.checkpoint
@@ -153,12 +159,42 @@ EVALS_SCHEMA = pa.schema(
 )
 
 
-def _subsample(index: pa.Table, mask: pa.Array, limit: int, cfg: FinetuneConfig) -> np.ndarray:
-    """Sorted sample ids under ``mask``; a seeded random ``limit`` of them when limit > 0."""
+def _subsample(
+    index: pa.Table,
+    mask: pa.Array,
+    limit: int,
+    cfg: FinetuneConfig,
+    groups: pa.Table | None = None,
+) -> np.ndarray:
+    """Sorted sample ids under ``mask``; a seeded random ``limit`` of them when limit > 0,
+    drawn as whole prefix groups (``groups``: sample_id, group) when given, so that the prompts
+    of a user with the same history stay together (at least one group)."""
     ids = np.unique(index.filter(mask)["sample_id"].to_numpy())
-    if 0 < limit < len(ids):
-        ids = np.sort(np.random.default_rng(cfg.seed).choice(ids, size=limit, replace=False))
-    return ids
+    if not 0 < limit < len(ids):
+        return ids
+    rng = np.random.default_rng(cfg.seed)
+    if groups is None:
+        return np.sort(rng.choice(ids, size=limit, replace=False))
+    groups = groups.filter(pc.is_in(groups["sample_id"], pa.array(ids, pa.int64())))
+    keys, inverse, counts = np.unique(
+        groups["group"].to_numpy(zero_copy_only=False), return_inverse=True, return_counts=True
+    )
+    order = rng.permutation(len(keys))
+    fits = np.cumsum(counts[order]) <= limit
+    fits[0] = True
+    chosen = np.zeros(len(keys), bool)
+    chosen[order[fits]] = True
+    return np.sort(groups["sample_id"].to_numpy()[chosen[inverse]])
+
+
+def _prefix_groups(ctx: StageContext, mode: str, cut: PrefixCut) -> pa.Table:
+    """(sample_id, group) of the train prompts of ``mode``: prompts with the same text up to
+    the prefix cut (the same user and history) are one group."""
+    prompts = ctx.read_table(
+        "render", "prompts", ["sample_id", "prompt"], {"mode": mode, "split": "train"}
+    )
+    keys = [p[: cut(p)] for p in prompts["prompt"].to_pylist()]
+    return pa.table({"sample_id": prompts["sample_id"], "group": pa.array(keys, pa.string())})
 
 
 def _rows(ctx: StageContext, mode: str, split: str, ids: np.ndarray) -> ray.data.Dataset:
@@ -181,6 +217,7 @@ def _trainer(
     train_ids: np.ndarray,
     valid_ids: np.ndarray,
     init: Checkpoint | None,
+    cut: PrefixCut | None,
 ) -> TorchTrainer:
     train = _rows(ctx, step.mode, "train", train_ids).random_shuffle(seed=cfg.seed).materialize()
     valid = _rows(ctx, step.mode, "valid", valid_ids)
@@ -191,6 +228,7 @@ def _trainer(
         "n_train": len(train_ids),
         "init": init,
         "init_adapter": "" if init is not None or step.name != "step1" else cfg.init_adapter,
+        "prefix_cut": cut,
         "fault": armed(
             FAULT_POINT, ctx.uri(join(storage, f"fault-injected-{ctx.digest}")), raises=True
         ),
@@ -269,7 +307,7 @@ def train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     rec = LLMRecommender.load(config["model"], device=device)
-    run = TuningRun(rec, ft, step_cfg, config["n_train"], rank, world)
+    run = TuningRun(rec, ft, step_cfg, config["n_train"], rank, world, config["prefix_cut"])
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as folder:
@@ -279,12 +317,13 @@ def train_loop(config: dict[str, Any]) -> None:
             run.setup(start_from=os.path.join(folder, "best"))
     else:
         run.setup(start_from=config["init_adapter"])
-    rec.forward_net = ray.train.torch.prepare_model(rec.net)
+    rec.forward_net = ray.train.torch.prepare_model(rec.model)
     if rank != 0:  # rank 0 carries the totals of the checkpoint; the others count from zero
         run.state.sequences = run.state.tokens = 0
     valid = _eval_slice(rank, world)
     gather = _gather(world) if world > 1 else None
-    stream = _micro_batches(step_cfg.batch_size, ft.seed + rank)
+    prompts, labels = _shard_rows()
+    stream = micro_batches(prompts, labels, step_cfg.batch_size, ft.seed + rank, run.prefix_cut)
     reported = False
     while not run.done:
         run.train_step(stream)
@@ -309,25 +348,15 @@ def _gather(world: int) -> Any:
     return gather
 
 
-def _micro_batches(batch_size: int, seed: int) -> Iterator[tuple[list[str], list[int]]]:
-    """Endless micro-batches of this worker's train shard, a new local shuffle each epoch.
-    Shards are equal-sized, so every worker turns the epoch at the same step."""
-    shard = ray.train.get_dataset_shard("train")
-    epoch = 0
-    while True:
-        got = False
-        for batch in shard.iter_batches(
-            batch_size=batch_size,
-            drop_last=True,
-            batch_format="pyarrow",
-            local_shuffle_buffer_size=batch_size * 8,
-            local_shuffle_seed=seed + epoch,
-        ):
-            got = True
-            yield batch["prompt"].to_pylist(), batch["label"].to_pylist()
-        if not got:
-            raise RuntimeError("this worker's train shard holds less than one batch")
-        epoch += 1
+def _shard_rows() -> tuple[list[str], list[int]]:
+    """This worker's train shard (prompts and labels), read once: the micro-batches are drawn
+    from it in memory (about 1 KB per prompt), as the plain loop draws them."""
+    prompts: list[str] = []
+    labels: list[int] = []
+    for batch in ray.train.get_dataset_shard("train").iter_batches(batch_format="pyarrow"):
+        prompts += batch["prompt"].to_pylist()
+        labels += batch["label"].to_pylist()
+    return prompts, labels
 
 
 def _eval_slice(rank: int, world: int) -> EvalSet:

@@ -17,7 +17,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from binllm_core.codes import CODE_COLUMNS
 from binllm_core.config import ModelConfig
 from binllm_core.errors import StageError
 from binllm_core.llm import load_tokenizer
@@ -41,7 +40,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     item_map = ctx.read_table("samples", "item_map", columns=["item", "iid"])
     codes = None
     if any(m != "text" for m in modes):
-        codes = ctx.read_table("encode", "codes", columns=["entity", "id", *CODE_COLUMNS])
+        codes = ctx.read_table("encode", "codes", columns=["entity", "id", "bits"])
     lookups = lookups_from_tables(items, item_map, codes)
     if codes is not None:
         ids = ctx.read_table("samples", "samples", columns=["uid", "iid"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from binllm_core.candidates import RunLookups, build_lookups
-from binllm_core.codes import CODE_COLUMNS, CODE_MODES
+from binllm_core.codes import CODE_MODES
 from binllm_core.config import RunConfig, apply_override, build, load_config
 from binllm_core.errors import ConfigError
 from binllm_core.storage import LAYOUT, read_manifest, resolve, to_uri
@@ -48,7 +48,7 @@ def load_lookups(ctx: StageContext, mode: str) -> RunLookups:
     codes = None
     if mode in CODE_MODES:
         codes = ctx.read_table(
-            "encode", "codes", columns=["entity", "id", *CODE_COLUMNS]
+            "encode", "codes", columns=["entity", "id", "bits"]
         )
     return build_lookups(
         ctx.read_table("ingest", "items", columns=["item", "title"]),

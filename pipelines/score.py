@@ -3,9 +3,11 @@
 Scoring runs :class:`PromptScorer` in ``map_batches`` on a fixed actor pool
 (``ActorPoolStrategy(size=score.num_actors)``, ``score.num_gpus`` per actor). Each actor loads the
 backbone and the adapter once, merges the LoRA weights into the base (``merge_and_unload``) and
-scores under ``torch.inference_mode``. It takes ``batch_size * sort_window`` prompts at a time,
-orders them by token length so each forward pass of ``batch_size`` pads little, and puts the
-scores back in row order. A dead actor is restarted (``score.max_restarts``) and the batches it
+scores under ``torch.inference_mode`` with :class:`binllm_core.scoring.Scorer`. It takes
+``batch_size * sort_window`` prompts at a time; under ``score.share_prefix`` the prompts among
+them that share a user prefix (same user and history, as the run's templates cut them) run it
+once, the others are ordered by token length so each forward pass pads little; the scores go
+back in row order. A dead actor is restarted (``score.max_restarts``) and the batches it
 had not finished are retried on it, so every input row comes out exactly once.
 
 Outputs:
@@ -51,6 +53,8 @@ from binllm_core.config import (
 )
 from binllm_core.errors import ConfigError, StageError
 from binllm_core.faults import Fault, armed
+from binllm_core.prefix_sharing import PrefixCut
+from binllm_core.prompts import templates_from_config
 from binllm_core.storage import content_identity, is_local, resolve
 from pipelines.stage import StageContext
 
@@ -101,6 +105,7 @@ class PromptScorer:
         sort_by_length: bool = True,
         storage_options: dict[str, Any] | None = None,
         fault: Fault | None = None,
+        prefix_cut: PrefixCut | None = None,
     ) -> None:
         import torch
 
@@ -116,7 +121,7 @@ class PromptScorer:
                 self.recommender.attach_adapter(folder, trainable=False)
             self.recommender.merge_adapter()
         self.recommender.train(False)  # a bare backbone too: no dropout when scoring
-        self.scorer = Scorer(self.recommender, batch_size, max_length, sort_by_length)
+        self.scorer = Scorer(self.recommender, batch_size, max_length, sort_by_length, prefix_cut)
         self.lineage = lineage
         self.fault = fault
         self.calls = 0
@@ -193,8 +198,12 @@ def score_dataset(
 
     The input is materialized first: an actor pool that reserves every CPU of a small cluster
     (2 cores, one actor of 2 threads) would otherwise starve the read tasks that feed it, and
-    the prompts are small next to the model.
+    the prompts are small next to the model. Under ``score.share_prefix`` it is ordered by
+    ``uid`` first, so that a user's prompts reach an actor in the same batch and share their
+    prefix pass (the output order is not the input's; rows keep their ids).
     """
+    if cfg.score.share_prefix:
+        ds = ds.sort("uid")
     ds = ds.materialize()
     lineage = {
         "model": model_id(cfg.model),
@@ -235,6 +244,7 @@ def _map_scorer(
             "sort_by_length": sort_by_length,
             "storage_options": cfg.output_storage_options,
             "fault": fault,
+            "prefix_cut": _prefix_cut(cfg),
         },
         compute=ray.data.ActorPoolStrategy(size=num_actors or sc.num_actors),
         batch_size=sc.batch_size * max(1, sc.sort_window),
@@ -244,6 +254,10 @@ def _map_scorer(
         max_restarts=sc.max_restarts,
         max_task_retries=sc.max_restarts,
     )
+
+
+def _prefix_cut(cfg: RunConfig) -> PrefixCut | None:
+    return templates_from_config(cfg.prompts).prefix_cut() if cfg.score.share_prefix else None
 
 
 def model_id(cfg: ModelConfig) -> str:

@@ -14,6 +14,9 @@ def test_known_example() -> None:
     assert codes.binary_to_dotdec([binary]) == ["172.16.254.1"]
     assert codes.dotdec_to_binary(["172.16.254.1"]) == [binary]
     assert codes.to_binary(np.array([[0, 1, 1]])) == ["011"]
+    bits = codes.from_binary([binary])
+    assert codes.to_hex(bits) == ["ac10fe01"]
+    np.testing.assert_array_equal(codes.from_hex(["AC10FE01"]), bits)  # either case reads
 
 
 @pytest.mark.parametrize("dim", [8, 32, 64])
@@ -40,6 +43,10 @@ def test_bad_codes() -> None:
         codes.from_dotdec(["1.2.300.4"])
     with pytest.raises(DataError):
         codes.from_binary(["01x1"])
+    with pytest.raises(DataError):
+        codes.to_hex(np.zeros((1, 6), np.uint8))
+    with pytest.raises(DataError):
+        codes.from_hex(["ac1g"])
 
 
 def test_codes_table() -> None:

@@ -149,11 +149,12 @@ def test_lookups_from_tables() -> None:
         {
             "entity": ["user", "item"],
             "id": pa.array([1, 2], pa.int32()),
-            "code_binary": ["01", "10"],
-            "code_dotdec": ["1", "2"],
+            "bits": pa.array([[0] * 7 + [1], [1] + [0] * 7], pa.list_(pa.uint8(), 8)),
         }
     )
     lookups = lookups_from_tables(items, item_map, codes)
     assert lookups.titles == {1: "One", 2: "m2"}
-    assert lookups.user_codes["binary"] == {1: "01"}
-    assert lookups.item_codes["dotdec"] == {2: "2"}
+    # Every format's text comes from the bits, whichever formats the encoder wrote.
+    assert lookups.user_codes["binary"] == {1: "00000001"}
+    assert lookups.item_codes["dotdec"] == {2: "128"}
+    assert lookups.item_codes["hex"] == {2: "80"}
