@@ -88,9 +88,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             )
     cut = templates_from_config(ctx.cfg.prompts).prefix_cut() if cfg.share_prefix else None
     train_groups = _prefix_groups(ctx, steps[0].mode, cut) if cut is not None else None
-    train_ids = _subsample(
-        index, pc.equal(index["split"], "train"), cfg.max_train_samples, cfg, train_groups
-    )
+    train_ids = train_sample_ids(index, cfg, train_groups)
     valid_mask = pc.and_(pc.equal(index["split"], "valid"), index["valid_small"])
     valid_ids = _subsample(index, valid_mask, cfg.max_valid_samples, cfg)
     if len(valid_ids) == 0:
@@ -188,13 +186,25 @@ def _subsample(
 
 
 def _prefix_groups(ctx: StageContext, mode: str, cut: PrefixCut) -> pa.Table:
-    """(sample_id, group) of the train prompts of ``mode``: prompts with the same text up to
-    the prefix cut (the same user and history) are one group."""
     prompts = ctx.read_table(
         "render", "prompts", ["sample_id", "prompt"], {"mode": mode, "split": "train"}
     )
+    return prefix_groups(prompts, cut)
+
+
+def prefix_groups(prompts: pa.Table, cut: PrefixCut) -> pa.Table:
+    """(sample_id, group) of prompts (sample_id, prompt): prompts with the same text up to the
+    prefix cut (the same user and history) are one group."""
     keys = [p[: cut(p)] for p in prompts["prompt"].to_pylist()]
     return pa.table({"sample_id": prompts["sample_id"], "group": pa.array(keys, pa.string())})
+
+
+def train_sample_ids(
+    index: pa.Table, cfg: FinetuneConfig, groups: pa.Table | None
+) -> np.ndarray:
+    """The train samples a run tunes on (``index``: sample_id, split); see :func:`_subsample`."""
+    mask = pc.equal(index["split"], "train")
+    return _subsample(index, mask, cfg.max_train_samples, cfg, groups)
 
 
 def _rows(ctx: StageContext, mode: str, split: str, ids: np.ndarray) -> ray.data.Dataset:

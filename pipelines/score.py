@@ -199,11 +199,11 @@ def score_dataset(
     The input is materialized first: an actor pool that reserves every CPU of a small cluster
     (2 cores, one actor of 2 threads) would otherwise starve the read tasks that feed it, and
     the prompts are small next to the model. Under ``score.share_prefix`` it is ordered by
-    ``uid`` first, so that a user's prompts reach an actor in the same batch and share their
-    prefix pass (the output order is not the input's; rows keep their ids).
+    prompt text first, so that prompts with the same prefix reach an actor in the same batch and
+    share their prefix pass (the output order is not the input's; rows keep their ids).
     """
     if cfg.score.share_prefix:
-        ds = ds.sort("uid")
+        ds = ds.sort("prompt")
     ds = ds.materialize()
     lineage = {
         "model": model_id(cfg.model),

@@ -30,7 +30,7 @@ def lookups(history_len: int = 2):
             "entity": ["user", "user", "item", "item", "item"],
             "id": pa.array([1, 2, 1, 2, 3], pa.int32()),
             "bits": pa.array(
-                [[0] * 4 + [int(b) for b in code] for code in ("0001", "0010", "1000", "0100", "1100")],
+                [[0] * 4 + [int(b) for b in c] for c in ("0001", "0010", "1000", "0100", "1100")],
                 pa.list_(pa.uint8(), 8),
             ),
         }

@@ -103,6 +103,18 @@ def test_shared_scores_equal_whole_prompt_scores(batch_size: int, mode: str) -> 
     np.testing.assert_allclose(again, shared, atol=1e-6)
 
 
+def test_bfloat16_takes_the_same_path() -> None:
+    """What a GPU run uses (``model.dtype: auto`` is bfloat16 on CUDA), here on the CPU."""
+    torch.manual_seed(0)
+    rec = LLMRecommender.load(ModelConfig(backbone="tiny", dtype="bfloat16"))
+    prompts = user_prompts(seed=6)
+    whole, _ = Scorer(rec, 4, 512).score(prompts)
+    scorer = Scorer(rec, 4, 512, prefix_cut=CUT)
+    shared, _ = scorer.score(prompts)
+    assert scorer.work.shared_prompts > 0
+    assert np.abs(whole - shared).max() <= 0.05 * max(1.0, np.abs(whole).max())
+
+
 def test_truncated_prompts_still_score_as_whole() -> None:
     rec = tiny()
     prompts = user_prompts(seed=3)

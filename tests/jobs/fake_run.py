@@ -85,8 +85,10 @@ def fake_run(tmp_path: Path, *overrides: str) -> RunConfig:
                 {
                     "entity": ["user"] * len(code_users) + ["item"] * len(code_items),
                     "id": pa.array(code_users + code_items, pa.int32()),
-                    "code_binary": [format(i * 37 % 256, "08b") for i in code_users + code_items],
-                    "code_dotdec": [str(i * 37 % 256) for i in code_users + code_items],
+                    "bits": pa.array(
+                        [[int(b) for b in f"{i * 37 % 256:08b}"] for i in code_users + code_items],
+                        pa.list_(pa.uint8(), 8),
+                    ),
                 }
             )
         },

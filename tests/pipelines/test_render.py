@@ -86,9 +86,11 @@ def fake_upstream(cfg: RunConfig, n_samples: int = 600, drop_user_code: int = 0)
         {
             "entity": ["user"] * len(users) + ["item"] * N_ITEMS,
             "id": pa.array(users + list(range(1, N_ITEMS + 1)), pa.int32()),
-            "code_binary": [user_code(u) for u in users] + [item_code(i) for i in iids.to_pylist()],
-            "code_dotdec": [str(int(user_code(u), 2)) for u in users]
-            + [str(int(item_code(i), 2)) for i in iids.to_pylist()],
+            "bits": pa.array(
+                [[int(b) for b in user_code(u)] for u in users]
+                + [[int(b) for b in item_code(i)] for i in iids.to_pylist()],
+                pa.list_(pa.uint8(), len(user_code(1))),
+            ),
         }
     )
 

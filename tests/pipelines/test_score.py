@@ -76,6 +76,34 @@ def test_merged_lora_adapter_scores_like_the_peft_model(tmp_path: Path):
     np.testing.assert_allclose(scorer.logits(texts)[0], expected, atol=1e-4)
 
 
+def test_actor_sharing_user_prefixes_scores_like_whole_prompts(tmp_path: Path):
+    from peft import LoraConfig, get_peft_model
+
+    from binllm_core.config import PromptConfig
+    from binllm_core.prompts import templates_from_config
+    from tests.binllm_core.test_prefix_sharing import user_prompts
+
+    rec = LLMRecommender.load(ModelConfig(backbone="tiny"))
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    rec.net = get_peft_model(rec.lm.model, config)
+    rec.save(tmp_path / "adapter")
+    texts = user_prompts(seed=5)
+    expected, _ = Scorer(rec, batch_size=4, max_length=1024).score(texts)
+    cut = templates_from_config(PromptConfig()).prefix_cut()
+    scorer = score.PromptScorer(
+        ModelConfig(backbone="tiny"),
+        str(tmp_path / "adapter"),
+        lineage(),
+        batch_size=4,
+        max_length=1024,
+        prefix_cut=cut,
+    )
+    got = scorer(pa.table({"sample_id": list(range(len(texts))), "prompt": texts}))
+    assert got["sample_id"].to_pylist() == list(range(len(texts)))
+    np.testing.assert_allclose(got["logit_yes"].to_numpy(), expected, atol=1e-4)
+    assert scorer.scorer.work.shared_prompts > len(texts) // 2
+
+
 @pytest.mark.slow  # an actor pool, killed and restarted
 def test_killed_actor_is_replaced_and_every_row_is_scored_once(
     tmp_path: Path, ray_session, monkeypatch: pytest.MonkeyPatch
