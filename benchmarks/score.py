@@ -187,7 +187,8 @@ def computed_tokens(model: Path, prompts: list[str], cfg: RunConfig) -> dict[str
     tokenizer = load_tokenizer(ModelConfig(backbone=str(model)))
     cut = templates_from_config(cfg.prompts).prefix_cut()
     tokens = tokenize_with_prefix(tokenizer, prompts, cfg.score.max_length, cut)
-    groups, alone = group_by_prefix(tokens)
+    groups = [g for g in group_by_prefix(tokens) if len(g) > 1]
+    alone = set(range(len(prompts))) - {i for g in groups for i in g}
     lengths = tokens.lengths
     run = sum(int(lengths[i]) for i in alone)
     run += sum(tokens.prefix_tokens[g[0]] + int(sum(lengths[i] - tokens.prefix_tokens[g[0]]

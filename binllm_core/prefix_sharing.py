@@ -68,19 +68,21 @@ def tokenize_with_prefix(
     return Tokenized(ids, prefix)
 
 
-def group_by_prefix(tokens: Tokenized) -> tuple[list[list[int]], list[int]]:
-    """(groups of at least two prompt indices sharing the same non-empty prefix tokens, in order
-    of first appearance; the indices of every other prompt)."""
+def group_by_prefix(tokens: Tokenized) -> list[list[int]]:
+    """Prompt indices grouped by identical non-empty prefix tokens, in order of first
+    appearance; a prompt without a prefix is a group of its own."""
     groups: dict[bytes, list[int]] = {}
-    alone = []
+    out: list[list[int]] = []
     for i, (ids, k) in enumerate(zip(tokens.ids, tokens.prefix_tokens, strict=True)):
         if k == 0:
-            alone.append(i)
+            out.append([i])
             continue
-        groups.setdefault(np.asarray(ids[:k], np.int64).tobytes(), []).append(i)
-    shared = [g for g in groups.values() if len(g) > 1]
-    alone += [g[0] for g in groups.values() if len(g) == 1]
-    return shared, sorted(alone)
+        key = np.asarray(ids[:k], np.int64).tobytes()
+        if key not in groups:
+            groups[key] = []
+            out.append(groups[key])
+        groups[key].append(i)
+    return out
 
 
 # ---- padding ----------------------------------------------------------------------------------

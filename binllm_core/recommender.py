@@ -104,14 +104,15 @@ def collate(
     cut: PrefixCut | None = None,
 ) -> Batch:
     """Prompts (and their 0/1 labels) as one batch: the only way training batches are built.
-    With a prefix ``cut``, prompts that share their prefix tokens are grouped (the rows and
-    labels then follow the groups: see :meth:`SharedPrefixBatch.build`)."""
+    With a prefix ``cut``, prompts that share their prefix tokens form groups whose prefix runs
+    once, and every other prompt is a group of one (its prefix and suffix run as two pieces of
+    one sequence, so a group of one pads little next to short suffixes); the rows and labels
+    then follow the groups (see :meth:`SharedPrefixBatch.build`)."""
     tokens = tokenize_with_prefix(tokenizer, prompts, max_length, cut)
-    groups, alone = group_by_prefix(tokens)
-    if not groups:
+    groups = group_by_prefix(tokens)
+    if len(groups) == len(tokens.ids):
         return pad_left(tokens.ids, tokenizer.pad_token_id, labels)
-    groups = [*groups, *([i] for i in alone)]
-    prefix = [tokens.prefix_tokens[g[0]] if len(g) > 1 else 0 for g in groups]
+    prefix = [tokens.prefix_tokens[g[0]] or len(tokens.ids[g[0]]) - 1 for g in groups]
     return SharedPrefixBatch.build(tokens.ids, groups, prefix, tokenizer.pad_token_id, labels)
 
 

@@ -66,7 +66,8 @@ class Scorer:
         """(scores as float64, token counts) of ``prompts``, in their order."""
         rec = self.recommender
         tokens = tokenize_with_prefix(rec.tokenizer, prompts, self.max_length, self.prefix_cut)
-        groups, alone = group_by_prefix(tokens)
+        groups = [g for g in group_by_prefix(tokens) if len(g) > 1]
+        alone = sorted(set(range(len(tokens.ids))) - {i for g in groups for i in g})
         out = np.empty(len(tokens.ids), np.float64)
         was_training = rec.model.training
         rec.model.eval()

@@ -73,8 +73,9 @@ def test_groups_are_prompts_with_identical_prefix_tokens() -> None:
     rec = tiny(adapter=False)
     prompts = user_prompts()
     tokens = tokenize_with_prefix(rec.tokenizer, prompts, 512, CUT)
-    groups, alone = group_by_prefix(tokens)
-    assert sorted([i for g in groups for i in g] + alone) == list(range(len(prompts)))
+    groups = group_by_prefix(tokens)
+    assert sorted(i for g in groups for i in g) == list(range(len(prompts)))
+    assert sum(len(g) > 1 for g in groups) >= 3
     for group in groups:
         k = tokens.prefix_tokens[group[0]]
         heads = {tuple(tokens.ids[i][:k]) for i in group}
@@ -83,7 +84,7 @@ def test_groups_are_prompts_with_identical_prefix_tokens() -> None:
         assert len({prompts[i][: CUT(prompts[i])] for i in group}) == 1
     # Without a cut nothing is shared.
     none = tokenize_with_prefix(rec.tokenizer, prompts, 512, None)
-    assert group_by_prefix(none) == ([], list(range(len(prompts))))
+    assert group_by_prefix(none) == [[i] for i in range(len(prompts))]
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
@@ -149,6 +150,19 @@ def test_shared_batch_gives_the_loss_and_lora_gradients_of_whole_prompts() -> No
     for name, grad in grads_whole.items():
         assert torch.allclose(grads_shared[name], grad, atol=1e-5), name
         assert grad.abs().max() > 0, name
+
+
+def test_a_prompt_alone_in_a_shared_batch_is_a_group_of_one_with_the_same_loss() -> None:
+    rec = tiny(dropout=0.0)
+    a = prompt_of(TEMPLATES, "binary", '"A"', "book 1", ("0101", "1100"))
+    b = prompt_of(TEMPLATES, "binary", '"A"', "book 2", ("0101", "0011"))
+    c = prompt_of(TEMPLATES, "binary", '"B"', "book 3", ("1111", "0011"))
+    batch = collate(rec.tokenizer, [a, c, b], [1, 0, 0], 512, CUT)
+    assert isinstance(batch, SharedPrefixBatch)
+    assert batch.group.tolist() == [0, 0, 1] and batch.labels.tolist() == [1, 0, 0]
+    assert batch.computed_tokens < batch.n_tokens
+    whole = collate(rec.tokenizer, [a, b, c], [1, 0, 0], 512)
+    assert float(rec.loss(batch)) == pytest.approx(float(rec.loss(whole)), abs=1e-5)
 
 
 def test_grouped_micro_batches_keep_a_users_prompts_together() -> None:
