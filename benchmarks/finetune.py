@@ -143,6 +143,9 @@ def main() -> None:
 
     cfg = config(args)
     run_pipeline(cfg, ["ingest", "samples", "encode", "render"], log=print)
+    import ray
+
+    ray.shutdown()  # the plain arms run alone; the stage starts Ray again
     arms: dict[str, Any] = {}
     for name in ARMS:
         cmd = [sys.executable, __file__, f"--arm={name}", f"--steps={args.steps}",

@@ -229,6 +229,7 @@ def main() -> None:
 
     root = Path(args.output_root).resolve()
     cfg = base_run(root)
+    ray.shutdown()  # each workload starts its own after the plain loop has run alone
     run = root / cfg.run_name
     fs, path = resolve(str(run / "render"))
     tokens_per_mode = read_manifest(fs, path)["metrics"]["tokens_per_mode"]

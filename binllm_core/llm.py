@@ -37,7 +37,8 @@ class AnswerScore:
     no_id: int | None = None
 
     def __call__(self, last_logits: torch.Tensor) -> torch.Tensor:
-        score = last_logits[:, self.yes_id]
+        """A new float32 tensor ``(batch,)``: never a view that keeps the logits alive."""
+        score = last_logits[:, self.yes_id].clone()
         if self.no_id is not None:
             score = score - last_logits[:, self.no_id]
         return score.float()
