@@ -10,7 +10,7 @@ as whole prefix groups), from a fresh LoRA:
    200 valid_small prompts, evaluated every ``--eval-every`` steps:
    * whole prompts: random micro-batches, each prompt run whole (the plain peft loop);
    * shared prefix: micro-batches of whole prefix groups, each prefix run once forward and
-     backward (``finetune.share_prefix``), evaluation with one prefix pass per group;
+     backward (``finetune.batch_by_prefix``), evaluation with one prefix pass per group;
 3. trains the same steps through stage ``finetune`` (Ray Train, 1 worker, shared prefix);
 
 and writes sequences/s and tokens/s (whole-prompt tokens, training time only: no start-up, no
@@ -39,10 +39,10 @@ GGUF = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 ML100K = SHARED / "data" / "ml-100k"
 CONFIG = ROOT / "configs" / "quality_ml100k.yaml"
 ARMS = {"whole": False, "shared": True}
-"""Plain-loop arms: name -> ``finetune.share_prefix``."""
+"""Plain-loop arms: name -> ``finetune.batch_by_prefix``."""
 
 
-def config(args: argparse.Namespace, share_prefix: bool = True) -> Any:
+def config(args: argparse.Namespace, batch_by_prefix: bool = True) -> Any:
     from binllm_core.codes import MODES
     from binllm_core.config import load_config
 
@@ -59,7 +59,7 @@ def config(args: argparse.Namespace, share_prefix: bool = True) -> Any:
             f"finetune.step2.max_steps={args.steps}",
             f"finetune.step2.lr={args.lr!r}",
             f"finetune.eval_every={args.eval_every}",
-            f"finetune.share_prefix={str(share_prefix).lower()}",
+            f"finetune.batch_by_prefix={str(batch_by_prefix).lower()}",
             "finetune.num_workers=1",
             f"finetune.cpus_per_worker={args.cpus}",
         ],
@@ -105,7 +105,9 @@ def arm(args: argparse.Namespace) -> None:
     train, valid = samples(cfg)
     recommender = LLMRecommender.load(cfg.model)
     cut = templates_from_config(cfg.prompts).prefix_cut()
-    run = fit_plain(recommender, train, cfg.finetune.step2, cfg.finetune, valid, prefix_cut=cut)
+    grouped = ARMS[args.arm]  # the whole-prompt arm is the plain loop: no prefix cut at all
+    run = fit_plain(recommender, train, cfg.finetune.step2, cfg.finetune, valid,
+                    prefix_cut=cut if grouped else None)
     state = run.state
     run.close()
     print(json.dumps({

@@ -359,13 +359,13 @@ def fit_plain(
     prefix_cut: PrefixCut | None = None,
 ) -> TuningRun:
     """Tune ``recommender`` in this process; evaluate every ``cfg.eval_every`` steps when
-    ``valid`` is given; with ``prefix_cut`` (and ``cfg.share_prefix``), on prefix-grouped
-    micro-batches. The finished run (its ``state`` holds the evaluations and counters; its
-    ``best_dir`` the best adapter until ``close``)."""
-    cut = prefix_cut if cfg.share_prefix else None
-    run = TuningRun(recommender, cfg, step_cfg, len(train[0]), prefix_cut=cut)
+    ``valid`` is given; with ``prefix_cut``, shared prefixes run once (on prefix-grouped
+    micro-batches under ``cfg.batch_by_prefix``). The finished run (its ``state`` holds the
+    evaluations and counters; its ``best_dir`` the best adapter until ``close``)."""
+    run = TuningRun(recommender, cfg, step_cfg, len(train[0]), prefix_cut=prefix_cut)
     run.setup(start_from=start_from)
-    stream = micro_batches(train[0], train[1], step_cfg.batch_size, cfg.seed, cut)
+    group_by = prefix_cut if cfg.batch_by_prefix else None
+    stream = micro_batches(train[0], train[1], step_cfg.batch_size, cfg.seed, group_by)
     while not run.done:
         run.train_step(stream)
         if valid is not None and run.due_for_eval:

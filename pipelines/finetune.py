@@ -86,8 +86,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 ctx.uri(ctx.stage_path("render")),
                 f"add {step.mode} to prompts.modes and re-run render",
             )
-    cut = templates_from_config(ctx.cfg.prompts).prefix_cut() if cfg.share_prefix else None
-    train_groups = _prefix_groups(ctx, steps[0].mode, cut) if cut is not None else None
+    cut = templates_from_config(ctx.cfg.prompts).prefix_cut()
+    train_groups = _prefix_groups(ctx, steps[0].mode, cut) if cfg.batch_by_prefix else None
     train_ids = train_sample_ids(index, cfg, train_groups)
     valid_mask = pc.and_(pc.equal(index["split"], "valid"), index["valid_small"])
     valid_ids = _subsample(index, valid_mask, cfg.max_valid_samples, cfg)
@@ -227,7 +227,7 @@ def _trainer(
     train_ids: np.ndarray,
     valid_ids: np.ndarray,
     init: Checkpoint | None,
-    cut: PrefixCut | None,
+    cut: PrefixCut,
 ) -> TorchTrainer:
     train = _rows(ctx, step.mode, "train", train_ids).random_shuffle(seed=cfg.seed).materialize()
     valid = _rows(ctx, step.mode, "valid", valid_ids)
@@ -333,7 +333,8 @@ def train_loop(config: dict[str, Any]) -> None:
     valid = _eval_slice(rank, world)
     gather = _gather(world) if world > 1 else None
     prompts, labels = _shard_rows()
-    stream = micro_batches(prompts, labels, step_cfg.batch_size, ft.seed + rank, run.prefix_cut)
+    group_by = run.prefix_cut if ft.batch_by_prefix else None
+    stream = micro_batches(prompts, labels, step_cfg.batch_size, ft.seed + rank, group_by)
     reported = False
     while not run.done:
         run.train_step(stream)
