@@ -198,13 +198,15 @@ def score_dataset(
 
     The input is materialized first: an actor pool that reserves every CPU of a small cluster
     (2 cores, one actor of 2 threads) would otherwise starve the read tasks that feed it, and
-    the prompts are small next to the model. Under ``score.share_prefix`` it is ordered by
-    prompt text first, so that prompts with the same prefix reach an actor in the same batch and
-    share their prefix pass (the output order is not the input's; rows keep their ids).
+    the prompts are small next to the model. Under ``score.share_prefix``, an input larger than
+    one actor batch is ordered by prompt text, so that prompts with the same prefix reach an
+    actor in the same batch and share their prefix pass (the output order is then not the
+    input's; rows keep their ids).
     """
-    if cfg.score.share_prefix:
-        ds = ds.sort("prompt")
     ds = ds.materialize()
+    sc = cfg.score
+    if sc.share_prefix and ds.count() > sc.batch_size * max(1, sc.sort_window):
+        ds = ds.sort("prompt").materialize()
     lineage = {
         "model": model_id(cfg.model),
         "adapter": adapter or NONE,
