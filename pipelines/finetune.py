@@ -46,6 +46,7 @@ from binllm_core.prompts import templates_from_config
 from binllm_core.recommender import LLMRecommender
 from binllm_core.storage import join
 from binllm_core.tuning import STATE, EvalSet, TuningRun, micro_batches
+from pipelines.score import whole_groups
 from pipelines.stage import StageContext
 
 FAULT_POINT = "finetune-step"
@@ -174,15 +175,8 @@ def _subsample(
     if groups is None:
         return np.sort(rng.choice(ids, size=limit, replace=False))
     groups = groups.filter(pc.is_in(groups["sample_id"], pa.array(ids, pa.int64())))
-    keys, inverse, counts = np.unique(
-        groups["group"].to_numpy(zero_copy_only=False), return_inverse=True, return_counts=True
-    )
-    order = rng.permutation(len(keys))
-    fits = np.cumsum(counts[order]) <= limit
-    fits[0] = True
-    chosen = np.zeros(len(keys), bool)
-    chosen[order[fits]] = True
-    return np.sort(groups["sample_id"].to_numpy()[chosen[inverse]])
+    keys = groups["group"].to_numpy(zero_copy_only=False)
+    return np.sort(whole_groups(groups["sample_id"].to_numpy(), keys, limit, rng))
 
 
 def _prefix_groups(ctx: StageContext, mode: str, cut: PrefixCut) -> pa.Table:

@@ -372,23 +372,23 @@ def pick_samples(index: pa.Table, sc: ScoreConfig) -> np.ndarray:
         if 0 < sc.max_rows < len(ids):
             rng = np.random.default_rng(sc.seed)
             if sc.sample_by == "users":
-                ids = _whole_users(ids, part["uid"].to_numpy()[first], sc.max_rows, rng)
+                ids = whole_groups(ids, part["uid"].to_numpy()[first], sc.max_rows, rng)
             else:
                 ids = rng.choice(ids, size=sc.max_rows, replace=False)
         chosen.append(ids)
     return np.sort(np.concatenate(chosen)) if chosen else np.array([], np.int64)
 
 
-def _whole_users(
-    ids: np.ndarray, uids: np.ndarray, max_rows: int, rng: np.random.Generator
+def whole_groups(
+    ids: np.ndarray, keys: np.ndarray, max_rows: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """Every sample of users taken in a seeded random order while they fit in ``max_rows``
-    (at least one user)."""
-    users, counts = np.unique(uids, return_counts=True)
-    order = rng.permutation(len(users))
+    """Every id of the groups ``keys`` names (users, prefix groups), groups taken in a seeded
+    random order while they fit in ``max_rows`` (at least one group)."""
+    groups, counts = np.unique(keys, return_counts=True)
+    order = rng.permutation(len(groups))
     fits = np.cumsum(counts[order]) <= max_rows
     fits[0] = True
-    return ids[np.isin(uids, users[order][fits])]
+    return ids[np.isin(keys, groups[order][fits])]
 
 
 def _select(ctx: StageContext, mode: str, ids: np.ndarray) -> ray.data.Dataset:

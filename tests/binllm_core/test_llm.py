@@ -22,13 +22,7 @@ from tests.conftest import SMOLLM_GGUF
 TINY = ModelConfig(backbone="tiny")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two threads on two busy cores run the tiny model ~20x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_sources_never_reach_for_the_network(tmp_path) -> None:

@@ -19,12 +19,7 @@ TEMPLATES = templates_from_config(PromptConfig())
 CUT = TEMPLATES.prefix_cut()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def user_prompts(seed: int = 0, users: int = 6, mode: str = "binary") -> list[str]:

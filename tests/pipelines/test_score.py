@@ -54,7 +54,8 @@ def test_length_sorted_scores_equal_plain_scores_in_order():
     assert out["n_tokens"].to_pylist() == lengths.tolist()
 
 
-def test_merged_lora_adapter_scores_like_the_peft_model(tmp_path: Path):
+def random_adapter(folder: Path) -> LLMRecommender:
+    """The tiny model with a random (not zero-initialised) LoRA, saved in ``folder``."""
     from peft import LoraConfig, get_peft_model
 
     rec = LLMRecommender.load(ModelConfig(backbone="tiny"))
@@ -62,7 +63,12 @@ def test_merged_lora_adapter_scores_like_the_peft_model(tmp_path: Path):
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
     )
     rec.net = get_peft_model(rec.lm.model, config)
-    rec.save(tmp_path / "adapter")
+    rec.save(folder)
+    return rec
+
+
+def test_merged_lora_adapter_scores_like_the_peft_model(tmp_path: Path):
+    rec = random_adapter(tmp_path / "adapter")
     texts = prompts(10, seed=3)
     expected, _ = Scorer(rec, batch_size=4, max_length=1024).score(texts)
     scorer = score.PromptScorer(
@@ -77,16 +83,11 @@ def test_merged_lora_adapter_scores_like_the_peft_model(tmp_path: Path):
 
 
 def test_actor_sharing_user_prefixes_scores_like_whole_prompts(tmp_path: Path):
-    from peft import LoraConfig, get_peft_model
-
     from binllm_core.config import PromptConfig
     from binllm_core.prompts import templates_from_config
     from tests.binllm_core.test_prefix_sharing import user_prompts
 
-    rec = LLMRecommender.load(ModelConfig(backbone="tiny"))
-    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    rec.net = get_peft_model(rec.lm.model, config)
-    rec.save(tmp_path / "adapter")
+    rec = random_adapter(tmp_path / "adapter")
     texts = user_prompts(seed=5)
     expected, _ = Scorer(rec, batch_size=4, max_length=1024).score(texts)
     cut = templates_from_config(PromptConfig()).prefix_cut()
