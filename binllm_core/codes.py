@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute in id_table
 
 from binllm_core.errors import DataError
 
@@ -180,3 +181,56 @@ def codes_table(user_signs: np.ndarray, item_signs: np.ndarray) -> pa.Table:
             )
         )
     return pa.concat_tables(parts)
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    """Schema of the ``embeddings`` table: the continuous vectors of every user and item."""
+    return pa.schema(
+        [
+            ("entity", pa.string()),
+            ("id", pa.int32()),
+            ("relaxed", pa.list_(pa.float32(), dim)),
+            ("float", pa.list_(pa.float32(), dim)),
+        ]
+    )
+
+
+def embeddings_table(vectors: dict[str, tuple[np.ndarray, np.ndarray]]) -> pa.Table:
+    """The ``embeddings`` table from ``{"relaxed": (users, items), "float": (users, items)}``
+    arrays indexed by id (row 0 = padding, left out as in :func:`codes_table`): ``relaxed`` is
+    what the codes are the signs of (tanh(proj(e))), ``float`` the continuous baseline's
+    embedding."""
+    dim = vectors["relaxed"][0].shape[1]
+    parts = []
+    for side, entity in enumerate(("user", "item")):
+        n = len(vectors["relaxed"][side]) - 1
+        columns = {
+            name: pa.FixedSizeListArray.from_arrays(
+                pa.array(np.asarray(vectors[name][side][1:], np.float32).reshape(-1)), dim
+            )
+            for name in ("relaxed", "float")
+        }
+        parts.append(
+            pa.table(
+                {
+                    "entity": pa.array([entity] * n, pa.string()),
+                    "id": pa.array(np.arange(1, n + 1, dtype=np.int32)),
+                    **columns,
+                },
+                schema=embeddings_schema(dim),
+            )
+        )
+    return pa.concat_tables(parts)
+
+
+def id_table(table: pa.Table, entity: str, column: str) -> np.ndarray:
+    """Rows of ``column`` (a fixed-size list) of one ``entity`` of a ``codes``/``embeddings``
+    table, as an array indexed by id (row 0 and ids without a row are zeros)."""
+    part = table.filter(pa.compute.equal(table["entity"], entity))
+    ids = part["id"].to_numpy()
+    values = part[column].combine_chunks()
+    width = values.type.list_size
+    flat = np.asarray(values.flatten().to_numpy(zero_copy_only=False)).reshape(len(ids), width)
+    out = np.zeros((int(ids.max()) + 1 if len(ids) else 1, width), flat.dtype)
+    out[ids] = flat
+    return out

@@ -513,6 +513,68 @@ class ScoreConfig(Section):
 
 
 @dataclass
+class RetrieveConfig(Section):
+    """Stage ``retrieve``: each user's top-N items by Hamming distance between the codes
+    (:mod:`binllm_core.retrieval`), and the sampled protocol's pools."""
+
+    top_n: int = 100
+    """Candidates per user (ranked by Hamming distance, then the tie rule); 0 turns the
+    ``retrieve`` and ``rerank`` stages off."""
+    splits: list[Split] = field(default_factory=lambda: ["test"])
+    """Splits whose users get candidates: every user with at least one positive in the split
+    (the ranking metrics are measured on those positives)."""
+    exclude: list[Split] = field(default_factory=lambda: ["train", "valid"])
+    """A user's interactions in these splits are never candidates for them; the split a list is
+    made for is never excluded (its positives are what the list should find)."""
+    tie_break: Literal["relaxed", "popularity", "id"] = "relaxed"
+    """Order among items at the same Hamming distance (then the smaller item id): ``relaxed``,
+    the inner product of the codes' pre-sign vectors tanh(proj(e)); ``popularity``, the item's
+    train positives; ``id``, none."""
+    max_users: int = 0
+    """A seeded random subset of this many users per split (0: every user); every ranking row
+    of the evaluation is measured on the same users."""
+    sampled_negatives: int = 99
+    """The sampled protocol: each user's first positive of the split with this many random
+    items the user never interacted with; 0 leaves it out."""
+    seed: int = 2024
+    """Seed of ``max_users`` and of the sampled negatives."""
+    backend: Literal["numpy", "faiss"] = resource("numpy")
+    """``numpy`` (exact scan) or ``faiss`` (``IndexBinaryFlat``, needs faiss-cpu); both return
+    the same lists."""
+    batch_users: int = resource(512)
+    """Users per Ray Data batch."""
+    num_actors: int = resource(1)
+    """Retrieval actors (each holds the item codes once)."""
+
+    def check(self, key: str, where: str = "") -> None:
+        if self.top_n and not self.splits:
+            raise ConfigError(f"{key}.splits is empty", where, "choose among: train, valid, test")
+        _signs(
+            self,
+            key,
+            where,
+            positive="batch_users num_actors",
+            non_negative="top_n max_users sampled_negatives",
+        )
+
+
+@dataclass
+class RerankConfig(Section):
+    """Stage ``rerank``: the LLM scores each user's first ``top_n`` candidates and orders them
+    (the scoring of ``score``: same actors, adapters and shared prefixes)."""
+
+    top_n: int = 20
+    """Candidates per user the LLM re-ranks (the first of ``retrieve.top_n``); 0: no rerank."""
+    modes: list[str] = field(default_factory=list)
+    """Prompt modes to re-rank with; empty: the modes the finetune steps trained on (as
+    ``score.modes``). Each mode uses the adapter ``score`` uses for it."""
+
+    def check(self, key: str, where: str = "") -> None:
+        _check_modes(self.modes, f"{key}.modes", where)
+        _signs(self, key, where, non_negative="top_n")
+
+
+@dataclass
 class RunConfig(Section):
     """A whole pipeline run: where outputs go and the configuration of each stage."""
 
@@ -540,6 +602,10 @@ class RunConfig(Section):
     """LoRA fine-tuning."""
     score: ScoreConfig = field(default_factory=ScoreConfig)
     """Bulk scoring (stage ``score``, candidates and nightly)."""
+    retrieve: RetrieveConfig = field(default_factory=RetrieveConfig)
+    """Hamming top-N candidates per user (stage ``retrieve``, ``binllm recommend``)."""
+    rerank: RerankConfig = field(default_factory=RerankConfig)
+    """LLM re-ranking of the candidates (stage ``rerank``, ``binllm recommend``)."""
 
     def check(self, key: str, where: str = "") -> None:
         """The rules between sections (each section checks its own fields when it is built)."""
@@ -550,6 +616,13 @@ class RunConfig(Section):
                 f"score.modes has {unrendered[0]}, which prompts.modes does not render",
                 where,
                 f"add {unrendered[0]} to prompts.modes or drop it from score.modes",
+            )
+        if self.rerank.top_n > self.retrieve.top_n:
+            raise ConfigError(
+                f"rerank.top_n = {self.rerank.top_n} is more than the "
+                f"retrieve.top_n = {self.retrieve.top_n} candidates there are",
+                where,
+                "lower rerank.top_n or raise retrieve.top_n",
             )
 
 

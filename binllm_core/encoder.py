@@ -198,13 +198,18 @@ class CollabModel(nn.Module):
         return torch.where(draw > beta, z, sign_ste(z))
 
     @torch.no_grad()
+    def relaxed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The vectors the codes are the signs of: ``tanh(proj(e))``, or ``e`` for a float model."""
+        user_table, item_table = self.backbone.tables()
+        if self.binary:
+            return torch.tanh(self.proj_u(user_table)), torch.tanh(self.proj_i(item_table))
+        return user_table, item_table
+
+    @torch.no_grad()
     def signs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """±1 codes of every user and item: ``sign(tanh(proj(e)))``, or ``sign(e)`` for a float
         model (its codes are then a plain sign binarization of the embeddings)."""
-        user_table, item_table = self.backbone.tables()
-        if self.binary:
-            user_table = torch.tanh(self.proj_u(user_table))
-            item_table = torch.tanh(self.proj_i(item_table))
+        user_table, item_table = self.relaxed()
         return SignSTE.apply(user_table), SignSTE.apply(item_table)
 
     @torch.no_grad()
@@ -394,6 +399,17 @@ class EncoderTraining:
         self.models.eval()
         users, items = self.models.models[self.primary].signs()
         return users.cpu().numpy(), items.cpu().numpy()
+
+    def vectors(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Continuous (user, item) tables by id: ``relaxed``, the primary model's pre-sign
+        vectors; ``float``, the embeddings of the continuous model (the same for a float-only
+        encoder)."""
+        self.models.eval()
+        out = {}
+        for name, model in (("relaxed", self.primary), ("float", FLOAT)):
+            users, items = self.models.models[model].relaxed()
+            out[name] = (users.detach().cpu().numpy(), items.detach().cpu().numpy())
+        return out
 
     # ---- checkpoints -------------------------------------------------------------------------
     def weights(self) -> dict[str, torch.Tensor]:

@@ -206,3 +206,97 @@ def report_markdown(
             lines += ["", f"![ROC curves, {split}]({images[split]})"]
         lines.append("")
     return "\n".join(lines)
+
+
+RANKING_COLUMNS = (
+    ("ndcg", 5),
+    ("ndcg", 10),
+    ("ndcg", 20),
+    ("recall", 5),
+    ("recall", 10),
+    ("recall", 20),
+    ("hr", 10),
+    ("mrr", 10),
+)
+"""The columns of the report's ranking tables: (metric, K)."""
+
+
+def ranking_markdown(
+    rows: Sequence[Mapping[str, Any]], images: Mapping[tuple[str, str], str]
+) -> list[str]:
+    """The report's ranking section: per protocol and split, one row per method, mode and user
+    set, with the metrics of :data:`RANKING_COLUMNS`; the retriever's Recall@N; the curves."""
+    if not rows:
+        return []
+    lines = [
+        "## Ranking",
+        "",
+        "Per user, the held-out positives of the split against a ranked list. **full**: the whole "
+        "catalog without the user's excluded items (`retrieve.exclude`); **sampled**: the user's "
+        "first positive of the split among 99 random items the user never interacted with. "
+        "`codes`: Hamming distance of the binary codes (ties: `retrieve.tie_break`, then id); "
+        "`float`: the continuous encoder's inner products; `popularity`: train positives; "
+        "`codes+llm`: the codes' first `rerank.top_n` candidates re-ranked by the LLM's answer "
+        "score. Users **all**: every evaluated user (a positive the retriever missed counts as a "
+        "miss); **retrieved**: users whose positive is among the re-ranked candidates (what "
+        "LlamaRec reports). Recall, NDCG, HR and MRR as in `binllm_core/ranking.py`.",
+        "",
+    ]
+    header = ["method", "mode", "users", "n", *[f"{m.upper()}@{k}" for m, k in RANKING_COLUMNS]]
+    groups = list(dict.fromkeys((r["protocol"], r["split"]) for r in rows))
+    for protocol, split in groups:
+        part = [r for r in rows if r["protocol"] == protocol and r["split"] == split]
+        lines += [f"### {split}, {protocol} ranking", ""]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        keys = list(dict.fromkeys((r["method"], r["mode"], r["users"]) for r in part))
+        for method, mode, users in keys:
+            mine = {
+                r["k"]: r
+                for r in part
+                if (r["method"], r["mode"], r["users"]) == (method, mode, users)
+            }
+            n = next(iter(mine.values()))["n_users"]
+            cells = [method, mode, users, f"{n:,}"]
+            cells += [_fmt(mine[k][m]) if k in mine else "–" for m, k in RANKING_COLUMNS]
+            lines.append("| " + " | ".join(cells) + " |")
+        recall = {
+            r["k"]: r["recall"]
+            for r in part
+            if r["method"] == "codes" and r["users"] == "all" and r["k"] >= 20
+        }
+        if protocol == "full" and recall:
+            lines += [
+                "",
+                "Retriever (codes) "
+                + ", ".join(f"Recall@{k} {_fmt(v)}" for k, v in sorted(recall.items())),
+            ]
+        if (protocol, split) in images:
+            lines += ["", f"![ranking curves, {split}, {protocol}]({images[protocol, split]})"]
+        lines.append("")
+    return lines
+
+
+def ranking_png(curves: Sequence[tuple[str, str, np.ndarray, np.ndarray]], title: str) -> bytes:
+    """Two panels: NDCG@K and Recall@K against K, one line per ``(panel, label, ks, values)``
+    (panel ``ndcg`` or ``recall``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), dpi=100)
+    axes = dict(zip(("ndcg", "recall"), fig.subplots(1, 2), strict=True))
+    for panel, label, ks, values in curves:
+        axes[panel].plot(ks, values, label=label)
+    for panel, ax in axes.items():
+        ax.set(xlabel="K (list length)", ylabel=f"{panel.upper()}@K")
+        ax.set_xlim(left=1)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

@@ -1,5 +1,9 @@
 """Stage ``encode``: train the binarized collaborative encoder with Ray Train, export its codes.
 
+Tables: ``codes`` (bits and their text formats per user and item, :func:`codes_table`) and
+``embeddings`` (per user and item the ``relaxed`` vector tanh(proj(e)) the codes are the signs
+of, and the ``float`` baseline's embedding; :func:`embeddings_table`), from the best checkpoint.
+
 A ``TorchTrainer`` runs :func:`train_loop` on ``encoder.num_workers`` workers (DDP; gloo on CPU).
 The ``samples`` table feeds it as Ray datasets: ``train`` is split across the workers, ``valid``
 and ``test`` (and, for LightGCN, the ``graph`` of train positives) reach every worker whole, so
@@ -38,7 +42,7 @@ import ray.train.torch
 import torch
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
 
-from binllm_core.codes import codes_table, signs_from_bits
+from binllm_core.codes import codes_table, embeddings_table, signs_from_bits
 from binllm_core.config import EncoderConfig, to_dict
 from binllm_core.encoder import (
     EncoderTraining,
@@ -95,6 +99,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         state = read_state(folder)
     codes = codes_table(*training.signs())
     ctx.write_table(codes, "codes")
+    ctx.write_table(embeddings_table(training.vectors()), "embeddings")
 
     continuous = state["best"]["continuous"]
     return jsonable(

@@ -11,10 +11,10 @@ from binllm_core.errors import ConfigError, StageError
 from binllm_core.lineage import folder_identity, model_identity, source_identity
 from binllm_core.lock import LOCK, WriterLock
 from binllm_core.storage import join, resolve, to_uri
-from pipelines import encode, evaluate, finetune, ingest, render, samples, score
+from pipelines import encode, evaluate, finetune, ingest, render, rerank, retrieve, samples, score
 from pipelines.stage import Stage, run_stage, stage_state
 
-OTHER_OUTPUTS = ("pairs", "nightly", LOCK)
+OTHER_OUTPUTS = ("pairs", "nightly", "recommendations", LOCK)
 """Entries of a run folder that binllm writes besides the stage folders."""
 
 
@@ -25,6 +25,24 @@ def codes_needed(cfg: RunConfig) -> bool:
 
 def _with_codes(cfg: RunConfig, *names: str) -> tuple[str, ...]:
     return (*names, "encode") if codes_needed(cfg) else names
+
+
+def retrieve_needed(cfg: RunConfig) -> bool:
+    """Candidates come from the codes: a run retrieves when it trains an encoder."""
+    return codes_needed(cfg) and cfg.retrieve.top_n > 0
+
+
+def rerank_needed(cfg: RunConfig) -> bool:
+    return retrieve_needed(cfg) and cfg.rerank.top_n > 0
+
+
+def _evaluate_reads(cfg: RunConfig) -> tuple[str, ...]:
+    names = _with_codes(cfg, "score")
+    if retrieve_needed(cfg):
+        names = (*names, "samples", "retrieve")
+    if rerank_needed(cfg):
+        names = (*names, "rerank")
+    return names
 
 
 def _model(cfg: RunConfig) -> dict[str, Any]:
@@ -52,17 +70,30 @@ STAGES: tuple[Stage, ...] = (
     Stage("samples", samples.run, ("protocol",), lambda c: ("ingest",)),
     Stage("encode", encode.run, ("encoder",), lambda c: ("samples",), needed=codes_needed),
     Stage(
+        "retrieve",
+        retrieve.run,
+        ("retrieve",),
+        lambda c: ("samples", "encode"),
+        needed=retrieve_needed,
+    ),
+    Stage(
         "render",
         render.run,
         ("prompts", "model"),
         lambda c: _with_codes(c, "samples", "ingest"),
         inputs=_model,
     ),
-    Stage(
-        "finetune", finetune.run, ("finetune", "model"), lambda c: ("render",), _finetune_inputs
-    ),
+    Stage("finetune", finetune.run, ("finetune", "model"), lambda c: ("render",), _finetune_inputs),
     Stage("score", score.run, ("score", "model"), lambda c: ("render", "finetune"), _score_inputs),
-    Stage("evaluate", evaluate.run, ("protocol",), lambda c: _with_codes(c, "score")),
+    Stage(
+        "rerank",
+        rerank.run,
+        ("rerank", "score", "prompts", "model"),
+        lambda c: ("ingest", "samples", "encode", "retrieve", "finetune"),
+        _score_inputs,
+        needed=rerank_needed,
+    ),
+    Stage("evaluate", evaluate.run, ("protocol", "rerank"), _evaluate_reads),
 )
 
 
@@ -73,9 +104,7 @@ def select(names: list[str] | None, cfg: RunConfig | None = None) -> list[Stage]
         return [s for s in STAGES if cfg is None or s.needed(cfg)]
     unknown = [n for n in names if n not in by_name]
     if unknown:
-        raise ConfigError(
-            f"unknown stage {unknown[0]}", todo=f"choose among: {', '.join(by_name)}"
-        )
+        raise ConfigError(f"unknown stage {unknown[0]}", todo=f"choose among: {', '.join(by_name)}")
     return [s for s in STAGES if s.name in names]
 
 
@@ -159,4 +188,6 @@ def pipeline_status(cfg: RunConfig) -> list[dict[str, str]]:
 def _unneeded(stage: Stage) -> str:
     if stage.name == "encode":
         return "prompts.modes has no code mode (a text-only run)"
+    if stage.name in ("retrieve", "rerank"):
+        return "retrieve.top_n or rerank.top_n is 0, or a text-only run (no codes to retrieve by)"
     return "not needed by this config"

@@ -1,0 +1,299 @@
+"""Stage ``retrieve`` (Ray Data, batches of users): each user's top-N items by Hamming distance.
+
+For every user with a positive in ``retrieve.splits`` (or a seeded ``max_users`` of them), the
+``top_n`` items nearest to the user's code (:mod:`binllm_core.retrieval`: distance, then the tie
+rule ``retrieve.tie_break``, then item id), never an item of the user's ``retrieve.exclude``
+splits. Under the sampled protocol (``retrieve.sampled_negatives`` > 0) each user also gets a
+pool: the split's first positive and that many items the user never interacted with, every one
+ranked by the same rule.
+
+:class:`UserRetriever` runs in ``map_batches`` on an actor pool (it holds the item codes once);
+``binllm recommend`` (:mod:`pipelines.recommend`) uses it too. Tables:
+
+* ``candidates`` (:data:`CANDIDATES_SCHEMA`): protocol (``full`` / ``sampled``), split, uid,
+  iid, user and item (source ids), rank (1 = nearest), hamming, tie (the tie score) and
+  source (``hamming``; ``popularity`` for a user without a code, in ``binllm recommend``);
+* ``users`` (:data:`binllm_core.retrieval.USERS_SCHEMA` less ``seen``): what the lists were made
+  for — positives, exclusions, the history the re-ranker's prompts show.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import ray
+
+from binllm_core.codes import id_table
+from binllm_core.config import RetrieveConfig
+from binllm_core.errors import ConfigError, StageError
+from binllm_core.retrieval import (
+    Catalog,
+    backend,
+    hamming,
+    pack_bits,
+    sampled_pool,
+    select_top,
+    tie_score,
+    users_for_splits,
+)
+from pipelines.stage import StageContext
+
+FULL, SAMPLED, SERVE = "full", "sampled", "serve"
+CANDIDATES_SCHEMA = pa.schema(
+    [
+        ("protocol", pa.string()),
+        ("split", pa.string()),
+        ("uid", pa.int32()),
+        ("iid", pa.int32()),
+        ("user", pa.string()),
+        ("item", pa.string()),
+        ("rank", pa.int32()),
+        ("hamming", pa.int16()),
+        ("tie", pa.float64()),
+        ("source", pa.string()),
+    ]
+)
+"""Candidates: ``protocol`` is ``full`` (top-N of the catalog), ``sampled`` (the pool of the
+sampled protocol, every item ranked) or ``serve`` (``binllm recommend``); ``hamming`` is null for
+a popularity list."""
+SAMPLE_COLUMNS = ["sample_id", "uid", "iid", "label", "split", "timestamp", "history"]
+
+
+class UserRetriever:
+    """Callable class for ``map_batches``: a batch of users (split, uid, exclude, seen,
+    sampled_positive) -> their candidate rows (:data:`CANDIDATES_SCHEMA`)."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        user_bits: np.ndarray,
+        user_vectors: np.ndarray | None,
+        user_names: np.ndarray,
+        item_names: np.ndarray,
+        cfg: RetrieveConfig,
+        known_users: np.ndarray,
+    ) -> None:
+        self.catalog = catalog
+        self.user_bits, self.known = user_bits, known_users
+        self.user_names, self.item_names = user_names, item_names
+        self.cfg = cfg
+        self.tie = tie_score(cfg.tie_break, catalog, user_vectors)
+        self.search = backend(cfg.backend, catalog, self.tie)
+        self.universe = np.arange(len(catalog))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        users = batch["uid"].to_numpy()
+        splits = batch["split"].to_pylist()
+        protocol = batch["protocol"].to_pylist() if "protocol" in batch.column_names else None
+        exclude = [
+            self.catalog.positions(np.asarray(e, np.int64)) for e in _lists(batch, "exclude")
+        ]
+        rows: list[pa.Table] = []
+        known = np.array([u < len(self.known) and self.known[u] for u in users], bool)
+        if known.any():
+            found = self.search.search(
+                users[known],
+                self.user_bits[users[known]],
+                self.cfg.top_n,
+                [exclude[i] for i in np.flatnonzero(known)],
+            )
+            for j, i in enumerate(np.flatnonzero(known)):
+                kind = protocol[i] if protocol else FULL
+                rows.append(
+                    self._rows(
+                        kind,
+                        splits[i],
+                        users[i],
+                        found.items[j],
+                        found.distances[j],
+                        found.ties[j],
+                        "hamming",
+                    )
+                )
+        for i in np.flatnonzero(~known):
+            scores = self.catalog.popularity[None, :].copy()
+            scores[0, exclude[i]] = -np.inf
+            order = np.lexsort((self.universe, -scores[0]))
+            order = order[np.isfinite(scores[0, order])][: self.cfg.top_n]
+            kind = protocol[i] if protocol else FULL
+            rows.append(self._rows(kind, splits[i], users[i], order, None, None, "popularity"))
+        if self.cfg.sampled_negatives and "sampled_positive" in batch.column_names:
+            rows += self._sampled(batch, users, splits, known)
+        if not rows:
+            return CANDIDATES_SCHEMA.empty_table()
+        return pa.concat_tables(rows)
+
+    def _sampled(
+        self, batch: pa.Table, users: np.ndarray, splits: list[str], known: np.ndarray
+    ) -> list[pa.Table]:
+        out = []
+        targets = batch["sampled_positive"].to_pylist()
+        seen = _lists(batch, "seen")
+        for i, target in enumerate(targets):
+            if target is None or not known[i]:
+                continue
+            pool = sampled_pool(
+                int(self.catalog.positions(np.array([target]))[0]),
+                self.catalog.positions(np.asarray(seen[i], np.int64)),
+                self.universe,
+                self.cfg.sampled_negatives,
+                self.cfg.seed,
+                int(users[i]),
+            )
+            distance = hamming(
+                pack_bits(self.user_bits[users[i : i + 1]]), self.catalog.codes[pool]
+            )
+            tie = self.tie(users[i : i + 1], pool[None, :])
+            top = select_top(distance, tie, pool[None, :], len(pool), [np.array([], np.int64)])
+            out.append(
+                self._rows(
+                    SAMPLED,
+                    splits[i],
+                    users[i],
+                    top.items[0],
+                    top.distances[0],
+                    top.ties[0],
+                    "hamming",
+                )
+            )
+        return out
+
+    def _rows(
+        self,
+        protocol: str,
+        split: str | None,
+        uid: int,
+        items: np.ndarray,
+        distances: np.ndarray | None,
+        ties: np.ndarray | None,
+        source: str,
+    ) -> pa.Table:
+        n = len(items)
+        iids = self.catalog.iids[items]
+        return pa.table(
+            {
+                "protocol": pa.array([protocol] * n, pa.string()),
+                "split": pa.array([split] * n, pa.string()),
+                "uid": pa.array(np.full(n, uid), pa.int32()),
+                "iid": pa.array(iids, pa.int32()),
+                "user": pa.array([str(self.user_names[uid])] * n, pa.string()),
+                "item": pa.array(self.item_names[iids].astype(str), pa.string()),
+                "rank": pa.array(np.arange(1, n + 1), pa.int32()),
+                "hamming": pa.array(distances, pa.int16())
+                if distances is not None
+                else pa.nulls(n, pa.int16()),
+                "tie": pa.array(ties, pa.float64())
+                if ties is not None
+                else pa.nulls(n, pa.float64()),
+                "source": pa.array([source] * n, pa.string()),
+            },
+            schema=CANDIDATES_SCHEMA,
+        )
+
+
+def _lists(batch: pa.Table, column: str) -> list[list[int]]:
+    return [v or [] for v in batch[column].to_pylist()]
+
+
+def retriever_kwargs(ctx: StageContext, cfg: RetrieveConfig, samples: pl.DataFrame) -> dict:
+    """What a :class:`UserRetriever` is built from: the run's codes, vectors, id maps and train
+    popularity (tables bounded by the numbers of users and items)."""
+    if cfg.backend == "faiss":
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "retrieve.backend = faiss needs the faiss-cpu package",
+                todo="pip install faiss-cpu, or set retrieve.backend=numpy (same lists)",
+            ) from None
+    codes = ctx.read_table("encode", "codes", columns=["entity", "id", "bits"])
+    tables = ctx.manifest_of("encode").get("tables", {})
+    vectors = None
+    if cfg.tie_break == "relaxed":
+        if "embeddings" not in tables:
+            raise StageError(
+                "retrieve.tie_break = relaxed needs the encode stage's embeddings table, which "
+                "this run's encode output predates",
+                ctx.uri(ctx.stage_path("encode")),
+                "run binllm run CONFIG --stages encode --force (same codes, one more table), "
+                "or set retrieve.tie_break=popularity",
+            )
+        vectors = ctx.read_table("encode", "embeddings", columns=["entity", "id", "relaxed"])
+    item_bits = id_table(codes, "item", "bits")
+    user_bits = id_table(codes, "user", "bits")
+    item_map = ctx.read_table("samples", "item_map", columns=["item", "iid"])
+    user_map = ctx.read_table("samples", "user_map", columns=["user", "uid"])
+    iids = np.arange(1, len(item_bits))
+    train_pos = samples.filter((pl.col("split") == "train") & (pl.col("label") == 1))
+    popularity = np.bincount(train_pos["iid"].to_numpy(), minlength=len(item_bits))
+    catalog = Catalog.build(
+        iids,
+        item_bits[1:],
+        popularity[1 : len(item_bits)],
+        None if vectors is None else id_table(vectors, "item", "relaxed")[1:],
+    )
+    known = np.zeros(len(user_bits), bool)
+    known[codes.filter(pa.compute.equal(codes["entity"], "user"))["id"].to_numpy()] = True
+    return {
+        "catalog": catalog,
+        "user_bits": user_bits,
+        "user_vectors": None if vectors is None else id_table(vectors, "user", "relaxed"),
+        "user_names": _names(user_map, "user", "uid"),
+        "item_names": _names(item_map, "item", "iid"),
+        "cfg": cfg,
+        "known_users": known,
+    }
+
+
+def _names(table: pa.Table, name: str, key: str) -> np.ndarray:
+    ids = table[key].to_numpy()
+    out = np.full(int(ids.max()) + 1 if len(ids) else 1, "", dtype=object)
+    out[ids] = table[name].to_pylist()
+    return out
+
+
+def retrieve(users: pa.Table, kwargs: dict[str, Any], cfg: RetrieveConfig) -> ray.data.Dataset:
+    """``users`` (split, uid, exclude, seen[, sampled_positive, protocol]) -> candidates, lazily,
+    on ``retrieve.num_actors`` actors."""
+    return ray.data.from_arrow(users).map_batches(
+        UserRetriever,
+        fn_constructor_kwargs=kwargs,
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+        batch_size=cfg.batch_users,
+        batch_format="pyarrow",
+        num_cpus=1,
+    )
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    cfg = ctx.cfg.retrieve
+    samples = pl.from_arrow(ctx.read_table("samples", "samples", columns=SAMPLE_COLUMNS))
+    users = users_for_splits(samples, cfg.splits, cfg.exclude, cfg.max_users, cfg.seed)
+    if users.height == 0:
+        raise StageError(
+            f"no user has a positive in the splits {cfg.splits}",
+            ctx.uri(ctx.stage_path("samples")),
+            "check retrieve.splits and the protocol's label threshold",
+        )
+    kwargs = retriever_kwargs(ctx, cfg, samples)
+    candidates = retrieve(users.to_arrow(), kwargs, cfg).materialize()
+    ctx.write_dataset(candidates, "candidates")
+    ctx.write_table(users.drop("seen").to_arrow(), "users")
+    per_split = {}
+    for (split,), part in users.group_by(["split"], maintain_order=True):
+        eligible = samples.filter((pl.col("split") == split) & (pl.col("label") == 1))[
+            "uid"
+        ].n_unique()
+        per_split[split] = {"users": part.height, "users_with_positive": eligible}
+    return {
+        "users": per_split,
+        "rows": candidates.count(),
+        "top_n": cfg.top_n,
+        "tie_break": cfg.tie_break,
+        "backend": cfg.backend,
+        "sampled_negatives": cfg.sampled_negatives,
+        "catalog_items": len(kwargs["catalog"]),
+    }
