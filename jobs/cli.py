@@ -3,7 +3,9 @@
 ``binllm run CONFIG [--set k=v ...] [--stages a,b] [--force] [--dry-run]``: pipeline stages.
 ``binllm status RUN``: per stage, done / stale / missing and why (runs nothing).
 ``binllm score --run RUN --input PAIRS [--output URI]``: score (user, item) pairs.
-``binllm nightly --run RUN --candidates PAIRS [--date YYYY-MM-DD] [--incremental]``.
+``binllm nightly --run RUN --candidates PAIRS [--date YYYY-MM-DD] [--incremental]``, or
+``binllm nightly --run RUN --topk K [--users USERS] [--date YYYY-MM-DD]``.
+``binllm recommend --run RUN [--users USERS] [--k 10] [--output URI]``: top-K lists per user.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
         "nightly", help="score the night's candidates into RUN/nightly/date=DATE/"
     )
     add_nightly_arguments(nightly)
+    recommend = sub.add_parser(
+        "recommend", help="top-K items per user: codes retrieve, the LLM re-ranks"
+    )
+    add_recommend_arguments(recommend)
     return parser
 
 
@@ -59,11 +65,37 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_recommend_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_run_ref(parser)
+    _add_users(parser)
+    parser.add_argument("--k", type=int, default=10, help="items per user (default 10)")
+    parser.add_argument(
+        "--output", default="",
+        help="output folder URI: new, empty, or an earlier binllm recommend output "
+        "(default: {run}/recommendations/{users name, or all})",
+    )
+
+
+def _add_users(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--users", default="",
+        help="Parquet file or folder with a string column user (source ids); default: every "
+        "user of the run",
+    )
+
+
 def add_nightly_arguments(parser: argparse.ArgumentParser) -> None:
     _add_run_ref(parser)
     parser.add_argument(
-        "--candidates", required=True, help="Parquet file or folder of (user, item) candidates"
+        "--candidates", default="",
+        help="Parquet file or folder of (user, item) candidates to score",
     )
+    parser.add_argument(
+        "--topk", type=int, default=0,
+        help="instead of candidates: the top K items per user into "
+        "RUN/recommendations/date=DATE/",
+    )
+    _add_users(parser)
     parser.add_argument("--date", default="", help="partition date YYYY-MM-DD (default: today)")
     parser.add_argument(
         "--incremental", action="store_true",
@@ -139,9 +171,30 @@ def nightly_command(args: argparse.Namespace) -> None:
     from pipelines.runs import open_run
     from pipelines.runtime import surface_user_errors
 
+    if bool(args.candidates) == bool(args.topk):
+        raise ConfigError(
+            "nightly needs either --candidates PAIRS or --topk K", todo="give exactly one"
+        )
+    if args.users and not args.topk:
+        raise ConfigError("--users goes with --topk", todo="add --topk K or drop --users")
     cfg = open_run(args.run, args.overrides)
     with surface_user_errors():
-        run_nightly(cfg, args.candidates, args.date, args.incremental)
+        if args.topk:
+            from pipelines.recommend import nightly_topk
+
+            nightly_topk(cfg, args.topk, args.users, args.date)
+        else:
+            run_nightly(cfg, args.candidates, args.date, args.incremental)
+
+
+def recommend_command(args: argparse.Namespace) -> None:
+    from pipelines.recommend import recommend
+    from pipelines.runs import open_run
+    from pipelines.runtime import surface_user_errors
+
+    cfg = open_run(args.run, args.overrides)
+    with surface_user_errors():
+        recommend(cfg, args.users, args.k, args.output)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             score_command(args)
         elif args.command == "nightly":
             nightly_command(args)
+        elif args.command == "recommend":
+            recommend_command(args)
     except Exception as err:  # noqa: BLE001 - one line for users, the trace for anything else
         found = find_user_error(err)
         if found is None:

@@ -255,5 +255,3 @@ def _shard_rows(name: str) -> Rows:
     if not batches:
         return Rows.from_arrow(pa.table({c: pa.array([], pa.int64()) for c in EVAL_COLUMNS[:4]}))
     return Rows.from_arrow(pa.concat_tables(batches).sort_by("sample_id"))
-
-

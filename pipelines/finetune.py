@@ -193,9 +193,7 @@ def prefix_groups(prompts: pa.Table, cut: PrefixCut) -> pa.Table:
     return pa.table({"sample_id": prompts["sample_id"], "group": pa.array(keys, pa.string())})
 
 
-def train_sample_ids(
-    index: pa.Table, cfg: FinetuneConfig, groups: pa.Table | None
-) -> np.ndarray:
+def train_sample_ids(index: pa.Table, cfg: FinetuneConfig, groups: pa.Table | None) -> np.ndarray:
     """The train samples a run tunes on (``index``: sample_id, split); see :func:`_subsample`."""
     mask = pc.equal(index["split"], "train")
     return _subsample(index, mask, cfg.max_train_samples, cfg, groups)

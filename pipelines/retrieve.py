@@ -86,91 +86,79 @@ class UserRetriever:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         users = batch["uid"].to_numpy()
-        splits = batch["split"].to_pylist()
-        protocol = batch["protocol"].to_pylist() if "protocol" in batch.column_names else None
+        names = (
+            batch["user"].to_pylist()
+            if "user" in batch.column_names
+            else [str(self.user_names[u]) for u in users]
+        )
+        protocols = (
+            batch["protocol"].to_pylist()
+            if "protocol" in batch.column_names
+            else [FULL] * batch.num_rows
+        )
+        who = list(zip(protocols, batch["split"].to_pylist(), users.tolist(), names, strict=True))
         exclude = [
             self.catalog.positions(np.asarray(e, np.int64)) for e in _lists(batch, "exclude")
         ]
-        rows: list[pa.Table] = []
         known = np.array([u < len(self.known) and self.known[u] for u in users], bool)
-        if known.any():
+        rows: list[pa.Table] = []
+        coded = np.flatnonzero(known)
+        if len(coded):
             found = self.search.search(
-                users[known],
-                self.user_bits[users[known]],
+                users[coded],
+                self.user_bits[users[coded]],
                 self.cfg.top_n,
-                [exclude[i] for i in np.flatnonzero(known)],
+                [exclude[i] for i in coded],
             )
-            for j, i in enumerate(np.flatnonzero(known)):
-                kind = protocol[i] if protocol else FULL
-                rows.append(
-                    self._rows(
-                        kind,
-                        splits[i],
-                        users[i],
-                        found.items[j],
-                        found.distances[j],
-                        found.ties[j],
-                        "hamming",
-                    )
-                )
+            for j, i in enumerate(coded):
+                top = (found.items[j], found.distances[j], found.ties[j])
+                rows.append(self._rows(who[i], *top, "hamming"))
         for i in np.flatnonzero(~known):
-            scores = self.catalog.popularity[None, :].copy()
-            scores[0, exclude[i]] = -np.inf
-            order = np.lexsort((self.universe, -scores[0]))
-            order = order[np.isfinite(scores[0, order])][: self.cfg.top_n]
-            kind = protocol[i] if protocol else FULL
-            rows.append(self._rows(kind, splits[i], users[i], order, None, None, "popularity"))
+            rows.append(self._rows(who[i], self._popular(exclude[i]), None, None, "popularity"))
         if self.cfg.sampled_negatives and "sampled_positive" in batch.column_names:
-            rows += self._sampled(batch, users, splits, known)
-        if not rows:
-            return CANDIDATES_SCHEMA.empty_table()
-        return pa.concat_tables(rows)
+            targets = batch["sampled_positive"].to_pylist()
+            seen = _lists(batch, "seen")
+            for i in coded:
+                if targets[i] is not None:
+                    rows.append(self._sampled(who[i], targets[i], seen[i]))
+        return pa.concat_tables(rows) if rows else CANDIDATES_SCHEMA.empty_table()
 
-    def _sampled(
-        self, batch: pa.Table, users: np.ndarray, splits: list[str], known: np.ndarray
-    ) -> list[pa.Table]:
-        out = []
-        targets = batch["sampled_positive"].to_pylist()
-        seen = _lists(batch, "seen")
-        for i, target in enumerate(targets):
-            if target is None or not known[i]:
-                continue
-            pool = sampled_pool(
-                int(self.catalog.positions(np.array([target]))[0]),
-                self.catalog.positions(np.asarray(seen[i], np.int64)),
-                self.universe,
-                self.cfg.sampled_negatives,
-                self.cfg.seed,
-                int(users[i]),
-            )
-            distance = hamming(
-                pack_bits(self.user_bits[users[i : i + 1]]), self.catalog.codes[pool]
-            )
-            tie = self.tie(users[i : i + 1], pool[None, :])
-            top = select_top(distance, tie, pool[None, :], len(pool), [np.array([], np.int64)])
-            out.append(
-                self._rows(
-                    SAMPLED,
-                    splits[i],
-                    users[i],
-                    top.items[0],
-                    top.distances[0],
-                    top.ties[0],
-                    "hamming",
-                )
-            )
-        return out
+    def _popular(self, exclude: np.ndarray) -> np.ndarray:
+        """The most popular items (ties: id) but ``exclude``, for a user without a code."""
+        score = self.catalog.popularity.copy()
+        score[exclude] = -np.inf
+        order = np.lexsort((self.universe, -score))
+        return order[np.isfinite(score[order])][: self.cfg.top_n]
+
+    def _sampled(self, who: tuple, target: int, seen: list[int]) -> pa.Table:
+        """The sampled protocol's pool of one user, every item ranked by the same rule."""
+        uid = who[2]
+        pool = sampled_pool(
+            int(self.catalog.positions(np.array([target]))[0]),
+            self.catalog.positions(np.asarray(seen, np.int64)),
+            self.universe,
+            self.cfg.sampled_negatives,
+            self.cfg.seed,
+            uid,
+        )
+        one = np.array([uid])
+        distance = hamming(pack_bits(self.user_bits[one]), self.catalog.codes[pool])
+        tie = self.tie(one, pool[None, :])
+        top = select_top(distance, tie, pool[None, :], len(pool), [np.array([], np.int64)])
+        return self._rows(
+            (SAMPLED, *who[1:]), top.items[0], top.distances[0], top.ties[0], "hamming"
+        )
 
     def _rows(
         self,
-        protocol: str,
-        split: str | None,
-        uid: int,
+        who: tuple,
         items: np.ndarray,
         distances: np.ndarray | None,
         ties: np.ndarray | None,
         source: str,
     ) -> pa.Table:
+        """Candidate rows of one list; ``who`` = (protocol, split, uid, user name)."""
+        protocol, split, uid, name = who
         n = len(items)
         iids = self.catalog.iids[items]
         return pa.table(
@@ -179,7 +167,7 @@ class UserRetriever:
                 "split": pa.array([split] * n, pa.string()),
                 "uid": pa.array(np.full(n, uid), pa.int32()),
                 "iid": pa.array(iids, pa.int32()),
-                "user": pa.array([str(self.user_names[uid])] * n, pa.string()),
+                "user": pa.array([name] * n, pa.string()),
                 "item": pa.array(self.item_names[iids].astype(str), pa.string()),
                 "rank": pa.array(np.arange(1, n + 1), pa.int32()),
                 "hamming": pa.array(distances, pa.int16())

@@ -47,9 +47,7 @@ def load_lookups(ctx: StageContext, mode: str) -> RunLookups:
     """Titles, id maps, histories and codes of the run (read once, on the driver)."""
     codes = None
     if mode in CODE_MODES:
-        codes = ctx.read_table(
-            "encode", "codes", columns=["entity", "id", "bits"]
-        )
+        codes = ctx.read_table("encode", "codes", columns=["entity", "id", "bits"])
     return build_lookups(
         ctx.read_table("ingest", "items", columns=["item", "title"]),
         ctx.read_table("samples", "user_map", columns=["user", "uid"]),

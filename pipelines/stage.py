@@ -350,4 +350,3 @@ def _mask(value: Any, key: str = "") -> Any:
     if value and any(word in key.lower() for word in SECRET_WORDS):
         return "***"
     return value
-

@@ -1,0 +1,215 @@
+"""Top-K lists per user from a trained run: ``binllm recommend`` and ``binllm nightly --topk``.
+
+For each user (a Parquet table with a string column ``user`` of source ids, or every user of the
+run) the steps of stages ``retrieve`` and ``rerank`` run on the user's whole known past: the
+``rerank.top_n`` items nearest to the user's code that the user never interacted with
+(:class:`pipelines.retrieve.UserRetriever`), each rendered with the user's latest positives as
+history and scored in ``score.candidate_mode`` (:func:`pipelines.rerank.rerank`), the first ``k``
+kept. A user the encoder never saw has no code: by ``score.unknown`` they get the most popular
+items they have not seen, scored with text prompts and flagged ``cold`` (``text``), are left out
+and counted (``skip``), or stop the job naming them (``error``).
+
+Outputs are published whole (:mod:`pipelines.publish`): ``{run}/recommendations/{name}/`` (or
+``--output``), and for the nightly job ``{run}/recommendations/date=YYYY-MM-DD/``, where the same
+date again replaces the partition whole. Table ``recommendations``:
+:data:`pipelines.rerank.RECOMMENDATIONS_SCHEMA` (protocol ``serve``, empty split).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from binllm_core.config import RunConfig
+from binllm_core.errors import ConfigError, DataError, StageError
+from binllm_core.storage import join, parquet_files, read_parquet, resolve, to_uri
+from pipelines.nightly import parse_date
+from pipelines.pair_scoring import candidate_mode, manifest_base
+from pipelines.publish import publishing, write_dataset
+from pipelines.rerank import RECOMMENDATIONS_SCHEMA, rerank
+from pipelines.retrieve import SERVE, retrieve, retriever_kwargs
+from pipelines.runs import load_lookups
+from pipelines.score import NONE, adapter_plan
+from pipelines.stage import StageContext
+
+RECOMMENDATIONS = "recommendations"
+
+
+def read_users(uri: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """The distinct source ids of a users table (column ``user``), in input order."""
+    fs, path = resolve(uri, storage_options)
+    if not fs.exists(path) or not parquet_files(fs, path):
+        raise DataError(f"users {uri} not found", todo="give a Parquet file or folder of them")
+    table = read_parquet(fs, path)
+    if "user" not in table.column_names:
+        raise DataError(
+            f"the users table has no user column (it has: {', '.join(table.column_names)})",
+            uri,
+            "give a Parquet table with a string column user (source ids)",
+        )
+    column = table["user"]
+    if column.null_count:
+        row = pc.index(pc.is_null(column), True).as_py()
+        raise DataError(f"the users table has an empty user in row {row}", uri)
+    return list(dict.fromkeys(pc.cast(column, pa.string()).to_pylist()))
+
+
+def recommend_lists(
+    cfg: RunConfig, users: list[str] | None, k: int, where: str = "all users"
+) -> tuple[Any, dict[str, Any]]:
+    """The top-``k`` lists (a materialized dataset) and counts for ``users`` (None: every user
+    of the run)."""
+    from pipelines.runtime import ensure_ray
+
+    if k <= 0:
+        raise ConfigError(f"--k {k} must be > 0", todo="e.g. --k 10")
+    if cfg.rerank.top_n < k:
+        raise ConfigError(
+            f"--k {k} is more than the rerank.top_n = {cfg.rerank.top_n} candidates the LLM "
+            "re-ranks",
+            todo=f"lower --k or --set rerank.top_n={k}",
+        )
+    ensure_ray()
+    started = time.time()
+    ctx = StageContext.open(cfg, "score")
+    mode = candidate_mode(cfg)
+    finetune = ctx.manifest_of("finetune")["metrics"]
+    plan = adapter_plan(cfg, list(dict.fromkeys([mode, "text"])), finetune, ctx.run_uri)
+    samples = pl.from_arrow(
+        ctx.read_table(
+            "samples", "samples", columns=["sample_id", "uid", "iid", "label", "split", "timestamp"]
+        )
+    )
+    retrieve_cfg = replace(cfg.retrieve, top_n=cfg.rerank.top_n, sampled_negatives=0)
+    kwargs = retriever_kwargs(ctx, retrieve_cfg, samples)
+    user_map = ctx.read_table("samples", "user_map", columns=["user", "uid"])
+    uid_of = dict(zip(user_map["user"].to_pylist(), user_map["uid"].to_pylist(), strict=True))
+    names = list(uid_of) if users is None else users
+    known = kwargs["known_users"]
+    is_known = [0 < uid_of.get(u, 0) < len(known) and bool(known[uid_of[u]]) for u in names]
+    unknown = [u for u, ok in zip(names, is_known, strict=True) if not ok]
+    policy = cfg.score.unknown
+    if unknown and policy == "error":
+        raise DataError(
+            f"user {unknown[0]!r} was never seen by the encoder (no code; {len(unknown)} such "
+            "users)",
+            where,
+            "set score.unknown=text for popular items with text prompts, or skip",
+        )
+    if policy == "skip":
+        names = [u for u, ok in zip(names, is_known, strict=True) if ok]
+    seen = (
+        samples.group_by("uid").agg(pl.col("iid").unique().sort().alias("seen"))
+        if samples.height
+        else pl.DataFrame(schema={"uid": pl.Int32, "seen": pl.List(pl.Int32)})
+    )
+    seen_of = dict(zip(seen["uid"].to_list(), seen["seen"].to_list(), strict=True))
+    uids = [int(uid_of.get(u, 0)) for u in names]
+    table = pa.table(
+        {
+            "protocol": pa.array([SERVE] * len(names), pa.string()),
+            "split": pa.array([""] * len(names), pa.string()),
+            "uid": pa.array(uids, pa.int32()),
+            "user": pa.array(names, pa.string()),
+            "exclude": pa.array([seen_of.get(u, []) for u in uids], pa.list_(pa.int32())),
+        }
+    )
+    stats: dict[str, Any] = {
+        "input_users": len(users) if users is not None else len(uid_of),
+        "users": len(names),
+        "cold_users": len(unknown) if policy == "text" else 0,
+        "skipped_users": len(unknown) if policy == "skip" else 0,
+        "k": k,
+        "candidates_per_user": cfg.rerank.top_n,
+        "mode": mode,
+    }
+    if not names:
+        return ray.data.from_arrow(RECOMMENDATIONS_SCHEMA.empty_table()), stats | {"rows": 0}
+    candidates = retrieve(table, kwargs, retrieve_cfg).materialize()
+    lookups = load_lookups(ctx, mode)
+    histories = {("", uid): list(h) for uid, h in lookups.histories.items()}
+    ranked, per_mode = rerank(candidates, cfg, [mode], plan, lookups, histories)
+
+    def first_k(batch: pa.Table) -> pa.Table:
+        return batch.filter(pc.less_equal(batch["rank"], k))
+
+    out = ranked.map_batches(first_k, batch_format="pyarrow").materialize()
+    stats.update(
+        rows=out.count(),
+        modes=per_mode,
+        adapters={m: plan[m] or NONE for m in plan},
+        wall_time_s=round(time.time() - started, 2),
+    )
+    return out, stats
+
+
+def recommend(
+    cfg: RunConfig, users_uri: str = "", k: int = 10, output_uri: str = "", log: Any = print
+) -> dict[str, Any]:
+    """``binllm recommend``: publish the top-``k`` lists of the users in ``users_uri`` (empty:
+    every user of the run) to ``output_uri`` (default ``{run}/recommendations/{name}``)."""
+    users = read_users(users_uri, cfg.output_storage_options) if users_uri else None
+    ctx = StageContext.open(cfg, "score")
+    if output_uri:
+        fs, target = resolve(output_uri, cfg.output_storage_options)
+        protected = [] if type(fs) is not type(ctx.fs) else [ctx.run_path]
+    else:
+        stem = users_uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet") or "users"
+        fs, target = ctx.fs, join(ctx.run_path, RECOMMENDATIONS, stem if users_uri else "all")
+        protected = [ctx.run_path]
+    with publishing(fs, target, RECOMMENDATIONS, protected, log) as publication:
+        log(f"[binllm] recommend: top {k} for {len(users) if users else 'every'} user(s)")
+        out, stats = recommend_lists(cfg, users, k, users_uri or "all users")
+        write_dataset(publication, out, RECOMMENDATIONS)
+        manifest = {"users": users_uri or "all", **manifest_base(cfg), "metrics": stats}
+        manifest = publication.publish(
+            {**manifest, "path": to_uri(fs, target)}, keep=cfg.keep_versions
+        )
+    log(
+        f"[binllm] recommend: {stats['rows']:,} rows for {stats['users']:,} users "
+        f"({stats['cold_users']:,} cold, {stats['skipped_users']:,} skipped) -> {manifest['path']}"
+    )
+    return {**manifest, "output": manifest["path"]}
+
+
+def nightly_topk(
+    cfg: RunConfig, k: int, users_uri: str = "", date: str = "", log: Any = print
+) -> dict[str, Any]:
+    """``binllm nightly --topk K``: the lists of one night into
+    ``{run}/recommendations/date=YYYY-MM-DD/`` (a re-run of the date replaces it whole)."""
+    date = parse_date(date)
+    users = read_users(users_uri, cfg.output_storage_options) if users_uri else None
+    ctx = StageContext.open(cfg, "score")
+    target = join(ctx.run_path, RECOMMENDATIONS, f"date={date}")
+    with publishing(ctx.fs, target, RECOMMENDATIONS, [], log) as publication:
+        log(f"[binllm] nightly {date}: top {k} for {len(users) if users else 'every'} user(s)")
+        out, stats = recommend_lists(cfg, users, k, users_uri or "all users")
+        write_dataset(publication, out, RECOMMENDATIONS)
+        manifest = {
+            "date": date,
+            "users": users_uri or "all",
+            **manifest_base(cfg),
+            "metrics": stats,
+            "path": to_uri(ctx.fs, target),
+        }
+        manifest = publication.publish(manifest, keep=cfg.keep_versions)
+    log(f"[binllm] nightly {date}: {stats['rows']:,} rows -> {to_uri(ctx.fs, target)}")
+    return {**manifest, "output": to_uri(ctx.fs, target)}
+
+
+def read_recommendations(cfg: RunConfig, name: str) -> pa.Table:
+    """A published recommendations output of the run (``all``, a users-file name, or
+    ``date=YYYY-MM-DD``), its current version."""
+    from binllm_core.storage import read_manifest, read_published
+
+    ctx = StageContext.open(cfg, "score")
+    folder = join(ctx.run_path, RECOMMENDATIONS, name)
+    if read_manifest(ctx.fs, folder) is None:
+        raise StageError(f"no published recommendations {name}", to_uri(ctx.fs, folder))
+    return read_published(ctx.fs, folder, RECOMMENDATIONS)
