@@ -103,7 +103,7 @@ def score_pairs(
     ensure_ray()
     ctx = StageContext.open(cfg, "score")
     mode = candidate_mode(cfg)
-    finetune = _manifest_or_none(ctx, "finetune")
+    finetune = manifest_or_none(ctx, "finetune")
     plan = adapter_plan(cfg, list(dict.fromkeys([mode, "text"])), finetune, ctx.run_uri)
     lookups = load_lookups(ctx, mode)
     templates: Templates = templates_from_config(cfg.prompts)
@@ -175,7 +175,7 @@ def score_pairs(
     return out, stats
 
 
-def _manifest_or_none(ctx: StageContext, stage: str) -> dict[str, Any] | None:
+def manifest_or_none(ctx: StageContext, stage: str) -> dict[str, Any] | None:
     try:
         return ctx.manifest_of(stage)["metrics"]
     except StageError:

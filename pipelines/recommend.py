@@ -30,7 +30,7 @@ from binllm_core.config import RunConfig
 from binllm_core.errors import ConfigError, DataError, StageError
 from binllm_core.storage import join, parquet_files, read_parquet, resolve, to_uri
 from pipelines.nightly import parse_date
-from pipelines.pair_scoring import candidate_mode, manifest_base
+from pipelines.pair_scoring import candidate_mode, manifest_base, manifest_or_none
 from pipelines.publish import publishing, write_dataset
 from pipelines.rerank import RECOMMENDATIONS_SCHEMA, rerank
 from pipelines.retrieve import SERVE, retrieve, retriever_kwargs
@@ -79,7 +79,7 @@ def recommend_lists(
     started = time.time()
     ctx = StageContext.open(cfg, "score")
     mode = candidate_mode(cfg)
-    finetune = ctx.manifest_of("finetune")["metrics"]
+    finetune = manifest_or_none(ctx, "finetune")
     plan = adapter_plan(cfg, list(dict.fromkeys([mode, "text"])), finetune, ctx.run_uri)
     samples = pl.from_arrow(
         ctx.read_table(

@@ -65,7 +65,9 @@ RECOMMENDATIONS_SCHEMA = pa.schema(
 order within (protocol, split, mode, user), ties by ``retrieval_rank``; ``cold``: the user has no
 code (a popularity list with text prompts, ``binllm recommend`` only); ``split`` is empty for
 ``binllm recommend``."""
-GROUP = ["protocol", "split", "mode", "uid"]
+GROUP = ["protocol", "split", "list_mode", "uid"]
+ROWS_PER_PARTITION = 1_000_000
+"""Rows per partition of the shuffle that groups each user's scored candidates."""
 
 
 def render_lists(
@@ -76,8 +78,8 @@ def render_lists(
     mode: str,
     history_len: int,
 ) -> pa.Table:
-    """Candidates (:data:`CANDIDATES_SCHEMA`) -> the same rows with ``mode``, ``title``,
-    ``cold`` and ``prompt``: a user without a code gets the text prompt (``mode`` = text)."""
+    """Candidates (:data:`CANDIDATES_SCHEMA`) -> the same rows with ``list_mode`` (``mode``),
+    ``mode`` (the prompt's: text for a user without a code), ``title``, ``cold``, ``prompt``."""
     prompt_lookups = lookups.prompt
     users, items = batch["uid"].to_pylist(), batch["iid"].to_pylist()
     splits = batch["split"].to_pylist()
@@ -100,6 +102,7 @@ def render_lists(
         colds.append(cold)
         prompts.append(prompt_of(templates, row_mode, history, title, codes))
     for name, values, kind in (
+        ("list_mode", [mode] * batch.num_rows, pa.string()),
         ("mode", modes, pa.string()),
         ("title", titles, pa.string()),
         ("cold", colds, pa.bool_()),
@@ -118,7 +121,7 @@ def rank_group(group: pa.Table) -> pa.Table:
     out = {
         "protocol": ordered["protocol"],
         "split": ordered["split"],
-        "mode": ordered["mode"],
+        "mode": ordered["list_mode"],
         "uid": ordered["uid"],
         "iid": ordered["iid"],
         "user": ordered["user"],
@@ -170,9 +173,7 @@ def rerank(
             if n == 0:
                 continue
             scored = score_dataset(subset, cfg, plan[row_mode], scored_at).materialize()
-            parts.append(
-                scored.map_batches(_as_mode, fn_kwargs={"mode": mode}, batch_format="pyarrow")
-            )
+            parts.append(scored)
             rows += n
         seconds = time.time() - started
         per_mode[mode] = {
@@ -184,7 +185,11 @@ def rerank(
     if not parts:
         return ray.data.from_arrow(RECOMMENDATIONS_SCHEMA.empty_table()), per_mode
     scored = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    ranked = scored.groupby(GROUP).map_groups(rank_group, batch_format="pyarrow")
+    # Few partitions: Ray's default of many costs seconds of tasks even for a few rows.
+    partitions = max(1, -(-scored.count() // ROWS_PER_PARTITION))
+    ranked = scored.groupby(GROUP, num_partitions=partitions).map_groups(
+        rank_group, batch_format="pyarrow"
+    )
     return ranked.materialize(), per_mode
 
 
@@ -193,12 +198,6 @@ def _of_mode(ds: ray.data.Dataset, mode: str) -> ray.data.Dataset:
         return batch.filter(pc.equal(batch["mode"], mode))
 
     return ds.map_batches(keep, batch_format="pyarrow").materialize()
-
-
-def _as_mode(batch: pa.Table, mode: str) -> pa.Table:
-    """Rows scored with the text fallback keep the list's mode (they rank within its list)."""
-    index = batch.column_names.index("mode")
-    return batch.set_column(index, "mode", pa.array([mode] * batch.num_rows, pa.string()))
 
 
 def histories_of(users: pa.Table) -> dict[tuple[str, int], list[int]]:

@@ -1,4 +1,5 @@
-"""A finished fake run (ingest, samples, encode) for scoring tests, no training needed."""
+"""A finished fake run (ingest, samples, encode) for scoring and recommending tests, no training
+needed."""
 
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ def fake_run(tmp_path: Path, *overrides: str) -> RunConfig:
             "iid": 1 + (k * 5) % N_ITEMS,
             "label": k % 3 != 0,
             "timestamp": 1000 + k,
+            "split": "train" if k < 44 else "valid" if k < 52 else "test",
         }
         for k in range(60)
     ]
@@ -59,6 +61,7 @@ def fake_run(tmp_path: Path, *overrides: str) -> RunConfig:
                 ("iid", pa.int32()),
                 ("label", pa.int8()),
                 ("timestamp", pa.int64()),
+                ("split", pa.string()),
             ]
         )
     )
@@ -77,20 +80,26 @@ def fake_run(tmp_path: Path, *overrides: str) -> RunConfig:
     )
     # The last user and item have no code (the encoder never saw them).
     code_users, code_items = list(range(1, N_USERS)), list(range(1, N_ITEMS))
+    entity = ["user"] * len(code_users) + ["item"] * len(code_items)
+    ids = pa.array(code_users + code_items, pa.int32())
+    bits = [[int(b) for b in f"{i * 37 % 256:08b}"] for i in code_users + code_items]
+    relaxed = [[(2 * b - 1) * (0.5 + 0.05 * i) for i, b in enumerate(row)] for row in bits]
+    vector = pa.list_(pa.float32(), 8)
     publish_stage(
         run,
         "encode",
         {
             "codes": pa.table(
+                {"entity": entity, "id": ids, "bits": pa.array(bits, pa.list_(pa.uint8(), 8))}
+            ),
+            "embeddings": pa.table(
                 {
-                    "entity": ["user"] * len(code_users) + ["item"] * len(code_items),
-                    "id": pa.array(code_users + code_items, pa.int32()),
-                    "bits": pa.array(
-                        [[int(b) for b in f"{i * 37 % 256:08b}"] for i in code_users + code_items],
-                        pa.list_(pa.uint8(), 8),
-                    ),
+                    "entity": entity,
+                    "id": ids,
+                    "relaxed": pa.array(relaxed, vector),
+                    "float": pa.array(relaxed, vector),
                 }
-            )
+            ),
         },
     )
     return cfg

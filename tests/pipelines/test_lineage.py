@@ -147,8 +147,17 @@ def test_resource_settings_never_make_a_stage_stale(tmp_path: Path, capsys):
     assert "encode    missing" in out and "render    waits on" not in out
 
     # A setting that does change what samples computes makes it (and only it) stale.
-    assert main(["run", "configs/tiny.yaml", *sets(tmp_path, src, "protocol.warm_more_than=5"),
-                 "--dry-run"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "configs/tiny.yaml",
+                *sets(tmp_path, src, "protocol.warm_more_than=5"),
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "ingest    done" in out
     assert "samples   stale      config changed: protocol.warm_more_than" in out
@@ -186,8 +195,14 @@ def test_second_run_stops_at_once_naming_the_holder_and_a_stale_lock_is_taken_ov
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    record = {"owner": "someone", "host": os.uname().nodename, "pid": gone.pid,
-              "started_at": "2026-01-01T00:00:00Z", "command": "binllm run", "token": "x"}
+    record = {
+        "owner": "someone",
+        "host": os.uname().nodename,
+        "pid": gone.pid,
+        "started_at": "2026-01-01T00:00:00Z",
+        "command": "binllm run",
+        "token": "x",
+    }
     (tmp_path / "runs" / "tiny" / LOCK).write_text(json.dumps(record))
     run(tmp_path, src, "--stages", "ingest")
     out = capsys.readouterr().out
@@ -206,8 +221,16 @@ def test_killed_inside_publish_keeps_the_previous_output_and_the_next_run_cleans
     rows = read_output(str(tmp_path / "runs" / "tiny" / "ingest"), "interactions").num_rows
 
     env = {**os.environ, "BINLLM_TEST_FAULT": "publish", "RAY_ADDRESS": ""}
-    cmd = [sys.executable, "-m", "jobs.pipeline", "configs/tiny.yaml",
-           *sets(tmp_path, src), "--stages", "ingest", "--force"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.pipeline",
+        "configs/tiny.yaml",
+        *sets(tmp_path, src),
+        "--stages",
+        "ingest",
+        "--force",
+    ]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 86, done.stderr[-2000:]  # killed between tables and pointer
 
@@ -233,9 +256,18 @@ def test_s3_run_publishes_skips_and_replaces_versions(
     src = source_copy(tmp_path)
     root = f"{bucket}/runs"
     options = json.dumps(opts)
-    args = ["run", "configs/tiny.yaml", "--stages", "ingest,samples",
-            "--set", f"output_root={root}", "--set", f"data.uri={src}",
-            "--set", f"output_storage_options={options}"]
+    args = [
+        "run",
+        "configs/tiny.yaml",
+        "--stages",
+        "ingest,samples",
+        "--set",
+        f"output_root={root}",
+        "--set",
+        f"data.uri={src}",
+        "--set",
+        f"output_storage_options={options}",
+    ]
     assert main(args) == 0
     first = read_output(f"{root}/tiny/samples", "samples", storage_options=opts)
     fs, base = resolve(f"{root}/tiny/samples", opts)
@@ -276,8 +308,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory, ray_session) -> tuple[Path
 
 def pairs_file(folder: Path) -> Path:
     path = folder / "pairs.parquet"
-    pq.write_table(pa.table({"user": ["1", "2", "3", "nobody"], "item": ["10", "11", "12", "5"]}),
-                   path)
+    pq.write_table(
+        pa.table({"user": ["1", "2", "3", "nobody"], "item": ["10", "11", "12", "5"]}), path
+    )
     return path
 
 
@@ -323,6 +356,49 @@ def test_score_output_never_replaces_what_binllm_did_not_write(trained, tmp_path
 
 
 @pytest.mark.slow
+def test_tiny_run_retrieves_reranks_and_reports_ranking(trained):
+    import polars as pl
+
+    _, _, run_dir = trained
+    cfg = load_config("configs/tiny.yaml")
+    top_n, rerank_n = cfg.retrieve.top_n, cfg.rerank.top_n
+    cands = pl.from_arrow(read_output(str(run_dir / "retrieve"), "candidates"))
+    users = pl.from_arrow(read_output(str(run_dir / "retrieve"), "users"))
+    samples = pl.from_arrow(read_output(str(run_dir / "samples"), "samples"))
+    items = samples["iid"].n_unique()
+    assert users.height == cfg.retrieve.max_users
+    full = cands.filter(pl.col("protocol") == "full")
+    for user in users.iter_rows(named=True):
+        mine = full.filter(pl.col("uid") == user["uid"]).sort("rank")
+        train = samples.filter((pl.col("uid") == user["uid"]) & (pl.col("split") == "train"))
+        assert not set(mine["iid"]) & set(train["iid"])  # never an item the user has in train
+        assert mine.height == min(top_n, items - len(user["exclude"]))
+        assert mine["hamming"].is_sorted()  # nearest first
+        pool = cands.filter((pl.col("protocol") == "sampled") & (pl.col("uid") == user["uid"]))
+        assert user["sampled_positive"] in pool["iid"].to_list()
+        assert pool.height == cfg.retrieve.sampled_negatives + 1
+    recs = pl.from_arrow(read_output(str(run_dir / "rerank"), "recommendations"))
+    assert recs["mode"].unique().to_list() == ["binary"]
+    for key, part in recs.group_by(["protocol", "split", "mode", "uid"]):
+        assert sorted(part["rank"]) == list(range(1, rerank_n + 1)), key
+        first = cands.filter(
+            (pl.col("protocol") == key[0])
+            & (pl.col("uid") == key[3])
+            & (pl.col("rank") <= rerank_n)
+        )
+        assert set(part["iid"]) == set(first["iid"])  # the same candidates, re-ordered
+        assert part.sort("rank")["score"].is_sorted(descending=True)
+    ranking = pl.from_arrow(read_output(str(run_dir / "evaluate"), "ranking"))
+    methods = set(ranking.select("protocol", "method").unique().iter_rows())
+    assert methods == {
+        (p, m) for p in ("full", "sampled") for m in ("codes", "float", "popularity", "codes+llm")
+    }
+    assert ranking.filter(pl.col("users") == "all")["n_users"].unique().to_list() == [len(users)]
+    report = next((run_dir / "evaluate").glob("v-*/report/report.md")).read_text()
+    assert "## Ranking" in report and "ranking_test_full.png" in report
+
+
+@pytest.mark.slow
 def test_copied_run_scores_with_its_own_adapters_after_the_original_is_retrained(
     trained, tmp_path: Path
 ):
@@ -333,8 +409,9 @@ def test_copied_run_scores_with_its_own_adapters_after_the_original_is_retrained
     adapter = finetune["metrics"]["final_adapter"]
     assert not Path(adapter).is_absolute() and adapter.startswith("finetune/v-")
     old_weights = (copy / adapter / "adapter_model.safetensors").read_bytes()
-    old_codes = read_output(str(copy / "encode"), "codes").sort_by([("entity", "ascending"),
-                                                                    ("id", "ascending")])
+    old_codes = read_output(str(copy / "encode"), "codes").sort_by(
+        [("entity", "ascending"), ("id", "ascending")]
+    )
 
     # Every label of the original's data flipped (rating r -> 6 - r), then retrained with --force.
     inter = src / "tiny.inter"
@@ -344,13 +421,14 @@ def test_copied_run_scores_with_its_own_adapters_after_the_original_is_retrained
         user, item, rating, stamp = line.split("\t")
         flipped.append(f"{user}\t{item}\t{6 - float(rating):g}\t{stamp}")
     inter.write_text("\n".join([head, *flipped]) + "\n")
-    run(work, src, "--force", extra=TRAIN)
+    run(work, src, "--force", "--stages", "ingest,samples,encode,render,finetune", extra=TRAIN)
 
     retrained = json.loads((run_dir / "finetune" / MANIFEST).read_text())
     new_adapter = run_dir / retrained["metrics"]["final_adapter"]
     assert (new_adapter / "adapter_model.safetensors").read_bytes() != old_weights
-    new_codes = read_output(str(run_dir / "encode"), "codes").sort_by([("entity", "ascending"),
-                                                                       ("id", "ascending")])
+    new_codes = read_output(str(run_dir / "encode"), "codes").sort_by(
+        [("entity", "ascending"), ("id", "ascending")]
+    )
     assert new_codes["code_binary"] != old_codes["code_binary"]
     for stage in ("encode", "finetune"):  # only checkpoints of the new inputs are left
         digest = json.loads((run_dir / stage / MANIFEST).read_text())["config_hash"]

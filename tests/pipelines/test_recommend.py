@@ -1,0 +1,81 @@
+"""``binllm recommend`` and ``nightly --topk`` on a fake finished run: K rows per user, never an
+item the user has, users without a code by ``score.unknown``, one identical partition per date."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from binllm_core.errors import DataError
+from jobs.cli import main
+from pipelines.recommend import read_recommendations, recommend
+from tests.jobs.fake_run import fake_run
+
+pytestmark = pytest.mark.slow  # retrieval and scoring actor pools
+
+DATE = "2026-11-23"
+IDENTITY = ["user", "item", "rank", "score", "retrieval_rank", "hamming", "source", "cold"]
+
+
+def users_file(path: Path) -> Path:
+    pq.write_table(pa.table({"user": ["u1", "u2", "u3", "u9", "u2"]}), path)  # u9 unknown
+    return path
+
+
+def seen_items(cfg) -> dict[str, set[str]]:
+    run = Path(cfg.output_root) / cfg.run_name
+    samples = pl.read_parquet(run / "samples" / "v-*" / "samples" / "*.parquet")
+    items = {i + 1: f"i{i + 1}" for i in range(12)}
+    out: dict[str, set[str]] = {}
+    for uid, iid in samples.select("uid", "iid").iter_rows():
+        out.setdefault(f"u{uid}", set()).add(items[iid])
+    return out
+
+
+def test_recommend_gives_k_unseen_items_per_user_and_cold_users_by_policy(
+    tmp_path: Path, ray_session
+):
+    cfg = fake_run(tmp_path, "score.batch_size=8", "score.sort_window=2")
+    users = users_file(tmp_path / "users.parquet")
+    result = recommend(cfg, str(users), k=3, log=lambda _: None)
+    lists = pl.from_arrow(read_recommendations(cfg, "users"))
+    assert result["metrics"]["users"] == 4 and result["metrics"]["cold_users"] == 1
+    assert sorted(lists["user"].unique().to_list()) == ["u1", "u2", "u3", "u9"]
+    for (user,), part in lists.group_by(["user"]):
+        assert part.height == 3 and sorted(part["rank"].to_list()) == [1, 2, 3]
+        assert not set(part["item"].to_list()) & seen_items(cfg).get(user, set())
+        ordered = part.sort("rank")["score"].to_list()
+        assert ordered == sorted(ordered, reverse=True)  # the LLM's order
+    cold = lists.filter(pl.col("user") == "u9")
+    assert cold["cold"].all() and cold["source"].unique().to_list() == ["popularity"]
+    warm = lists.filter(pl.col("user") != "u9")
+    assert not warm["cold"].any() and warm["source"].unique().to_list() == ["hamming"]
+
+    skip = fake_run(tmp_path / "skip", "score.unknown=skip")
+    out = recommend(skip, str(users), k=2, log=lambda _: None)
+    assert out["metrics"]["skipped_users"] == 1 and out["metrics"]["rows"] == 3 * 2
+    with pytest.raises(DataError, match="'u9' was never seen by the encoder"):
+        recommend(fake_run(tmp_path / "err", "score.unknown=error"), str(users), k=2)
+
+
+def test_nightly_topk_twice_for_one_date_gives_one_identical_partition(
+    tmp_path: Path, ray_session, capsys: pytest.CaptureFixture
+):
+    sets = [f"output_root={tmp_path}", "run_name=f", "score.adapters={text: none, binary: none}"]
+    cfg = fake_run(tmp_path)
+    run = ["--run", "configs/tiny.yaml", *[a for s in sets for a in ("--set", s)]]
+    args = ["nightly", *run, "--topk", "2", "--date", DATE]
+    assert main(args) == 0
+    one = pl.from_arrow(read_recommendations(cfg, f"date={DATE}")).sort("user", "rank")
+    assert one.height == 8 * 2  # every user of the run (u8 has no code: popular items)
+    assert main(args) == 0
+    two = pl.from_arrow(read_recommendations(cfg, f"date={DATE}")).sort("user", "rank")
+    assert two.select(IDENTITY).equals(one.select(IDENTITY))
+    folder = tmp_path / "f" / "recommendations" / f"date={DATE}"
+    assert len(list(folder.glob("v-*"))) == 1  # the second version replaced the first whole
+    assert main(["nightly", *run, "--date", DATE]) == 2
+    assert "either --candidates PAIRS or --topk K" in capsys.readouterr().err
