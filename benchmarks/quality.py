@@ -15,6 +15,11 @@ budget per tuning step and fixed seeds; the test split is only scored, never use
 * one more binary and one more dot-decimal two-step row whose step 2 runs ``--long-steps``
   steps: outside the equal budget, their valid curves show what more steps give.
 
+* the ranking table (also alone with ``--ranking-only``): one two-step run at that rate through
+  ``retrieve`` (the tie rule chosen on valid_small by the codes' NDCG@10), ``rerank`` and
+  ``evaluate`` on ``--ranking-users`` seeded test users: popularity, float MF, the codes' Hamming
+  lists and their LLM re-ranking (text and binary), full and sampled protocols.
+
 Variants reuse the base run's ingest, samples, encode and render outputs (copied; their
 manifests match, so those stages are skipped). Every LLM row is scored on the same test
 subsample (``score.max_rows``, ``score.sample_by``); the codes rows are given on that subsample
@@ -41,7 +46,7 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import SHARED, save, table  # noqa: E402
+from benchmarks.common import RESULTS, SHARED, save, table  # noqa: E402
 from binllm_core.config import RunConfig, load_config, to_dict  # noqa: E402
 from binllm_core.metrics import score_report  # noqa: E402
 from binllm_core.storage import read_output  # noqa: E402
@@ -187,6 +192,109 @@ def fmt(value: Any, digits: int = 4) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+# ---- the ranking table ------------------------------------------------------------------------
+RANKING_COLUMNS = (("ndcg", 5), ("ndcg", 10), ("ndcg", 20), ("recall", 5), ("recall", 10),
+                   ("recall", 20), ("hr", 10), ("mrr", 10))
+
+
+def choose_tie_rule(root: Path, name: str, cfg: RunConfig) -> dict[str, float]:
+    """Codes-only NDCG@10 on valid_small for each tie rule (the test split is never read)."""
+    from binllm_core.codes import id_table
+    from binllm_core.ranking import ranking_metrics
+    from binllm_core.retrieval import TIE_BREAKS, Catalog, backend, tie_score, users_for_splits
+
+    run = root / name
+    samples = pl.from_arrow(read_output(str(run / "samples"), "samples"))
+    valid = samples.filter((pl.col("split") != "valid") | pl.col("valid_small"))
+    users = users_for_splits(valid, ["valid"], ["train"])
+    codes = read_output(str(run / "encode"), "codes")
+    vectors = read_output(str(run / "encode"), "embeddings")
+    item_bits, user_bits = id_table(codes, "item", "bits"), id_table(codes, "user", "bits")
+    train = samples.filter((pl.col("split") == "train") & (pl.col("label") == 1))
+    popularity = np.bincount(train["iid"].to_numpy(), minlength=len(item_bits))
+    catalog = Catalog.build(np.arange(1, len(item_bits)), item_bits[1:], popularity[1:],
+                            id_table(vectors, "item", "relaxed")[1:])
+    uids = users["uid"].to_numpy()
+    excluded = [catalog.positions(np.asarray(e)) for e in users["exclude"]]
+    positives = {int(u): np.asarray(p) for u, p in zip(uids, users["positives"], strict=True)}
+    found = {}
+    for rule in TIE_BREAKS:
+        tie = tie_score(rule, catalog, id_table(vectors, "user", "relaxed"))
+        top = backend("numpy", catalog, tie).search(uids, user_bits[uids], 10, excluded)
+        lists = {int(u): catalog.iids[t] for u, t in zip(uids, top.items, strict=True)}
+        found[rule] = ranking_metrics(lists, positives, [10])[10]["ndcg"]
+    return found
+
+
+def ranking_table(args: argparse.Namespace, shared: list[str], root: Path, stem: str) -> None:
+    """One two-step run (step 2 at the rate the quality table chose, when it has run) through
+    retrieve, rerank and evaluate; its ranking table goes to BENCHMARKS.md."""
+    from pipelines.registry import run_pipeline
+
+    chosen = RESULTS / f"quality-{stem}.json"
+    lr = None
+    if chosen.exists():
+        lr = next(x["step2_lr"] for x in json.loads(chosen.read_text())["step2_lr_selection"]
+                  if x["chosen"])
+    name = f"{stem}-ranking"
+    sets = [
+        *shared, "finetune.strategy=two_step", "finetune.code_mode=binary",
+        "prompts.modes=[text,binary]", f"retrieve.max_users={args.ranking_users}",
+        f"retrieve.top_n={args.ranking_top_n}", f"rerank.top_n={args.rerank_n}",
+        f"output_root={root}", f"run_name={name}",
+        *([f"finetune.step2.lr={lr!r}"] if lr is not None else []),
+    ]
+    started = time.perf_counter()
+    cfg = load_config(args.config, sets)
+    log = lambda m: print(f"[{name}] {m}", flush=True)  # noqa: E731
+    run_pipeline(cfg, ["ingest", "samples", "encode"], log=log)
+    ties = choose_tie_rule(root, name, cfg)
+    rule = max(ties, key=lambda r: ties[r])
+    cfg = load_config(args.config, [*sets, f"retrieve.tie_break={rule}"])
+    manifests = run_pipeline(cfg, log=log)
+    ranking = pl.from_arrow(read_output(str(root / name / "evaluate"), "ranking"))
+    header = ["protocol", "method", "mode", "users", "n",
+              *[f"{m.upper()}@{k}" for m, k in RANKING_COLUMNS]]
+    body = []
+    for key, part in ranking.group_by(["protocol", "method", "mode", "users"],
+                                      maintain_order=True):
+        by_k = {r["k"]: r for r in part.to_dicts()}
+        body.append([*key, fmt(part["n_users"][0]),
+                     *[fmt(by_k[k][m]) if k in by_k else "–" for m, k in RANKING_COLUMNS]])
+    full = ranking.filter((pl.col("protocol") == "full") & (pl.col("method") == "codes")
+                          & (pl.col("users") == "all") & pl.col("k").is_in([20, 50, 100]))
+    retriever = ", ".join(f"Recall@{k} {fmt(v)}" for k, v in full.select("k", "recall").rows())
+    rerank = manifests["rerank"]["metrics"]
+    speed = "; ".join(f"{m}: {v['rows']:,} prompts in {v['wall_time_s']:.0f} s"
+                      for m, v in rerank["modes"].items())
+    s1, s2 = cfg.finetune.step1, cfg.finetune.step2
+    markdown = "\n".join([
+        f"## Ranking on {cfg.protocol.name} (`benchmarks/quality.py --ranking-only`)",
+        "",
+        f"`{Path(cfg.model.backbone).name}` (float32, CPU), run `{name}`: step 1 "
+        f"{s1.max_steps} x {s1.batch_size} text prompts at lr {s1.lr}, step 2 {s2.max_steps} x "
+        f"{s2.batch_size} binary prompts at lr {s2.lr:g}; the text rows re-rank with the step-1 "
+        "adapter, the binary rows with the step-2 adapter. "
+        f"{args.ranking_users} seeded test users (retrieve.seed {cfg.retrieve.seed}) with a test "
+        f"positive; candidates: the {cfg.retrieve.top_n} nearest items by Hamming distance "
+        f"without the user's train and valid items, ties by `{rule}` (codes-only NDCG@10 on "
+        "valid_small: " + ", ".join(f"{r} {v:.4f}" for r, v in ties.items()) + "), then id; "
+        f"the LLM re-ranks the first {cfg.rerank.top_n}. **full**: the whole catalog; "
+        "**sampled**: the first test positive among "
+        f"{cfg.retrieve.sampled_negatives} random unseen items. Users **all** / **retrieved** "
+        "(positive among the re-ranked candidates). Retriever (codes, full): " + retriever +
+        f". Re-ranking: {speed}. Whole run {(time.perf_counter() - started) / 60:.0f} min "
+        "(stages already finished are skipped on a re-run).",
+        "",
+        table(header, body),
+    ])
+    save(f"quality-ranking-{stem}", {
+        "config": args.config, "overrides": sets, "tie_rule_valid_small_ndcg10": ties,
+        "tie_rule": rule, "ranking": ranking.to_dicts(), "rerank": rerank,
+    }, markdown)
+    print(markdown)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="configs/quality_ml100k.yaml")
@@ -198,6 +306,12 @@ def main() -> None:
                         help="step 2 of one more two-step row per code mode, trained this many "
                              "steps at the chosen rate (0 leaves them out)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--ranking-only", action="store_true",
+                        help="only the ranking table (one two-step run through rerank)")
+    parser.add_argument("--ranking-users", type=int, default=100,
+                        help="seeded test users of the ranking table")
+    parser.add_argument("--ranking-top-n", type=int, default=100, help="candidates per user")
+    parser.add_argument("--rerank-n", type=int, default=20, help="candidates the LLM re-ranks")
     args = parser.parse_args()
     shared = [
         f"data.uri={SHARED / 'data' / 'ml-100k'}",
@@ -207,6 +321,9 @@ def main() -> None:
     root = Path(args.output_root).resolve()
     stem = Path(args.config).stem
     cfg = load_config(args.config, shared)
+    if args.ranking_only:
+        ranking_table(args, shared, root, stem)
+        return
     s1, s2 = cfg.finetune.step1, cfg.finetune.step2
     lrs = list(dict.fromkeys([s2.lr, *(args.step2_lr or [1e-3])]))
     started = time.perf_counter()
@@ -298,6 +415,7 @@ def main() -> None:
               "stage_s": {f"{run}/{stage}": t for (run, stage), t in stage_s.items()}}
     save(f"quality-{stem}", result, markdown)
     print(markdown)
+    ranking_table(args, shared, root, stem)
 
 
 if __name__ == "__main__":
