@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401 - pa.compute in id_table
+import pyarrow.compute as pc
 
 from binllm_core.errors import DataError
 
@@ -226,7 +226,7 @@ def embeddings_table(vectors: dict[str, tuple[np.ndarray, np.ndarray]]) -> pa.Ta
 def id_table(table: pa.Table, entity: str, column: str) -> np.ndarray:
     """Rows of ``column`` (a fixed-size list) of one ``entity`` of a ``codes``/``embeddings``
     table, as an array indexed by id (row 0 and ids without a row are zeros)."""
-    part = table.filter(pa.compute.equal(table["entity"], entity))
+    part = table.filter(pc.equal(table["entity"], entity))
     ids = part["id"].to_numpy()
     values = part[column].combine_chunks()
     width = values.type.list_size

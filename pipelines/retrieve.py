@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from binllm_core.codes import id_table
@@ -214,17 +215,18 @@ def retriever_kwargs(ctx: StageContext, cfg: RetrieveConfig, samples: pl.DataFra
     user_bits = id_table(codes, "user", "bits")
     item_map = ctx.read_table("samples", "item_map", columns=["item", "iid"])
     user_map = ctx.read_table("samples", "user_map", columns=["user", "uid"])
-    iids = np.arange(1, len(item_bits))
+    # The catalog: every item with a code (an item the encoder never saw is never a candidate).
+    iids = np.sort(codes.filter(pc.equal(codes["entity"], "item"))["id"].to_numpy())
     train_pos = samples.filter((pl.col("split") == "train") & (pl.col("label") == 1))
     popularity = np.bincount(train_pos["iid"].to_numpy(), minlength=len(item_bits))
     catalog = Catalog.build(
         iids,
-        item_bits[1:],
-        popularity[1 : len(item_bits)],
-        None if vectors is None else id_table(vectors, "item", "relaxed")[1:],
+        item_bits[iids],
+        popularity[iids],
+        None if vectors is None else id_table(vectors, "item", "relaxed")[iids],
     )
     known = np.zeros(len(user_bits), bool)
-    known[codes.filter(pa.compute.equal(codes["entity"], "user"))["id"].to_numpy()] = True
+    known[codes.filter(pc.equal(codes["entity"], "user"))["id"].to_numpy()] = True
     return {
         "catalog": catalog,
         "user_bits": user_bits,

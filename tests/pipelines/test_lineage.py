@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -367,6 +368,14 @@ def test_tiny_run_retrieves_reranks_and_reports_ranking(trained):
     samples = pl.from_arrow(read_output(str(run_dir / "samples"), "samples"))
     items = samples["iid"].n_unique()
     assert users.height == cfg.retrieve.max_users
+    codes = read_output(str(run_dir / "encode"), "codes").sort_by([("entity", "ascending"),
+                                                                   ("id", "ascending")])
+    vectors = read_output(str(run_dir / "encode"), "embeddings").sort_by(
+        [("entity", "ascending"), ("id", "ascending")]
+    )
+    relaxed = np.stack(vectors["relaxed"].to_numpy(zero_copy_only=False))
+    bits = np.stack(codes["bits"].to_numpy(zero_copy_only=False))
+    np.testing.assert_array_equal(relaxed > 0, bits == 1)  # the codes are the relaxed signs
     full = cands.filter(pl.col("protocol") == "full")
     for user in users.iter_rows(named=True):
         mine = full.filter(pl.col("uid") == user["uid"]).sort("rank")
