@@ -30,8 +30,6 @@ import numpy as np
 import polars as pl
 
 TIE_BREAKS = ("relaxed", "popularity", "id")
-BLOCK_BYTES = 256 * 2**20
-"""Memory one block of users may take in the numpy scan (distances and keys of every item)."""
 
 
 def pack_bits(bits: np.ndarray) -> np.ndarray:
@@ -191,23 +189,42 @@ class HammingBackend(Protocol):
 
 
 class NumpyHamming:
-    """Exact scan of every item: XOR + ``np.bitwise_count``, blocks of users sized to memory."""
+    """Exact scan of every item, one user at a time: XOR + ``np.bitwise_count`` on packed words.
+
+    A ``d``-bit code has ``d + 1`` distances, so each user's N-th distance comes from a histogram
+    of their distances; only the items at or below it are ranked by the tie rule (a full sort of
+    the catalog is never needed). Memory: a few arrays of one byte or two per item."""
 
     def __init__(self, catalog: Catalog, tie: TieScore) -> None:
         self.catalog, self.tie = catalog, tie
-        self.all = np.arange(len(catalog))
+        self.dim = catalog.bits.shape[1]
+        self.words = [
+            np.ascontiguousarray(catalog.codes[:, w]) for w in range(catalog.codes.shape[1])
+        ]
+        self.dtype = np.uint8 if self.dim < 255 else np.uint16
+
+    def distances(self, code: np.ndarray) -> np.ndarray:
+        """Hamming distances of one packed code ``(w,)`` to every item."""
+        out = np.bitwise_count(code[0] ^ self.words[0]).astype(self.dtype, copy=False)
+        for w in range(1, len(self.words)):
+            out += np.bitwise_count(code[w] ^ self.words[w]).astype(self.dtype, copy=False)
+        return out
 
     def search(
         self, users: np.ndarray, codes: np.ndarray, n: int, excluded: Sequence[np.ndarray]
     ) -> TopN:
         packed = pack_bits(codes)
-        block = max(1, BLOCK_BYTES // max(1, 20 * len(self.catalog)))
         out = TopN([], [], [])
-        for start in range(0, len(users), block):
-            rows = slice(start, start + block)
-            distance = hamming(packed[rows], self.catalog.codes)
-            tie = self.tie(users[rows], self.all)
-            part = select_top(distance, tie, self.all, n, excluded[rows])
+        none = np.array([], np.int64)
+        for row in range(len(users)):
+            dist = self.distances(packed[row])
+            if len(excluded[row]):
+                dist[excluded[row]] = self.dim + 1  # beyond every real distance
+            within = np.cumsum(np.bincount(dist, minlength=self.dim + 2)[: self.dim + 1])
+            radius = min(int(np.searchsorted(within, n)), self.dim)
+            near = np.flatnonzero(dist <= radius)
+            tie = self.tie(users[row : row + 1], near)
+            part = select_top(dist[near][None, :].astype(np.int16), tie, near[None, :], n, [none])
             out.items += part.items
             out.distances += part.distances
             out.ties += part.ties
