@@ -617,7 +617,7 @@ class RunConfig(Section):
                 where,
                 f"add {unrendered[0]} to prompts.modes or drop it from score.modes",
             )
-        if self.rerank.top_n > self.retrieve.top_n:
+        if self.retrieve.top_n and self.rerank.top_n > self.retrieve.top_n:
             raise ConfigError(
                 f"rerank.top_n = {self.rerank.top_n} is more than the "
                 f"retrieve.top_n = {self.retrieve.top_n} candidates there are",

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pytest
 
 from binllm_core import metrics
 from binllm_core.config import load_config
@@ -22,7 +23,9 @@ def fake(run: Path, stage: str, metrics_: dict, tables: dict[str, pa.Table]) -> 
 
 
 def test_evaluate_writes_metrics_report_and_roc(tmp_path: Path):
-    cfg = load_config("configs/tiny.yaml", [f"output_root={tmp_path}", "run_name=e"])
+    cfg = load_config(
+        "configs/tiny.yaml", [f"output_root={tmp_path}", "run_name=e", "retrieve.top_n=0"]
+    )
     rng = np.random.default_rng(0)
     n = 120
     label = rng.integers(0, 2, n)
@@ -58,3 +61,112 @@ def test_evaluate_writes_metrics_report_and_roc(tmp_path: Path):
     data = json.loads((folder / "metrics.json").read_text())
     assert "warm" in data["definitions"] and len(data["rows"]) == 3
     assert manifest["metrics"]["rows"][0]["mode"] == "text"
+
+
+def lists(protocol: str, by_user: dict[int, list[int]], **extra: str) -> list[dict]:
+    return [
+        {"protocol": protocol, "split": "test", "uid": u, "iid": i, "rank": r + 1, **extra}
+        for u, items in by_user.items()
+        for r, i in enumerate(items)
+    ]
+
+
+def test_evaluate_ranks_codes_and_reranked_lists_on_every_user_and_the_retrieved(tmp_path: Path):
+    cfg = load_config(
+        "configs/tiny.yaml",
+        [f"output_root={tmp_path}", "run_name=r", "retrieve.top_n=3", "rerank.top_n=2"],
+    )
+    run = tmp_path / "r"
+    scores = pa.table(
+        {
+            "sample_id": pa.array([0, 1], pa.int64()),
+            "split": ["test"] * 2,
+            "mode": ["binary"] * 2,
+            "uid": pa.array([1, 2], pa.int32()),
+            "label": pa.array([1, 0], pa.int8()),
+            "warm": [True] * 2,
+            "not_cold": [True] * 2,
+            "logit_yes": [0.5, 0.1],
+            "adapter": ["a"] * 2,
+        }
+    )
+    fake(run, "score", {}, {"scores": scores})
+    vector = pa.list_(pa.float32(), 2)
+    embeddings = pa.table(
+        {
+            "entity": ["user"] * 2 + ["item"] * 6,
+            "id": pa.array([1, 2, 1, 2, 3, 4, 5, 6], pa.int32()),
+            "relaxed": pa.array([[1, 0]] * 8, vector),
+            "float": pa.array(
+                [[1, 0], [0, 1], [0, 0], [1, 1], [2, 0], [0, 0], [0, 2], [0, 3]], vector
+            ),
+        }
+    )
+    fake(run, "encode", {"codes": {}}, {"embeddings": embeddings})
+    samples = pa.table(
+        {
+            "iid": pa.array([4, 4, 2, 1], pa.int32()),
+            "label": pa.array([1, 1, 1, 1], pa.int8()),
+            "split": ["train"] * 4,
+        }
+    )
+    fake(
+        run,
+        "samples",
+        {},
+        {"samples": samples, "item_map": pa.table({"iid": pa.array(range(1, 7), pa.int32())})},
+    )
+    # User 1: positive 3, item 1 excluded; user 2: positives 5 and 6.
+    users = pa.Table.from_pylist(
+        [
+            {"split": "test", "uid": 1, "positives": [3], "exclude": [1], "sampled_positive": 3},
+            {"split": "test", "uid": 2, "positives": [5, 6], "exclude": [], "sampled_positive": 5},
+        ],
+        schema=pa.schema(
+            [
+                ("split", pa.string()),
+                ("uid", pa.int32()),
+                ("positives", pa.list_(pa.int32())),
+                ("exclude", pa.list_(pa.int32())),
+                ("sampled_positive", pa.int32()),
+            ]
+        ),
+    )
+    candidates = pa.Table.from_pylist(
+        lists("full", {1: [2, 3, 4], 2: [1, 2, 5]}) + lists("sampled", {1: [4, 3, 6], 2: [5, 1, 2]})
+    )
+    fake(run, "retrieve", {}, {"users": users, "candidates": candidates})
+    recs = pa.Table.from_pylist(lists("full", {1: [3, 2], 2: [2, 1]}, mode="binary"))
+    fake(run, "rerank", {}, {"recommendations": recs})
+    run_stage(cfg, next(s for s in STAGES if s.name == "evaluate"))
+    ranking = pl.from_arrow(read_output(str(run / "evaluate"), "ranking"))
+
+    def value(method: str, users: str, k: int, key: str = "ndcg", protocol: str = "full"):
+        row = ranking.filter(
+            (pl.col("method") == method)
+            & (pl.col("users") == users)
+            & (pl.col("k") == k)
+            & (pl.col("protocol") == protocol)
+        )
+        assert row.height == 1, (method, users, k, protocol)
+        return row.row(0, named=True)
+
+    g = 1 / np.log2(3)  # the gain of rank 2
+    # codes: user 1 hits at rank 2; user 2 at rank 3 out of an ideal of two hits.
+    assert value("codes", "all", 5)["ndcg"] == pytest.approx((g + 0.5 / (1 + g)) / 2)
+    assert value("codes", "all", 5)["recall"] == pytest.approx((1 + 0.5) / 2)
+    # The LLM moved user 1's positive to rank 1; user 2's positives were never re-ranked.
+    assert value("codes+llm", "all", 2)["ndcg"] == pytest.approx(0.5)
+    retrieved = value("codes+llm", "retrieved", 2)
+    assert retrieved["n_users"] == 1 and retrieved["ndcg"] == pytest.approx(1.0)
+    assert value("codes", "retrieved", 5)["ndcg"] == pytest.approx(g)
+    # popularity (train positives: 4, then 1 and 2, then ids): user 1 without its excluded
+    # item 1 finds 3 at rank 3; user 2 finds 5 at rank 5.
+    pop = (1 / np.log2(4) + (1 / np.log2(6)) / (1 + g)) / 2
+    assert value("popularity", "all", 5)["ndcg"] == pytest.approx(pop)
+    # float inner products: user 1 (1, 0) ranks item 3 first, user 2 (0, 1) items 6 and 5.
+    assert value("float", "all", 5)["ndcg"] == pytest.approx(1.0)
+    sampled = value("codes", "all", 5, protocol="sampled")
+    assert sampled["mrr"] == pytest.approx((1 / 2 + 1) / 2)
+    report = next((run / "evaluate").glob("v-*/report/report.md")).read_text()
+    assert "### test, full ranking" in report and "Retriever (codes)" in report

@@ -175,6 +175,7 @@ def test_text_only_run_does_not_need_the_encoder(tmp_path: Path):
     assert "encode" not in by_name["evaluate"].reads(cfg)
     states = {row["stage"]: row for row in pipeline_status(cfg)}
     assert states["encode"]["state"] == "not needed"
+    assert states["retrieve"]["state"] == states["rerank"]["state"] == "not needed"
     why = states["render"]["why"]
     assert why.startswith("waits on") and "encode" not in why
     coded = load_config("configs/tiny.yaml", [f"output_root={tmp_path}"])
