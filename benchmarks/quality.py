@@ -17,8 +17,9 @@ budget per tuning step and fixed seeds; the test split is only scored, never use
 
 * the ranking table (also alone with ``--ranking-only``): one two-step run at that rate through
   ``retrieve`` (the tie rule chosen on valid_small by the codes' NDCG@10), ``rerank`` and
-  ``evaluate`` on ``--ranking-users`` seeded test users: popularity, float MF, the codes' Hamming
-  lists and their LLM re-ranking (text and binary), full and sampled protocols.
+  ``evaluate`` on the config's ``retrieve.max_users`` seeded test users: popularity, float MF,
+  the codes' Hamming lists and their LLM re-ranking (text and binary), full and sampled
+  protocols.
 
 Variants reuse the base run's ingest, samples, encode and render outputs (copied; their
 manifests match, so those stages are skipped). Every LLM row is scored on the same test
@@ -55,8 +56,12 @@ SHARED_STAGES = ("ingest", "samples", "encode", "render")
 METRICS = ("auc", "uauc", "warm_auc", "warm_uauc", "cold_auc", "cold_uauc")
 
 
+NO_RANKING = "retrieve.top_n=0"
+"""The pointwise table's runs retrieve nothing: the ranking table is one run of its own."""
+
+
 def base_overrides() -> list[str]:
-    return ["finetune.strategy=text_only", "score.modes=[text]"]
+    return ["finetune.strategy=text_only", "score.modes=[text]", NO_RANKING]
 
 
 def from_step1(mode: str, adapter: str, lr: float) -> list[str]:
@@ -238,11 +243,9 @@ def ranking_table(args: argparse.Namespace, shared: list[str], root: Path, stem:
                   if x["chosen"])
     name = f"{stem}-ranking"
     sets = [
-        *shared, "finetune.strategy=two_step", "finetune.code_mode=binary",
-        "prompts.modes=[text,binary]", f"retrieve.max_users={args.ranking_users}",
-        f"retrieve.top_n={args.ranking_top_n}", f"rerank.top_n={args.rerank_n}",
-        f"output_root={root}", f"run_name={name}",
+        "finetune.strategy=two_step", "finetune.code_mode=binary", "prompts.modes=[text,binary]",
         *([f"finetune.step2.lr={lr!r}"] if lr is not None else []),
+        *shared, f"output_root={root}", f"run_name={name}",
     ]
     started = time.perf_counter()
     cfg = load_config(args.config, sets)
@@ -275,7 +278,8 @@ def ranking_table(args: argparse.Namespace, shared: list[str], root: Path, stem:
         f"{s1.max_steps} x {s1.batch_size} text prompts at lr {s1.lr}, step 2 {s2.max_steps} x "
         f"{s2.batch_size} binary prompts at lr {s2.lr:g}; the text rows re-rank with the step-1 "
         "adapter, the binary rows with the step-2 adapter. "
-        f"{args.ranking_users} seeded test users (retrieve.seed {cfg.retrieve.seed}) with a test "
+        f"{cfg.retrieve.max_users or 'all'} seeded test users (retrieve.seed "
+        f"{cfg.retrieve.seed}) with a test "
         f"positive; candidates: the {cfg.retrieve.top_n} nearest items by Hamming distance "
         f"without the user's train and valid items, ties by `{rule}` (codes-only NDCG@10 on "
         "valid_small: " + ", ".join(f"{r} {v:.4f}" for r, v in ties.items()) + "), then id; "
@@ -308,10 +312,6 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--ranking-only", action="store_true",
                         help="only the ranking table (one two-step run through rerank)")
-    parser.add_argument("--ranking-users", type=int, default=100,
-                        help="seeded test users of the ranking table")
-    parser.add_argument("--ranking-top-n", type=int, default=100, help="candidates per user")
-    parser.add_argument("--rerank-n", type=int, default=20, help="candidates the LLM re-ranks")
     args = parser.parse_args()
     shared = [
         f"data.uri={SHARED / 'data' / 'ml-100k'}",
@@ -332,7 +332,7 @@ def main() -> None:
 
     def variant(name: str, sets: list[str], stages: list[str] | None = None,
                 before: Tuned | None = None) -> Tuned:
-        _, manifests, seconds = run_variant(args.config, [*shared, *sets], root,
+        _, manifests, seconds = run_variant(args.config, [*shared, *sets, NO_RANKING], root,
                                             f"{stem}-{name}", root / f"{stem}-base", stages)
         stage_s.update({(name, s): t for s, t in seconds.items()})
         return Tuned(f"{stem}-{name}", manifests, before)
