@@ -60,13 +60,8 @@ def read_users(uri: str, storage_options: dict[str, Any] | None = None) -> list[
     return list(dict.fromkeys(pc.cast(column, pa.string()).to_pylist()))
 
 
-def recommend_lists(
-    cfg: RunConfig, users: list[str] | None, k: int, where: str = "all users"
-) -> tuple[Any, dict[str, Any]]:
-    """The top-``k`` lists (a materialized dataset) and counts for ``users`` (None: every user
-    of the run)."""
-    from pipelines.runtime import ensure_ray
-
+def check_k(cfg: RunConfig, k: int) -> None:
+    """``k`` must be positive and within the candidates the LLM re-ranks."""
     if k <= 0:
         raise ConfigError(f"--k {k} must be > 0", todo="e.g. --k 10")
     if cfg.rerank.top_n < k:
@@ -75,6 +70,16 @@ def recommend_lists(
             "re-ranks",
             todo=f"lower --k or --set rerank.top_n={k}",
         )
+
+
+def recommend_lists(
+    cfg: RunConfig, users: list[str] | None, k: int, where: str = "all users"
+) -> tuple[Any, dict[str, Any]]:
+    """The top-``k`` lists (a materialized dataset) and counts for ``users`` (None: every user
+    of the run)."""
+    from pipelines.runtime import ensure_ray
+
+    check_k(cfg, k)
     ensure_ray()
     started = time.time()
     ctx = StageContext.open(cfg, "score")
@@ -154,6 +159,7 @@ def recommend(
 ) -> dict[str, Any]:
     """``binllm recommend``: publish the top-``k`` lists of the users in ``users_uri`` (empty:
     every user of the run) to ``output_uri`` (default ``{run}/recommendations/{name}``)."""
+    check_k(cfg, k)
     users = read_users(users_uri, cfg.output_storage_options) if users_uri else None
     ctx = StageContext.open(cfg, "score")
     if output_uri:
@@ -183,6 +189,7 @@ def nightly_topk(
 ) -> dict[str, Any]:
     """``binllm nightly --topk K``: the lists of one night into
     ``{run}/recommendations/date=YYYY-MM-DD/`` (a re-run of the date replaces it whole)."""
+    check_k(cfg, k)
     date = parse_date(date)
     users = read_users(users_uri, cfg.output_storage_options) if users_uri else None
     ctx = StageContext.open(cfg, "score")

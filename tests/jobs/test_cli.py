@@ -32,3 +32,15 @@ def test_user_error_is_found_behind_wrapping_exceptions():
             raise RuntimeError("task failed") from e
     except RuntimeError as outer:
         assert find_user_error(outer) is inner
+
+
+def test_recommend_k_beyond_the_reranked_candidates_is_one_line_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    run = ["--run", "configs/tiny.yaml", "--set", f"output_root={tmp_path}"]
+    assert main(["recommend", *run, "--k", "50"]) == 2
+    err = capsys.readouterr().err
+    assert "--k 50 is more than the rerank.top_n = 5 candidates" in err and "\n" == err[-1]
+    assert main(["nightly", *run, "--topk", "0"]) == 2  # 0 means no --topk: candidates needed
+    assert main(["nightly", *run, "--topk", "9", "--date", "2026-11-23"]) == 2
+    assert list(tmp_path.iterdir()) == []
