@@ -546,15 +546,20 @@ class RetrieveConfig(Section):
     """Users per Ray Data batch."""
     num_actors: int = resource(1)
     """Retrieval actors (each holds the item codes once)."""
+    cpus_per_actor: float = resource(1.0)
+    """CPU cores reserved per retrieval actor (also faiss's thread count)."""
 
     def check(self, key: str, where: str = "") -> None:
         if self.top_n and not self.splits:
             raise ConfigError(f"{key}.splits is empty", where, "choose among: train, valid, test")
+        twice = [s for i, s in enumerate(self.splits) if s in self.splits[:i]]
+        if twice:
+            raise ConfigError(f"{key}.splits has {twice[0]} twice", where, "name each split once")
         _signs(
             self,
             key,
             where,
-            positive="batch_users num_actors",
+            positive="batch_users num_actors cpus_per_actor",
             non_negative="top_n max_users sampled_negatives",
         )
 

@@ -222,7 +222,9 @@ RANKING_COLUMNS = (
 
 
 def ranking_markdown(
-    rows: Sequence[Mapping[str, Any]], images: Mapping[tuple[str, str], str]
+    rows: Sequence[Mapping[str, Any]],
+    images: Mapping[tuple[str, str], str],
+    negatives: int,
 ) -> list[str]:
     """The report's ranking section: per protocol and split, one row per method, mode and user
     set, with the metrics of :data:`RANKING_COLUMNS`; the retriever's Recall@N; the curves."""
@@ -233,7 +235,8 @@ def ranking_markdown(
         "",
         "Per user, the held-out positives of the split against a ranked list. **full**: the whole "
         "catalog without the user's excluded items (`retrieve.exclude`); **sampled**: the user's "
-        "first positive of the split among 99 random items the user never interacted with. "
+        f"first positive of the split among {negatives} random items the user never "
+        "interacted with (fewer where the user has not that many unseen items). "
         "`codes`: Hamming distance of the binary codes (ties: `retrieve.tie_break`, then id); "
         "`float`: the continuous encoder's inner products; `popularity`: train positives; "
         "`codes+llm`: the codes' first `rerank.top_n` candidates re-ranked by the LLM's answer "

@@ -27,34 +27,43 @@ RANKING_KEYS = ("recall", "ndcg", "hr", "mrr")
 
 def user_metrics(ranked: np.ndarray, positives: np.ndarray, k: int) -> dict[str, float]:
     """The four metrics at ``k`` of one user."""
-    top = np.asarray(ranked)[:k]
-    hits = np.isin(top, positives)
-    gains = 1.0 / np.log2(np.arange(2, len(top) + 2))
-    ideal = (1.0 / np.log2(np.arange(2, min(k, len(positives)) + 2))).sum()
-    first = np.flatnonzero(hits)
-    return {
-        "recall": float(hits.sum() / len(positives)),
-        "ndcg": float((gains * hits).sum() / ideal),
-        "hr": float(hits.any()),
-        "mrr": float(1.0 / (first[0] + 1)) if len(first) else 0.0,
-    }
+    found = ranking_metrics({0: np.asarray(ranked)}, {0: np.asarray(positives)}, [k])[k]
+    return {key: found[key] for key in RANKING_KEYS}
 
 
 def ranking_metrics(
     lists: Mapping[int, np.ndarray], positives: Mapping[int, np.ndarray], ks: Sequence[int]
 ) -> dict[int, dict[str, float]]:
     """Per K: the mean of each metric over the users of ``positives`` that have a positive
-    (a user without a list counts as all misses); plus ``users``, how many were averaged."""
+    (each positive counted once; a user without a list counts as all misses); plus ``users``,
+    how many were averaged. One hit matrix serves every K."""
     users = [u for u, p in positives.items() if len(p)]
-    out = {}
+    if not users:
+        return {k: {**dict.fromkeys(RANKING_KEYS, float("nan")), "users": 0} for k in ks}
+    longest = max(ks)
+    hits = np.zeros((len(users), longest), bool)
+    n_pos = np.zeros(len(users), np.int64)
     empty = np.array([], np.int64)
+    for row, user in enumerate(users):
+        wanted = np.unique(positives[user])
+        top = np.asarray(lists.get(user, empty))[:longest]
+        hits[row, : len(top)] = np.isin(top, wanted)
+        n_pos[row] = len(wanted)
+    gains = 1.0 / np.log2(np.arange(2, longest + 2))
+    dcg = np.cumsum(hits * gains, axis=1)
+    ideal = np.cumsum(gains)
+    first = np.where(hits.any(axis=1), hits.argmax(axis=1), longest)
+    hit_count = np.cumsum(hits, axis=1)
+    out = {}
     for k in ks:
-        per_user = [user_metrics(lists.get(u, empty), positives[u], k) for u in users]
+        found = first < k
         out[k] = {
-            key: float(np.mean([m[key] for m in per_user])) if per_user else float("nan")
-            for key in RANKING_KEYS
+            "recall": float((hit_count[:, k - 1] / n_pos).mean()),
+            "ndcg": float((dcg[:, k - 1] / ideal[np.minimum(k, n_pos) - 1]).mean()),
+            "hr": float(found.mean()),
+            "mrr": float(np.where(found, 1.0 / (first + 1), 0.0).mean()),
+            "users": len(users),
         }
-        out[k]["users"] = len(users)
     return out
 
 
@@ -63,7 +72,7 @@ def top_by_score(
 ) -> list[np.ndarray]:
     """Per row of ``scores`` ``(b, m)``: the ``n`` best columns by score, ties by column; the
     ``excluded`` columns of each row never appear."""
-    scores = np.array(scores, np.float64)  # a copy: exclusions write into it
+    scores = np.array(scores, np.result_type(scores, np.float32))  # a copy: exclusions write
     for row, drop in enumerate(excluded):
         scores[row, drop] = -np.inf
     out = []
@@ -125,16 +134,6 @@ def _lists(frame: pl.DataFrame, key: str = "uid") -> dict[int, np.ndarray]:
     return {u: np.asarray(items) for u, items in zip(ordered[key], ordered["iid"], strict=True)}
 
 
-def _scored_lists(
-    scores: np.ndarray, item_ids: np.ndarray, users: np.ndarray, excluded: list, n: int
-) -> dict[int, np.ndarray]:
-    """Top-n item ids per user from a score per (user, item) ``(b, len(item_ids))``."""
-    position = {int(i): p for p, i in enumerate(item_ids)}
-    drops = [np.array([position[i] for i in e if i in position], np.int64) for e in excluded]
-    tops = top_by_score(scores, n, drops)
-    return {int(u): item_ids[t] for u, t in zip(users, tops, strict=True)}
-
-
 @dataclass
 class Ranked:
     """The lists of one protocol, split, method and mode, with what they are measured on."""
@@ -145,16 +144,17 @@ class Ranked:
     mode: str
     lists: dict[int, np.ndarray]
     positives: dict[int, np.ndarray]
-    retrieved: set[int]
+    retrieved: set[int] | None
     """Users whose positive is among their first ``rerank_n`` candidates."""
     ks: tuple[int, ...]
 
     def rows(self) -> list[dict[str, Any]]:
         rows = []
-        subsets = (
-            ("all", self.positives),
-            ("retrieved", {u: p for u, p in self.positives.items() if u in self.retrieved}),
-        )
+        subsets = [("all", self.positives)]
+        if self.retrieved is not None:  # only where the LLM re-ranked
+            subsets.append(
+                ("retrieved", {u: p for u, p in self.positives.items() if u in self.retrieved})
+            )
         for label, subset in subsets:
             for k, metrics in ranking_metrics(self.lists, subset, self.ks).items():
                 rows.append(
@@ -202,36 +202,52 @@ def _catalog_lists(
     pools: Mapping[int, np.ndarray] | None,
     n: int,
 ) -> dict[str, dict[int, np.ndarray]]:
-    """Popularity and float lists: top-``n`` of the catalog (``pools`` None, without each
-    user's ``excluded`` items) or every item of each user's pool, ranked."""
-    out: dict[str, dict[int, np.ndarray]] = {}
-    users_v, items_v = inputs.float_vectors or (None, None)
-
-    def popularity(u: np.ndarray, items: np.ndarray) -> np.ndarray:
-        return np.broadcast_to(inputs.popularity[items], (len(u), len(items)))
-
-    def inner(u: np.ndarray, items: np.ndarray) -> np.ndarray:
-        return users_v[u] @ items_v[items].T
-
-    scorers = {"popularity": popularity, **({"float": inner} if users_v is not None else {})}
-    for name, scorer in scorers.items():
-        lists: dict[int, np.ndarray] = {}
-        if pools is None:
-            for start in range(0, len(uids), 256):
-                block = uids[start : start + 256]
-                lists |= _scored_lists(
-                    scorer(block, inputs.item_ids),
-                    inputs.item_ids,
-                    block,
-                    list(excluded[start : start + 256]),
-                    n,
-                )
-        else:
-            for u, pool in pools.items():
-                one = np.array([u])
-                lists |= _scored_lists(scorer(one, pool), pool, one, [[]], len(pool))
-        out[name] = lists
+    """Popularity and float lists (ties by item id): top-``n`` of the catalog (``pools`` None,
+    without each user's ``excluded`` items) or every item of each user's pool, ranked."""
+    items = inputs.item_ids  # sorted
+    popular = {}
+    if pools is None:
+        order = items[np.lexsort((items, -inputs.popularity[items]))]
+        for u, drop in zip(uids, excluded, strict=True):
+            head = order[: n + len(drop)]
+            popular[int(u)] = head[~np.isin(head, drop)][:n]
+    else:
+        for u, pool in pools.items():
+            popular[int(u)] = pool[np.lexsort((pool, -inputs.popularity[pool]))]
+    out = {"popularity": popular}
+    if inputs.float_vectors is None:
+        return out
+    users_v, items_v = (v.astype(np.float32, copy=False) for v in inputs.float_vectors)
+    inner: dict[int, np.ndarray] = {}
+    if pools is None:
+        block = max(1, 2**26 // (4 * max(1, len(items))))  # ~64 MiB of scores at a time
+        for start in range(0, len(uids), block):
+            users = uids[start : start + block]
+            drops = [
+                np.searchsorted(items, np.intersect1d(d, items))
+                for d in excluded[start : start + block]
+            ]
+            tops = top_by_score(users_v[users] @ items_v[items].T, n, drops)
+            inner |= {int(u): items[t] for u, t in zip(users, tops, strict=True)}
+    else:
+        for u, pool in pools.items():
+            order = np.sort(pool)  # ties by id: score columns in id order
+            scores = users_v[[u]] @ items_v[order].T
+            inner[int(u)] = order[top_by_score(scores, len(order))[0]]
+    out["float"] = inner
     return out
+
+
+def _retrieved(
+    inputs: RankingInputs, codes: dict[int, np.ndarray], positives: dict[int, np.ndarray]
+) -> set[int] | None:
+    """Users with a positive among the candidates the LLM re-ranked (None: no re-ranking)."""
+    if inputs.recommendations is None or inputs.rerank_n == 0:
+        return None
+    empty = np.array([], np.int64)
+    return {
+        u for u, p in positives.items() if np.isin(codes.get(u, empty)[: inputs.rerank_n], p).any()
+    }
 
 
 def _full(
@@ -245,9 +261,7 @@ def _full(
     positives = {int(u): np.asarray(p) for u, p in zip(uids, users["positives"], strict=True)}
     codes = _lists(cands.filter(pl.col("protocol") == "full"))
     top_n = max((len(v) for v in codes.values()), default=0)
-    retrieved = {
-        u for u, p in positives.items() if np.isin(codes.get(u, [])[: inputs.rerank_n], p).any()
-    }
+    retrieved = _retrieved(inputs, codes, positives)
     ks = tuple(sorted(set(KS) | {n for n in RETRIEVER_NS if n <= top_n}))
     out = [Ranked("full", split, "codes", "codes", codes, positives, retrieved, ks)]
     excluded = [list(e) for e in users["exclude"]]
@@ -273,7 +287,7 @@ def _sampled(
         if p is not None and int(u) in codes
     }
     pools = {u: np.sort(codes[u]) for u in positives}
-    retrieved = {u for u, p in positives.items() if np.isin(codes[u][: inputs.rerank_n], p).any()}
+    retrieved = _retrieved(inputs, codes, positives)
     out = [Ranked("sampled", split, "codes", "codes", codes, positives, retrieved, KS)]
     for method, lists in _catalog_lists(inputs, np.array(sorted(pools)), [], pools, 0).items():
         out.append(Ranked("sampled", split, method, method, lists, positives, retrieved, KS))
@@ -286,7 +300,7 @@ def _llm(
     split: str,
     recs: pl.DataFrame | None,
     positives: dict[int, np.ndarray],
-    retrieved: set[int],
+    retrieved: set[int] | None,
 ) -> list[Ranked]:
     if recs is None:
         return []

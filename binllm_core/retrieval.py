@@ -11,7 +11,7 @@ code has only ``d + 1`` distances, so most of a top-N list is decided by the tie
 3. then the smaller item id.
 
 Both backends (:data:`BACKENDS`) return exactly this order: ``numpy`` scans every item
-(``np.bitwise_count`` of the XOR of packed ``uint64`` words, a block of users at a time);
+(``np.bitwise_count`` of the XOR of packed ``uint64`` words, one user at a time);
 ``faiss`` (``IndexBinaryFlat``, for catalogs of 10^5-10^7 items) finds each user's N-th distance,
 then collects every item at or below it with ``range_search`` and applies the same rule, so a
 tie at the boundary is never cut by faiss's own order.
@@ -315,7 +315,8 @@ def users_for_splits(
     """One row per (split, user with a positive in the split) from ``samples`` (sample_id, uid,
     iid, label, split, timestamp, history):
 
-    * ``positives``: the user's positive items of the split, oldest first;
+    * ``positives``: the user's positive items of the split, oldest first, each once, none of
+      the ``exclude`` items (those can never be recommended to the user);
     * ``exclude``: the user's items in the ``exclude`` splits other than this split;
     * ``seen``: every item the user interacted with (any split, any label);
     * ``history``: the history of the user's first sample of the split (the positives strictly
@@ -330,21 +331,28 @@ def users_for_splits(
     )
     parts = []
     for split in splits:
+        others = [s for s in exclude if s != split]
+        excluded_pairs = ordered.filter(pl.col("split").is_in(others)).select("uid", "iid")
         rows = ordered.filter(pl.col("split") == split)
-        users = rows.group_by("uid", maintain_order=True).agg(
-            pl.col("iid").filter(pl.col("label") == 1).alias("positives"),
-            pl.col("history").first().alias("history"),
+        # A positive the user also has in an excluded split can never be a candidate: it is
+        # left out of the positives (and so is a second interaction with the same item).
+        positives = (
+            rows.filter(pl.col("label") == 1)
+            .join(excluded_pairs.unique(), on=["uid", "iid"], how="anti", maintain_order="left")
+            .unique(subset=["uid", "iid"], keep="first", maintain_order=True)
+            .group_by("uid", maintain_order=True)
+            .agg(pl.col("iid").alias("positives"))
         )
-        users = users.filter(pl.col("positives").list.len() > 0)
+        firsts = rows.group_by("uid", maintain_order=True).agg(
+            pl.col("history").first().alias("history")
+        )
+        users = positives.join(firsts, on="uid", how="left")
         if 0 < max_users < users.height:
             rng = np.random.default_rng(seed)
             keep = np.sort(rng.choice(users["uid"].to_numpy(), size=max_users, replace=False))
             users = users.filter(pl.col("uid").is_in(keep))
-        others = [s for s in exclude if s != split]
-        excluded = (
-            ordered.filter(pl.col("split").is_in(others))
-            .group_by("uid")
-            .agg(pl.col("iid").unique().sort().alias("exclude"))
+        excluded = excluded_pairs.group_by("uid").agg(
+            pl.col("iid").unique().sort().alias("exclude")
         )
         users = (
             users.join(excluded, on="uid", how="left")

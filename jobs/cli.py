@@ -177,6 +177,11 @@ def nightly_command(args: argparse.Namespace) -> None:
         )
     if args.users and not args.topk:
         raise ConfigError("--users goes with --topk", todo="add --topk K or drop --users")
+    if args.incremental and args.topk:
+        raise ConfigError(
+            "--incremental carries over scored candidates; --topk makes new lists",
+            todo="drop --incremental",
+        )
     cfg = open_run(args.run, args.overrides)
     with surface_user_errors():
         if args.topk:

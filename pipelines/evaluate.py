@@ -80,7 +80,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ranking: list[dict[str, Any]] = []
     if "retrieve" in ctx.upstream:
         ranking = _ranking(ctx, folder)
-        report += "\n".join(ranking_markdown(ranking, _ranking_images(ranking))) + "\n"
+        report += (
+            "\n".join(
+                ranking_markdown(
+                    ranking, _ranking_images(ranking), ctx.cfg.retrieve.sampled_negatives
+                )
+            )
+            + "\n"
+        )
     definitions = {
         "score": "logit of the answer token Yes at the last prompt position",
         "auc": "area under the ROC curve over all rows, ties count half",

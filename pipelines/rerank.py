@@ -65,7 +65,8 @@ RECOMMENDATIONS_SCHEMA = pa.schema(
 order within (protocol, split, mode, user), ties by ``retrieval_rank``; ``cold``: the user has no
 code (a popularity list with text prompts, ``binllm recommend`` only); ``split`` is empty for
 ``binllm recommend``."""
-GROUP = ["protocol", "split", "list_mode", "uid"]
+GROUP = ["protocol", "split", "list_mode", "uid", "user"]
+"""One list: users without a code all have uid 0 (``binllm recommend``), so the name counts."""
 ROWS_PER_PARTITION = 1_000_000
 """Rows per partition of the shuffle that groups each user's scored candidates."""
 

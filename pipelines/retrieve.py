@@ -12,7 +12,9 @@ ranked by the same rule.
 
 * ``candidates`` (:data:`CANDIDATES_SCHEMA`): protocol (``full`` / ``sampled``), split, uid,
   iid, user and item (source ids), rank (1 = nearest), hamming, tie (the tie score) and
-  source (``hamming``; ``popularity`` for a user without a code, in ``binllm recommend``);
+  source (``hamming``; ``popularity`` for a user without a code: the most popular items they
+  have not seen, which only ``binllm recommend`` meets — the encoder codes every user of the
+  samples);
 * ``users`` (:data:`binllm_core.retrieval.USERS_SCHEMA` less ``seen``): what the lists were made
   for — positives, exclusions, the history the re-ranker's prompts show.
 """
@@ -82,6 +84,10 @@ class UserRetriever:
         self.user_names, self.item_names = user_names, item_names
         self.cfg = cfg
         self.tie = tie_score(cfg.tie_break, catalog, user_vectors)
+        if cfg.backend == "faiss":
+            import faiss
+
+            faiss.omp_set_num_threads(max(1, int(cfg.cpus_per_actor)))  # not every core
         self.search = backend(cfg.backend, catalog, self.tie)
         self.universe = np.arange(len(catalog))
 
@@ -134,8 +140,11 @@ class UserRetriever:
     def _sampled(self, who: tuple, target: int, seen: list[int]) -> pa.Table:
         """The sampled protocol's pool of one user, every item ranked by the same rule."""
         uid = who[2]
+        position = self.catalog.positions(np.array([target]))
+        if not len(position):
+            return CANDIDATES_SCHEMA.empty_table()  # the target has no code: no pool
         pool = sampled_pool(
-            int(self.catalog.positions(np.array([target]))[0]),
+            int(position[0]),
             self.catalog.positions(np.asarray(seen, np.int64)),
             self.universe,
             self.cfg.sampled_negatives,
@@ -215,7 +224,8 @@ def retriever_kwargs(ctx: StageContext, cfg: RetrieveConfig, samples: pl.DataFra
     user_bits = id_table(codes, "user", "bits")
     item_map = ctx.read_table("samples", "item_map", columns=["item", "iid"])
     user_map = ctx.read_table("samples", "user_map", columns=["user", "uid"])
-    # The catalog: every item with a code (an item the encoder never saw is never a candidate).
+    # The catalog: every item of the codes table (the encoder's tables cover every item id of
+    # the samples, so items first seen after train have codes from their initialisation).
     iids = np.sort(codes.filter(pc.equal(codes["entity"], "item"))["id"].to_numpy())
     train_pos = samples.filter((pl.col("split") == "train") & (pl.col("label") == 1))
     popularity = np.bincount(train_pos["iid"].to_numpy(), minlength=len(item_bits))
@@ -248,13 +258,15 @@ def _names(table: pa.Table, name: str, key: str) -> np.ndarray:
 def retrieve(users: pa.Table, kwargs: dict[str, Any], cfg: RetrieveConfig) -> ray.data.Dataset:
     """``users`` (split, uid, exclude, seen[, sampled_positive, protocol]) -> candidates, lazily,
     on ``retrieve.num_actors`` actors."""
-    return ray.data.from_arrow(users).map_batches(
+    # One block per Ray batch, so that every actor of the pool gets work.
+    blocks = [users.slice(i, cfg.batch_users) for i in range(0, users.num_rows, cfg.batch_users)]
+    return ray.data.from_arrow(blocks or [users]).map_batches(
         UserRetriever,
         fn_constructor_kwargs=kwargs,
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         batch_size=cfg.batch_users,
         batch_format="pyarrow",
-        num_cpus=1,
+        num_cpus=cfg.cpus_per_actor,
     )
 
 

@@ -114,3 +114,18 @@ def test_sampled_pool_holds_the_positive_and_unseen_items_only_and_is_seeded():
     assert not set(pool[1:].tolist()) & set(seen.tolist())
     assert pool.tolist() == sampled_pool(3, seen, universe, 20, seed=7, uid=5).tolist()
     assert pool.tolist() != sampled_pool(3, seen, universe, 20, seed=7, uid=6).tolist()
+
+
+def test_positives_are_counted_once_and_never_an_excluded_item():
+    extra = pl.DataFrame(
+        [(7, 1, 13, 1, "test", 105, [10, 12]), (8, 1, 10, 1, "test", 106, [10, 12])],
+        schema=["sample_id", "uid", "iid", "label", "split", "timestamp", "history"],
+        orient="row",
+    ).with_columns(
+        pl.col("uid").cast(pl.Int32),
+        pl.col("iid").cast(pl.Int32),
+        pl.col("history").cast(pl.List(pl.Int32)),
+    )
+    users = users_for_splits(pl.concat([samples(), extra]), ["test"], ["train", "valid"])
+    # 13 twice counts once; 10 (liked again in test) is a train item: never a candidate.
+    assert users.row(0, named=True)["positives"] == [13]

@@ -22,7 +22,7 @@ IDENTITY = ["user", "item", "rank", "score", "retrieval_rank", "hamming", "sourc
 
 
 def users_file(path: Path) -> Path:
-    pq.write_table(pa.table({"user": ["u1", "u2", "u3", "u9", "u2"]}), path)  # u9 unknown
+    pq.write_table(pa.table({"user": ["u1", "u2", "u3", "u9", "u2", "u10"]}), path)  # u9, u10: new
     return path
 
 
@@ -43,21 +43,21 @@ def test_recommend_gives_k_unseen_items_per_user_and_cold_users_by_policy(
     users = users_file(tmp_path / "users.parquet")
     result = recommend(cfg, str(users), k=3, log=lambda _: None)
     lists = pl.from_arrow(read_recommendations(cfg, "users"))
-    assert result["metrics"]["users"] == 4 and result["metrics"]["cold_users"] == 1
-    assert sorted(lists["user"].unique().to_list()) == ["u1", "u2", "u3", "u9"]
+    assert result["metrics"]["users"] == 5 and result["metrics"]["cold_users"] == 2
+    assert sorted(lists["user"].unique().to_list()) == ["u1", "u10", "u2", "u3", "u9"]
     for (user,), part in lists.group_by(["user"]):
         assert part.height == 3 and sorted(part["rank"].to_list()) == [1, 2, 3]
         assert not set(part["item"].to_list()) & seen_items(cfg).get(user, set())
         ordered = part.sort("rank")["score"].to_list()
         assert ordered == sorted(ordered, reverse=True)  # the LLM's order
-    cold = lists.filter(pl.col("user") == "u9")
+    cold = lists.filter(pl.col("user").is_in(["u9", "u10"]))  # one list each, not one shared
     assert cold["cold"].all() and cold["source"].unique().to_list() == ["popularity"]
-    warm = lists.filter(pl.col("user") != "u9")
+    warm = lists.filter(~pl.col("user").is_in(["u9", "u10"]))
     assert not warm["cold"].any() and warm["source"].unique().to_list() == ["hamming"]
 
     skip = fake_run(tmp_path / "skip", "score.unknown=skip")
     out = recommend(skip, str(users), k=2, log=lambda _: None)
-    assert out["metrics"]["skipped_users"] == 1 and out["metrics"]["rows"] == 3 * 2
+    assert out["metrics"]["skipped_users"] == 2 and out["metrics"]["rows"] == 3 * 2
     with pytest.raises(DataError, match="'u9' was never seen by the encoder"):
         recommend(fake_run(tmp_path / "err", "score.unknown=error"), str(users), k=2)
 
