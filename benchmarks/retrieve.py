@@ -114,7 +114,9 @@ def main() -> None:
         "takes every item at or below it with `range_search`, so boundary ties are exact); "
         f"`float matmul` is the plain alternative: {DIM}-dim float32 inner products of the whole "
         "catalog and the same top-N with exclusions. Each row is a child process of its own: its "
-        "peak RSS covers building the catalog and the search; users/s counts the search only.",
+        "peak RSS covers building the catalog and the search; users/s counts the search only. "
+        "The numpy scan runs on one core; faiss (OpenMP) and the matmul (BLAS) use every core "
+        "of the machine (in the retrieve stage faiss gets `retrieve.cpus_per_actor` threads).",
         "",
         table(["items", "method", "users/s", "vs numpy", "build s", "peak RSS GiB"], rows),
     ])
