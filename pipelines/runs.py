@@ -15,7 +15,7 @@ from binllm_core.errors import ConfigError
 from binllm_core.storage import LAYOUT, read_manifest, resolve, to_uri
 from pipelines.stage import StageContext
 
-RUN_STAGES = ("ingest", "samples", "encode", "render", "finetune", "score")
+RUN_STAGES = ("ingest", "samples", "encode", "retrieve", "render", "finetune", "score", "rerank")
 """Stages whose manifests hold the config sections a scoring run needs."""
 
 
