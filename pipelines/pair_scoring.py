@@ -28,9 +28,9 @@ from binllm_core.candidates import (
 from binllm_core.config import RunConfig, config_hash
 from binllm_core.errors import DataError, StageError
 from binllm_core.prompts import Templates, templates_from_config
-from binllm_core.storage import join, parquet_files, read_parquet, resolve, to_uri
+from binllm_core.storage import parquet_files, read_parquet, resolve, to_uri
 from pipelines.publish import publishing, write_dataset
-from pipelines.runs import load_lookups
+from pipelines.runs import input_stem, load_lookups, output_target
 from pipelines.score import (
     NONE,
     SCORE_FIELDS,
@@ -233,16 +233,8 @@ def score_candidates(
     The output must be new, empty, or an earlier ``binllm score`` output (then its new version
     replaces it whole); the run folder and its ancestors are refused."""
     pairs = read_pairs(input_uri, cfg.output_storage_options)
-    ctx = StageContext.open(cfg, "score")
-    if output_uri:
-        fs, target = resolve(output_uri, cfg.output_storage_options)
-    else:
-        stem = input_uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet") or "candidates"
-        fs, target = ctx.fs, join(ctx.run_path, PAIRS, stem)
-    if type(fs) is not type(ctx.fs) and output_uri:
-        protected: list[str] = []
-    else:
-        protected = [ctx.run_path]
+    stem = input_stem(input_uri, "candidates")
+    fs, target, protected = output_target(cfg, output_uri, PAIRS, stem)
     with publishing(fs, target, PAIRS, protected, log) as publication:
         log(f"[binllm] score: {pairs.num_rows:,} candidates from {input_uri}")
         out, stats = score_pairs(cfg, pairs, input_uri)

@@ -28,13 +28,21 @@ import ray
 
 from binllm_core.config import RunConfig
 from binllm_core.errors import ConfigError, DataError, StageError
-from binllm_core.storage import join, parquet_files, read_parquet, resolve, to_uri
+from binllm_core.storage import (
+    join,
+    parquet_files,
+    read_manifest,
+    read_parquet,
+    read_published,
+    resolve,
+    to_uri,
+)
 from pipelines.nightly import parse_date
 from pipelines.pair_scoring import candidate_mode, manifest_base, manifest_or_none
 from pipelines.publish import publishing, write_dataset
 from pipelines.rerank import RECOMMENDATIONS_SCHEMA, rerank
 from pipelines.retrieve import SERVE, retrieve, retriever_kwargs
-from pipelines.runs import load_lookups
+from pipelines.runs import input_stem, load_lookups, output_target
 from pipelines.score import NONE, adapter_plan
 from pipelines.stage import StageContext
 
@@ -161,14 +169,8 @@ def recommend(
     every user of the run) to ``output_uri`` (default ``{run}/recommendations/{name}``)."""
     check_k(cfg, k)
     users = read_users(users_uri, cfg.output_storage_options) if users_uri else None
-    ctx = StageContext.open(cfg, "score")
-    if output_uri:
-        fs, target = resolve(output_uri, cfg.output_storage_options)
-        protected = [] if type(fs) is not type(ctx.fs) else [ctx.run_path]
-    else:
-        stem = users_uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet") or "users"
-        fs, target = ctx.fs, join(ctx.run_path, RECOMMENDATIONS, stem if users_uri else "all")
-        protected = [ctx.run_path]
+    name = input_stem(users_uri, "users") if users_uri else "all"
+    fs, target, protected = output_target(cfg, output_uri, RECOMMENDATIONS, name)
     with publishing(fs, target, RECOMMENDATIONS, protected, log) as publication:
         log(f"[binllm] recommend: top {k} for {len(users) if users else 'every'} user(s)")
         out, stats = recommend_lists(cfg, users, k, users_uri or "all users")
@@ -213,8 +215,6 @@ def nightly_topk(
 def read_recommendations(cfg: RunConfig, name: str) -> pa.Table:
     """A published recommendations output of the run (``all``, a users-file name, or
     ``date=YYYY-MM-DD``), its current version."""
-    from binllm_core.storage import read_manifest, read_published
-
     ctx = StageContext.open(cfg, "score")
     folder = join(ctx.run_path, RECOMMENDATIONS, name)
     if read_manifest(ctx.fs, folder) is None:

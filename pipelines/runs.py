@@ -12,7 +12,7 @@ from binllm_core.candidates import RunLookups, build_lookups
 from binllm_core.codes import CODE_MODES
 from binllm_core.config import RunConfig, apply_override, build, load_config
 from binllm_core.errors import ConfigError
-from binllm_core.storage import LAYOUT, read_manifest, resolve, to_uri
+from binllm_core.storage import LAYOUT, join, read_manifest, resolve, to_uri
 from pipelines.stage import StageContext
 
 RUN_STAGES = ("ingest", "samples", "encode", "retrieve", "render", "finetune", "score", "rerank")
@@ -58,3 +58,19 @@ def load_lookups(ctx: StageContext, mode: str) -> RunLookups:
         ),
         ctx.cfg.prompts.history_len,
     )
+
+
+def output_target(cfg: RunConfig, output_uri: str, folder: str, name: str) -> tuple[Any, str, list]:
+    """Where an output that is not a stage goes (``binllm score``, ``binllm recommend``):
+    ``output_uri``, else ``{run}/{folder}/{name}``; with the folders it must never replace
+    (the run and its ancestors, where they share a filesystem)."""
+    ctx = StageContext.open(cfg, "score")
+    if not output_uri:
+        return ctx.fs, join(ctx.run_path, folder, name), [ctx.run_path]
+    fs, target = resolve(output_uri, cfg.output_storage_options)
+    return fs, target, [] if type(fs) is not type(ctx.fs) else [ctx.run_path]
+
+
+def input_stem(uri: str, default: str) -> str:
+    """The name of an input file or folder without ``.parquet`` (outputs are named after it)."""
+    return uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".parquet") or default
