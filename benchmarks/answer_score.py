@@ -29,22 +29,25 @@ from binllm_core.config import RunConfig, load_config  # noqa: E402
 HEADS = ("yes_logit", "yes_minus_no")
 
 
-def prompts_of(cfg: RunConfig) -> tuple[tuple[list[str], list[int]], Any]:
-    """Text prompts of the finetune stage's train subsample and its valid_small EvalSet."""
+def prompts_of(cfg: RunConfig) -> tuple[Any, Any]:
+    """Text prompts of the finetune stage's train subsample (``TaskRows``) and its valid_small
+    EvalSet."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from benchmarks.finetune import train_prompts
     from binllm_core.storage import read_output
-    from binllm_core.tuning import EvalSet
-    from pipelines.finetune import _subsample
+    from binllm_core.tuning import EvalSet, TaskRows
+    from pipelines.finetune import _subsample, train_sample_ids
 
     table_ = read_output(f"{cfg.output_root}/{cfg.run_name}/render", "prompts")
+    table_ = table_.filter(pc.equal(table_["mode"], "text"))
     small = pc.and_(pc.equal(table_["split"], "valid"), table_["valid_small"])
     ids = _subsample(table_, small, cfg.finetune.max_valid_samples, cfg.finetune)
-    keep = pc.is_in(table_["sample_id"], pa.array(ids, table_["sample_id"].type))
-    valid = table_.filter(pc.and_(pc.equal(table_["mode"], "text"), keep))
-    return train_prompts(cfg), EvalSet(
+    valid = table_.filter(pc.is_in(table_["sample_id"], pa.array(ids, table_["sample_id"].type)))
+    train_ids = pa.array(train_sample_ids(table_, cfg.finetune, None), pa.int64())
+    train = table_.filter(pc.and_(pc.equal(table_["split"], "train"),
+                                  pc.is_in(table_["sample_id"], train_ids)))
+    return TaskRows(train["prompt"].to_pylist(), train["label"].to_pylist()), EvalSet(
         valid["prompt"].to_pylist(), valid["label"].to_pylist(), valid["uid"].to_pylist()
     )
 

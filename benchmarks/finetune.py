@@ -66,15 +66,15 @@ def config(args: argparse.Namespace, batch_by_prefix: bool = True) -> Any:
     )
 
 
-def samples(cfg: Any) -> tuple[tuple[list[str], list[int]], Any]:
-    """The binary train prompts the stage tunes on (its group-drawn subset) and its valid
-    prompts (the seeded ``max_valid_samples`` of valid_small)."""
+def samples(cfg: Any) -> tuple[Any, Any]:
+    """The binary train prompts (``TaskRows``) the stage tunes on (its group-drawn subset) and
+    its valid prompts (the seeded ``max_valid_samples`` of valid_small)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from binllm_core.prompts import templates_from_config
     from binllm_core.storage import read_output
-    from binllm_core.tuning import EvalSet
+    from binllm_core.tuning import EvalSet, TaskRows
     from pipelines.finetune import _subsample, prefix_groups, train_sample_ids
 
     prompts = read_output(f"{cfg.output_root}/{cfg.run_name}/render", "prompts")
@@ -87,7 +87,7 @@ def samples(cfg: Any) -> tuple[tuple[list[str], list[int]], Any]:
     valid_ids = _subsample(prompts, small, cfg.finetune.max_valid_samples, cfg.finetune)
     valid = prompts.filter(pc.is_in(prompts["sample_id"], pa.array(valid_ids, pa.int64())))
     valid = valid.sort_by("sample_id")
-    return (rows["prompt"].to_pylist(), rows["label"].to_pylist()), EvalSet(
+    return TaskRows(rows["prompt"].to_pylist(), rows["label"].to_pylist()), EvalSet(
         valid["prompt"].to_pylist(), valid["label"].to_pylist(), valid["uid"].to_pylist()
     )
 
@@ -119,7 +119,7 @@ def arm(args: argparse.Namespace) -> None:
         "tokens_per_s": state.tokens / state.train_seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "evals": state.evals,
-        "n_train": len(train[0]),
+        "n_train": len(train),
         "n_valid": len(valid.prompts),
     }))
 

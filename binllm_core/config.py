@@ -229,6 +229,15 @@ class EncoderConfig(Section):
     """Ray Train workers."""
     use_gpu: bool = resource(False)
     """Train on GPUs (one per worker)."""
+    aux: dict[str, float] = field(default_factory=dict)
+    """Share of each tuning step's training sequences given to an auxiliary task that
+    ``prompts.aux.tasks`` renders, e.g. ``{mim: 0.25, bpr: 0.25}``; the recommendation task gets
+    the rest, so a step's budget (steps x batch) is the same with or without them. A micro-batch
+    holds one task; the tasks take turns by smooth weighted round-robin (exact shares, no
+    randomness), each in the step's prompt mode. Empty: recommendation prompts only."""
+    aux_steps: list[str] = field(default_factory=lambda: ["step1", "step2"])
+    """The tuning steps that mix in ``aux`` (``one_step`` and ``text_only`` have only
+    ``step1``)."""
     max_failures: int = resource(2)
     """How many worker failures Ray Train recovers from (from the last checkpoint)."""
     checkpoint_every: int = resource(10)
@@ -260,6 +269,79 @@ class EncoderConfig(Section):
         )
 
 
+AUX_TASKS = ("mim", "bpr")
+"""Auxiliary tasks in words (:mod:`binllm_core.aux_tasks`)."""
+AUX_PLACEHOLDERS = ("<ItemTitleList>", "<UserID>", "<CandidateA>", "<CandidateB>")
+
+
+@dataclass
+class AuxConfig(Section):
+    """Auxiliary task rows ``render`` writes from the train split alone (table ``aux``): the
+    training operations of classic recommenders written as text, after "Aligning LLMs with
+    Recommendation Knowledge" (Cao et al. 2024). Its wordings, masking ratio and counts are not
+    public; these fields are binllm's choices (``finetune.aux`` mixes the rows into training)."""
+
+    tasks: list[str] = field(default_factory=list)
+    """Tasks to write: ``mim`` (masked item modelling, BERT4Rec's task: the user's liked titles
+    in time order with some replaced by ``mask_word``; the model writes the hidden titles, and
+    only their tokens carry the loss) and ``bpr`` (pairwise preference: the user's liked titles,
+    then a later liked item and an item the user never rated in train as (A)/(B) in a seeded,
+    balanced order; the answer is the letter, BCE on the two letter logits). Empty: none. Rows
+    are written in every mode of ``prompts.modes``: in a code mode each title carries its item's
+    code and the question the user's code."""
+    rows_per_user: int = 2
+    """Rows per user and task (a user with fewer than ``min_positives`` train positives gets
+    none)."""
+    history_len: int = 10
+    """Titles a row shows: the window of consecutive liked titles a ``mim`` row masks in, and
+    the liked titles right before a ``bpr`` row's positive."""
+    min_positives: int = 3
+    """Train positives a user needs to get aux rows (at least 2: one shown, one asked)."""
+    mask_fraction: float = 0.0
+    """Share of a ``mim`` window replaced by ``mask_word``: at least one title and never all
+    of them; the answer lists the hidden titles in order."""
+    mask_word: str = "[MASK]"
+    """What stands where a hidden title (and its code) was."""
+    mim_template: str = ""
+    """Own ``mim`` question (empty: the built-in one), with ``<ItemTitleList>`` (and
+    ``<UserID>`` in code modes); the answer is written after it."""
+    bpr_template: str = ""
+    """Own ``bpr`` question (empty: the built-in one), with ``<ItemTitleList>``,
+    ``<CandidateA>``, ``<CandidateB>`` (and ``<UserID>`` in code modes); it must end where the
+    answer letter follows."""
+    seed: int = 2024
+    """Seed of the windows, masks, pairs, negatives and letter order (per task and user, so a
+    user's rows do not depend on the others)."""
+
+    def check(self, key: str, where: str = "") -> None:
+        for i, task in enumerate(self.tasks):
+            if task not in AUX_TASKS:
+                raise ConfigError(
+                    f"{key}.tasks has {task}", where, f"choose among: {', '.join(AUX_TASKS)}"
+                )
+            if task in self.tasks[:i]:
+                raise ConfigError(f"{key}.tasks has {task} twice", where, "name each task once")
+        _signs(self, key, where, positive="rows_per_user history_len")
+        if self.min_positives < 2:
+            raise ConfigError(
+                f"{key}.min_positives = {self.min_positives} must be >= 2",
+                where,
+                "a row shows at least one liked title and asks about another",
+            )
+        if not 0.0 <= self.mask_fraction < 1.0:
+            raise ConfigError(f"{key}.mask_fraction = {self.mask_fraction} is not in [0, 1)", where)
+        if not self.mask_word.strip():
+            raise ConfigError(f"{key}.mask_word is empty", where, "use e.g. [MASK]")
+        for name, needs in (
+            ("mim_template", ("<ItemTitleList>",)),
+            ("bpr_template", ("<ItemTitleList>", "<CandidateA>", "<CandidateB>")),
+        ):
+            template = getattr(self, name)
+            missing = [p for p in needs if template and p not in template]
+            if missing:
+                raise ConfigError(f"{key}.{name} lacks the placeholder {missing[0]}", where)
+
+
 @dataclass
 class PromptConfig(Section):
     """How samples become prompts (stage ``render``)."""
@@ -284,6 +366,8 @@ class PromptConfig(Section):
     """How many of the latest positive titles (quoted, comma-joined) fill ``<ItemTitleList>``."""
     empty_history: str = ""
     """Text for an empty history; empty takes the style's own (``unkow`` or ``none``)."""
+    aux: AuxConfig = field(default_factory=AuxConfig)
+    """Auxiliary task rows (table ``aux``) besides the recommendation prompts."""
 
     def check(self, key: str, where: str = "") -> None:
         if not self.modes:
@@ -308,6 +392,7 @@ class PromptConfig(Section):
                 codes=True,
             )
         _signs(self, key, where, non_negative="history_len")
+        self.aux.check(f"{key}.aux", where)
 
 
 @dataclass
@@ -369,9 +454,7 @@ class FinetuneConfig(Section):
     """Module names that get LoRA adapters."""
     step1: TuneStepConfig = field(default_factory=TuneStepConfig)
     """Step 1 (text prompts). Official: lr 1e-3, batch 16 per GPU on 2 GPUs."""
-    step2: TuneStepConfig = field(
-        default_factory=lambda: TuneStepConfig(lr=1e-4, batch_size=4)
-    )
+    step2: TuneStepConfig = field(default_factory=lambda: TuneStepConfig(lr=1e-4, batch_size=4))
     """Step 2 (code prompts), also the only step of ``one_step``. Official: lr 1e-4, batch 4 per
     GPU on 2 GPUs."""
     weight_decay: float = 1e-3
@@ -409,6 +492,15 @@ class FinetuneConfig(Section):
     """Train on GPUs (one per worker)."""
     cpus_per_worker: int = resource(1)
     """CPU cores reserved per worker (also its torch thread count on CPU)."""
+    aux: dict[str, float] = field(default_factory=dict)
+    """Share of each tuning step's training sequences given to an auxiliary task that
+    ``prompts.aux.tasks`` renders, e.g. ``{mim: 0.25, bpr: 0.25}``; the recommendation task gets
+    the rest, so a step's budget (steps x batch) is the same with or without them. A micro-batch
+    holds one task; the tasks take turns by smooth weighted round-robin (exact shares, no
+    randomness), each in the step's prompt mode. Empty: recommendation prompts only."""
+    aux_steps: list[str] = field(default_factory=lambda: ["step1", "step2"])
+    """The tuning steps that mix in ``aux`` (``one_step`` and ``text_only`` have only
+    ``step1``)."""
     max_failures: int = resource(2)
     """How many worker failures Ray Train recovers from (from the last checkpoint)."""
 
@@ -429,6 +521,22 @@ class FinetuneConfig(Section):
         )
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"{key}.lora_dropout = {self.lora_dropout} is not in [0, 1)", where)
+        for task, share in self.aux.items():
+            if task not in AUX_TASKS:
+                raise ConfigError(
+                    f"{key}.aux has {task}", where, f"choose among: {', '.join(AUX_TASKS)}"
+                )
+            if not share > 0:
+                raise ConfigError(f"{key}.aux.{task} = {share} must be > 0", where)
+        if sum(self.aux.values()) >= 1.0:
+            raise ConfigError(
+                f"{key}.aux shares sum to {sum(self.aux.values()):g}",
+                where,
+                "keep their sum below 1: the recommendation task trains on the rest",
+            )
+        unknown = [s for s in self.aux_steps if s not in ("step1", "step2")]
+        if unknown:
+            raise ConfigError(f"{key}.aux_steps has {unknown[0]}", where, "use step1 and step2")
         if not self.lora_target_modules:
             raise ConfigError(
                 f"{key}.lora_target_modules is empty",
@@ -623,6 +731,13 @@ class RunConfig(Section):
                 where,
                 f"add {unrendered[0]} to prompts.modes or drop it from score.modes",
             )
+        unrendered = [t for t in self.finetune.aux if t not in self.prompts.aux.tasks]
+        if unrendered:
+            raise ConfigError(
+                f"finetune.aux has {unrendered[0]}, which prompts.aux.tasks does not render",
+                where,
+                f"add {unrendered[0]} to prompts.aux.tasks or drop it from finetune.aux",
+            )
         if self.retrieve.top_n and self.rerank.top_n > self.retrieve.top_n:
             raise ConfigError(
                 f"rerank.top_n = {self.rerank.top_n} is more than the "
@@ -790,9 +905,7 @@ def _check(tp: Any, value: Any, key: str, where: str) -> Any:
             pass
     if tp is Any or (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         return value
-    raise ConfigError(
-        f"config key {key} = {value!r} must be {getattr(tp, '__name__', tp)}", where
-    )
+    raise ConfigError(f"config key {key} = {value!r} must be {getattr(tp, '__name__', tp)}", where)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -6,131 +6,50 @@ answer score, the LoRA adapter and a :class:`torch.nn.ModuleDict` of extra train
 
 * ``score(batch)`` — the answer score of each prompt of a :class:`PromptBatch`: the logit of
   ``Yes`` (less ``No`` under ``model.answer_score: yes_minus_no``) at the last position;
-* ``loss(batch)`` — BCE-with-logits of that score against the 0/1 labels;
+* ``loss(batch, task)`` — the training loss of a task's batch (:mod:`binllm_core.objectives`):
+  for ``rec``, BCE-with-logits of that score against the 0/1 labels; ``bpr`` and ``mim`` are
+  the auxiliary tasks in words;
 * ``save(folder)`` / ``load`` — the adapter (safetensors) and the extra modules, never the base.
 
-A training batch is built from prompts by :func:`collate` (tokenise, then :func:`pad_left`, or
-group prompts that share a prefix into a :class:`~binllm_core.prefix_sharing.SharedPrefixBatch`);
-:class:`binllm_core.scoring.Scorer` builds both kinds of batch for scoring.
+Batches are built from prompts by :mod:`binllm_core.batches` (a task's ``collate``);
+:class:`binllm_core.scoring.Scorer` builds the scoring batches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
+from binllm_core.aux_tasks import LETTERS
+from binllm_core.batches import Batch, TargetBatch
 from binllm_core.config import FinetuneConfig, ModelConfig
-from binllm_core.llm import AnswerScore, LanguageModel, load_language_model
-from binllm_core.prefix_sharing import (
-    PrefixCut,
-    SharedPrefixBatch,
-    group_by_prefix,
-    left_padded,
-    positions,
-    tokenize_with_prefix,
-)
+from binllm_core.llm import AnswerScore, LanguageModel, answer_token_id, load_language_model
+from binllm_core.objectives import OBJECTIVES, REC
 
 EXTRA_MODULES = "extra_modules.safetensors"
 """Where :meth:`LLMRecommender.save` writes the extra trainable modules, next to the adapter."""
 
 
-# ---- batches -----------------------------------------------------------------------------------
-@dataclass
-class PromptBatch:
-    """Whole prompts, left-padded (the answer cue in the last column), with labels when
-    training. :class:`~binllm_core.prefix_sharing.SharedPrefixBatch` is the other kind of batch:
-    prompts grouped by a shared prefix that runs once per group."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor | None = None
-
-    @property
-    def n_tokens(self) -> int:
-        """Real (non-pad) tokens."""
-        return int(self.attention_mask.sum())
-
-    computed_tokens = n_tokens
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    def to(self, device: torch.device | str) -> PromptBatch:
-        labels = None if self.labels is None else self.labels.to(device)
-        return PromptBatch(self.input_ids.to(device), self.attention_mask.to(device), labels)
-
-    def last_logits(self, net: torch.nn.Module, config: Any = None) -> torch.Tensor:
-        """Logits at each prompt's last token, shape ``(batch, vocab)``."""
-        out = net(
-            input_ids=self.input_ids,
-            attention_mask=self.attention_mask,
-            position_ids=positions(self.attention_mask),
-            logits_to_keep=1,
-        )
-        return out.logits[:, -1]
-
-
-Batch = PromptBatch | SharedPrefixBatch
-"""What the recommender scores and trains on."""
-
-
-def tokenize(tokenizer: Any, prompts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids of each prompt: no special tokens added, truncated from the left."""
-    return tokenizer(
-        list(prompts), add_special_tokens=False, truncation=True, max_length=max_length
-    )["input_ids"]
-
-
-def pad_left(
-    ids: Sequence[Sequence[int]], pad_id: int, labels: Sequence[int] | None = None
-) -> PromptBatch:
-    """Token id lists as one left-padded batch."""
-    input_ids, mask = left_padded(ids, pad_id)
-    target = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.float32)
-    return PromptBatch(input_ids, mask, target)
-
-
-def collate(
-    tokenizer: Any,
-    prompts: Sequence[str],
-    labels: Sequence[int] | None,
-    max_length: int,
-    cut: PrefixCut | None = None,
-) -> Batch:
-    """Prompts (and their 0/1 labels) as one batch: the only way training batches are built.
-    With a prefix ``cut``, prompts that share their prefix tokens form groups whose prefix runs
-    once, and every other prompt is a group of one (its prefix and suffix run as two pieces of
-    one sequence, so a group of one pads little next to short suffixes); the rows and labels
-    then follow the groups (see :meth:`SharedPrefixBatch.build`)."""
-    tokens = tokenize_with_prefix(tokenizer, prompts, max_length, cut)
-    groups = group_by_prefix(tokens)
-    if len(groups) == len(tokens.ids):
-        return pad_left(tokens.ids, tokenizer.pad_token_id, labels)
-    prefix = [tokens.prefix_tokens[g[0]] or len(tokens.ids[g[0]]) - 1 for g in groups]
-    return SharedPrefixBatch.build(tokens.ids, groups, prefix, tokenizer.pad_token_id, labels)
-
-
 # ---- the model a forward pass runs -------------------------------------------------------------
 class AnswerModel(torch.nn.Module):
-    """A batch -> the answer score of each prompt (float32): the LM with its adapter and the
-    extra trainable modules in one module, which is what DDP wraps on Ray Train."""
+    """A batch -> what its task reads from the LM (the answer score of each prompt for ``rec``):
+    the LM with its adapter and the extra trainable modules in one module, which is what DDP
+    wraps on Ray Train."""
 
-    def __init__(self, net: torch.nn.Module, answer: AnswerScore) -> None:
+    def __init__(self, net: torch.nn.Module, answer: AnswerScore, letters: tuple[int, int]) -> None:
         super().__init__()
         self.net = net
         self.extra = torch.nn.ModuleDict()
         self.answer = answer
+        self.letters = letters
+        """Token ids of the two choices of a ``bpr`` prompt (:data:`aux_tasks.LETTERS`)."""
         self.config = net.config
         """The base LM's config (the layer kinds of a key/value cache)."""
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        return self.answer(batch.last_logits(self.net, self.config))
+    def forward(self, batch: Batch | TargetBatch, task: str = REC) -> torch.Tensor:
+        return OBJECTIVES[task].forward(self, batch)
 
 
 # ---- the recommender ---------------------------------------------------------------------------
@@ -139,7 +58,8 @@ class LLMRecommender:
 
     def __init__(self, lm: LanguageModel) -> None:
         self.lm = lm
-        self.model = AnswerModel(lm.model, lm.answer)
+        letters = tuple(answer_token_id(lm.tokenizer, f" {x}") for x in LETTERS)
+        self.model = AnswerModel(lm.model, lm.answer, letters)
         """What a forward pass runs: :attr:`net` and :attr:`extra`, scoring a batch."""
         self.forward_net: torch.nn.Module | None = None
         """A wrapper of :attr:`model` for training (a DDP module on Ray Train), when set."""
@@ -214,12 +134,11 @@ class LLMRecommender:
         """The answer score of each prompt (in the batch's row order), float32, ``(batch,)``."""
         return self.model(batch)
 
-    def loss(self, batch: Batch) -> torch.Tensor:
-        """BCE-with-logits of the answer score against the batch's labels (through the training
-        wrapper when one is set)."""
-        assert batch.labels is not None, "a training batch needs labels"
-        scores = (self.forward_net or self.model)(batch)
-        return F.binary_cross_entropy_with_logits(scores, batch.labels.float())
+    def loss(self, batch: Batch | TargetBatch, task: str = REC) -> torch.Tensor:
+        """The training loss of ``task`` on its batch (through the training wrapper when one is
+        set): for ``rec``, BCE-with-logits of the answer score against the batch's labels."""
+        output = (self.forward_net or self.model)(batch, task)
+        return OBJECTIVES[task].loss(output, batch)
 
     def save(self, folder: str | Path) -> None:
         """The adapter (safetensors) and the extra modules' weights; never the base model."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from binllm_core.batches import pad_left
 from binllm_core.prefix_sharing import (
     PrefixCache,
     PrefixCut,
@@ -26,7 +27,7 @@ from binllm_core.prefix_sharing import (
     suffix_logits,
     tokenize_with_prefix,
 )
-from binllm_core.recommender import LLMRecommender, pad_left
+from binllm_core.recommender import LLMRecommender
 
 
 @dataclass

@@ -20,7 +20,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,10 +28,12 @@ from typing import Any
 
 import torch
 
+from binllm_core.batches import Batch, TargetBatch
 from binllm_core.config import FinetuneConfig, TuneStepConfig
 from binllm_core.metrics import auc, uauc
+from binllm_core.objectives import OBJECTIVES, REC, Examples
 from binllm_core.prefix_sharing import PrefixCut
-from binllm_core.recommender import Batch, LLMRecommender, collate
+from binllm_core.recommender import LLMRecommender
 from binllm_core.scoring import Scorer
 
 STATE = "state.json"
@@ -133,6 +135,8 @@ class TuningState:
     bad_evals: int = 0
     sequences: int = 0
     """Sequences trained on, all workers (the Ray side sums them before it reports)."""
+    task_sequences: dict[str, int] = field(default_factory=dict)
+    """Of :attr:`sequences`, those of each task (``rec`` and the auxiliary ones)."""
     tokens: int = 0
     train_seconds: float = 0.0
     restarts: int = 0
@@ -172,7 +176,8 @@ class TuningRun:
         self.best_dir = self.workdir / "best"
         """The best adapter so far (rank 0 writes it)."""
         self.lr = 0.0
-        self._loss_sum, self._loss_n = 0.0, 0
+        self._losses: dict[str, list[float]] = {}
+        """Micro-batch losses per task since the last evaluation."""
 
     # ---- setup -----------------------------------------------------------------------------
     def setup(self, start_from: str = "", resume: str = "") -> None:
@@ -207,14 +212,18 @@ class TuningRun:
     def done(self) -> bool:
         return self.state.finished or self.state.step >= self.state.planned_steps
 
-    def _batch(self, prompts: Sequence[str], labels: Sequence[int]) -> Batch:
-        """A training micro-batch of prompts and labels on the model's device."""
-        batch = collate(self.rec.tokenizer, prompts, labels, self.cfg.max_length, self.prefix_cut)
+    def _batch(self, examples: Examples) -> Batch | TargetBatch:
+        """A training micro-batch of one task's examples on the model's device."""
+        objective = OBJECTIVES[examples.task]
+        batch = objective.collate(
+            self.rec.tokenizer, examples, self.cfg.max_length, self.prefix_cut
+        )
         return batch.to(self.rec.device)
 
-    def train_step(self, micro_batches: Iterator[tuple[Sequence[str], Sequence[int]]]) -> float:
-        """One optimizer step over ``grad_accum`` micro-batches from ``micro_batches``; gradients
-        are synchronised across workers on the last micro-batch only. The mean loss."""
+    def train_step(self, micro_batches: Iterator[Examples]) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches from ``micro_batches`` (each
+        of one task, its loss from the recommender); gradients are synchronised across workers
+        on the last micro-batch only. The mean loss."""
         assert self.optimizer is not None, "call setup() first"
         started = time.perf_counter()
         self.lr = self.schedule.lr_at(self.state.step)
@@ -223,22 +232,23 @@ class TuningRun:
         accum = self.step_cfg.grad_accum
         losses = []
         for micro in range(accum):
-            prompts, labels = next(micro_batches)
-            batch = self._batch(prompts, labels)
+            examples = next(micro_batches)
+            batch = self._batch(examples)
             net = self.rec.forward_net
             sync = micro == accum - 1 or self.world == 1 or net is None
             with nullcontext() if sync else net.no_sync():
-                loss = self.rec.loss(batch)
+                loss = self.rec.loss(batch, examples.task)
                 (loss / accum).backward()
             losses.append(float(loss.detach()))
-            self.state.sequences += len(batch)
-            self.state.tokens += batch.n_tokens
+            self._losses.setdefault(examples.task, []).append(losses[-1])
+            s = self.state
+            s.sequences += len(batch)
+            s.task_sequences[examples.task] = s.task_sequences.get(examples.task, 0) + len(batch)
+            s.tokens += batch.n_tokens
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         self.state.train_seconds += time.perf_counter() - started
-        self._loss_sum += sum(losses)
-        self._loss_n += len(losses)
         return sum(losses) / len(losses)
 
     @property
@@ -262,13 +272,15 @@ class TuningRun:
         if self.stopper.update(metrics["auc"], self.state.step) and self.rank == 0:
             shutil.rmtree(self.best_dir, ignore_errors=True)
             self.rec.save(self.best_dir)
+        every = [x for losses in self._losses.values() for x in losses]
         record = {
             "step": self.state.step,
             **metrics,
-            "train_loss": self._loss_sum / max(self._loss_n, 1),
+            "train_loss": sum(every) / max(len(every), 1),
             "lr": self.lr,
+            **{f"loss_{task}": sum(x) / len(x) for task, x in sorted(self._losses.items())},
         }
-        self._loss_sum, self._loss_n = 0.0, 0
+        self._losses = {}
         s = self.state
         s.evals = [*s.evals, record]
         s.best, s.best_step, s.bad_evals = (
@@ -295,49 +307,85 @@ class TuningRun:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-# ---- the plain single-process driver -----------------------------------------------------------
+# ---- what a step trains on ----------------------------------------------------------------------
+@dataclass
+class TaskRows:
+    """The training rows of one task: prompts with labels, or with the answers to write."""
+
+    prompts: list[str]
+    labels: list[int]
+    answers: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
 def shuffled_batches(
-    prompts: Sequence[str], labels: Sequence[int], batch_size: int, seed: int
-) -> Iterator[tuple[list[str], list[int]]]:
+    rows: TaskRows, batch_size: int, seed: int, task: str = REC
+) -> Iterator[Examples]:
     """Endless shuffled micro-batches (a fresh permutation every epoch; the last partial batch
     is dropped, as with ``drop_last``)."""
-    return _batches([[i] for i in range(len(prompts))], prompts, labels, batch_size, seed)
+    return _batches([[i] for i in range(len(rows))], rows, batch_size, seed, task)
 
 
 def prefix_grouped_batches(
-    prompts: Sequence[str], labels: Sequence[int], batch_size: int, seed: int, cut: PrefixCut
-) -> Iterator[tuple[list[str], list[int]]]:
+    rows: TaskRows, batch_size: int, seed: int, cut: PrefixCut
+) -> Iterator[Examples]:
     """Endless micro-batches in which prompts with the same prefix (``prompt[:cut(prompt)]``)
     come together: every epoch shuffles the groups and the prompts within each, lays them end
     to end and cuts ``batch_size`` at a time (a group may straddle two batches)."""
     groups: dict[str, list[int]] = {}
-    for i, prompt in enumerate(prompts):
+    for i, prompt in enumerate(rows.prompts):
         groups.setdefault(prompt[: cut(prompt)], []).append(i)
-    return _batches(list(groups.values()), prompts, labels, batch_size, seed)
+    return _batches(list(groups.values()), rows, batch_size, seed, REC)
 
 
 def micro_batches(
-    prompts: Sequence[str],
-    labels: Sequence[int],
+    rows: TaskRows,
     batch_size: int,
     seed: int,
     cut: PrefixCut | None,
-) -> Iterator[tuple[list[str], list[int]]]:
-    """The micro-batches a tuning run trains on: grouped by prefix when ``cut`` is given."""
-    if cut is None:
-        return shuffled_batches(prompts, labels, batch_size, seed)
-    return prefix_grouped_batches(prompts, labels, batch_size, seed, cut)
+    aux: Mapping[str, TaskRows] | None = None,
+    shares: Mapping[str, float] | None = None,
+) -> Iterator[Examples]:
+    """The micro-batches a tuning run trains on: recommendation prompts (grouped by prefix when
+    ``cut`` is given), and with ``aux`` rows the tasks in turn, each its ``shares`` of the
+    micro-batches (the recommendation task the rest; see :func:`interleave`)."""
+    rec = (
+        shuffled_batches(rows, batch_size, seed)
+        if cut is None
+        else prefix_grouped_batches(rows, batch_size, seed, cut)
+    )
+    if not aux:
+        return rec
+    shares = dict(shares or {})
+    streams = {REC: rec}
+    for offset, (task, task_rows) in enumerate(sorted(aux.items()), start=1):
+        streams[task] = shuffled_batches(task_rows, batch_size, seed + offset, task)
+    return interleave(streams, {REC: 1.0 - sum(shares.values()), **shares})
+
+
+def interleave(
+    streams: Mapping[str, Iterator[Examples]], shares: Mapping[str, float]
+) -> Iterator[Examples]:
+    """Micro-batches from each stream in turn by smooth weighted round-robin: every turn adds
+    each task's share to its credit and the task with the most credit (the first on a tie) gives
+    the next micro-batch and pays 1, so after ``n`` turns each task has given its share of ``n``
+    within one micro-batch, spread evenly (no randomness)."""
+    credit = dict.fromkeys(streams, 0.0)
+    while True:
+        for task in credit:
+            credit[task] += shares[task]
+        task = max(credit, key=credit.__getitem__)
+        credit[task] -= 1.0
+        yield next(streams[task])
 
 
 def _batches(
-    groups: list[list[int]],
-    prompts: Sequence[str],
-    labels: Sequence[int],
-    batch_size: int,
-    seed: int,
-) -> Iterator[tuple[list[str], list[int]]]:
-    if len(prompts) < batch_size:
-        raise ValueError(f"{len(prompts)} train prompts are fewer than one batch of {batch_size}")
+    groups: list[list[int]], rows: TaskRows, batch_size: int, seed: int, task: str
+) -> Iterator[Examples]:
+    if len(rows) < batch_size:
+        raise ValueError(f"{len(rows)} train {task} rows are fewer than one batch of {batch_size}")
     rng = random.Random(seed)
     while True:
         rng.shuffle(groups)
@@ -346,26 +394,34 @@ def _batches(
         order = [i for members in groups for i in members]
         for start in range(0, len(order) - batch_size + 1, batch_size):
             idx = order[start : start + batch_size]
-            yield [prompts[i] for i in idx], [labels[i] for i in idx]
+            yield Examples(
+                task,
+                [rows.prompts[i] for i in idx],
+                [rows.labels[i] for i in idx] if rows.labels else [],
+                [rows.answers[i] for i in idx] if rows.answers else [],
+            )
 
 
+# ---- the plain single-process driver -----------------------------------------------------------
 def fit_plain(
     recommender: LLMRecommender,
-    train: tuple[Sequence[str], Sequence[int]],
+    train: TaskRows,
     step_cfg: TuneStepConfig,
     cfg: FinetuneConfig,
     valid: EvalSet | None = None,
     start_from: str = "",
     prefix_cut: PrefixCut | None = None,
+    aux: Mapping[str, TaskRows] | None = None,
 ) -> TuningRun:
     """Tune ``recommender`` in this process; evaluate every ``cfg.eval_every`` steps when
     ``valid`` is given; with ``prefix_cut``, shared prefixes run once (on prefix-grouped
-    micro-batches under ``cfg.batch_by_prefix``). The finished run (its ``state`` holds the
-    evaluations and counters; its ``best_dir`` the best adapter until ``close``)."""
-    run = TuningRun(recommender, cfg, step_cfg, len(train[0]), prefix_cut=prefix_cut)
+    micro-batches under ``cfg.batch_by_prefix``); with ``aux`` rows, their tasks take
+    ``cfg.aux`` of the micro-batches. The finished run (its ``state`` holds the evaluations and
+    counters; its ``best_dir`` the best adapter until ``close``)."""
+    run = TuningRun(recommender, cfg, step_cfg, len(train), prefix_cut=prefix_cut)
     run.setup(start_from=start_from)
     group_by = prefix_cut if cfg.batch_by_prefix else None
-    stream = micro_batches(train[0], train[1], step_cfg.batch_size, cfg.seed, group_by)
+    stream = micro_batches(train, step_cfg.batch_size, cfg.seed, group_by, aux, cfg.aux)
     while not run.done:
         run.train_step(stream)
         if valid is not None and run.due_for_eval:

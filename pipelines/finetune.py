@@ -38,38 +38,46 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from binllm_core.config import FinetuneConfig, TuneStepConfig
+from binllm_core.config import AUX_TASKS, FinetuneConfig, TuneStepConfig
 from binllm_core.errors import StageError
 from binllm_core.faults import armed
+from binllm_core.objectives import REC
 from binllm_core.prefix_sharing import PrefixCut
 from binllm_core.prompts import templates_from_config
 from binllm_core.recommender import LLMRecommender
 from binllm_core.storage import join
-from binllm_core.tuning import STATE, EvalSet, TuningRun, micro_batches
+from binllm_core.tuning import STATE, EvalSet, TaskRows, TuningRun, micro_batches
 from pipelines.score import whole_groups
 from pipelines.stage import StageContext
 
 FAULT_POINT = "finetune-step"
 EVAL_COLUMNS = ["prompt", "label", "uid"]
+AUX_COLUMNS = ["task", "prompt", "label", "answer"]
 
 
 @dataclass(frozen=True)
 class TuneStep:
-    """One tuning step of the strategy: its name, prompt mode, budget and starting adapter."""
+    """One tuning step of the strategy: its name, prompt mode, budget, starting adapter and the
+    shares of its micro-batches that auxiliary tasks take (``finetune.aux``)."""
 
     name: str
     mode: str
     cfg: TuneStepConfig
     from_previous: bool
+    aux: dict[str, float]
 
 
 def plan(cfg: FinetuneConfig) -> list[TuneStep]:
+    def step(name: str, mode: str, budget: TuneStepConfig, from_previous: bool) -> TuneStep:
+        aux = dict(cfg.aux) if name in cfg.aux_steps else {}
+        return TuneStep(name, mode, budget, from_previous, aux)
+
     if cfg.strategy == "one_step":
-        return [TuneStep("step1", cfg.code_mode, cfg.step2, False)]
-    first = TuneStep("step1", "text", cfg.step1, False)
+        return [step("step1", cfg.code_mode, cfg.step2, False)]
+    first = step("step1", "text", cfg.step1, False)
     if cfg.strategy == "text_only":
         return [first]
-    return [first, TuneStep("step2", cfg.code_mode, cfg.step2, True)]
+    return [first, step("step2", cfg.code_mode, cfg.step2, True)]
 
 
 # ---- driver ----------------------------------------------------------------------------------
@@ -100,6 +108,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             f"finetune.init_adapter {cfg.init_adapter} holds no saved adapter",
             todo="point it at an adapter folder such as runs/RUN/finetune/adapters/step1",
         )
+    aux = _aux_rows(ctx, steps)
     storage = ctx.scratch_path("checkpoints")
     previous: Checkpoint | None = None
     summary: dict[str, Any] = {}
@@ -125,6 +134,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             valid_ids,
             previous if step.from_previous else None,
             cut,
+            aux,
         ).fit()
         state, adapter = _collect(ctx, result.checkpoint, step.name)
         previous = result.checkpoint
@@ -154,8 +164,33 @@ EVALS_SCHEMA = pa.schema(
         ("uauc", pa.float64()),
         ("train_loss", pa.float64()),
         ("lr", pa.float64()),
+        *[(f"loss_{task}", pa.float64()) for task in (REC, *AUX_TASKS)],
     ]
 )
+"""``train_loss``: the mean micro-batch loss since the previous evaluation; ``loss_{task}``:
+that of each task (null when the step did not train it)."""
+
+
+def _aux_rows(ctx: StageContext, steps: list[TuneStep]) -> pa.Table | None:
+    """The auxiliary rows the steps mix in (``render``'s table ``aux``; the config's checks
+    make render write every task ``finetune.aux`` names), checked: each task in each step's
+    mode has at least one micro-batch per worker."""
+    wanted = {(task, step.mode, step.cfg.batch_size) for step in steps for task in step.aux}
+    if not wanted:
+        return None
+    table = ctx.read_table("render", "aux", columns=["mode", *AUX_COLUMNS])
+    workers = ctx.cfg.finetune.num_workers
+    for task, mode, batch_size in sorted(wanted):
+        mine = pc.and_(pc.equal(table["task"], task), pc.equal(table["mode"], mode))
+        n = pc.sum(mine.cast(pa.int64())).as_py() or 0
+        if n < batch_size * workers:
+            raise StageError(
+                f"{n} {task} rows in {mode} mode are fewer than one micro-batch per worker "
+                f"({batch_size} x {workers})",
+                ctx.uri(ctx.stage_path("render")),
+                "raise prompts.aux.rows_per_user or lower the batch size",
+            )
+    return table
 
 
 def _subsample(
@@ -220,9 +255,18 @@ def _trainer(
     valid_ids: np.ndarray,
     init: Checkpoint | None,
     cut: PrefixCut,
+    aux: pa.Table | None,
 ) -> TorchTrainer:
     train = _rows(ctx, step.mode, "train", train_ids).random_shuffle(seed=cfg.seed).materialize()
     valid = _rows(ctx, step.mode, "valid", valid_ids)
+    datasets = {"train": train, "valid": valid}
+    if step.aux:
+        assert aux is not None
+        mine = pc.and_(
+            pc.equal(aux["mode"], step.mode), pc.is_in(aux["task"], pa.array(list(step.aux)))
+        )
+        rows = aux.filter(mine).select(AUX_COLUMNS)
+        datasets["aux"] = ray.data.from_arrow(rows).random_shuffle(seed=cfg.seed).materialize()
     loop_config = {
         "finetune": cfg,
         "step": step.cfg,
@@ -231,6 +275,7 @@ def _trainer(
         "init": init,
         "init_adapter": "" if init is not None or step.name != "step1" else cfg.init_adapter,
         "prefix_cut": cut,
+        "aux": step.aux,
         "fault": armed(
             FAULT_POINT, ctx.uri(join(storage, f"fault-injected-{ctx.digest}")), raises=True
         ),
@@ -251,8 +296,8 @@ def _trainer(
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": train, "valid": valid},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[n for n in datasets if n != "valid"]),
     )
 
 
@@ -289,6 +334,9 @@ def _step_summary(step: TuneStep, state: dict[str, Any], n_train: int, n_valid: 
         "best_valid_auc": state["best"],
         "best_valid_uauc": best.get("uauc"),
         "sequences": state["sequences"],
+        "aux": step.aux,
+        "task_sequences": state.get("task_sequences", {}),
+        "task_losses_at_best": {k[5:]: v for k, v in best.items() if k.startswith("loss_")},
         "tokens": state["tokens"],
         "train_seconds": round(state["train_seconds"], 2),
         "sequences_per_s": round(state["sequences"] / seconds, 3),
@@ -324,9 +372,11 @@ def train_loop(config: dict[str, Any]) -> None:
         run.state.sequences = run.state.tokens = 0
     valid = _eval_slice(rank, world)
     gather = _gather(world) if world > 1 else None
-    prompts, labels = _shard_rows()
+    rows = _shard_rows()
+    aux = _aux_shard() if config["aux"] else None
     group_by = run.prefix_cut if ft.batch_by_prefix else None
-    stream = micro_batches(prompts, labels, step_cfg.batch_size, ft.seed + rank, group_by)
+    seed = ft.seed + rank
+    stream = micro_batches(rows, step_cfg.batch_size, seed, group_by, aux, config["aux"])
     reported = False
     while not run.done:
         run.train_step(stream)
@@ -351,15 +401,27 @@ def _gather(world: int) -> Any:
     return gather
 
 
-def _shard_rows() -> tuple[list[str], list[int]]:
+def _shard_rows() -> TaskRows:
     """This worker's train shard (prompts and labels), read once: the micro-batches are drawn
     from it in memory (about 1 KB per prompt), as the plain loop draws them."""
-    prompts: list[str] = []
-    labels: list[int] = []
+    rows = TaskRows([], [])
     for batch in ray.train.get_dataset_shard("train").iter_batches(batch_format="pyarrow"):
-        prompts += batch["prompt"].to_pylist()
-        labels += batch["label"].to_pylist()
-    return prompts, labels
+        rows.prompts += batch["prompt"].to_pylist()
+        rows.labels += batch["label"].to_pylist()
+    return rows
+
+
+def _aux_shard() -> dict[str, TaskRows]:
+    """This worker's shard of the auxiliary rows, per task (prompts, labels, answers)."""
+    tasks: dict[str, TaskRows] = {}
+    for batch in ray.train.get_dataset_shard("aux").iter_batches(batch_format="pyarrow"):
+        columns = (batch[c].to_pylist() for c in AUX_COLUMNS)
+        for task, prompt, label, answer in zip(*columns, strict=True):
+            rows = tasks.setdefault(task, TaskRows([], [], []))
+            rows.prompts.append(prompt)
+            rows.labels.append(label)
+            rows.answers.append(answer)
+    return tasks
 
 
 def _eval_slice(rank: int, world: int) -> EvalSet:

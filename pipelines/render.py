@@ -6,6 +6,10 @@ read once on the driver and shipped to the rendering tasks; the samples stream t
 once) into ``n_tokens``, whose per-mode summary goes to the manifest. ``prompts`` is written
 partitioned, ``prompts/mode=M/split=S/`` (the columns stay in the files too), so a stage that needs
 one mode reads only its slice: ``ctx.read_dataset("render", "prompts", {"mode": "binary"})``.
+
+With ``prompts.aux.tasks``, the auxiliary task rows (:mod:`binllm_core.aux_tasks`) are made from
+the train samples on the driver (a few rows per user and task) and written, in every prompt
+mode and with their token counts, as the table ``aux``.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from binllm_core.aux_tasks import AuxTemplates, build_rows, render_rows
 from binllm_core.config import ModelConfig
 from binllm_core.errors import StageError
 from binllm_core.llm import load_tokenizer
@@ -82,6 +88,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             ctx.write_dataset(part, "prompts", {"mode": mode, "split": split})
 
     return {
+        **({"aux": _write_aux(ctx, lookups, modes)} if cfg.aux.tasks else {}),
         "modes": modes,
         "rows_per_mode": _count(summary, "mode"),
         "rows_per_split": {k: v // len(modes) for k, v in _count(summary, "split").items()},
@@ -89,6 +96,36 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "tokens_per_mode": {m: _token_stats(summary, m) for m in modes},
         "templates": {"text": templates.text, "code": templates.code},
         "empty_history": templates.empty_history,
+    }
+
+
+def _write_aux(ctx: StageContext, lookups: Lookups, modes: list[str]) -> dict[str, Any]:
+    """The table ``aux``: every task's rows in every mode, with ``n_tokens``; its summary."""
+    cfg = ctx.cfg.prompts.aux
+    columns = ["sample_id", "uid", "iid", "label", "timestamp", "split"]
+    samples = pl.from_arrow(ctx.read_table("samples", "samples", columns=columns))
+    rows = build_rows(samples, cfg)
+    if not rows:
+        raise StageError(
+            f"no user has the {cfg.min_positives} train positives an aux row needs",
+            ctx.uri(ctx.stage_path("samples")),
+            "lower prompts.aux.min_positives or drop prompts.aux.tasks",
+        )
+    table = TokenCounter(ctx.cfg.model)(
+        render_rows(rows, lookups, AuxTemplates.of(ctx.cfg.prompts), modes)
+    )
+    ctx.write_table(table, "aux")
+    users = {
+        t: len(set(table.filter(pc.equal(table["task"], t))["uid"].to_pylist())) for t in cfg.tasks
+    }
+    return {
+        "tasks": list(cfg.tasks),
+        "rows_per_task": {t: n // len(modes) for t, n in _count(table, "task").items()},
+        "users_per_task": users,
+        "tokens": {
+            task: {m: _token_stats(table.filter(pc.equal(table["task"], task)), m) for m in modes}
+            for task in cfg.tasks
+        },
     }
 
 

@@ -9,13 +9,21 @@ import pyarrow as pa
 import pytest
 import torch
 
+from binllm_core.batches import collate
 from binllm_core.config import FinetuneConfig, ModelConfig, PromptConfig, TuneStepConfig
 from binllm_core.errors import ConfigError
 from binllm_core.llm import answer_token_id, load_tokenizer, resolve_source
 from binllm_core.prompts import Lookups, render_table, templates_from_config
-from binllm_core.recommender import LLMRecommender, collate
+from binllm_core.recommender import LLMRecommender
 from binllm_core.scoring import Scorer
-from binllm_core.tuning import EvalSet, Schedule, TuningRun, fit_plain, shuffled_batches
+from binllm_core.tuning import (
+    EvalSet,
+    Schedule,
+    TaskRows,
+    TuningRun,
+    fit_plain,
+    shuffled_batches,
+)
 from tests.binllm_core.test_prompts import SAMPLE_SCHEMA
 from tests.conftest import SMOLLM_GGUF
 
@@ -89,7 +97,7 @@ def test_schedule_warms_up_over_global_steps_then_decays() -> None:
     assert schedule.lr_at(110) == pytest.approx(1e-4)
 
 
-def code_only_task(mode: str) -> tuple[tuple[list[str], list[int]], EvalSet]:
+def code_only_task(mode: str) -> tuple[TaskRows, EvalSet]:
     """Label = first bit of the target item's code; validation items never appear in training,
     so only the code (not the title) can tell the label."""
     rng = random.Random(0)
@@ -118,7 +126,7 @@ def code_only_task(mode: str) -> tuple[tuple[list[str], list[int]], EvalSet]:
     train = prompts.filter(pa.compute.equal(prompts["split"], "train"))
     valid = prompts.filter(pa.compute.equal(prompts["split"], "valid"))
     return (
-        (train["prompt"].to_pylist(), train["label"].to_pylist()),
+        TaskRows(train["prompt"].to_pylist(), train["label"].to_pylist()),
         EvalSet(valid["prompt"].to_pylist(), valid["label"].to_pylist(), valid["uid"].to_pylist()),
     )
 
@@ -159,16 +167,16 @@ def test_a_run_resumed_from_its_checkpoint_continues_exactly(tmp_path) -> None:
             if run.due_for_eval:
                 run.evaluate(valid)
 
-    whole = TuningRun(LLMRecommender.load(TINY), cfg, step, len(train[0]))
+    whole = TuningRun(LLMRecommender.load(TINY), cfg, step, len(train))
     whole.setup()
-    drive(whole, shuffled_batches(*train, 8, cfg.seed), 10)
+    drive(whole, shuffled_batches(train, 8, cfg.seed), 10)
 
-    first = TuningRun(LLMRecommender.load(TINY), cfg, step, len(train[0]))
+    first = TuningRun(LLMRecommender.load(TINY), cfg, step, len(train))
     first.setup()
-    stream = shuffled_batches(*train, 8, cfg.seed)
+    stream = shuffled_batches(train, 8, cfg.seed)
     drive(first, stream, 6)
     first.save_checkpoint(tmp_path / "ckpt")
-    resumed = TuningRun(LLMRecommender.load(TINY), cfg, step, len(train[0]))
+    resumed = TuningRun(LLMRecommender.load(TINY), cfg, step, len(train))
     resumed.setup(resume=str(tmp_path / "ckpt"))
     assert resumed.state.step == 6 and resumed.state.restarts == 1
     drive(resumed, stream, 10)  # the same data stream goes on

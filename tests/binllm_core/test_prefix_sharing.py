@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from binllm_core.batches import PromptBatch, collate
 from binllm_core.config import FinetuneConfig, ModelConfig, PromptConfig
 from binllm_core.prefix_sharing import SharedPrefixBatch, group_by_prefix, tokenize_with_prefix
 from binllm_core.prompts import prompt_of, templates_from_config
-from binllm_core.recommender import LLMRecommender, PromptBatch, collate
+from binllm_core.recommender import LLMRecommender
 from binllm_core.scoring import Scorer
-from binllm_core.tuning import prefix_grouped_batches
+from binllm_core.tuning import TaskRows, prefix_grouped_batches
 from tests.conftest import SMOLLM_GGUF
 
 TEMPLATES = templates_from_config(PromptConfig())
@@ -163,12 +164,12 @@ def test_a_prompt_alone_in_a_shared_batch_is_a_group_of_one_with_the_same_loss()
 def test_grouped_micro_batches_keep_a_users_prompts_together() -> None:
     prompts = user_prompts(seed=2)
     labels = list(range(len(prompts)))
-    stream = prefix_grouped_batches(prompts, labels, 4, seed=0, cut=CUT)
+    stream = prefix_grouped_batches(TaskRows(prompts, labels), 4, seed=0, cut=CUT)
     seen = []
     for _ in range(len(prompts) // 4):
-        batch, ids = next(stream)
-        seen += ids
-        heads = [p[: CUT(p)] for p in batch]
+        batch = next(stream)
+        seen += batch.labels
+        heads = [p[: CUT(p)] for p in batch.prompts]
         # Consecutive prompts of a batch change prefix at most as often as groups end.
         assert len(set(heads)) <= 4
     assert len(set(seen)) == len(seen)  # an epoch draws every prompt at most once
