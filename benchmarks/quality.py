@@ -113,10 +113,11 @@ class Tuned:
     name: str
     manifests: dict[str, Any]
     before: Tuned | None = None
+    step_name: str = "step1"
 
     @property
     def step(self) -> dict[str, Any]:
-        return self.manifests["finetune"]["metrics"]["steps"]["step1"]
+        return self.manifests["finetune"]["metrics"]["steps"][self.step_name]
 
     def total(self, key: str) -> float:
         return self.step[key] + (self.before.total(key) if self.before else 0)
@@ -299,6 +300,98 @@ def ranking_table(args: argparse.Namespace, shared: list[str], root: Path, stem:
     print(markdown)
 
 
+# ---- the auxiliary-task table -----------------------------------------------------------------
+AUX_SHARES = {"mim": 0.25, "bpr": 0.25}
+"""The aux rows' mixture: half of every step's sequences recommendation prompts, a quarter each
+task (binllm's choice; the paper's mixture is not public)."""
+
+
+def manifests_of(run: Path) -> dict[str, Any]:
+    """The current manifest of every stage of a run folder."""
+    return {p.parent.name: json.loads(p.read_text()) for p in run.glob("*/_manifest.json")}
+
+
+def aux_table(args: argparse.Namespace, root: Path, stem: str) -> None:
+    """The ranking run's two steps again with the auxiliary tasks mixed in (``AUX_SHARES`` of
+    every step's sequences, the same steps x batch), on its ingest, samples, encode and retrieve
+    outputs: pointwise AUC/UAUC on the same test users and NDCG/Recall on the same candidates,
+    next to the ranking run's own rows (read from its folder, not re-run)."""
+    from pipelines.registry import run_pipeline
+
+    before = json.loads((RESULTS / f"quality-ranking-{stem}.json").read_text())
+    plain_name, name = f"{stem}-ranking", f"{stem}-aux"
+    plain = root / plain_name
+    shares = json.dumps(AUX_SHARES).replace('"', "")
+    sets = [*[o for o in before["overrides"] if not o.startswith(("output_root=", "run_name="))],
+            *args.overrides, "prompts.aux.tasks=[mim,bpr]", f"finetune.aux={shares}",
+            f"retrieve.tie_break={before['tie_rule']}", f"output_root={root}", f"run_name={name}"]
+    for stage in ("ingest", "samples", "encode", "retrieve"):
+        if not (root / name / stage).exists():
+            shutil.copytree(plain / stage, root / name / stage)
+    started = time.perf_counter()
+    cfg = load_config(args.config, sets)
+    run_pipeline(cfg, log=lambda m: print(f"[{name}] {m}", flush=True))
+    runs = {plain_name: manifests_of(plain), name: manifests_of(root / name)}
+    codes = code_scores(root, plain_name)
+    rows = []
+    for run, label in ((plain_name, ""), (name, " + aux")):
+        m = runs[run]
+        step1 = Tuned(run, m)
+        step2 = Tuned(run, m, step1, "step2")
+        ranking = pl.from_arrow(read_output(str(root / run / "evaluate"), "ranking")).filter(
+            (pl.col("method") == "codes+llm") & (pl.col("users") == "all") & (pl.col("k") == 10))
+        for tuned, mode, row_name in ((step1, "text", "TALLRec (text, step 1)"),
+                                      (step2, "binary", "BinLLM binary, two-step")):
+            row = llm_row(row_name + label, root, tuned, mode, m["render"], codes)
+            for protocol in ("full", "sampled"):
+                at = ranking.filter((pl.col("mode") == mode) & (pl.col("protocol") == protocol))
+                row[f"ndcg10_{protocol}"] = at["ndcg"][0]
+                row[f"recall10_{protocol}"] = at["recall"][0]
+            row["task_sequences"] = {
+                t: sum(s.step.get("task_sequences", {}).get(t, 0) for s in _chain(tuned))
+                for t in ("rec", *AUX_SHARES)}
+            row["aux_losses_at_best"] = tuned.step.get("task_losses_at_best", {})
+            rows.append(row)
+    header = ["row", "test rows", "AUC", "UAUC", "warm AUC", "warm UAUC", "valid AUC",
+              "rho codes", "NDCG@10 full", "Recall@10 full", "NDCG@10 sampled",
+              "train seqs (rec/mim/bpr)", "finetune s", "score s"]
+    body = [[r["row"], fmt(r["test_rows"]), *[fmt(r[k]) for k in METRICS[:4]],
+             fmt(r["valid_auc"]), fmt(r["rho_codes"], 2), fmt(r["ndcg10_full"]),
+             fmt(r["recall10_full"]), fmt(r["ndcg10_sampled"]),
+             "/".join(f"{r['task_sequences'][t]:,}" for t in ("rec", *AUX_SHARES)),
+             fmt(r["train_s"], 0), fmt(r["score_s"], 0)] for r in rows]
+    aux_cfg = cfg.prompts.aux
+    tokens = runs[name]["render"]["metrics"]["aux"]["tokens"]
+    s1, s2 = cfg.finetune.step1, cfg.finetune.step2
+    markdown = "\n".join([
+        f"## Auxiliary tasks on {cfg.protocol.name} (`benchmarks/quality.py --aux-only`)",
+        "",
+        f"`{Path(cfg.model.backbone).name}` (float32, CPU). Rows without aux: the run "
+        f"`{plain_name}` of the ranking table (commit {before['commit'][:7]}); rows with aux: "
+        f"`{name}`, the same config, ingest, samples, encode and retrieve outputs, plus "
+        f"`prompts.aux` (tasks {', '.join(aux_cfg.tasks)}, {aux_cfg.rows_per_user} rows per user "
+        f"and task, {aux_cfg.history_len} titles, one title masked, train split only) and "
+        f"`finetune.aux` {shares} in both steps: the same budget (step 1 {s1.max_steps} x "
+        f"{s1.batch_size} text, step 2 {s2.max_steps} x {s2.batch_size} binary at lr {s2.lr:g}), "
+        "of which the aux tasks take half. Pointwise columns: the quality table's test users; "
+        f"NDCG/Recall@10: the LLM re-ranking of the codes' top {cfg.rerank.top_n} for the "
+        f"{cfg.retrieve.max_users} seeded users, all users (**full**: whole catalog, **sampled**: "
+        f"1 test positive + {cfg.retrieve.sampled_negatives} unseen). Aux prompt tokens (mean): "
+        + ", ".join(f"{t} {m} {v['mean']:.0f}" for t, by in tokens.items() for m, v in by.items())
+        + f". Whole aux run {(time.perf_counter() - started) / 60:.0f} min (finished stages are "
+        "skipped on a re-run).",
+        "",
+        table(header, body),
+    ])
+    save(f"quality-aux-{stem}", {"config": args.config, "overrides": sets, "shares": AUX_SHARES,
+                                 "rows": rows}, markdown)
+    print(markdown)
+
+
+def _chain(tuned: Tuned) -> list[Tuned]:
+    return [tuned, *(_chain(tuned.before) if tuned.before else [])]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="configs/quality_ml100k.yaml")
@@ -312,6 +405,9 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--ranking-only", action="store_true",
                         help="only the ranking table (one two-step run through rerank)")
+    parser.add_argument("--aux-only", action="store_true",
+                        help="only the auxiliary-task rows: the ranking run's two steps with "
+                             "mim and bpr mixed in (needs the ranking run's folder)")
     args = parser.parse_args()
     shared = [
         f"data.uri={SHARED / 'data' / 'ml-100k'}",
@@ -323,6 +419,9 @@ def main() -> None:
     cfg = load_config(args.config, shared)
     if args.ranking_only:
         ranking_table(args, shared, root, stem)
+        return
+    if args.aux_only:
+        aux_table(args, root, stem)
         return
     s1, s2 = cfg.finetune.step1, cfg.finetune.step2
     lrs = list(dict.fromkeys([s2.lr, *(args.step2_lr or [1e-3])]))
@@ -416,6 +515,7 @@ def main() -> None:
     save(f"quality-{stem}", result, markdown)
     print(markdown)
     ranking_table(args, shared, root, stem)
+    aux_table(args, root, stem)
 
 
 if __name__ == "__main__":
