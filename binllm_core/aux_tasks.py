@@ -107,18 +107,24 @@ class AuxRow:
         return listed + [i for i in (self.positive, self.negative) if i is not None]
 
 
-def train_users(samples: pl.DataFrame) -> tuple[list[UserTrain], np.ndarray]:
+def train_users(
+    samples: pl.DataFrame, titles: Mapping[int, str] | None = None
+) -> tuple[list[UserTrain], np.ndarray]:
     """Every user with a train sample (by uid) and the catalog a negative is drawn from (the
     items rated in train: the ones with a title and a code). Only ``split == "train"`` rows are
-    read; liked items are ordered by time, then sample id."""
+    read; liked items are ordered by time, then sample id, each once — and with ``titles``, each
+    title once (two items can share a title), so that a hidden title is never also shown."""
     train = samples.filter(pl.col("split") == "train").sort("uid", "timestamp", "sample_id")
     users = train.group_by("uid", maintain_order=True).agg(
         liked=pl.col("iid").filter(pl.col("label") == 1), rated=pl.col("iid")
     )
-    out = [
-        UserTrain(uid, liked, frozenset(rated))
-        for uid, liked, rated in users.select("uid", "liked", "rated").iter_rows()
-    ]
+    key = titles.__getitem__ if titles is not None else (lambda iid: iid)
+    out = []
+    for uid, liked, rated in users.select("uid", "liked", "rated").iter_rows():
+        first = {}
+        for iid in liked:
+            first.setdefault(key(iid), iid)
+        out.append(UserTrain(uid, list(first.values()), frozenset(rated)))
     return out, np.sort(train["iid"].unique().to_numpy())
 
 
@@ -152,10 +158,13 @@ BUILDERS: dict[str, Callable] = {"mim": mim_rows, "bpr": bpr_rows}
 """Task -> (user, catalog, cfg, rng) -> its rows for the user."""
 
 
-def build_rows(samples: pl.DataFrame, cfg: AuxConfig) -> list[AuxRow]:
+def build_rows(
+    samples: pl.DataFrame, cfg: AuxConfig, titles: Mapping[int, str] | None = None
+) -> list[AuxRow]:
     """The rows of every task of ``cfg.tasks``, seeded per (seed, task, uid); users with fewer
-    than ``min_positives`` train positives get none. ``bpr`` labels: a seeded half say (A)."""
-    users, catalog = train_users(samples)
+    than ``min_positives`` train positives (distinct titles, see :func:`train_users`) get none.
+    ``bpr`` labels: a seeded half say (A)."""
+    users, catalog = train_users(samples, titles)
     rows: list[AuxRow] = []
     for task in cfg.tasks:
         made = [

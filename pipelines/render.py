@@ -104,7 +104,7 @@ def _write_aux(ctx: StageContext, lookups: Lookups, modes: list[str]) -> dict[st
     cfg = ctx.cfg.prompts.aux
     columns = ["sample_id", "uid", "iid", "label", "timestamp", "split"]
     samples = pl.from_arrow(ctx.read_table("samples", "samples", columns=columns))
-    rows = build_rows(samples, cfg)
+    rows = build_rows(samples, cfg, lookups.titles)
     if not rows:
         raise StageError(
             f"no user has the {cfg.min_positives} train positives an aux row needs",
