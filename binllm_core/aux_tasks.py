@@ -20,7 +20,7 @@ public; the templates and counts here are binllm's, all in :class:`~binllm_core.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -29,10 +29,8 @@ import pyarrow as pa
 
 from binllm_core.config import AUX_PLACEHOLDERS, AUX_TASKS, AuxConfig, PromptConfig
 from binllm_core.errors import DataError
+from binllm_core.objectives import LETTERS
 from binllm_core.prompts import Lookups
-
-LETTERS = ("A", "B")
-"""The two choices of a ``bpr`` prompt, in order; the answer is one of them after a space."""
 
 AUX_SCHEMA = pa.schema(
     [
@@ -74,11 +72,21 @@ _PLACEHOLDER_RE = re.compile("|".join(re.escape(p) for p in AUX_PLACEHOLDERS))
 # ---- which items a row holds -------------------------------------------------------------------
 @dataclass(frozen=True)
 class UserTrain:
-    """A user's train interactions: liked items oldest first, and every item rated in train."""
+    """A user's train interactions: liked items oldest first, and the keys (titles, or ids) of
+    every item rated in train."""
 
     uid: int
     liked: list[int]
-    rated: frozenset[int]
+    rated: frozenset[Hashable]
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The items a ``bpr`` negative is drawn from (those rated in train: each has a title and a
+    code), one per key (title, or id), with their keys."""
+
+    iids: np.ndarray
+    keys: list[Hashable]
 
 
 @dataclass(frozen=True)
@@ -109,28 +117,34 @@ class AuxRow:
 
 def train_users(
     samples: pl.DataFrame, titles: Mapping[int, str] | None = None
-) -> tuple[list[UserTrain], np.ndarray]:
-    """Every user with a train sample (by uid) and the catalog a negative is drawn from (the
-    items rated in train: the ones with a title and a code). Only ``split == "train"`` rows are
-    read; liked items are ordered by time, then sample id, each once — and with ``titles``, each
-    title once (two items can share a title), so that a hidden title is never also shown."""
+) -> tuple[list[UserTrain], Catalog]:
+    """Every user with a train sample (by uid) and the negatives' catalog. Only
+    ``split == "train"`` rows are read; liked items are ordered by time, then sample id. Items
+    are told apart by ``titles`` when given (two items can share a title): a liked title is
+    listed once and no negative has the title of an item its user rated, so a hidden or
+    preferred title is never also shown, nor a pair two items of one title."""
     train = samples.filter(pl.col("split") == "train").sort("uid", "timestamp", "sample_id")
     users = train.group_by("uid", maintain_order=True).agg(
         liked=pl.col("iid").filter(pl.col("label") == 1), rated=pl.col("iid")
     )
-    key = titles.__getitem__ if titles is not None else (lambda iid: iid)
+    key: Callable[[int], Hashable] = titles.__getitem__ if titles is not None else int
     out = []
     for uid, liked, rated in users.select("uid", "liked", "rated").iter_rows():
-        first = {}
+        first: dict[Hashable, int] = {}
         for iid in liked:
             first.setdefault(key(iid), iid)
-        out.append(UserTrain(uid, list(first.values()), frozenset(rated)))
-    return out, np.sort(train["iid"].unique().to_numpy())
+        out.append(UserTrain(uid, list(first.values()), frozenset(map(key, rated))))
+    catalog: dict[Hashable, int] = {}
+    for iid in np.sort(train["iid"].unique().to_numpy()).tolist():
+        catalog.setdefault(key(iid), iid)
+    return out, Catalog(np.asarray(list(catalog.values())), list(catalog))
 
 
-def mim_rows(user: UserTrain, catalog: np.ndarray, cfg: AuxConfig, rng: np.random.Generator):
+def mim_rows(
+    user: UserTrain, catalog: Catalog, cfg: AuxConfig, rng: np.random.Generator
+) -> Iterator[AuxRow]:
     """Windows of consecutive liked items with ``mask_fraction`` of them (at least one, never
-    all) hidden."""
+    all) hidden (``catalog`` unused: every builder has one signature)."""
     n, width = len(user.liked), min(cfg.history_len, len(user.liked))
     masked = min(width - 1, max(1, round(cfg.mask_fraction * width)))
     for _ in range(cfg.rows_per_user):
@@ -139,23 +153,28 @@ def mim_rows(user: UserTrain, catalog: np.ndarray, cfg: AuxConfig, rng: np.rando
         yield AuxRow("mim", user.uid, user.liked[start : start + width], hide)
 
 
-def bpr_rows(user: UserTrain, catalog: np.ndarray, cfg: AuxConfig, rng: np.random.Generator):
+def bpr_rows(
+    user: UserTrain, catalog: Catalog, cfg: AuxConfig, rng: np.random.Generator
+) -> Iterator[AuxRow]:
     """A liked item after at least one other (the ``history_len`` before it are shown) against a
     catalog item the user never rated in train (none when the user rated them all)."""
-    unrated = len(catalog) - len(user.rated.intersection(catalog.tolist()))
-    if unrated == 0:
+    if len(user.rated) >= len(catalog.keys):  # the rated keys are catalog keys
         return
     for _ in range(cfg.rows_per_user):
         at = int(rng.integers(1, len(user.liked)))
-        negative = int(catalog[rng.integers(len(catalog))])
-        while negative in user.rated:
-            negative = int(catalog[rng.integers(len(catalog))])
+        pick = int(rng.integers(len(catalog.keys)))
+        while catalog.keys[pick] in user.rated:
+            pick = int(rng.integers(len(catalog.keys)))
         listed = user.liked[max(0, at - cfg.history_len) : at]
-        yield AuxRow("bpr", user.uid, listed, [], user.liked[at], negative)
+        yield AuxRow("bpr", user.uid, listed, [], user.liked[at], int(catalog.iids[pick]))
 
 
-BUILDERS: dict[str, Callable] = {"mim": mim_rows, "bpr": bpr_rows}
-"""Task -> (user, catalog, cfg, rng) -> its rows for the user."""
+Builder = Callable[[UserTrain, Catalog, AuxConfig, np.random.Generator], Iterator[AuxRow]]
+BUILDERS: dict[str, Builder] = {"mim": mim_rows, "bpr": bpr_rows}
+"""Task -> its rows for one user; a new task is an entry here and one in
+:data:`binllm_core.objectives.OBJECTIVES`."""
+LETTER_STREAM = 1_000
+"""The seed stream (next to each task's index) of the ``bpr`` letter order."""
 
 
 def build_rows(
@@ -174,7 +193,7 @@ def build_rows(
             for row in BUILDERS[task](user, catalog, cfg, _rng(cfg.seed, task, user.uid))
         ]
         if task == "bpr":
-            order = np.random.default_rng([cfg.seed, len(AUX_TASKS)]).permutation(len(made))
+            order = np.random.default_rng([cfg.seed, LETTER_STREAM]).permutation(len(made))
             made = [replace(r, label=int(k % 2 == 0)) for r, k in zip(made, order, strict=True)]
         rows += made
     return rows
@@ -211,8 +230,8 @@ def render_rows(
     out: dict[str, list] = {n: [] for n in AUX_SCHEMA.names}
     for mode in modes:
         codes = mode != "text"
+        item = _item_writer(lookups, mode, templates.mask_word)
         for aux_id, row in enumerate(rows):
-            item = _item_writer(lookups, mode, templates.mask_word)
             masked = set(row.mask_at)
             listed = [None if k in masked else i for k, i in enumerate(row.listed)]
             values = {"<ItemTitleList>": ", ".join(map(item, listed))}

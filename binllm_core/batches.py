@@ -89,8 +89,8 @@ def collate(
     max_length: int,
     cut: PrefixCut | None = None,
 ) -> Batch:
-    """Prompts (and their 0/1 labels) as one batch: the only way training batches are built.
-    With a prefix ``cut``, prompts that share their prefix tokens form groups whose prefix runs
+    """Prompts (and their 0/1 labels) as one batch, as the recommendation task trains. With a
+    prefix ``cut``, prompts that share their prefix tokens form groups whose prefix runs
     once, and every other prompt is a group of one (its prefix and suffix run as two pieces of
     one sequence, so a group of one pads little next to short suffixes); the rows and labels
     then follow the groups (see :meth:`SharedPrefixBatch.build`)."""
@@ -111,7 +111,6 @@ class TargetBatch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     targets: torch.Tensor
-    labels: None = None
 
     @property
     def n_tokens(self) -> int:
@@ -141,8 +140,9 @@ class TargetBatch:
 def with_targets(
     tokenizer: Any, prompts: Sequence[str], answers: Sequence[str], max_length: int
 ) -> TargetBatch:
-    """Prompts and the answers they should be followed by, as one :class:`TargetBatch`; each
-    sequence keeps its whole answer and loses the beginning of its prompt past ``max_length``."""
+    """Prompts and the answers they should be followed by, as one :class:`TargetBatch`: each
+    sequence keeps its answer (its last ``max_length - 1`` tokens when longer) and loses the
+    beginning of its prompt past ``max_length``."""
     answer_ids = tokenize(tokenizer, answers, max_length - 1)
     rows, width = [], max(map(len, answer_ids))
     for head, answer in zip(tokenize(tokenizer, prompts, max_length), answer_ids, strict=True):

@@ -229,15 +229,6 @@ class EncoderConfig(Section):
     """Ray Train workers."""
     use_gpu: bool = resource(False)
     """Train on GPUs (one per worker)."""
-    aux: dict[str, float] = field(default_factory=dict)
-    """Share of each tuning step's training sequences given to an auxiliary task that
-    ``prompts.aux.tasks`` renders, e.g. ``{mim: 0.25, bpr: 0.25}``; the recommendation task gets
-    the rest, so a step's budget (steps x batch) is the same with or without them. A micro-batch
-    holds one task; the tasks take turns by smooth weighted round-robin (exact shares, no
-    randomness), each in the step's prompt mode. Empty: recommendation prompts only."""
-    aux_steps: list[str] = field(default_factory=lambda: ["step1", "step2"])
-    """The tuning steps that mix in ``aux`` (``one_step`` and ``text_only`` have only
-    ``step1``)."""
     max_failures: int = resource(2)
     """How many worker failures Ray Train recovers from (from the last checkpoint)."""
     checkpoint_every: int = resource(10)
@@ -495,9 +486,11 @@ class FinetuneConfig(Section):
     aux: dict[str, float] = field(default_factory=dict)
     """Share of each tuning step's training sequences given to an auxiliary task that
     ``prompts.aux.tasks`` renders, e.g. ``{mim: 0.25, bpr: 0.25}``; the recommendation task gets
-    the rest, so a step's budget (steps x batch) is the same with or without them. A micro-batch
-    holds one task; the tasks take turns by smooth weighted round-robin (exact shares, no
-    randomness), each in the step's prompt mode. Empty: recommendation prompts only."""
+    the rest, so a step's budget (steps x batch) is the same with or without them (a step
+    bounded by ``epochs`` makes fewer passes over the recommendation prompts). A micro-batch
+    holds one task; the tasks take turns by smooth weighted round-robin (exact shares within
+    one micro-batch, no randomness; a run resumed after a failure starts the turns afresh),
+    each in the step's prompt mode. Empty: recommendation prompts only."""
     aux_steps: list[str] = field(default_factory=lambda: ["step1", "step2"])
     """The tuning steps that mix in ``aux`` (``one_step`` and ``text_only`` have only
     ``step1``)."""
@@ -738,6 +731,14 @@ class RunConfig(Section):
                 where,
                 f"add {unrendered[0]} to prompts.aux.tasks or drop it from finetune.aux",
             )
+        aux = self.prompts.aux
+        for name in ("mim_template", "bpr_template"):
+            if "text" in self.prompts.modes and "<UserID>" in getattr(aux, name):
+                raise ConfigError(
+                    f"prompts.aux.{name} has <UserID>, which text prompts have no code for",
+                    where,
+                    "drop <UserID> or render code modes only (prompts.modes)",
+                )
         if self.retrieve.top_n and self.rerank.top_n > self.retrieve.top_n:
             raise ConfigError(
                 f"rerank.top_n = {self.rerank.top_n} is more than the "

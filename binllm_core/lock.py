@@ -32,9 +32,7 @@ class LockedError(StageError):
 class WriterLock:
     """Context manager: hold the lock at ``path`` of ``fs`` for the ``what`` being written."""
 
-    def __init__(
-        self, fs: Any, path: str, what: str, log: Callable[[str], None] = print
-    ) -> None:
+    def __init__(self, fs: Any, path: str, what: str, log: Callable[[str], None] = print) -> None:
         self.fs, self.path, self.what, self.log = fs, path, what, log
         self.token = uuid.uuid4().hex
         self.held = False
@@ -52,8 +50,9 @@ class WriterLock:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in
-                                enumerate(sys.argv))[:300],
+            "command": " ".join(
+                os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)
+            )[:300],
             "token": self.token,
         }
 

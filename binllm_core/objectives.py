@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from binllm_core.recommender import AnswerModel
 
 REC = "rec"
+LETTERS = ("A", "B")
+"""The two choices of a ``bpr`` prompt, in order; the answer is one of them after a space."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class Examples:
 
     task: str
     prompts: Sequence[str]
-    labels: Sequence[int] = ()
+    labels: Sequence[int] = field(default_factory=tuple)
     answers: Sequence[str] = field(default_factory=tuple)
 
     def __len__(self) -> int:

@@ -22,11 +22,10 @@ from typing import Any
 
 import torch
 
-from binllm_core.aux_tasks import LETTERS
 from binllm_core.batches import Batch, TargetBatch
 from binllm_core.config import FinetuneConfig, ModelConfig
 from binllm_core.llm import AnswerScore, LanguageModel, answer_token_id, load_language_model
-from binllm_core.objectives import OBJECTIVES, REC
+from binllm_core.objectives import LETTERS, OBJECTIVES, REC
 
 EXTRA_MODULES = "extra_modules.safetensors"
 """Where :meth:`LLMRecommender.save` writes the extra trainable modules, next to the adapter."""
@@ -44,7 +43,7 @@ class AnswerModel(torch.nn.Module):
         self.extra = torch.nn.ModuleDict()
         self.answer = answer
         self.letters = letters
-        """Token ids of the two choices of a ``bpr`` prompt (:data:`aux_tasks.LETTERS`)."""
+        """Token ids of the two choices of a ``bpr`` prompt (:data:`objectives.LETTERS`)."""
         self.config = net.config
         """The base LM's config (the layer kinds of a key/value cache)."""
 

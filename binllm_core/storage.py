@@ -186,8 +186,9 @@ def read_published(
     names = [t for t, v in manifest["tables"].items() if v.get("schema")]
     name = table or (names[0] if len(names) == 1 else "")
     if not name:
-        raise StageError(f"{to_uri(fs, target)} holds several tables ({', '.join(names)})",
-                         todo="name one")
+        raise StageError(
+            f"{to_uri(fs, target)} holds several tables ({', '.join(names)})", todo="name one"
+        )
     return read_parquet(fs, table_folder(target, manifest, name), columns)
 
 

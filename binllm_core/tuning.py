@@ -321,7 +321,7 @@ class TaskRows:
 
 
 def shuffled_batches(
-    rows: TaskRows, batch_size: int, seed: int, task: str = REC
+    rows: TaskRows, batch_size: int, seed: int | str, task: str = REC
 ) -> Iterator[Examples]:
     """Endless shuffled micro-batches (a fresh permutation every epoch; the last partial batch
     is dropped, as with ``drop_last``)."""
@@ -359,9 +359,11 @@ def micro_batches(
     if not aux:
         return rec
     shares = dict(shares or {})
+    if set(shares) != set(aux):
+        raise ValueError(f"aux rows of {sorted(aux)} for the shares of {sorted(shares)}")
     streams = {REC: rec}
-    for offset, (task, task_rows) in enumerate(sorted(aux.items()), start=1):
-        streams[task] = shuffled_batches(task_rows, batch_size, seed + offset, task)
+    for task, task_rows in sorted(aux.items()):
+        streams[task] = shuffled_batches(task_rows, batch_size, f"{seed}/{task}", task)
     return interleave(streams, {REC: 1.0 - sum(shares.values()), **shares})
 
 
@@ -382,7 +384,7 @@ def interleave(
 
 
 def _batches(
-    groups: list[list[int]], rows: TaskRows, batch_size: int, seed: int, task: str
+    groups: list[list[int]], rows: TaskRows, batch_size: int, seed: int | str, task: str
 ) -> Iterator[Examples]:
     if len(rows) < batch_size:
         raise ValueError(f"{len(rows)} train {task} rows are fewer than one batch of {batch_size}")

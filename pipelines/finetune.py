@@ -53,6 +53,8 @@ from pipelines.stage import StageContext
 FAULT_POINT = "finetune-step"
 EVAL_COLUMNS = ["prompt", "label", "uid"]
 AUX_COLUMNS = ["task", "prompt", "label", "answer"]
+"""What a worker reads of the ``aux`` rows."""
+TASKS = (REC, *AUX_TASKS)
 
 
 @dataclass(frozen=True)
@@ -164,11 +166,12 @@ EVALS_SCHEMA = pa.schema(
         ("uauc", pa.float64()),
         ("train_loss", pa.float64()),
         ("lr", pa.float64()),
-        *[(f"loss_{task}", pa.float64()) for task in (REC, *AUX_TASKS)],
+        *[(f"loss_{task}", pa.float64()) for task in TASKS],
     ]
 )
-"""``train_loss``: the mean micro-batch loss since the previous evaluation; ``loss_{task}``:
-that of each task (null when the step did not train it)."""
+"""``train_loss``: the mean loss of rank 0's micro-batches since the previous evaluation (with
+aux tasks a mix of BCE and token cross-entropy, not comparable with a run without them);
+``loss_{task}``: that of each task (null when the step did not train it)."""
 
 
 def _aux_rows(ctx: StageContext, steps: list[TuneStep]) -> pa.Table | None:
@@ -260,13 +263,11 @@ def _trainer(
     train = _rows(ctx, step.mode, "train", train_ids).random_shuffle(seed=cfg.seed).materialize()
     valid = _rows(ctx, step.mode, "valid", valid_ids)
     datasets = {"train": train, "valid": valid}
-    if step.aux:
+    for task in step.aux:  # one dataset per task: each worker gets its share of every task
         assert aux is not None
-        mine = pc.and_(
-            pc.equal(aux["mode"], step.mode), pc.is_in(aux["task"], pa.array(list(step.aux)))
-        )
-        rows = aux.filter(mine).select(AUX_COLUMNS)
-        datasets["aux"] = ray.data.from_arrow(rows).random_shuffle(seed=cfg.seed).materialize()
+        mine = pc.and_(pc.equal(aux["mode"], step.mode), pc.equal(aux["task"], task))
+        rows = ray.data.from_arrow(aux.filter(mine).select(AUX_COLUMNS))
+        datasets[f"aux_{task}"] = rows.random_shuffle(seed=cfg.seed).materialize()
     loop_config = {
         "finetune": cfg,
         "step": step.cfg,
@@ -369,11 +370,11 @@ def train_loop(config: dict[str, Any]) -> None:
         run.setup(start_from=config["init_adapter"])
     rec.forward_net = ray.train.torch.prepare_model(rec.model)
     if rank != 0:  # rank 0 carries the totals of the checkpoint; the others count from zero
-        run.state.sequences = run.state.tokens = 0
+        _set_counters(run, [0] * len(_counters(run)))
     valid = _eval_slice(rank, world)
     gather = _gather(world) if world > 1 else None
     rows = _shard_rows()
-    aux = _aux_shard() if config["aux"] else None
+    aux = {task: _aux_shard(task) for task in config["aux"]}
     group_by = run.prefix_cut if ft.batch_by_prefix else None
     seed = ft.seed + rank
     stream = micro_batches(rows, step_cfg.batch_size, seed, group_by, aux, config["aux"])
@@ -411,17 +412,14 @@ def _shard_rows() -> TaskRows:
     return rows
 
 
-def _aux_shard() -> dict[str, TaskRows]:
-    """This worker's shard of the auxiliary rows, per task (prompts, labels, answers)."""
-    tasks: dict[str, TaskRows] = {}
-    for batch in ray.train.get_dataset_shard("aux").iter_batches(batch_format="pyarrow"):
-        columns = (batch[c].to_pylist() for c in AUX_COLUMNS)
-        for task, prompt, label, answer in zip(*columns, strict=True):
-            rows = tasks.setdefault(task, TaskRows([], [], []))
-            rows.prompts.append(prompt)
-            rows.labels.append(label)
-            rows.answers.append(answer)
-    return tasks
+def _aux_shard(task: str) -> TaskRows:
+    """This worker's shard of one auxiliary task's rows (prompts, labels, answers)."""
+    rows = TaskRows([], [], [])
+    for batch in ray.train.get_dataset_shard(f"aux_{task}").iter_batches(batch_format="pyarrow"):
+        rows.prompts += batch["prompt"].to_pylist()
+        rows.labels += batch["label"].to_pylist()
+        rows.answers += batch["answer"].to_pylist()
+    return rows
 
 
 def _eval_slice(rank: int, world: int) -> EvalSet:
@@ -450,20 +448,31 @@ def _peak_rss_mb() -> float:
     return round(peak, 1)
 
 
+def _counters(run: TuningRun) -> list[int]:
+    """The counters a checkpoint sums over workers: sequences, tokens, sequences per task."""
+    s = run.state
+    return [s.sequences, s.tokens, *(s.task_sequences.get(t, 0) for t in TASKS)]
+
+
+def _set_counters(run: TuningRun, values: list[float]) -> None:
+    s = run.state
+    s.sequences, s.tokens = int(values[0]), int(values[1])
+    s.task_sequences = {t: int(v) for t, v in zip(TASKS, values[2:], strict=True) if v}
+
+
 def _report(run: TuningRun, record: dict[str, Any], device: Any) -> None:
     """Every worker reports (it is a barrier); rank 0 attaches the checkpoint, whose counters
     are the sums over all workers."""
     metrics = {k: v for k, v in record.items() if isinstance(v, int | float)}
     if run.rank != 0:
-        _all_sum([run.state.sequences, run.state.tokens], device)
+        _all_sum(_counters(run), device)
         ray.train.report(metrics)
         return
-    local = run.state.sequences, run.state.tokens
-    totals = _all_sum(list(local), device)
-    run.state.sequences, run.state.tokens = int(totals[0]), int(totals[1])
+    local = _counters(run)
+    _set_counters(run, _all_sum(local, device))
     run.state.peak_rss_mb = _peak_rss_mb()
     folder = run.workdir / f"ckpt-{run.state.step}"
     run.save_checkpoint(folder)
-    run.state.sequences, run.state.tokens = local
+    _set_counters(run, local)
     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)))
     shutil.rmtree(folder, ignore_errors=True)

@@ -15,7 +15,8 @@ import torch
 from binllm_core.metrics import auc
 from binllm_core.recommender import LLMRecommender
 from binllm_core.scoring import Scorer
-from binllm_core.storage import MANIFEST
+from binllm_core.storage import MANIFEST, read_output
+from binllm_core.tuning import interleave
 from pipelines.finetune import FAULT_POINT
 from pipelines.stage import run_stage
 from tests.pipelines.test_render import fake_upstream, make_cfg, read_prompts, stage
@@ -90,3 +91,51 @@ def test_init_adapter_that_is_not_an_adapter_is_one_line(tmp_path: Path, ray_ses
         run_stage(cfg, stage("finetune"))
     assert "\n" not in str(err.value)
     assert not (tmp_path / "t" / "finetune" / MANIFEST).exists()
+
+
+def test_aux_tasks_train_by_their_shares_on_two_workers(tmp_path: Path, ray_session) -> None:
+    cfg = make_cfg(
+        tmp_path,
+        "finetune.strategy=text_only",
+        "finetune.num_workers=2",
+        "finetune.eval_every=6",
+        "finetune.max_length=256",
+        "finetune.step1={lr: 1.0e-2, warmup_steps: 2, batch_size: 4, max_steps: 12}",
+        "prompts.modes=[text,binary]",
+        "prompts.aux={tasks: [mim, bpr], rows_per_user: 4, history_len: 5}",
+        "finetune.aux={mim: 0.25, bpr: 0.25}",
+    )
+    fake_upstream(cfg)
+    aux = run_stage(cfg, stage("render"))["metrics"]["aux"]
+    assert aux["rows_per_task"] == {"bpr": 80, "mim": 80} and aux["users_per_task"]["bpr"] == 20
+    assert aux["tokens"]["mim"]["binary"]["mean"] > aux["tokens"]["mim"]["text"]["mean"] > 0
+
+    # Every listed, hidden or preferred item is a train positive of the row's user.
+    rows = read_output(str(tmp_path / "t" / "render"), "aux").to_pylist()
+    samples = read_output(str(tmp_path / "t" / "samples"), "samples").to_pylist()
+    liked = {(s["uid"], s["iid"]) for s in samples if s["split"] == "train" and s["label"]}
+    assert {r["task"] for r in rows} == {"mim", "bpr"} and {r["mode"] for r in rows} == {
+        "text",
+        "binary",
+    }
+    for row in rows:
+        used = [*row["hidden"], *(i for i in row["shown"] if i != row["negative"])]
+        assert all((row["uid"], i) in liked for i in used)
+
+    # Each of the two workers trains 12 micro-batches of 4: half rec, a quarter each aux task.
+    step1 = run_stage(cfg, stage("finetune"))["metrics"]["steps"]["step1"]
+    assert step1["task_sequences"] == {"rec": 48, "mim": 24, "bpr": 24}
+    assert step1["sequences"] == 96 and step1["aux"] == {"mim": 0.25, "bpr": 0.25}
+    evals = read_output(str(tmp_path / "t" / "finetune"), "evals").to_pylist()
+    assert [e["step"] for e in evals] == [6, 12]
+    # train_loss: the mean over rank 0's micro-batches since the last evaluation, whose tasks
+    # are the turns of the shares.
+    turns = interleave(
+        {t: iter(lambda t=t: t, None) for t in ("rec", "bpr", "mim")},
+        {"rec": 0.5, "bpr": 0.25, "mim": 0.25},
+    )
+    for record in evals:
+        window = [next(turns) for _ in range(6)]
+        mean = sum(record[f"loss_{t}"] for t in window) / 6
+        assert record["train_loss"] == pytest.approx(mean, rel=1e-6)
+        assert record["loss_mim"] > record["loss_bpr"] > 0 and record["loss_rec"] > 0
