@@ -36,6 +36,8 @@ SplitKind = Literal["per_user", "global", "months", "months_then_halves"]
 Split = Literal["train", "valid", "test"]
 
 MONTH = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
+PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+"""A run name: one folder name (no separator, not ``.`` or ``..``, no leading dot)."""
 MONTH_FIELDS = ("train_months", "valid_months", "test_months", "holdout_months")
 SPLIT_MONTHS: dict[str, tuple[str, ...]] = {
     "months": ("train_months", "valid_months", "test_months"),
@@ -686,7 +688,8 @@ class RunConfig(Section):
     """A whole pipeline run: where outputs go and the configuration of each stage."""
 
     run_name: str = "ml100k"
-    """Name of the run; outputs land under ``{output_root}/{run_name}/{stage}/``."""
+    """Name of the run, a plain folder name (letters, digits, ``.``, ``_``, ``-``; not starting
+    with a dot); outputs land under ``{output_root}/{run_name}/{stage}/``."""
     output_root: str = "runs"
     """fsspec URI under which runs are written (local path or ``s3://``)."""
     output_storage_options: dict[str, Any] = field(default_factory=dict)
@@ -717,6 +720,13 @@ class RunConfig(Section):
     def check(self, key: str, where: str = "") -> None:
         """The rules between sections (each section checks its own fields when it is built)."""
         _signs(self, key, where, positive="keep_versions")
+        if not PLAIN_NAME.match(self.run_name):
+            raise ConfigError(
+                f"run_name {self.run_name!r} is not a plain name",
+                where,
+                "use letters, digits, '.', '_' and '-' (no '/', not starting with '.'); "
+                "choose where runs go with output_root",
+            )
         unrendered = [m for m in self.score.modes if m not in self.prompts.modes]
         if unrendered:
             raise ConfigError(
