@@ -47,7 +47,11 @@ def _add_run_ref(parser: argparse.ArgumentParser, positional: bool = False) -> N
     else:
         parser.add_argument("--run", required=True, help=what)
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config key, e.g. --set score.unknown=skip (repeatable)",
     )
 
@@ -55,11 +59,13 @@ def _add_run_ref(parser: argparse.ArgumentParser, positional: bool = False) -> N
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     _add_run_ref(parser)
     parser.add_argument(
-        "--input", required=True,
+        "--input",
+        required=True,
         help="Parquet file or folder with string columns user and item (source ids)",
     )
     parser.add_argument(
-        "--output", default="",
+        "--output",
+        default="",
         help="output folder URI: new, empty, or an earlier binllm score output "
         "(default: {run}/pairs/{input name})",
     )
@@ -70,7 +76,8 @@ def add_recommend_arguments(parser: argparse.ArgumentParser) -> None:
     _add_users(parser)
     parser.add_argument("--k", type=int, default=10, help="items per user (default 10)")
     parser.add_argument(
-        "--output", default="",
+        "--output",
+        default="",
         help="output folder URI: new, empty, or an earlier binllm recommend output "
         "(default: {run}/recommendations/{users name, or all})",
     )
@@ -78,7 +85,8 @@ def add_recommend_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_users(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--users", default="",
+        "--users",
+        default="",
         help="Parquet file or folder with a string column user (source ids); default: every "
         "user of the run",
     )
@@ -87,18 +95,21 @@ def _add_users(parser: argparse.ArgumentParser) -> None:
 def add_nightly_arguments(parser: argparse.ArgumentParser) -> None:
     _add_run_ref(parser)
     parser.add_argument(
-        "--candidates", default="",
+        "--candidates",
+        default="",
         help="Parquet file or folder of (user, item) candidates to score",
     )
     parser.add_argument(
-        "--topk", type=int, default=0,
-        help="instead of candidates: the top K items per user into "
-        "RUN/recommendations/date=DATE/",
+        "--topk",
+        type=int,
+        default=0,
+        help="instead of candidates: the top K items per user into RUN/recommendations/date=DATE/",
     )
     _add_users(parser)
     parser.add_argument("--date", default="", help="partition date YYYY-MM-DD (default: today)")
     parser.add_argument(
-        "--incremental", action="store_true",
+        "--incremental",
+        action="store_true",
         help="carry over pairs already scored with the same model and adapter",
     )
 
@@ -107,16 +118,22 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="YAML config, e.g. configs/ml100k.yaml")
     parser.add_argument("--config", dest="config_option", help="the same, as an option")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config key, e.g. --set data.uri=../shared/data/ml-100k (repeatable)",
     )
     parser.add_argument("--stages", default="", help="comma-separated stages (default: all)")
     parser.add_argument(
-        "--force", action="store_true",
+        "--force",
+        action="store_true",
         help="redo the stages from scratch, training checkpoints included",
     )
     parser.add_argument(
-        "--dry-run", action="store_true",
+        "--dry-run",
+        action="store_true",
         help="print what each stage would do (done / stale / missing, and why); run nothing",
     )
 
@@ -153,7 +170,7 @@ def print_status(cfg: Any) -> None:
 def status_command(args: argparse.Namespace) -> None:
     from pipelines.runs import open_run
 
-    print_status(open_run(args.run, args.overrides))
+    print_status(open_run(args.run, args.overrides, trained=False))
 
 
 def score_command(args: argparse.Namespace) -> None:

@@ -19,14 +19,23 @@ RUN_STAGES = ("ingest", "samples", "encode", "retrieve", "render", "finetune", "
 """Stages whose manifests hold the config sections a scoring run needs."""
 
 
-def open_run(ref: str, overrides: list[str] | None = None) -> RunConfig:
-    """The config of a trained run: a YAML config file, or a run folder whose stage manifests
-    hold the config sections they ran with (``--set`` overrides either)."""
+def open_run(ref: str, overrides: list[str] | None = None, trained: bool = True) -> RunConfig:
+    """The config of a run: a YAML config file, or a run folder whose stage manifests hold the
+    config sections they ran with (``--set`` overrides either). With ``trained`` (scoring,
+    nightly, top-K lists), the run must have a finished render stage: checked before anything
+    starts or is written."""
     if ref.endswith((".yaml", ".yml")):
-        return load_config(ref, overrides)
+        cfg = load_config(ref, overrides)
+        if trained:
+            ctx = StageContext.open(cfg, "render")
+            if not _rendered(ctx.fs, ctx.stage_path()):
+                raise ConfigError(
+                    f"the run of {ref} ({ctx.uri(ctx.run_path)}) has no finished render stage",
+                    todo=f"run it first: binllm run {ref}; or give the run's folder",
+                )
+        return cfg
     fs, path = resolve(ref)
-    render = read_manifest(fs, f"{path}/render")
-    if render is None or render.get("layout") != LAYOUT:
+    if not _rendered(fs, f"{path}/render"):
         raise ConfigError(
             f"{ref} is neither a YAML config nor a run folder with a finished render stage",
             todo="give configs/NAME.yaml or {output_root}/{run_name}",
@@ -41,6 +50,11 @@ def open_run(ref: str, overrides: list[str] | None = None) -> RunConfig:
     for item in overrides or []:
         apply_override(raw, item)
     return build(RunConfig, raw, ref)
+
+
+def _rendered(fs: Any, render_path: str) -> bool:
+    manifest = read_manifest(fs, render_path)
+    return manifest is not None and manifest.get("layout") == LAYOUT
 
 
 def load_lookups(ctx: StageContext, mode: str) -> RunLookups:

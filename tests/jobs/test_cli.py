@@ -8,6 +8,7 @@ import pytest
 
 from binllm_core.errors import DataError, find_user_error
 from jobs.cli import main
+from tests.jobs.fake_run import publish_stage
 
 
 def test_unknown_key_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture):
@@ -37,10 +38,22 @@ def test_user_error_is_found_behind_wrapping_exceptions():
 def test_recommend_k_beyond_the_reranked_candidates_is_one_line_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ):
+    publish_stage(tmp_path / "tiny", "render", {})
     run = ["--run", "configs/tiny.yaml", "--set", f"output_root={tmp_path}"]
     assert main(["recommend", *run, "--k", "50"]) == 2
     err = capsys.readouterr().err
     assert "--k 50 is more than the rerank.top_n = 5 candidates" in err and "\n" == err[-1]
     assert main(["nightly", *run, "--topk", "0"]) == 2  # 0 means no --topk: candidates needed
     assert main(["nightly", *run, "--topk", "9", "--date", "2026-11-23"]) == 2
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in (tmp_path / "tiny").iterdir()] == ["render"]
+
+
+@pytest.mark.parametrize("command", [["score", "--input", "x.parquet"], ["recommend"]])
+def test_a_run_that_was_never_run_is_one_line_and_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture, command: list[str]
+):
+    run = ["--run", "configs/tiny.yaml", "--set", f"output_root={tmp_path / 'runs'}"]
+    assert main([command[0], *run, *command[1:]]) == 2
+    err = capsys.readouterr().err
+    assert "has no finished render stage; run it first: binllm run configs/tiny.yaml" in err
+    assert err.count("\n") == 1 and list(tmp_path.iterdir()) == []
