@@ -88,6 +88,39 @@ def resolve_source(cfg: ModelConfig) -> Source:
     raise _missing(name)
 
 
+GGUF_MAGIC = b"GGUF"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def check_backbone(cfg: ModelConfig) -> Source:
+    """Where the weights come from, checked without loading them: a ``.gguf`` file starts with
+    the GGUF magic bytes, a folder holds ``config.json`` and a tokenizer file. A one-line
+    :class:`ConfigError` otherwise, so that a run stops before any stage, not at render."""
+    source = resolve_source(cfg)
+    if source.kind == "gguf":
+        path = Path(source.path, source.gguf_file)
+        with path.open("rb") as handle:
+            head = handle.read(len(GGUF_MAGIC))
+        if head != GGUF_MAGIC:
+            raise ConfigError(
+                f"model.backbone {path} is not a GGUF file (it starts with {head!r})",
+                todo="give a .gguf model file, a model folder, a hub id org/name, or tiny",
+            )
+    elif source.kind == "folder":
+        folder = Path(source.path)
+        lacking = [] if (folder / "config.json").is_file() else ["config.json"]
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            lacking.append(f"tokenizer file ({', '.join(TOKENIZER_FILES)})")
+        if lacking:
+            raise ConfigError(
+                f"model.backbone {folder} is not a model folder: "
+                f"it has no {' and no '.join(lacking)}",
+                todo="give a folder written by save_pretrained (model and tokenizer), a .gguf "
+                "file, a hub id org/name, or tiny",
+            )
+    return source
+
+
 def _missing(name: str) -> ConfigError:
     return ConfigError(
         f"model.backbone {name} is not there",

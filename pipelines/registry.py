@@ -9,6 +9,7 @@ from binllm_core.codes import CODE_MODES
 from binllm_core.config import RunConfig
 from binllm_core.errors import ConfigError, StageError
 from binllm_core.lineage import folder_identity, model_identity, source_identity
+from binllm_core.llm import check_backbone
 from binllm_core.lock import LOCK, WriterLock
 from binllm_core.storage import join, resolve, to_uri
 from pipelines import encode, evaluate, finetune, ingest, render, rerank, retrieve, samples, score
@@ -116,8 +117,6 @@ def run_folder(cfg: RunConfig) -> tuple[Any, str]:
 def check_run_folder(cfg: RunConfig) -> None:
     """The run folder must be new, empty, or binllm's own: binllm never writes into (or prunes
     in) a folder of someone else's files."""
-    if "/" in cfg.run_name or cfg.run_name in ("", ".", ".."):
-        raise ConfigError(f"run_name {cfg.run_name!r} is not a plain name", todo="use e.g. ml100k")
     fs, path = run_folder(cfg)
     if not fs.exists(path):
         return
@@ -150,6 +149,8 @@ def run_pipeline(
 
     stages = select(names, cfg)
     check_run_folder(cfg)
+    if any("model" in stage.sections for stage in stages):
+        check_backbone(cfg.model)
     manifests = {}
     with run_lock(cfg, log):
         ensure_ray()

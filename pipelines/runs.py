@@ -12,6 +12,7 @@ from binllm_core.candidates import RunLookups, build_lookups
 from binllm_core.codes import CODE_MODES
 from binllm_core.config import RunConfig, apply_override, build, load_config
 from binllm_core.errors import ConfigError
+from binllm_core.llm import check_backbone
 from binllm_core.storage import LAYOUT, join, read_manifest, resolve, to_uri
 from pipelines.stage import StageContext
 
@@ -27,6 +28,7 @@ def open_run(ref: str, overrides: list[str] | None = None, trained: bool = True)
     if ref.endswith((".yaml", ".yml")):
         cfg = load_config(ref, overrides)
         if trained:
+            check_backbone(cfg.model)
             ctx = StageContext.open(cfg, "render")
             if not _rendered(ctx.fs, ctx.stage_path()):
                 raise ConfigError(
@@ -49,7 +51,10 @@ def open_run(ref: str, overrides: list[str] | None = None, trained: bool = True)
     raw.update(run_name=name, output_root=to_uri(fs, parent or "/"))
     for item in overrides or []:
         apply_override(raw, item)
-    return build(RunConfig, raw, ref)
+    cfg = build(RunConfig, raw, ref)
+    if trained:
+        check_backbone(cfg.model)
+    return cfg
 
 
 def _rendered(fs: Any, render_path: str) -> bool:

@@ -57,3 +57,30 @@ def test_a_run_that_was_never_run_is_one_line_and_creates_nothing(
     err = capsys.readouterr().err
     assert "has no finished render stage; run it first: binllm run configs/tiny.yaml" in err
     assert err.count("\n") == 1 and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda d: str(d / "nowhere"), "is not there"),
+        (
+            lambda d: (d / "m.gguf").write_bytes(b"PK\x03\x04zip") and str(d / "m.gguf"),
+            "is not a GGUF file (it starts with b'PK\\x03\\x04')",
+        ),
+        (
+            lambda d: (d / "notes.txt").write_text("x") and str(d),
+            "is not a model folder: it has no config.json and no tokenizer file",
+        ),
+    ],
+    ids=["missing", "not-gguf", "not-a-model-folder"],
+)
+def test_a_bad_model_path_stops_the_run_before_any_stage(
+    tmp_path: Path, capsys: pytest.CaptureFixture, make, needle: str
+):
+    model = tmp_path / "model"
+    model.mkdir()
+    sets = ["--set", f"output_root={tmp_path / 'runs'}", "--set", f"model.backbone={make(model)}"]
+    assert main(["run", "configs/tiny.yaml", *sets]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
+    assert not (tmp_path / "runs" / "tiny" / "ingest").exists()  # found before ingest ran
