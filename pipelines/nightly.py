@@ -81,7 +81,7 @@ def run_nightly(
             )
         )
         out, stats = score_pairs(cfg, pairs, candidates_uri, carry)
-        write_dataset(publication, out, "scores")
+        write_dataset(publication, out, "scores", schema=CANDIDATE_SCORES_SCHEMA)
         manifest = {
             "date": date,
             "candidates": candidates_uri,

@@ -238,7 +238,7 @@ def score_candidates(
     with publishing(fs, target, PAIRS, protected, log) as publication:
         log(f"[binllm] score: {pairs.num_rows:,} candidates from {input_uri}")
         out, stats = score_pairs(cfg, pairs, input_uri)
-        write_dataset(publication, out, "scores")
+        write_dataset(publication, out, "scores", schema=CANDIDATE_SCORES_SCHEMA)
         manifest = {"input": input_uri, **manifest_base(cfg), "metrics": stats}
         manifest = publication.publish(
             {**manifest, "path": to_uri(fs, target)}, keep=cfg.keep_versions

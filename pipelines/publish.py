@@ -29,15 +29,16 @@ def write_dataset(
     ds: ray.data.Dataset,
     table: str,
     part: Mapping[str, str] | None = None,
+    schema: pa.Schema | None = None,
 ) -> None:
     """``ds`` as ``table`` (or its partition ``part``) of the new version; an empty dataset as
-    an empty, typed file."""
+    an empty, typed file: of ``schema`` when given (a dataset mapped from no rows has lost its
+    own), else of the dataset's."""
     path = partition_path(publication.table_path(table), part)
     fs = publication.fs
     ds.write_parquet(path, filesystem=arrow_filesystem(fs))
     if not parquet_files(fs, path):
-        schema = ds.schema()
-        arrow_schema = getattr(schema, "base_schema", None) or pa.schema([])
+        arrow_schema = schema or getattr(ds.schema(), "base_schema", None) or pa.schema([])
         write_parquet(fs, path, arrow_schema.empty_table())
 
 

@@ -174,7 +174,7 @@ def recommend(
     with publishing(fs, target, RECOMMENDATIONS, protected, log) as publication:
         log(f"[binllm] recommend: top {k} for {len(users) if users else 'every'} user(s)")
         out, stats = recommend_lists(cfg, users, k, users_uri or "all users")
-        write_dataset(publication, out, RECOMMENDATIONS)
+        write_dataset(publication, out, RECOMMENDATIONS, schema=RECOMMENDATIONS_SCHEMA)
         manifest = {"users": users_uri or "all", **manifest_base(cfg), "metrics": stats}
         manifest = publication.publish(
             {**manifest, "path": to_uri(fs, target)}, keep=cfg.keep_versions
@@ -199,7 +199,7 @@ def nightly_topk(
     with publishing(ctx.fs, target, RECOMMENDATIONS, [], log) as publication:
         log(f"[binllm] nightly {date}: top {k} for {len(users) if users else 'every'} user(s)")
         out, stats = recommend_lists(cfg, users, k, users_uri or "all users")
-        write_dataset(publication, out, RECOMMENDATIONS)
+        write_dataset(publication, out, RECOMMENDATIONS, schema=RECOMMENDATIONS_SCHEMA)
         manifest = {
             "date": date,
             "users": users_uri or "all",

@@ -7,12 +7,16 @@ import json
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from binllm_core import storage
 from binllm_core.errors import DataError
 from binllm_core.lock import LockedError, WriterLock
+from binllm_core.storage import read_output
 from pipelines import nightly as scoring
+from pipelines.pair_scoring import CANDIDATE_SCORES_SCHEMA, score_candidates
 from tests.jobs.fake_run import candidates, fake_run
 
 pytestmark = pytest.mark.slow  # scoring actor pools
@@ -104,3 +108,19 @@ def test_skip_policy_and_bad_date(tmp_path: Path, ray_session):
     assert got.height + out["metrics"]["skipped_rows"] == 18
     with pytest.raises(Exception, match="YYYY-MM-DD"):
         scoring.run_nightly(cfg, str(cands), "22/11/2026", log=lambda _: None)
+    with pytest.raises(Exception, match="'2026-13-45' is not a calendar date"):
+        scoring.run_nightly(cfg, str(cands), "2026-13-45", log=lambda _: None)
+
+
+def test_empty_candidates_give_an_empty_typed_result(tmp_path: Path, ray_session):
+    cfg = fake_run(tmp_path)
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(
+        pa.table({"user": pa.array([], pa.string()), "item": pa.array([], pa.string())}), empty
+    )
+    night = scoring.run_nightly(cfg, str(empty), "2026-01-03", log=lambda _: None)
+    pairs = score_candidates(cfg, str(empty), log=lambda _: None)
+    for manifest in (night, pairs):
+        assert manifest["metrics"]["input_rows"] == 0
+        scores = read_output(manifest["output"], "scores")
+        assert scores.num_rows == 0 and scores.schema.equals(CANDIDATE_SCORES_SCHEMA)
