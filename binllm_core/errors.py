@@ -50,3 +50,21 @@ def find_user_error(err: BaseException | None) -> BinllmError | None:
             return err
         err = err.__cause__ or err.__context__
     return None
+
+
+def io_error(err: BaseException | None) -> BinllmError | None:
+    """A file-system error behind ``err`` (a folder that cannot be made, a file that cannot be
+    written or read: permissions, a path under ``/proc``, a full disk) as one line naming the
+    path; None when there is none, or it names no path (then it is a bug to show whole)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.filename:
+            reason = err.strerror or type(err).__name__
+            return StageError(
+                f"cannot write or read {err.filename} ({reason})",
+                todo="check output_root, data.uri and the paths given on the command line, "
+                "and their permissions",
+            )
+        err = err.__cause__ or err.__context__
+    return None

@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from binllm_core.config import load_config
-from binllm_core.errors import ConfigError, find_user_error
+from binllm_core.errors import ConfigError, find_user_error, io_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "recommend":
             recommend_command(args)
     except Exception as err:  # noqa: BLE001 - one line for users, the trace for anything else
-        found = find_user_error(err)
+        found = find_user_error(err) or io_error(err)
         if found is None:
             raise
         print(f"binllm: error: {found}", file=sys.stderr)

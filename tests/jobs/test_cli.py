@@ -84,3 +84,14 @@ def test_a_bad_model_path_stops_the_run_before_any_stage(
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1
     assert not (tmp_path / "runs" / "tiny" / "ingest").exists()  # found before ingest ran
+
+
+def test_an_output_root_that_cannot_be_made_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    (tmp_path / "afile").write_text("not a folder")
+    root = tmp_path / "afile" / "runs"
+    assert main(["run", "configs/tiny.yaml", "--set", f"output_root={root}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("binllm: error: cannot write or read ") and str(root.parent) in err
+    assert err.count("\n") == 1
