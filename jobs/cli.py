@@ -232,6 +232,13 @@ def main(argv: list[str] | None = None) -> int:
             nightly_command(args)
         elif args.command == "recommend":
             recommend_command(args)
+    except KeyboardInterrupt:
+        print(
+            "binllm: interrupted: the running stage stopped before publishing; its previous "
+            "output is kept whole",
+            file=sys.stderr,
+        )
+        return 130
     except Exception as err:  # noqa: BLE001 - one line for users, the trace for anything else
         found = find_user_error(err) or io_error(err)
         if found is None:

@@ -56,6 +56,7 @@ from binllm_core.errors import StageError
 from binllm_core.faults import armed
 from binllm_core.metrics import score_report
 from binllm_core.storage import is_local, join, jsonable, resolve
+from pipelines.runtime import InterruptibleTrainer
 from pipelines.stage import StageContext
 
 FAULT_POINT = "encode-epoch"
@@ -187,7 +188,7 @@ def _trainer(
             num_to_keep=1, checkpoint_score_attribute="valid_auc", checkpoint_score_order="max"
         ),
     )
-    return ray.train.torch.TorchTrainer(
+    return InterruptibleTrainer(
         train_loop,
         train_loop_config=loop_config,
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),

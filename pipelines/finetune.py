@@ -47,6 +47,7 @@ from binllm_core.prompts import templates_from_config
 from binllm_core.recommender import LLMRecommender
 from binllm_core.storage import join
 from binllm_core.tuning import STATE, EvalSet, TaskRows, TuningRun, micro_batches
+from pipelines.runtime import InterruptibleTrainer
 from pipelines.score import whole_groups
 from pipelines.stage import StageContext
 
@@ -281,7 +282,7 @@ def _trainer(
             FAULT_POINT, ctx.uri(join(storage, f"fault-injected-{ctx.digest}")), raises=True
         ),
     }
-    return TorchTrainer(
+    return InterruptibleTrainer(
         train_loop,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),

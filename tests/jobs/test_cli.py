@@ -95,3 +95,13 @@ def test_an_output_root_that_cannot_be_made_is_one_line(
     err = capsys.readouterr().err
     assert err.startswith("binllm: error: cannot write or read ") and str(root.parent) in err
     assert err.count("\n") == 1
+
+
+def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys: pytest.CaptureFixture):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("jobs.cli.run_command", interrupted)
+    assert main(["run", "configs/tiny.yaml"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("binllm: interrupted") and err.count("\n") == 1

@@ -6,6 +6,7 @@ One test on purpose: every TorchTrainer start costs ~30 s on 2 cores.
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -123,7 +124,9 @@ def test_aux_tasks_train_by_their_shares_on_two_workers(tmp_path: Path, ray_sess
         assert all((row["uid"], i) in liked for i in used)
 
     # Each of the two workers trains 12 micro-batches of 4: half rec, a quarter each aux task.
+    handler = signal.getsignal(signal.SIGINT)
     step1 = run_stage(cfg, stage("finetune"))["metrics"]["steps"]["step1"]
+    assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C still Python's after Ray Train
     assert step1["task_sequences"] == {"rec": 48, "mim": 24, "bpr": 24}
     assert step1["sequences"] == 96 and step1["aux"] == {"mim": 0.25, "bpr": 0.25}
     evals = read_output(str(tmp_path / "t" / "finetune"), "evals").to_pylist()
