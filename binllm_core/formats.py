@@ -335,7 +335,8 @@ def parse_interactions(
     """Parse a chunk of an interaction file into ``INTERACTIONS`` rows and rejects.
 
     ``offset`` is the chunk's byte offset in its file; ``header`` the file's first line for
-    formats with a header (read from the chunk itself when ``offset`` is 0); ``lines_before``
+    formats with a header, None for the file's first chunk (which holds it: after a byte order
+    mark, its offset is 3); ``lines_before``
     counts the file's lines before the chunk, called only to report a malformed line.
     """
     if fmt in JSON_INTERACTIONS:
@@ -346,7 +347,7 @@ def parse_interactions(
         json_check = (pl.col("json_error").is_not_null(), pl.col("json_error"))
         return _interactions(renamed, per_second, offset, label, skip_bad, lines_before, json_check)
     spec, wanted = INTERACTION_FILES[fmt]
-    lines, own_header = _body(data, not spec.fields, offset == 0)
+    lines, own_header = _body(data, not spec.fields, header is None)
     names = spec.names(own_header or header, label)
     _require(names, wanted, label)
     frame, count_check = split_fields(lines, spec, names)

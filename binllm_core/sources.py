@@ -212,6 +212,10 @@ def plan_chunks(file: SourceFile, chunk_bytes: int = CHUNK_BYTES) -> list[Chunk]
     return [Chunk(file, s, min(s + chunk_bytes, file.size)) for s in starts]
 
 
+BOM = b"\xef\xbb\xbf"
+"""The UTF-8 byte order mark some editors write at the start of a file."""
+
+
 def read_chunk(chunk: Chunk) -> tuple[int, bytes]:
     """The whole lines that start inside ``[start, end)`` of the chunk's file, and the byte
     offset of the first of them.
@@ -224,6 +228,10 @@ def read_chunk(chunk: Chunk) -> tuple[int, bytes]:
         if position:
             fh.seek(position - 1)
             position += len(fh.readline()) - 1
+        elif fh.read(len(BOM)) == BOM:  # a UTF-8 byte order mark is not part of the first line
+            position = len(BOM)
+        else:
+            fh.seek(0)
         if chunk.end is None:
             return position, fh.read()
         if position >= chunk.end:
@@ -254,6 +262,6 @@ def lines_before(chunk: Chunk) -> int:
 
 
 def first_line(file: SourceFile) -> str:
-    """The file's first line (a header), decoded."""
+    """The file's first line (a header), decoded, without a byte order mark."""
     with open_file(file) as fh:
-        return fh.readline().decode("utf-8", errors="replace")
+        return fh.readline().decode("utf-8-sig", errors="replace")

@@ -77,6 +77,22 @@ def test_each_format(tmp_path, fixture, fmt, interactions, items, title) -> None
     assert "rejects" not in tables
 
 
+@pytest.mark.parametrize("fixture", ["ml_csv", "recbole", "amazon2023"])
+def test_a_byte_order_mark_is_dropped(tmp_path, fixture) -> None:
+    """Files saved with a UTF-8 BOM (Excel, Notepad) read as the same rows and titles."""
+    folder = tmp_path / "bom"
+    folder.mkdir()
+    for f in (FORMATS / fixture).iterdir():
+        (folder / f.name).write_bytes(b"\xef\xbb\xbf" + f.read_bytes())
+    plain = run_ingest(tmp_path / "plain", str(FORMATS / fixture))["read"]
+    marked = run_ingest(tmp_path / "marked", str(folder))
+    assert marked["metrics"]["rejected_rows"] == 0
+    items = marked["read"]["items"]
+    assert items.equals(plain["items"])
+    got, want = marked["read"]["interactions"], plain["interactions"]
+    assert got.drop_columns(["row"]).equals(want.drop_columns(["row"]))  # rows: byte offsets
+
+
 def test_gzipped_amazon_2023(tmp_path) -> None:
     for f in (FORMATS / "amazon2023").iterdir():
         (tmp_path / f"{f.name}.gz").write_bytes(gzip.compress(f.read_bytes()))
