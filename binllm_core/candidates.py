@@ -103,15 +103,46 @@ def check_pairs(pairs: pa.Table, where: str) -> pa.Table:
     columns = {}
     for name in ("user", "item"):
         col = pairs[name]
+        if not (
+            pa.types.is_string(col.type)
+            or pa.types.is_large_string(col.type)
+            or pa.types.is_integer(col.type)
+        ):
+            raise DataError(
+                f"the candidates table's {name} column holds {col.type}, not ids",
+                where,
+                f"write {name} as strings (source ids such as '196') or integers; a float id "
+                "never matches the run's ids",
+            )
         if col.null_count:
             row = pc.index(pc.is_null(col), True).as_py()
             raise DataError(f"the candidates table has an empty {name} in row {row}", where)
         columns[name] = pc.cast(col, pa.string()) if col.type != pa.string() else col
-    if "label" in pairs.column_names:
-        columns["label"] = pc.cast(pairs["label"], pa.int8())
-    else:
-        columns["label"] = pa.nulls(pairs.num_rows, pa.int8())
+    columns["label"] = _labels(pairs, where)
     return pa.table(columns)
+
+
+def _labels(pairs: pa.Table, where: str) -> pa.Array:
+    """The optional ``label`` column as int8 0/1 (nulls allowed; none when absent)."""
+    if "label" not in pairs.column_names:
+        return pa.nulls(pairs.num_rows, pa.int8())
+    col = pairs["label"]
+    if not (pa.types.is_integer(col.type) or pa.types.is_boolean(col.type)):
+        raise DataError(
+            f"the candidates table's label column holds {col.type}",
+            where,
+            "give label as 0/1 integers or booleans, or leave the column out",
+        )
+    labels = pc.cast(col, pa.int64())
+    bad = pc.and_(pc.is_valid(labels), pc.invert(pc.is_in(labels, pa.array([0, 1]))))
+    if pc.any(bad).as_py():
+        row = pc.index(bad, True).as_py()
+        raise DataError(
+            f"the candidates table has label {labels[row].as_py()} in row {row}",
+            where,
+            "labels are 0 or 1 (or empty)",
+        )
+    return pc.cast(labels, pa.int8())
 
 
 def prompt_hash(prompt: str) -> str:

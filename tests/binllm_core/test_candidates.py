@@ -109,6 +109,16 @@ def test_input_checks_are_one_line():
         check_pairs(pa.table({"user": ["u1", None], "item": ["a", "b"]}), "x.parquet")
     ints = check_pairs(pa.table({"user": [1, 2], "item": [3, 4]}), "x")
     assert ints["user"].type == pa.string() and ints["label"].null_count == 2
+    with pytest.raises(DataError, match="user column holds double, not ids"):
+        check_pairs(pa.table({"user": [1.0, 2.0], "item": ["a", "b"]}), "x.parquet")
+    with pytest.raises(DataError, match="label column holds string at x.parquet; give label"):
+        check_pairs(pa.table({"user": ["u"], "item": ["a"], "label": ["yes"]}), "x.parquet")
+    with pytest.raises(DataError, match="has label 5 in row 1"):
+        check_pairs(pa.table({"user": ["u", "v"], "item": ["a", "b"], "label": [1, 5]}), "x")
+    labels = check_pairs(
+        pa.table({"user": ["u", "v", "w"], "item": ["a"] * 3, "label": [True, None, False]}), "x"
+    )["label"]
+    assert labels.type == pa.int8() and labels.to_pylist() == [1, None, 0]
 
 
 def test_distinct_pairs_keeps_first_in_order():
