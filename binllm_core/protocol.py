@@ -256,6 +256,23 @@ def _check_splits(frame: pl.DataFrame, cfg: ProtocolConfig) -> None:
         raise StageError(f"protocol {cfg.name} leaves split {name} empty: {why}", todo=todo)
 
 
+def check_labels(frame: pl.DataFrame, cfg: ProtocolConfig) -> None:
+    """For a run (stage ``samples``): a split of ``frame`` (samples) whose samples all have one
+    label (no AUC can be measured, nothing learned) is a :class:`StageError` naming the
+    threshold and the ratings."""
+    for name in SPLITS:
+        labels = frame.filter(pl.col("split") == name)["label"]
+        if labels.n_unique() > 1:
+            continue
+        kind = "positive" if labels[0] == 1 else "negative"
+        low, high = frame["rating"].min(), frame["rating"].max()
+        raise StageError(
+            f"protocol {cfg.name}: every one of the {labels.len():,} {name} samples is {kind} "
+            f"with label_min_rating {cfg.label_min_rating:g} (ratings span {low:g}..{high:g})",
+            todo="set protocol.label_min_rating inside the ratings' range",
+        )
+
+
 def _date_span(frame: pl.DataFrame) -> str:
     """`` (data covers YYYY-MM-DD..YYYY-MM-DD UTC)`` for error messages; empty for no rows."""
     if frame.is_empty():

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from binllm_core.errors import BinllmError
+from binllm_core.errors import BinllmError, DataError
 from binllm_core.formats import (
     REJECTS,
     Layout,
@@ -60,12 +60,26 @@ def run(ctx: StageContext) -> dict[str, Any]:
     rejects = pa.concat_tables([interaction_rejects, item_rejects])
     if skip_bad:
         ctx.write_table(rejects, "rejects")
+    n_interactions = interactions.count() - interaction_rejects.num_rows
+    for kind, label, rows, rejected in (
+        ("interactions", files[layout.interactions].label, n_interactions, interaction_rejects),
+        ("items", files[layout.items].label, item_table.num_rows, item_rejects),
+    ):
+        if rows == 0:
+            why = (
+                f"all {rejected.num_rows:,} of its lines were rejected"
+                if rejected.num_rows
+                else ("it is empty or holds only a header")
+            )
+            raise DataError(
+                f"{label} holds no {kind}: {why}", todo=f"give a {layout.format} source with data"
+            )
     return {
         "format": layout.format,
         "dataset": layout.name,
         "source_files": [files[layout.interactions].label, files[layout.items].label],
         "parse_tasks": len(chunks) + 1,
-        "interactions_rows": interactions.count() - interaction_rejects.num_rows,
+        "interactions_rows": n_interactions,
         "items_rows": item_table.num_rows,
         "rejected_rows": rejects.num_rows,
     }

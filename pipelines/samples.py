@@ -15,7 +15,7 @@ import polars as pl
 import pyarrow as pa
 import ray
 
-from binllm_core.protocol import INTERACTION_COLUMNS, build_samples
+from binllm_core.protocol import INTERACTION_COLUMNS, build_samples, check_labels
 from pipelines.stage import StageContext
 
 BLOCK_ROWS = 1_000_000
@@ -26,6 +26,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     """Build the samples of ``ctx.cfg.protocol``; return the manifest metrics."""
     interactions = _read_interactions(ctx)
     result = build_samples(pl.from_arrow(interactions), ctx.cfg.protocol)
+    check_labels(result.samples, ctx.cfg.protocol)
     ctx.write_dataset(_dataset(_to_arrow(result.samples)), "samples")
     ctx.write_dataset(_dataset(_to_arrow(result.user_map)), "user_map")
     ctx.write_dataset(_dataset(_to_arrow(result.item_map)), "item_map")

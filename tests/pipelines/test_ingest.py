@@ -16,7 +16,7 @@ import pytest
 
 from binllm_core.config import DataConfig, RunConfig
 from binllm_core.errors import DataError, find_user_error
-from binllm_core.storage import read_output
+from binllm_core.storage import MANIFEST, read_output
 from jobs.cli import main
 from pipelines.registry import STAGES
 from pipelines.stage import run_stage
@@ -264,6 +264,22 @@ def test_skip_keeps_rejects(tmp_path) -> None:
         (10, "timestamp yesterday is not a number"),
     ]
     assert rejects[0]["file"] == f"{folder}/u.data"
+
+
+def test_a_header_only_file_is_one_line_and_commits_nothing(tmp_path) -> None:
+    folder = tmp_path / "headers"
+    folder.mkdir()
+    for f in (FORMATS / "recbole").iterdir():
+        text = f.read_text(encoding="utf-8")
+        (folder / f.name).write_text(text if f.suffix == ".item" else text.splitlines()[0] + "\n")
+    with pytest.raises(Exception) as err:
+        run_ingest(tmp_path, str(folder))
+    inter = next(folder.glob("*.inter"))
+    assert str(find_user_error(err.value)) == (
+        f"{inter} holds no interactions: it is empty or holds only a header; "
+        "give a recbole source with data"
+    )
+    assert not (tmp_path / "out" / "t" / "ingest" / MANIFEST).exists()
 
 
 def test_missing_file_column_and_unknown_format(tmp_path) -> None:

@@ -36,7 +36,9 @@ def tiny_interactions(users: int = 12, per_user: int = 10) -> pa.Table:
         {
             "user": [f"u{k // per_user}" for k in range(n)],
             "item": [f"i{(k * 7) % 23}" for k in range(n)],
-            "rating": pa.array([float(1 + k % 5) for k in range(n)], pa.float32()),
+            "rating": pa.array(
+                [float(1 + (3 * k + k // per_user) % 5) for k in range(n)], pa.float32()
+            ),
             "timestamp": pa.array([1_000 + (k % per_user) * 60 for k in range(n)], pa.int64()),
             "row": pa.array(range(n), pa.int64()),
         }
@@ -86,6 +88,18 @@ def test_empty_split_fails_and_writes_nothing(ray_session, tmp_path: Path):
     run_stage(cfg, fake_ingest(tiny_interactions()))
     with pytest.raises(StageError, match="protocol tiny leaves split train empty: 0 of 120"):
         run_stage(cfg, SAMPLES)
+    assert not (tmp_path / "t" / "samples" / MANIFEST).exists()
+
+
+def test_a_split_with_a_single_label_fails_and_writes_nothing(ray_session, tmp_path: Path):
+    cfg = make_cfg(tmp_path, "protocol.label_min_rating=6")  # ratings are 1..5: no positive
+    run_stage(cfg, fake_ingest(tiny_interactions()))
+    with pytest.raises(StageError) as err:
+        run_stage(cfg, SAMPLES)
+    assert str(err.value) == (
+        "protocol tiny: every one of the 96 train samples is negative with label_min_rating 6 "
+        "(ratings span 1..5); set protocol.label_min_rating inside the ratings' range"
+    )
     assert not (tmp_path / "t" / "samples" / MANIFEST).exists()
 
 
