@@ -322,6 +322,20 @@ JSON_INTERACTIONS: dict[str, tuple[dict[str, str], int]] = {
 """JSON-lines interaction files: key -> output column, and timestamp units per second."""
 
 
+RATING_SCALES: dict[str, tuple[float, float]] = {
+    "ml100k": (1.0, 5.0),
+    "ml1m": (1.0, 5.0),
+    "ml_csv": (0.5, 5.0),
+    "amazon2018": (1.0, 5.0),
+    "amazon2023": (1.0, 5.0),
+}
+"""Each format's documented rating scale (RecBole files have none): a rating outside it is a
+bad line."""
+LAST_TIMESTAMP = 4_102_444_800
+"""2100-01-01 UTC in seconds: a later (or a negative) timestamp is a bad line, such as one in
+milliseconds among seconds."""
+
+
 def parse_interactions(
     fmt: str,
     data: bytes,
@@ -345,19 +359,22 @@ def parse_interactions(
         frame = _json_fields(lines, dict.fromkeys(keys, pl.String), label)
         renamed = frame.rename({f"f:{k}": f"f:{v}" for k, v in keys.items()})
         json_check = (pl.col("json_error").is_not_null(), pl.col("json_error"))
-        return _interactions(renamed, per_second, offset, label, skip_bad, lines_before, json_check)
+        return _interactions(
+            renamed, per_second, fmt, offset, label, skip_bad, lines_before, json_check
+        )
     spec, wanted = INTERACTION_FILES[fmt]
     lines, own_header = _body(data, not spec.fields, header is None)
     names = spec.names(own_header or header, label)
     _require(names, wanted, label)
     frame, count_check = split_fields(lines, spec, names)
     frame = frame.rename({f"f:{k}": f"f:{v}" for k, v in wanted.items()})
-    return _interactions(frame, 1, offset, label, skip_bad, lines_before, count_check)
+    return _interactions(frame, 1, fmt, offset, label, skip_bad, lines_before, count_check)
 
 
 def _interactions(
     frame: pl.DataFrame,
     per_second: int,
+    fmt: str,
     offset: int,
     label: str,
     skip_bad: bool,
@@ -370,6 +387,30 @@ def _interactions(
         value = pl.col(f"f:{column}").str.strip_chars()
         checks.append((value.is_null() | (value == ""), pl.lit(f"empty {column} id")))
     checks += [_not_number("f:rating", "rating"), _not_number("f:timestamp", "timestamp")]
+    seconds = _number("f:timestamp") / per_second
+    checks.append(
+        (
+            (seconds < 0) | (seconds >= LAST_TIMESTAMP),
+            pl.concat_str(
+                pl.lit("timestamp "),
+                pl.col("f:timestamp").str.strip_chars(),
+                pl.lit(f" is not a time in 1970..2099 ({_units(per_second)})"),
+            ),
+        )
+    )
+    if fmt in RATING_SCALES:
+        low, high = RATING_SCALES[fmt]
+        rating = _number("f:rating")
+        checks.append(
+            (
+                (rating < low) | (rating > high),
+                pl.concat_str(
+                    pl.lit("rating "),
+                    pl.col("f:rating").str.strip_chars(),
+                    pl.lit(f" is outside the {fmt} scale {low:g}..{high:g}"),
+                ),
+            )
+        )
     frame = frame.with_columns(_first_reason(checks))
     good, rejects = _settle(frame, label, skip_bad, lines_before)
     table = good.select(
@@ -380,6 +421,10 @@ def _interactions(
         row=pl.col("offset") + offset,
     )
     return table.to_arrow().cast(INTERACTIONS), rejects
+
+
+def _units(per_second: int) -> str:
+    return "seconds since 1970" if per_second == 1 else "milliseconds since 1970"
 
 
 # ---- JSON lines -----------------------------------------------------------------------------

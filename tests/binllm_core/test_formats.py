@@ -144,6 +144,30 @@ def test_malformed_lines_error_or_reject() -> None:
     ]
 
 
+def test_timestamps_and_ratings_out_of_range_are_bad_lines() -> None:
+    data = (
+        b"1\t2\t4\t881250949\n"  # fine
+        b"1\t3\t4\t-5\n"
+        b"1\t4\t4\t881250949000\n"  # milliseconds among seconds
+        b"1\t5\t4\t1e30\n"
+        b"1\t6\t7\t881250949\n"
+        b"1\t7\t0\t881250949\n"
+    )
+    with pytest.raises(DataError, match="line 2: timestamp -5 is not a time in 1970..2099"):
+        parse("ml100k", data)
+    good, rejects = parse("ml100k", data, skip_bad=True)
+    assert good["item"].to_pylist() == ["2"]
+    assert [(r["line"], r["reason"]) for r in rejects.to_pylist()] == [
+        (2, "timestamp -5 is not a time in 1970..2099 (seconds since 1970)"),
+        (3, "timestamp 881250949000 is not a time in 1970..2099 (seconds since 1970)"),
+        (4, "timestamp 1e30 is not a time in 1970..2099 (seconds since 1970)"),
+        (5, "rating 7 is outside the ml100k scale 1..5"),
+        (6, "rating 0 is outside the ml100k scale 1..5"),
+    ]
+    # RecBole files have no fixed scale; half stars are on MovieLens' CSV scale.
+    assert parse("ml_csv", b"userId,movieId,rating,timestamp\n1,2,0.5,881250949\n")[0].num_rows
+
+
 def test_bad_json_and_missing_column() -> None:
     data = b'{"reviewerID": "u", "asin": "i", "overall": 5, "unixReviewTime": 9}\n{broken\n'
     good, rejects = parse("amazon2018", data, skip_bad=True)
