@@ -163,6 +163,27 @@ def table_folder(target: str, manifest: dict[str, Any], table: str) -> str:
     return join(target, entry["path"])
 
 
+def damaged_table(fs: fsspec.AbstractFileSystem, target: str, manifest: dict[str, Any]) -> str:
+    """Why the files of a published output no longer match its manifest (a Parquet file that is
+    gone, cut short or not Parquet: its row counts, read from the footers, differ), or ``""``.
+    Folders that are not Parquet tables (no schema in the manifest) are not checked."""
+    for table, entry in manifest.get("tables", {}).items():
+        if not entry.get("schema"):
+            continue
+        folder = join(target, entry["path"])
+        rows = 0
+        for f in parquet_files(fs, folder) if fs.exists(folder) else []:
+            try:
+                with fs.open(f, "rb") as fh:
+                    rows += pq.ParquetFile(fh).metadata.num_rows
+            except (pa.ArrowInvalid, OSError) as err:
+                detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+                return f"{to_uri(fs, f)} is not readable Parquet ({detail})"
+        if rows != entry["rows"]:
+            return f"table {table} has {rows:,} rows on disk, {entry['rows']:,} in the manifest"
+    return ""
+
+
 def read_output(
     uri: str,
     table: str | None = None,

@@ -28,6 +28,7 @@ from binllm_core.storage import (
     LAYOUT,
     Publication,
     arrow_filesystem,
+    damaged_table,
     is_relative,
     join,
     partition_path,
@@ -273,10 +274,13 @@ def run_stage(cfg: RunConfig, stage: Stage, force: bool = False) -> dict[str, An
     now = expected(ctx, stage)
     target = ctx.stage_path()
     previous = read_manifest(ctx.fs, target)
+    damage = ""
     if previous and previous.get("config_hash") == now.digest and not force:
         if previous.get("layout") == LAYOUT:
-            prune(ctx.fs, target, {previous["version"], *previous.get("history", [])}, {})
-            return {**previous, "skipped": True, "why": describe_skip(previous)}
+            damage = damaged_table(ctx.fs, target, previous)
+            if not damage:
+                prune(ctx.fs, target, {previous["version"], *previous.get("history", [])}, {})
+                return {**previous, "skipped": True, "why": describe_skip(previous)}
     checkpoints = join(target, CHECKPOINTS)
     if force and ctx.fs.exists(checkpoints):
         ctx.fs.rm(checkpoints, recursive=True)
@@ -304,6 +308,8 @@ def run_stage(cfg: RunConfig, stage: Stage, force: bool = False) -> dict[str, An
     manifest = ctx.publication.publish(manifest, keep=max(1, cfg.keep_versions))
     _prune_checkpoints(ctx)
     why = "forced" if force else why_stale(previous, now)
+    if damage:
+        why = f"redone: its files no longer matched its manifest ({damage})"
     return {**manifest, "skipped": False, "why": why}
 
 

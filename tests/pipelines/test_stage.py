@@ -79,3 +79,23 @@ def test_manifest_masks_credentials(tmp_path: Path):
     run_stage(cfg, counting_stage([]))
     text = (tmp_path / "t" / "demo" / MANIFEST).read_text()
     assert "s3cr3t" not in text and "AKIA1" not in text and '"anon": false' in text
+
+
+def test_a_skipped_stage_whose_files_do_not_match_its_manifest_is_redone(tmp_path: Path):
+    calls: list[int] = []
+    first = run_stage(make_cfg(tmp_path), counting_stage(calls))
+    folder = tmp_path / "t" / "demo" / first["tables"]["numbers"]["path"]
+    (part,) = folder.glob("*.parquet")
+    part.write_bytes(b"not parquet")  # a file cut short or overwritten
+    again = run_stage(make_cfg(tmp_path), counting_stage(calls))
+    assert not again["skipped"] and len(calls) == 2
+    assert again["why"].startswith("redone: its files no longer matched its manifest (")
+    assert f"{part.name} is not readable Parquet" in again["why"]
+    assert read_output(str(tmp_path / "t" / "demo"), "numbers")["x"].to_pylist() == [1, 2, 3]
+
+    folder = tmp_path / "t" / "demo" / again["tables"]["numbers"]["path"]
+    for f in folder.glob("*.parquet"):
+        f.unlink()  # a file gone
+    third = run_stage(make_cfg(tmp_path), counting_stage(calls))
+    assert "table numbers has 0 rows on disk, 3 in the manifest" in third["why"]
+    assert run_stage(make_cfg(tmp_path), counting_stage(calls))["skipped"] and len(calls) == 3
