@@ -102,6 +102,14 @@ class ProtocolConfig(Section):
     ``keep_years`` and before either filter is applied (one pass, as the official code)."""
     min_item_interactions: int = 0
     """Keep items with at least this many interactions, counted like the user filter."""
+    orphans: Literal["drop", "keep"] = "drop"
+    """Interactions whose item has no row in the items file: ``drop`` puts them in the
+    ``rejects`` table of ``samples`` (counted in its manifest), ``keep`` keeps them (their
+    prompts then show the item id for a title)."""
+    duplicates: Literal["drop", "keep"] = "drop"
+    """Exact duplicate interactions (same user, item, rating and timestamp): ``drop`` keeps the
+    first in source order and puts the others in ``rejects`` (counted), ``keep`` keeps them all
+    (copies can land in two splits with the same label)."""
     split: SplitKind = "per_user"
     """``per_user``: each user's interactions in time order cut by ``fractions``; ``global``: one
     cut of all interactions in time order by ``fractions``; ``months``: calendar-month ranges

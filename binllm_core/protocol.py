@@ -61,6 +61,9 @@ class ProtocolResult:
 
     samples: pl.DataFrame
     """One row per kept interaction, columns :data:`SAMPLES_SCHEMA`, ordered by ``sample_id``."""
+    rejects: pl.DataFrame
+    """Interactions dropped as orphans or exact duplicates: the interaction columns and a
+    ``reason``."""
     user_map: pl.DataFrame
     """``user`` (source string) -> ``uid`` (int32), ordered by ``uid``."""
     item_map: pl.DataFrame
@@ -69,11 +72,15 @@ class ProtocolResult:
     """Counts and rates for the manifest (see :func:`protocol_stats`)."""
 
 
-def build_samples(interactions: pl.DataFrame, cfg: ProtocolConfig) -> ProtocolResult:
-    """Apply the protocol ``cfg`` to an ``interactions`` frame (ingest's table)."""
+def build_samples(
+    interactions: pl.DataFrame, cfg: ProtocolConfig, items: pl.Series | None = None
+) -> ProtocolResult:
+    """Apply the protocol ``cfg`` to an ``interactions`` frame (ingest's table); ``items``, the
+    ids of the items file, finds orphan interactions (none looked for without it)."""
     validate_protocol(cfg)
     frame = _prepare(interactions)
     total = frame.height
+    frame, rejects, found = _orphans_and_duplicates(frame, cfg, items)
     frame = _keep_years(frame, cfg.keep_years)
     after_years = frame.height
     frame = _activity_filter(frame, cfg.min_user_interactions, cfg.min_item_interactions)
@@ -96,8 +103,8 @@ def build_samples(interactions: pl.DataFrame, cfg: ProtocolConfig) -> ProtocolRe
         "dropped_activity_filter": after_years - after_filter,
         "dropped_outside_splits": after_filter - samples.height,
     }
-    stats = protocol_stats(samples, user_map, item_map) | {"input_rows": total} | dropped
-    return ProtocolResult(samples, user_map, item_map, stats)
+    stats = protocol_stats(samples, user_map, item_map) | {"input_rows": total} | dropped | found
+    return ProtocolResult(samples, rejects, user_map, item_map, stats)
 
 
 # ---- config ------------------------------------------------------------------------------------
@@ -140,6 +147,47 @@ def _utc(col: str = "timestamp") -> pl.Expr:
 
 def _month_index() -> pl.Expr:
     return _utc().dt.year().cast(pl.Int64) * 12 + _utc().dt.month().cast(pl.Int64) - 1
+
+
+REJECT_REASON = "reason"
+
+
+def _orphans_and_duplicates(
+    frame: pl.DataFrame, cfg: ProtocolConfig, items: pl.Series | None
+) -> tuple[pl.DataFrame, pl.DataFrame, dict[str, int]]:
+    """The interactions the ``orphans`` and ``duplicates`` policies keep, those they drop (with
+    a ``reason``), and the counts found of each (``frame`` is in source order)."""
+    orphan = pl.lit(False) if items is None else ~pl.col("item").is_in(items.implode())
+    keys = ["user", "item", "rating", "timestamp"]
+    copy = pl.int_range(pl.len()).over(keys) > 0
+    marked = frame.with_columns(
+        _orphan=orphan,
+        _copy=copy,
+        _first=pl.col("row").first().over(keys),
+    )
+    reason = (
+        pl.when(pl.col("_orphan") & pl.lit(cfg.orphans == "drop"))
+        .then(pl.concat_str(pl.lit("item "), pl.col("item"), pl.lit(" is not in the items file")))
+        .when(pl.col("_copy") & pl.lit(cfg.duplicates == "drop"))
+        .then(
+            pl.concat_str(
+                pl.lit("exact duplicate of the interaction at row "),
+                pl.col("_first").cast(pl.String),
+            )
+        )
+    )
+    marked = marked.with_columns(reason.alias(REJECT_REASON))
+    orphans = int(marked["_orphan"].sum())
+    found = {
+        "orphan_rows": orphans,
+        "duplicate_rows": int(marked["_copy"].sum()),
+        "dropped_orphans": orphans if cfg.orphans == "drop" else 0,
+    }
+    helpers = ["_orphan", "_copy", "_first"]
+    rejects = marked.filter(pl.col(REJECT_REASON).is_not_null()).drop(helpers)
+    kept = marked.filter(pl.col(REJECT_REASON).is_null()).drop([*helpers, REJECT_REASON])
+    found["dropped_duplicates"] = rejects.height - found["dropped_orphans"]
+    return kept, rejects, found
 
 
 def _keep_years(frame: pl.DataFrame, years: list[int]) -> pl.DataFrame:

@@ -1,4 +1,5 @@
-"""Stage ``samples``: ingest's interactions -> ``samples``, ``user_map`` and ``item_map`` tables.
+"""Stage ``samples``: ingest's interactions -> ``samples``, ``user_map``, ``item_map`` and
+``rejects`` (interactions dropped as orphans or exact duplicates, with a ``reason``) tables.
 
 Ray Data reads the ingest output and writes the tables; the protocol itself
 (:func:`binllm_core.protocol.build_samples`) runs once over the whole table in polars in this
@@ -25,11 +26,13 @@ BLOCK_ROWS = 1_000_000
 def run(ctx: StageContext) -> dict[str, Any]:
     """Build the samples of ``ctx.cfg.protocol``; return the manifest metrics."""
     interactions = _read_interactions(ctx)
-    result = build_samples(pl.from_arrow(interactions), ctx.cfg.protocol)
+    items = pl.from_arrow(ctx.read_table("ingest", "items", columns=["item"]))["item"]
+    result = build_samples(pl.from_arrow(interactions), ctx.cfg.protocol, items)
     check_labels(result.samples, ctx.cfg.protocol)
     ctx.write_dataset(_dataset(_to_arrow(result.samples)), "samples")
     ctx.write_dataset(_dataset(_to_arrow(result.user_map)), "user_map")
     ctx.write_dataset(_dataset(_to_arrow(result.item_map)), "item_map")
+    ctx.write_table(_to_arrow(result.rejects), "rejects")
     return {"protocol": ctx.cfg.protocol.name, **result.stats}
 
 

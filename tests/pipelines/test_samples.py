@@ -20,11 +20,14 @@ def make_cfg(tmp_path: Path, *sets: str) -> RunConfig:
     return load_config("configs/tiny.yaml", [f"output_root={tmp_path}", "run_name=t", *sets])
 
 
-def fake_ingest(table: pa.Table) -> Stage:
-    """An ``ingest`` stage that writes ``table`` as its ``interactions``."""
+def fake_ingest(table: pa.Table, items: list[str] | None = None) -> Stage:
+    """An ``ingest`` stage that writes ``table`` as its ``interactions`` and ``items`` (default:
+    every item of the table) as its items."""
 
     def fn(ctx: StageContext) -> dict:
         ctx.write_table(table, "interactions")
+        known = items if items is not None else sorted(set(table["item"].to_pylist()))
+        ctx.write_table(pa.table({"item": known, "title": [f"T {i}" for i in known]}), "items")
         return {}
 
     return Stage("ingest", fn, ("data",))
@@ -101,6 +104,35 @@ def test_a_split_with_a_single_label_fails_and_writes_nothing(ray_session, tmp_p
         "(ratings span 1..5); set protocol.label_min_rating inside the ratings' range"
     )
     assert not (tmp_path / "t" / "samples" / MANIFEST).exists()
+
+
+def test_orphans_and_exact_duplicates_go_to_rejects_unless_kept(ray_session, tmp_path: Path):
+    table = tiny_interactions()
+    n = table.num_rows
+    extra = pa.table(
+        {
+            "user": ["u0", "u1", "u2"],
+            "item": ["i0", "ghost", "i3"],
+            "rating": pa.array([table["rating"][0].as_py(), 5.0, 5.0], pa.float32()),
+            "timestamp": pa.array([table["timestamp"][0].as_py(), 1_000, 1_000], pa.int64()),
+            "row": pa.array(range(n, n + 3), pa.int64()),
+        }
+    )
+    items = sorted(set(table["item"].to_pylist()))
+    cfg = make_cfg(tmp_path)
+    run_stage(cfg, fake_ingest(pa.concat_tables([table, extra]), items))
+    metrics = run_stage(cfg, SAMPLES)["metrics"]
+    assert (metrics["dropped_orphans"], metrics["dropped_duplicates"]) == (1, 1)
+    assert metrics["rows"] == n + 1  # u2's i3 at 1000 is no copy (another rating time)
+    rejects = read(tmp_path, "rejects").to_pylist()
+    assert [(r["user"], r["item"], r["reason"]) for r in rejects] == [
+        ("u0", "i0", "exact duplicate of the interaction at row 0"),
+        ("u1", "ghost", "item ghost is not in the items file"),
+    ]
+    kept = make_cfg(tmp_path, "protocol.orphans=keep", "protocol.duplicates=keep")
+    metrics = run_stage(kept, SAMPLES)["metrics"]
+    assert (metrics["orphan_rows"], metrics["duplicate_rows"], metrics["rows"]) == (1, 1, n + 3)
+    assert read(tmp_path, "rejects").num_rows == 0
 
 
 def test_missing_column_is_a_data_error(ray_session, tmp_path: Path):
