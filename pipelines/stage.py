@@ -281,6 +281,7 @@ def run_stage(cfg: RunConfig, stage: Stage, force: bool = False) -> dict[str, An
             if not damage:
                 prune(ctx.fs, target, {previous["version"], *previous.get("history", [])}, {})
                 return {**previous, "skipped": True, "why": describe_skip(previous)}
+    _check_upstream_files(ctx)
     checkpoints = join(target, CHECKPOINTS)
     if force and ctx.fs.exists(checkpoints):
         ctx.fs.rm(checkpoints, recursive=True)
@@ -311,6 +312,20 @@ def run_stage(cfg: RunConfig, stage: Stage, force: bool = False) -> dict[str, An
     if damage:
         why = f"redone: its files no longer matched its manifest ({damage})"
     return {**manifest, "skipped": False, "why": why}
+
+
+def _check_upstream_files(ctx: StageContext) -> None:
+    """Every table the stage reads still matches its manifest (a corrupt or missing file is
+    named here, not deep inside a read)."""
+    for stage in ctx.upstream:
+        manifest = read_manifest(ctx.fs, ctx.stage_path(stage))
+        damage = damaged_table(ctx.fs, ctx.stage_path(stage), manifest) if manifest else ""
+        if damage:
+            raise StageError(
+                f"stage {ctx.stage} reads stage {stage}, whose files no longer match its "
+                f"manifest: {damage}",
+                todo=f"run stage {stage} again (binllm run CONFIG --stages {stage}): it is redone",
+            )
 
 
 def _prune_checkpoints(ctx: StageContext) -> None:

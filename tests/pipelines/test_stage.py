@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from binllm_core.config import RunConfig, load_config
+from binllm_core.errors import StageError
 from binllm_core.storage import MANIFEST, read_output
 from pipelines.stage import Stage, StageContext, run_stage
 
@@ -99,3 +100,18 @@ def test_a_skipped_stage_whose_files_do_not_match_its_manifest_is_redone(tmp_pat
     third = run_stage(make_cfg(tmp_path), counting_stage(calls))
     assert "table numbers has 0 rows on disk, 3 in the manifest" in third["why"]
     assert run_stage(make_cfg(tmp_path), counting_stage(calls))["skipped"] and len(calls) == 3
+
+
+def test_a_stage_whose_upstream_files_are_damaged_names_the_file(tmp_path: Path):
+    first = run_stage(make_cfg(tmp_path), counting_stage([]))
+    (part,) = (tmp_path / "t" / "demo" / first["tables"]["numbers"]["path"]).glob("*.parquet")
+    part.write_bytes(b"PAR1 cut short")
+
+    def reader(ctx: StageContext) -> dict:
+        return {"rows": ctx.read_table("demo", "numbers").num_rows}
+
+    with pytest.raises(StageError) as err:
+        run_stage(make_cfg(tmp_path), Stage("after", reader, ("data",), ("demo",)))
+    message = str(err.value)
+    assert message.startswith("stage after reads stage demo, whose files no longer match")
+    assert f"{part} is not readable Parquet" in message and "--stages demo" in message
