@@ -161,12 +161,38 @@ def _rules(plain: str, base: str, fmt: str) -> list[tuple[str, str, list[str]]]:
 
 
 # ---- lines ----------------------------------------------------------------------------------
-def _to_utf8(data: bytes) -> bytes:
-    """UTF-8 bytes as they are; anything else is read as latin-1 (older MovieLens files)."""
+ENCODINGS = {"ml100k": "latin-1", "ml1m": "latin-1"}
+"""Each format's documented text encoding besides UTF-8 (the others are UTF-8 only)."""
+
+
+@dataclass(frozen=True)
+class Text:
+    """Where a piece of a file comes from, to decode it: the format's encoding, the file's
+    label and the piece's byte offset in the file."""
+
+    encoding: str
+    label: str
+    offset: int = 0
+
+    @classmethod
+    def of(cls, fmt: str, label: str, offset: int = 0) -> Text:
+        return cls(ENCODINGS.get(fmt, "utf-8"), label, offset)
+
+
+def _to_utf8(data: bytes, text: Text) -> bytes:
+    """UTF-8 bytes as they are. Otherwise a file of a format documented as latin-1 (older
+    MovieLens; an item file is decided whole, being one piece) is read as latin-1, and any
+    other is a one-line error naming the file and the byte offset of the first invalid byte."""
     try:
         data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("latin-1").encode("utf-8")
+    except UnicodeDecodeError as err:
+        if text.encoding != "utf-8":
+            return data.decode(text.encoding).encode("utf-8")
+        raise DataError(
+            f"{text.label} is not valid UTF-8: byte 0x{data[err.start]:02x} at offset "
+            f"{text.offset + err.start:,}",
+            todo="save the file as UTF-8, the encoding of its format",
+        ) from None
     return data
 
 
@@ -178,14 +204,14 @@ def _bounds(data: bytes) -> np.ndarray:
     return np.concatenate(([0], ends)).astype(np.int64)
 
 
-def lines_frame(data: bytes) -> pl.DataFrame:
+def lines_frame(data: bytes, text: Text) -> pl.DataFrame:
     """One row per line: ``index`` (0-based in ``data``), ``offset`` (byte offset in ``data``)
     and ``text`` (UTF-8, without the line end). Built without a Python loop."""
     offsets = _bounds(data)
-    text = _to_utf8(data)
-    text_bounds = offsets if text is data else _bounds(text)
+    utf8 = _to_utf8(data, text)
+    text_bounds = offsets if utf8 is data else _bounds(utf8)
     count = len(offsets) - 1
-    array = pa.LargeStringArray.from_buffers(count, pa.py_buffer(text_bounds), pa.py_buffer(text))
+    array = pa.LargeStringArray.from_buffers(count, pa.py_buffer(text_bounds), pa.py_buffer(utf8))
     return pl.DataFrame(
         {
             "index": np.arange(count, dtype=np.int64),
@@ -279,9 +305,11 @@ def _require(names: tuple[str, ...], wanted: dict[str, str], label: str) -> None
         )
 
 
-def _body(data: bytes, has_header: bool, at_start: bool) -> tuple[pl.DataFrame, str | None]:
+def _body(
+    data: bytes, text: Text, has_header: bool, at_start: bool
+) -> tuple[pl.DataFrame, str | None]:
     """The chunk's non-blank lines, without the header line; and that header when in the chunk."""
-    lines = lines_frame(data)
+    lines = lines_frame(data, text)
     header = None
     if has_header and at_start and lines.height:
         header = lines["text"][0]
@@ -355,7 +383,7 @@ def parse_interactions(
     """
     if fmt in JSON_INTERACTIONS:
         keys, per_second = JSON_INTERACTIONS[fmt]
-        lines, _ = _body(data, False, True)
+        lines, _ = _body(data, Text.of(fmt, label, offset), False, True)
         frame = _json_fields(lines, dict.fromkeys(keys, pl.String), label)
         renamed = frame.rename({f"f:{k}": f"f:{v}" for k, v in keys.items()})
         json_check = (pl.col("json_error").is_not_null(), pl.col("json_error"))
@@ -363,7 +391,7 @@ def parse_interactions(
             renamed, per_second, fmt, offset, label, skip_bad, lines_before, json_check
         )
     spec, wanted = INTERACTION_FILES[fmt]
-    lines, own_header = _body(data, not spec.fields, header is None)
+    lines, own_header = _body(data, Text.of(fmt, label, offset), not spec.fields, header is None)
     names = spec.names(own_header or header, label)
     _require(names, wanted, label)
     frame, count_check = split_fields(lines, spec, names)
@@ -530,11 +558,11 @@ def parse_items(fmt: str, data: bytes, *, label: str, skip_bad: bool) -> tuple[p
     """Parse a whole item file into ``item``, ``title``, what the source has, and ``row``
     (the line's byte offset, so duplicates can keep the last one); and its rejects."""
     if fmt in JSON_ITEMS:
-        return _json_items(JSON_ITEMS[fmt], data, label, skip_bad)
+        return _json_items(JSON_ITEMS[fmt], data, Text.of(fmt, label), skip_bad)
     if fmt == "ml_csv":
-        return _movies_csv(data, label), REJECTS.empty_table()
+        return _movies_csv(data, Text.of(fmt, label)), REJECTS.empty_table()
     spec = ITEM_FILES[fmt]
-    lines, header = _body(data, not spec.fields, True)
+    lines, header = _body(data, Text.of(fmt, label), not spec.fields, True)
     names = spec.names(header, label)
     if fmt == "recbole":
         _require(names, {"item_id": "item"}, label)
@@ -579,9 +607,10 @@ def _movielens_items(frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _movies_csv(data: bytes, label: str) -> pa.Table:
+def _movies_csv(data: bytes, text: Text) -> pa.Table:
+    label = text.label
     try:
-        frame = pl.read_csv(_to_utf8(data), infer_schema=False, row_index_name="offset")
+        frame = pl.read_csv(_to_utf8(data, text), infer_schema=False, row_index_name="offset")
     except pl.exceptions.PolarsError as err:
         first = str(err).strip().splitlines()[0]
         raise DataError(f"cannot parse {label} as CSV ({first})", todo="fix the file") from None
@@ -608,9 +637,10 @@ def _recbole_items(frame: pl.DataFrame, names: tuple[str, ...]) -> pl.DataFrame:
 
 
 def _json_items(
-    keys: dict[str, tuple[str, pl.DataType]], data: bytes, label: str, skip_bad: bool
+    keys: dict[str, tuple[str, pl.DataType]], data: bytes, text: Text, skip_bad: bool
 ) -> tuple[pa.Table, pa.Table]:
-    lines, _ = _body(data, False, True)
+    label = text.label
+    lines, _ = _body(data, text, False, True)
     frame = _json_fields(lines, {k: t for k, (_, t) in keys.items()}, label)
     item_key = next(iter(keys))
     empty = pl.col(f"f:{item_key}").is_null() | (pl.col(f"f:{item_key}") == "")

@@ -168,6 +168,30 @@ def test_timestamps_and_ratings_out_of_range_are_bad_lines() -> None:
     assert parse("ml_csv", b"userId,movieId,rating,timestamp\n1,2,0.5,881250949\n")[0].num_rows
 
 
+def test_encoding_is_the_formats_own_and_a_bad_byte_is_named() -> None:
+    latin = "1|Misérables, Les (1995)|01-Jan-1995||http://x|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|0\n"
+    for encoded in (latin.encode("latin-1"), latin.encode("utf-8")):  # either reads the same
+        items, _ = parse_items("ml100k", encoded, label="u.item", skip_bad=False)
+        assert items["title"].to_pylist() == ["Misérables, Les (1995)"]
+    inter = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+    data = (inter + "1\tcafé\t5\t881250949\n").encode("latin-1")  # not UTF-8: no guessing
+    with pytest.raises(DataError) as err:
+        parse_interactions(
+            "recbole",
+            data,
+            offset=100,
+            header=None,
+            label="x.inter",
+            skip_bad=False,
+            lines_before=lambda: 0,
+        )
+    at = 100 + data.index(b"\xe9")
+    assert str(err.value) == (
+        f"x.inter is not valid UTF-8: byte 0xe9 at offset {at}; "
+        "save the file as UTF-8, the encoding of its format"
+    )
+
+
 def test_bad_json_and_missing_column() -> None:
     data = b'{"reviewerID": "u", "asin": "i", "overall": 5, "unixReviewTime": 9}\n{broken\n'
     good, rejects = parse("amazon2018", data, skip_bad=True)
