@@ -348,7 +348,8 @@ def aux_table(args: argparse.Namespace, root: Path, stem: str) -> None:
                 row[f"ndcg10_{protocol}"] = at["ndcg"][0]
                 row[f"recall10_{protocol}"] = at["recall"][0]
             row["task_sequences"] = {
-                t: sum(s.step.get("task_sequences", {}).get(t, 0) for s in _chain(tuned))
+                t: sum(s.step.get("task_sequences", {"rec": s.step["sequences"]}).get(t, 0)
+                       for s in _chain(tuned))
                 for t in ("rec", *AUX_SHARES)}
             row["aux_losses_at_best"] = tuned.step.get("task_losses_at_best", {})
             rows.append(row)
