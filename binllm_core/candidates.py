@@ -100,9 +100,12 @@ def check_pairs(pairs: pa.Table, where: str) -> pa.Table:
             where,
             "give a Parquet table with string columns user and item (source ids)",
         )
+    pairs = pa.table({n: _plain(pairs[n]) for n in pairs.column_names})
     columns = {}
     for name in ("user", "item"):
         col = pairs[name]
+        if pa.types.is_null(col.type):  # no value at all (an empty frame written by pandas)
+            col = pa.chunked_array([pa.nulls(len(col), pa.string())])
         if not (
             pa.types.is_string(col.type)
             or pa.types.is_large_string(col.type)
@@ -127,14 +130,20 @@ def _labels(pairs: pa.Table, where: str) -> pa.Array:
     if "label" not in pairs.column_names:
         return pa.nulls(pairs.num_rows, pa.int8())
     col = pairs["label"]
-    if not (pa.types.is_integer(col.type) or pa.types.is_boolean(col.type)):
+    if pa.types.is_null(col.type):
+        return pa.nulls(pairs.num_rows, pa.int8())
+    numeric = pa.types.is_integer(col.type) or pa.types.is_floating(col.type)
+    if not (numeric or pa.types.is_boolean(col.type)):
         raise DataError(
             f"the candidates table's label column holds {col.type}",
             where,
             "give label as 0/1 integers or booleans, or leave the column out",
         )
-    labels = pc.cast(col, pa.int64())
-    bad = pc.and_(pc.is_valid(labels), pc.invert(pc.is_in(labels, pa.array([0, 1]))))
+    # 0.0/1.0 are labels too (pandas writes an integer column with a missing value as floats).
+    floats = pa.types.is_floating(col.type)
+    labels = col if floats else pc.cast(col, pa.int64())
+    allowed = pa.array([0.0, 1.0] if floats else [0, 1], labels.type)
+    bad = pc.and_(pc.is_valid(labels), pc.invert(pc.is_in(labels, allowed)))
     if pc.any(bad).as_py():
         row = pc.index(bad, True).as_py()
         raise DataError(
@@ -143,6 +152,13 @@ def _labels(pairs: pa.Table, where: str) -> pa.Array:
             "labels are 0 or 1 (or empty)",
         )
     return pc.cast(labels, pa.int8())
+
+
+def _plain(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A dictionary-encoded column (a pandas categorical) as its plain values."""
+    if pa.types.is_dictionary(column.type):
+        return pc.cast(column, column.type.value_type)
+    return column
 
 
 def prompt_hash(prompt: str) -> str:

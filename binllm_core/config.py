@@ -36,8 +36,9 @@ SplitKind = Literal["per_user", "global", "months", "months_then_halves"]
 Split = Literal["train", "valid", "test"]
 
 MONTH = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
-PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
-"""A run name: one folder name (no separator, not ``.`` or ``..``, no leading dot)."""
+PLAIN_NAME = re.compile(r"(?!\.\.?\Z)[^/\\\x00-\x1f]+")
+"""A run name: one folder name (no ``/`` or ``\\``, no control character, not ``.`` or
+``..``), matched whole."""
 MONTH_FIELDS = ("train_months", "valid_months", "test_months", "holdout_months")
 SPLIT_MONTHS: dict[str, tuple[str, ...]] = {
     "months": ("train_months", "valid_months", "test_months"),
@@ -104,11 +105,11 @@ class ProtocolConfig(Section):
     """Keep items with at least this many interactions, counted like the user filter."""
     orphans: Literal["drop", "keep"] = "drop"
     """Interactions whose item has no row in the items file: ``drop`` puts them in the
-    ``rejects`` table of ``samples`` (counted in its manifest), ``keep`` keeps them (their
+    ``dropped`` table of ``samples`` (counted in its manifest), ``keep`` keeps them (their
     prompts then show the item id for a title)."""
     duplicates: Literal["drop", "keep"] = "drop"
     """Exact duplicate interactions (same user, item, rating and timestamp): ``drop`` keeps the
-    first in source order and puts the others in ``rejects`` (counted), ``keep`` keeps them all
+    first in source order and puts the others in ``dropped`` (counted), ``keep`` keeps them all
     (copies can land in two splits with the same label)."""
     split: SplitKind = "per_user"
     """``per_user``: each user's interactions in time order cut by ``fractions``; ``global``: one
@@ -696,8 +697,8 @@ class RunConfig(Section):
     """A whole pipeline run: where outputs go and the configuration of each stage."""
 
     run_name: str = "ml100k"
-    """Name of the run, a plain folder name (letters, digits, ``.``, ``_``, ``-``; not starting
-    with a dot); outputs land under ``{output_root}/{run_name}/{stage}/``."""
+    """Name of the run, one folder name (no ``/``, not ``.`` or ``..``); outputs land under
+    ``{output_root}/{run_name}/{stage}/``."""
     output_root: str = "runs"
     """fsspec URI under which runs are written (local path or ``s3://``)."""
     output_storage_options: dict[str, Any] = field(default_factory=dict)
@@ -728,12 +729,12 @@ class RunConfig(Section):
     def check(self, key: str, where: str = "") -> None:
         """The rules between sections (each section checks its own fields when it is built)."""
         _signs(self, key, where, positive="keep_versions")
-        if not PLAIN_NAME.match(self.run_name):
+        if not PLAIN_NAME.fullmatch(self.run_name):
             raise ConfigError(
                 f"run_name {self.run_name!r} is not a plain name",
                 where,
-                "use letters, digits, '.', '_' and '-' (no '/', not starting with '.'); "
-                "choose where runs go with output_root",
+                "give one folder name (no '/', not '.' or '..'); choose where runs go with "
+                "output_root",
             )
         unrendered = [m for m in self.score.modes if m not in self.prompts.modes]
         if unrendered:

@@ -89,7 +89,16 @@ def resolve_source(cfg: ModelConfig) -> Source:
 
 
 GGUF_MAGIC = b"GGUF"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+)
+"""Files of which a Hugging Face model folder holds at least one (its tokenizer)."""
 
 
 def check_backbone(cfg: ModelConfig) -> Source:
@@ -110,7 +119,7 @@ def check_backbone(cfg: ModelConfig) -> Source:
         folder = Path(source.path)
         lacking = [] if (folder / "config.json").is_file() else ["config.json"]
         if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-            lacking.append(f"tokenizer file ({', '.join(TOKENIZER_FILES)})")
+            lacking.append(f"tokenizer file ({', '.join(TOKENIZER_FILES[:3])}, ...)")
         if lacking:
             raise ConfigError(
                 f"model.backbone {folder} is not a model folder: "

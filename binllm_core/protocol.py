@@ -61,7 +61,7 @@ class ProtocolResult:
 
     samples: pl.DataFrame
     """One row per kept interaction, columns :data:`SAMPLES_SCHEMA`, ordered by ``sample_id``."""
-    rejects: pl.DataFrame
+    dropped: pl.DataFrame
     """Interactions dropped as orphans or exact duplicates: the interaction columns and a
     ``reason``."""
     user_map: pl.DataFrame
@@ -80,7 +80,7 @@ def build_samples(
     validate_protocol(cfg)
     frame = _prepare(interactions)
     total = frame.height
-    frame, rejects, found = _orphans_and_duplicates(frame, cfg, items)
+    frame, dropped_rows, found = _orphans_and_duplicates(frame, cfg, items)
     frame = _keep_years(frame, cfg.keep_years)
     after_years = frame.height
     frame = _activity_filter(frame, cfg.min_user_interactions, cfg.min_item_interactions)
@@ -104,7 +104,7 @@ def build_samples(
         "dropped_outside_splits": after_filter - samples.height,
     }
     stats = protocol_stats(samples, user_map, item_map) | {"input_rows": total} | dropped | found
-    return ProtocolResult(samples, rejects, user_map, item_map, stats)
+    return ProtocolResult(samples, dropped_rows, user_map, item_map, stats)
 
 
 # ---- config ------------------------------------------------------------------------------------
@@ -159,11 +159,10 @@ def _orphans_and_duplicates(
     a ``reason``), and the counts found of each (``frame`` is in source order)."""
     orphan = pl.lit(False) if items is None else ~pl.col("item").is_in(items.implode())
     keys = ["user", "item", "rating", "timestamp"]
-    copy = pl.int_range(pl.len()).over(keys) > 0
     marked = frame.with_columns(
         _orphan=orphan,
-        _copy=copy,
-        _first=pl.col("row").first().over(keys),
+        _copy=pl.col("row").rank("ordinal").over(keys) > 1,
+        _first=pl.col("row").min().over(keys),
     )
     reason = (
         pl.when(pl.col("_orphan") & pl.lit(cfg.orphans == "drop"))
@@ -171,7 +170,7 @@ def _orphans_and_duplicates(
         .when(pl.col("_copy") & pl.lit(cfg.duplicates == "drop"))
         .then(
             pl.concat_str(
-                pl.lit("exact duplicate of the interaction at row "),
+                pl.lit("exact duplicate of the interaction at byte offset "),
                 pl.col("_first").cast(pl.String),
             )
         )
@@ -309,15 +308,21 @@ def check_labels(frame: pl.DataFrame, cfg: ProtocolConfig) -> None:
     label (no AUC can be measured, nothing learned) is a :class:`StageError` naming the
     threshold and the ratings."""
     for name in SPLITS:
-        labels = frame.filter(pl.col("split") == name)["label"]
-        if labels.n_unique() > 1:
+        split = frame.filter(pl.col("split") == name)
+        if split["label"].n_unique() > 1:
             continue
-        kind = "positive" if labels[0] == 1 else "negative"
-        low, high = frame["rating"].min(), frame["rating"].max()
+        kind = "positive" if split["label"][0] == 1 else "negative"
+        low, high = split["rating"].min(), split["rating"].max()
+        todo = (
+            "set protocol.label_min_rating inside the ratings' range"
+            if frame["label"].n_unique() == 1
+            else "change the split (protocol.fractions or months) or use more data"
+        )
         raise StageError(
-            f"protocol {cfg.name}: every one of the {labels.len():,} {name} samples is {kind} "
-            f"with label_min_rating {cfg.label_min_rating:g} (ratings span {low:g}..{high:g})",
-            todo="set protocol.label_min_rating inside the ratings' range",
+            f"protocol {cfg.name}: every one of the {split.height:,} {name} samples is {kind} "
+            f"with label_min_rating {cfg.label_min_rating:g} (their ratings span "
+            f"{low:g}..{high:g})",
+            todo=todo,
         )
 
 

@@ -224,19 +224,19 @@ def read_chunk(chunk: Chunk) -> tuple[int, bytes]:
     a line: the range skips the partial line it starts in and finishes the one it ends in.
     """
     with open_file(chunk.file) as fh:
-        position = chunk.start
+        position, head = chunk.start, b""
         if position:
             fh.seek(position - 1)
             position += len(fh.readline()) - 1
-        elif fh.read(len(BOM)) == BOM:  # a UTF-8 byte order mark is not part of the first line
-            position = len(BOM)
-        else:
-            fh.seek(0)
+        else:  # a UTF-8 byte order mark is not part of the first line (no seek: streams too)
+            head = fh.read(len(BOM))
+            if head == BOM:
+                position, head = len(BOM), b""
         if chunk.end is None:
-            return position, fh.read()
+            return position, head + fh.read()
         if position >= chunk.end:
             return position, b""
-        data = fh.read(chunk.end - position)
+        data = head + fh.read(chunk.end - position - len(head))
         if data and not data.endswith(b"\n"):
             data += fh.readline()
         return position, data

@@ -176,7 +176,7 @@ def damaged_table(fs: fsspec.AbstractFileSystem, target: str, manifest: dict[str
             try:
                 with fs.open(f, "rb") as fh:
                     rows += pq.ParquetFile(fh).metadata.num_rows
-            except (pa.ArrowInvalid, OSError) as err:
+            except (pa.ArrowInvalid, FileNotFoundError) as err:  # other I/O errors: raised
                 detail = str(err).splitlines()[0] if str(err) else type(err).__name__
                 return f"{to_uri(fs, f)} is not readable Parquet ({detail})"
         if rows != entry["rows"]:

@@ -234,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             recommend_command(args)
     except KeyboardInterrupt:
         print(
-            "binllm: interrupted: the running stage stopped before publishing; its previous "
-            "output is kept whole",
+            "binllm: interrupted: what was running published nothing; every output published "
+            "before is kept whole",
             file=sys.stderr,
         )
         return 130

@@ -56,8 +56,8 @@ from binllm_core.errors import StageError
 from binllm_core.faults import armed
 from binllm_core.metrics import score_report
 from binllm_core.storage import is_local, join, jsonable, resolve
-from pipelines.runtime import InterruptibleTrainer
 from pipelines.stage import StageContext
+from pipelines.training import InterruptibleTrainer
 
 FAULT_POINT = "encode-epoch"
 FAULT_MARKER = "_fault_injected"

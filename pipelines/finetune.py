@@ -47,9 +47,9 @@ from binllm_core.prompts import templates_from_config
 from binllm_core.recommender import LLMRecommender
 from binllm_core.storage import join
 from binllm_core.tuning import STATE, EvalSet, TaskRows, TuningRun, micro_batches
-from pipelines.runtime import InterruptibleTrainer
 from pipelines.score import whole_groups
 from pipelines.stage import StageContext
+from pipelines.training import InterruptibleTrainer
 
 FAULT_POINT = "finetune-step"
 EVAL_COLUMNS = ["prompt", "label", "uid"]

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import ray
-from ray.train.torch import TorchTrainer
 
 from binllm_core.errors import BinllmError, find_user_error
 
@@ -39,17 +38,3 @@ def surface_user_errors() -> Iterator[None]:
         if found is None:
             raise
         raise type(found)(found.message) from None
-
-
-class InterruptibleTrainer(TorchTrainer):
-    """A ``TorchTrainer`` that leaves Ctrl-C to Python.
-
-    Ray Train installs its own SIGINT handler in ``fit`` and never removes it: the first Ctrl-C
-    aborts the training run and ``fit`` returns or fails like any run, and later in the process
-    (a stage after training) Ctrl-C is swallowed or exits with code 0 (``sys.exit`` in the
-    handler). Without it, Ctrl-C raises ``KeyboardInterrupt`` wherever the driver is: the stage
-    stops, its new version is never published (the previous output stays whole), and the run's
-    actors end with the driver."""
-
-    def _register_sigint_handler(self, controller: object) -> None:
-        return None

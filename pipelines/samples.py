@@ -1,5 +1,5 @@
 """Stage ``samples``: ingest's interactions -> ``samples``, ``user_map``, ``item_map`` and
-``rejects`` (interactions dropped as orphans or exact duplicates, with a ``reason``) tables.
+``dropped`` (interactions dropped as orphans or exact duplicates, with a ``reason``) tables.
 
 Ray Data reads the ingest output and writes the tables; the protocol itself
 (:func:`binllm_core.protocol.build_samples`) runs once over the whole table in polars in this
@@ -32,7 +32,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ctx.write_dataset(_dataset(_to_arrow(result.samples)), "samples")
     ctx.write_dataset(_dataset(_to_arrow(result.user_map)), "user_map")
     ctx.write_dataset(_dataset(_to_arrow(result.item_map)), "item_map")
-    ctx.write_table(_to_arrow(result.rejects), "rejects")
+    ctx.write_table(_to_arrow(result.dropped), "dropped")
     return {"protocol": ctx.cfg.protocol.name, **result.stats}
 
 

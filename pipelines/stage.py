@@ -349,6 +349,9 @@ def stage_state(cfg: RunConfig, stage: Stage, upstream_state: dict[str, str]) ->
         return {"stage": stage.name, "state": state, "why": f"waits on {', '.join(waiting)}"}
     now = expected(ctx, stage)
     if previous and previous.get("layout") == LAYOUT and previous["config_hash"] == now.digest:
+        damage = damaged_table(ctx.fs, ctx.stage_path(), previous)
+        if damage:
+            return {"stage": stage.name, "state": "stale", "why": f"files damaged: {damage}"}
         return {"stage": stage.name, "state": "done", "why": describe_skip(previous)[9:]}
     state = "stale" if previous else "missing"
     return {"stage": stage.name, "state": state, "why": why_stale(previous, now)}

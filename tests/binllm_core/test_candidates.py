@@ -119,6 +119,23 @@ def test_input_checks_are_one_line():
         pa.table({"user": ["u", "v", "w"], "item": ["a"] * 3, "label": [True, None, False]}), "x"
     )["label"]
     assert labels.type == pa.int8() and labels.to_pylist() == [1, None, 0]
+    # What pandas writes: categorical ids, float labels with a gap, an empty frame's columns.
+    pandas_like = pa.table(
+        {
+            "user": pa.array(["u", "v", "u"]).dictionary_encode(),
+            "item": ["a", "b", "c"],
+            "label": [1.0, None, 0.0],
+        }
+    )
+    got = check_pairs(pandas_like, "x")
+    assert got["user"].to_pylist() == ["u", "v", "u"] and got["label"].to_pylist() == [1, None, 0]
+    with pytest.raises(DataError, match="has label 0.5 in row 0"):
+        check_pairs(pa.table({"user": ["u"], "item": ["a"], "label": [0.5]}), "x")
+    empty = pa.table({"user": pa.nulls(0), "item": pa.nulls(0), "label": pa.nulls(0)})
+    assert (
+        check_pairs(empty, "x").schema
+        == check_pairs(pa.table({"user": ["u"], "item": ["a"]}), "x").slice(0, 0).schema
+    )
 
 
 def test_distinct_pairs_keeps_first_in_order():

@@ -113,7 +113,7 @@ def test_default_sections_keep_their_rules():
         (["keep_versions=0"], "keep_versions = 0 must be > 0"),
         (["run_name=../x"], "run_name '../x' is not a plain name"),
         (["run_name=a/b"], "run_name 'a/b' is not a plain name"),
-        (["run_name=.hidden"], "run_name '.hidden' is not a plain name"),
+        (["run_name=.."], "run_name '..' is not a plain name"),
         (["prompts.aux.tasks=[mim,cloze]"], "prompts.aux.tasks has cloze"),
         (["prompts.aux.mask_fraction=1.0"], "prompts.aux.mask_fraction = 1.0 is not in [0, 1)"),
         (["prompts.aux.min_positives=1"], "prompts.aux.min_positives = 1 must be >= 2"),

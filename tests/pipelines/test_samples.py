@@ -120,19 +120,20 @@ def test_orphans_and_exact_duplicates_go_to_rejects_unless_kept(ray_session, tmp
     )
     items = sorted(set(table["item"].to_pylist()))
     cfg = make_cfg(tmp_path)
-    run_stage(cfg, fake_ingest(pa.concat_tables([table, extra]), items))
+    # The copy comes first in the table, the first in the source (row 0) is kept.
+    run_stage(cfg, fake_ingest(pa.concat_tables([extra, table]), items))
     metrics = run_stage(cfg, SAMPLES)["metrics"]
     assert (metrics["dropped_orphans"], metrics["dropped_duplicates"]) == (1, 1)
     assert metrics["rows"] == n + 1  # u2's i3 at 1000 is no copy (another rating time)
-    rejects = read(tmp_path, "rejects").to_pylist()
-    assert [(r["user"], r["item"], r["reason"]) for r in rejects] == [
-        ("u0", "i0", "exact duplicate of the interaction at row 0"),
+    dropped = read(tmp_path, "dropped").to_pylist()
+    assert [(r["user"], r["item"], r["reason"]) for r in dropped] == [
+        ("u0", "i0", "exact duplicate of the interaction at byte offset 0"),
         ("u1", "ghost", "item ghost is not in the items file"),
     ]
     kept = make_cfg(tmp_path, "protocol.orphans=keep", "protocol.duplicates=keep")
     metrics = run_stage(kept, SAMPLES)["metrics"]
     assert (metrics["orphan_rows"], metrics["duplicate_rows"], metrics["rows"]) == (1, 1, n + 3)
-    assert read(tmp_path, "rejects").num_rows == 0
+    assert read(tmp_path, "dropped").num_rows == 0
 
 
 def test_missing_column_is_a_data_error(ray_session, tmp_path: Path):
