@@ -173,10 +173,13 @@ class Text:
     encoding: str
     label: str
     offset: int = 0
+    skip_bad: bool = False
+    """Under ``data.on_bad_rows: skip``, a line with a byte that is not UTF-8 is a rejected
+    line (``not valid UTF-8``) instead of an error for the file."""
 
     @classmethod
-    def of(cls, fmt: str, label: str, offset: int = 0) -> Text:
-        return cls(ENCODINGS.get(fmt, "utf-8"), label, offset)
+    def of(cls, fmt: str, label: str, offset: int = 0, skip_bad: bool = False) -> Text:
+        return cls(ENCODINGS.get(fmt, "utf-8"), label, offset, skip_bad)
 
 
 def _to_utf8(data: bytes, text: Text) -> bytes:
@@ -188,6 +191,8 @@ def _to_utf8(data: bytes, text: Text) -> bytes:
     except UnicodeDecodeError as err:
         if text.encoding != "utf-8":
             return data.decode(text.encoding).encode("utf-8")
+        if text.skip_bad:
+            return data.decode("utf-8", errors="replace").encode("utf-8")
         raise DataError(
             f"{text.label} is not valid UTF-8: byte 0x{data[err.start]:02x} at offset "
             f"{text.offset + err.start:,}",
@@ -212,19 +217,26 @@ def lines_frame(data: bytes, text: Text) -> pl.DataFrame:
     text_bounds = offsets if utf8 is data else _bounds(utf8)
     count = len(offsets) - 1
     array = pa.LargeStringArray.from_buffers(count, pa.py_buffer(text_bounds), pa.py_buffer(utf8))
-    return pl.DataFrame(
+    frame = pl.DataFrame(
         {
             "index": np.arange(count, dtype=np.int64),
             "offset": offsets[:-1],
             "text": pl.from_arrow(array).cast(pl.String).str.strip_chars_end("\r\n"),
         }
     )
+    if utf8 is not data and text.encoding == "utf-8":  # bytes replaced under skip_bad
+        frame = frame.with_columns(bad_utf8=pl.col("text").str.contains("\ufffd", literal=True))
+    return frame
 
 
 def _settle(
     frame: pl.DataFrame, label: str, skip_bad: bool, lines_before: Callable[[], int]
 ) -> tuple[pl.DataFrame, pa.Table]:
     """Split rows with a ``reason`` off as rejects (or raise on the first of them)."""
+    if "bad_utf8" in frame.columns:
+        frame = frame.with_columns(
+            reason=pl.when("bad_utf8").then(pl.lit("not valid UTF-8")).otherwise("reason")
+        )
     bad = frame.filter(pl.col("reason").is_not_null())
     if bad.height == 0:
         return frame, REJECTS.empty_table()
@@ -383,7 +395,7 @@ def parse_interactions(
     """
     if fmt in JSON_INTERACTIONS:
         keys, per_second = JSON_INTERACTIONS[fmt]
-        lines, _ = _body(data, Text.of(fmt, label, offset), False, True)
+        lines, _ = _body(data, Text.of(fmt, label, offset, skip_bad), False, True)
         frame = _json_fields(lines, dict.fromkeys(keys, pl.String), label)
         renamed = frame.rename({f"f:{k}": f"f:{v}" for k, v in keys.items()})
         json_check = (pl.col("json_error").is_not_null(), pl.col("json_error"))
@@ -391,7 +403,8 @@ def parse_interactions(
             renamed, per_second, fmt, offset, label, skip_bad, lines_before, json_check
         )
     spec, wanted = INTERACTION_FILES[fmt]
-    lines, own_header = _body(data, Text.of(fmt, label, offset), not spec.fields, header is None)
+    text = Text.of(fmt, label, offset, skip_bad)
+    lines, own_header = _body(data, text, not spec.fields, header is None)
     names = spec.names(own_header or header, label)
     _require(names, wanted, label)
     frame, count_check = split_fields(lines, spec, names)
@@ -558,11 +571,11 @@ def parse_items(fmt: str, data: bytes, *, label: str, skip_bad: bool) -> tuple[p
     """Parse a whole item file into ``item``, ``title``, what the source has, and ``row``
     (the line's byte offset, so duplicates can keep the last one); and its rejects."""
     if fmt in JSON_ITEMS:
-        return _json_items(JSON_ITEMS[fmt], data, Text.of(fmt, label), skip_bad)
+        return _json_items(JSON_ITEMS[fmt], data, Text.of(fmt, label, 0, skip_bad), skip_bad)
     if fmt == "ml_csv":
         return _movies_csv(data, Text.of(fmt, label)), REJECTS.empty_table()
     spec = ITEM_FILES[fmt]
-    lines, header = _body(data, Text.of(fmt, label), not spec.fields, True)
+    lines, header = _body(data, Text.of(fmt, label, 0, skip_bad), not spec.fields, True)
     names = spec.names(header, label)
     if fmt == "recbole":
         _require(names, {"item_id": "item"}, label)

@@ -190,6 +190,17 @@ def test_encoding_is_the_formats_own_and_a_bad_byte_is_named() -> None:
         f"x.inter is not valid UTF-8: byte 0xe9 at offset {at}; "
         "save the file as UTF-8, the encoding of its format"
     )
+    good, rejects = parse_interactions(
+        "recbole",
+        data,
+        offset=100,
+        header=None,
+        label="x.inter",
+        skip_bad=True,
+        lines_before=lambda: 0,
+    )
+    assert good.num_rows == 0
+    assert [(r["line"], r["reason"]) for r in rejects.to_pylist()] == [(2, "not valid UTF-8")]
 
 
 def test_bad_json_and_missing_column() -> None:
