@@ -325,13 +325,15 @@ def aux_table(args: argparse.Namespace, root: Path, stem: str) -> None:
     sets = [*[o for o in before["overrides"] if not o.startswith(("output_root=", "run_name="))],
             *args.overrides, "prompts.aux.tasks=[mim,bpr]", f"finetune.aux={shares}",
             f"retrieve.tie_break={before['tie_rule']}", f"output_root={root}", f"run_name={name}"]
-    for stage in ("ingest", "samples", "encode", "retrieve"):
-        if not (root / name / stage).exists():
-            shutil.copytree(plain / stage, root / name / stage)
-    started = time.perf_counter()
     cfg = load_config(args.config, sets)
-    run_pipeline(cfg, log=lambda m: print(f"[{name}] {m}", flush=True))
+    if not args.tables_only:
+        for stage in ("ingest", "samples", "encode", "retrieve"):
+            if not (root / name / stage).exists():
+                shutil.copytree(plain / stage, root / name / stage)
+        run_pipeline(cfg, log=lambda m: print(f"[{name}] {m}", flush=True))
     runs = {plain_name: manifests_of(plain), name: manifests_of(root / name)}
+    trained = ("finetune", "score", "rerank", "evaluate")
+    minutes = sum(runs[name][s]["wall_time_s"] for s in ("render", *trained)) / 60
     codes = code_scores(root, plain_name)
     rows = []
     for run, label in ((plain_name, ""), (name, " + aux")):
@@ -379,13 +381,17 @@ def aux_table(args: argparse.Namespace, root: Path, stem: str) -> None:
         f"{cfg.retrieve.max_users} seeded users, all users (**full**: whole catalog, **sampled**: "
         f"1 test positive + {cfg.retrieve.sampled_negatives} unseen). Aux prompt tokens (mean): "
         + ", ".join(f"{t} {m} {v['mean']:.0f}" for t, by in tokens.items() for m, v in by.items())
-        + f". Whole aux run {(time.perf_counter() - started) / 60:.0f} min (finished stages are "
-        "skipped on a re-run).",
+        + f". The aux run's render, finetune, score, rerank and evaluate took {minutes:.0f} min "
+        "(stage wall times; finished stages are skipped on a re-run); its finetune finished "
+        f"{runs[name]['finetune']['finished_at']}.",
         "",
         table(header, body),
     ])
-    save(f"quality-aux-{stem}", {"config": args.config, "overrides": sets, "shares": AUX_SHARES,
-                                 "rows": rows}, markdown)
+    save(f"quality-aux-{stem}", {
+        "config": args.config, "overrides": sets, "shares": AUX_SHARES, "rows": rows,
+        "finished_at": {s: runs[name][s]["finished_at"] for s in trained},
+        "stage_s": {s: runs[name][s]["wall_time_s"] for s in ("render", *trained)},
+    }, markdown)
     print(markdown)
 
 
@@ -409,6 +415,9 @@ def main() -> None:
     parser.add_argument("--aux-only", action="store_true",
                         help="only the auxiliary-task rows: the ranking run's two steps with "
                              "mim and bpr mixed in (needs the ranking run's folder)")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="with --aux-only: write the table from the runs' finished outputs, "
+                             "running no stage (after a code change that would redo them)")
     args = parser.parse_args()
     shared = [
         f"data.uri={SHARED / 'data' / 'ml-100k'}",
