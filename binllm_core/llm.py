@@ -221,7 +221,7 @@ _TINY_WORDS = (
     "Question A user has given high ratings to the following movies books movie book "
     "Leverage information predict whether would enjoy titled Answer with Yes or No "
     "Additionally we have about user's preferences encoded in feature Using all available make "
-    "a prediction none unkow n B"
+    "a prediction none unkow n"
 ).split()
 _TINY_SPECIAL = ("<pad>", "<unk>", "<s>", "</s>")
 _TINY_SYMBOLS = list("0123456789.,:;?!\"'()[]#-_/&\\<>") + [chr(c) for c in range(97, 123)]

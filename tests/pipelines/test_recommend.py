@@ -13,7 +13,7 @@ import pytest
 from binllm_core.errors import DataError
 from jobs.cli import main
 from pipelines.recommend import read_recommendations, recommend
-from tests.jobs.fake_run import fake_run
+from tests.jobs.fake_run import fake_run, publish_stage
 
 pytestmark = pytest.mark.slow  # retrieval and scoring actor pools
 
@@ -67,6 +67,7 @@ def test_nightly_topk_twice_for_one_date_gives_one_identical_partition(
 ):
     sets = [f"output_root={tmp_path}", "run_name=f", "score.adapters={text: none, binary: none}"]
     cfg = fake_run(tmp_path)
+    publish_stage(tmp_path / "f", "render", {})  # the CLI opens only a run that has rendered
     run = ["--run", "configs/tiny.yaml", *[a for s in sets for a in ("--set", s)]]
     args = ["nightly", *run, "--topk", "2", "--date", DATE]
     assert main(args) == 0

@@ -101,7 +101,7 @@ def test_a_split_with_a_single_label_fails_and_writes_nothing(ray_session, tmp_p
         run_stage(cfg, SAMPLES)
     assert str(err.value) == (
         "protocol tiny: every one of the 96 train samples is negative with label_min_rating 6 "
-        "(ratings span 1..5); set protocol.label_min_rating inside the ratings' range"
+        "(their ratings span 1..5); set protocol.label_min_rating inside the ratings' range"
     )
     assert not (tmp_path / "t" / "samples" / MANIFEST).exists()
 
