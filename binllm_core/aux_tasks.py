@@ -28,9 +28,8 @@ import polars as pl
 import pyarrow as pa
 
 from binllm_core.config import AUX_PLACEHOLDERS, AUX_TASKS, AuxConfig, PromptConfig
-from binllm_core.errors import DataError
 from binllm_core.objectives import LETTERS
-from binllm_core.prompts import Lookups
+from binllm_core.prompts import Lookups, code_of
 
 AUX_SCHEMA = pa.schema(
     [
@@ -236,7 +235,7 @@ def render_rows(
             listed = [None if k in masked else i for k, i in enumerate(row.listed)]
             values = {"<ItemTitleList>": ", ".join(map(item, listed))}
             if codes:
-                values["<UserID>"] = _code(lookups.user_codes[mode], row.uid, "user", mode)
+                values["<UserID>"] = code_of(lookups.user_codes[mode], row.uid, "user uid", mode)
             if row.task == "bpr":
                 first, second = (
                     (row.positive, row.negative) if row.label else (row.negative, row.positive)
@@ -277,17 +276,6 @@ def _item_writer(lookups: Lookups, mode: str, mask_word: str) -> Callable[[int |
         if iid is None:
             return mask_word
         title = f'"{lookups.titles[iid]}"'
-        return title if codes is None else f"{title} ({_code(codes, iid, 'item', mode)})"
+        return title if codes is None else f"{title} ({code_of(codes, iid, 'item iid', mode)})"
 
     return write
-
-
-def _code(codes: Mapping[int, str], key: int, what: str, mode: str) -> str:
-    code = codes.get(key)
-    if code is None:
-        raise DataError(
-            f"{what} {key} of an aux row has no {mode} code: the encoder never saw it",
-            "encode/codes",
-            "re-run encode on the same samples output, or render text prompts only",
-        )
-    return code

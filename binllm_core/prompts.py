@@ -204,8 +204,8 @@ def render_table(
             codes = None
             if mode != "text":
                 codes = (
-                    _code(lookups.user_codes[mode], uid, "user uid", mode),
-                    _code(lookups.item_codes[mode], iid, "item iid", mode),
+                    code_of(lookups.user_codes[mode], uid, "user uid", mode),
+                    code_of(lookups.item_codes[mode], iid, "item iid", mode),
                 )
             for name in SAMPLE_COLUMNS[:-1]:
                 out[name].append(cols[name][row])
@@ -230,7 +230,8 @@ def prompt_of(
     return fill(templates.for_mode(mode), values)
 
 
-def _code(codes: Mapping[int, str], key: int, what: str, mode: str) -> str:
+def code_of(codes: Mapping[int, str], key: int, what: str, mode: str) -> str:
+    """The code of an entity, or a one-line error: the encoder never saw it."""
     code = codes.get(key)
     if code is None:
         raise DataError(
