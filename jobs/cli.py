@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from typing import Any
 
 from binllm_core.config import load_config
@@ -40,6 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show Ray's own log lines and workers' output on the terminal too (they always go "
+        "to the run's log file, {run}/logs/)",
+    )
+
+
 def _add_run_ref(parser: argparse.ArgumentParser, positional: bool = False) -> None:
     what = "the run: its YAML config, or its folder {output_root}/{run_name}"
     if positional:
@@ -58,6 +69,7 @@ def _add_run_ref(parser: argparse.ArgumentParser, positional: bool = False) -> N
 
 def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     _add_run_ref(parser)
+    _add_verbose(parser)
     parser.add_argument(
         "--input",
         required=True,
@@ -73,6 +85,7 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_recommend_arguments(parser: argparse.ArgumentParser) -> None:
     _add_run_ref(parser)
+    _add_verbose(parser)
     _add_users(parser)
     parser.add_argument("--k", type=int, default=10, help="items per user (default 10)")
     parser.add_argument(
@@ -94,6 +107,7 @@ def _add_users(parser: argparse.ArgumentParser) -> None:
 
 def add_nightly_arguments(parser: argparse.ArgumentParser) -> None:
     _add_run_ref(parser)
+    _add_verbose(parser)
     parser.add_argument(
         "--candidates",
         default="",
@@ -136,6 +150,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print what each stage would do (done / stale / missing, and why); run nothing",
     )
+    _add_verbose(parser)
 
 
 def run_command(args: argparse.Namespace) -> None:
@@ -143,19 +158,32 @@ def run_command(args: argparse.Namespace) -> None:
     if not path:
         raise ConfigError("no config given", todo="write binllm run configs/ml100k.yaml")
     cfg = load_config(path, args.overrides)
-    from pipelines.registry import run_folder, run_pipeline  # imports Ray: config known good
+    # imports Ray: config known good
+    from pipelines.registry import check_run_folder, run_folder, run_pipeline, select
 
     if args.dry_run:
         print_status(cfg)
         return
     names = [s.strip() for s in args.stages.split(",") if s.strip()]
-    manifests = run_pipeline(cfg, names, force=args.force)
+    select(names, cfg)  # an unknown stage is refused before anything is written
+    check_run_folder(cfg)  # the log goes into the run folder: it must be binllm's
+    with _console(cfg, "run", args):
+        manifests = run_pipeline(cfg, names, force=args.force)
     report = manifests.get("evaluate", {}).get("metrics", {}).get("report")
     if report:
         from binllm_core.storage import join, to_uri
 
         fs, run = run_folder(cfg)
         print(f"[binllm] report: {to_uri(fs, join(run, report))}")
+
+
+def _console(cfg: Any, command: str, args: argparse.Namespace) -> Any:
+    """The command's console: Ray's lines into ``{run}/logs/``, binllm's on the terminal."""
+    from pipelines.console import Console
+    from pipelines.registry import run_folder
+
+    fs, run = run_folder(cfg)
+    return Console(fs, run, command, args.verbose)
 
 
 def print_status(cfg: Any) -> None:
@@ -179,7 +207,7 @@ def score_command(args: argparse.Namespace) -> None:
     from pipelines.runtime import surface_user_errors
 
     cfg = open_run(args.run, args.overrides)
-    with surface_user_errors():
+    with _console(cfg, "score", args), surface_user_errors():
         score_candidates(cfg, args.input, args.output)
 
 
@@ -200,7 +228,7 @@ def nightly_command(args: argparse.Namespace) -> None:
             todo="drop --incremental",
         )
     cfg = open_run(args.run, args.overrides)
-    with surface_user_errors():
+    with _console(cfg, "nightly", args), surface_user_errors():
         if args.topk:
             from pipelines.recommend import nightly_topk
 
@@ -215,7 +243,7 @@ def recommend_command(args: argparse.Namespace) -> None:
     from pipelines.runtime import surface_user_errors
 
     cfg = open_run(args.run, args.overrides)
-    with surface_user_errors():
+    with _console(cfg, "recommend", args), surface_user_errors():
         recommend(cfg, args.users, args.k, args.output)
 
 
@@ -241,11 +269,27 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:  # noqa: BLE001 - one line for users, the trace for anything else
         found = find_user_error(err) or io_error(err)
-        if found is None:
+        if found is not None:
+            print(f"binllm: error: {found}", file=sys.stderr)
+            return 2
+        log = last_log()
+        if getattr(args, "verbose", False) or not log:
             raise
-        print(f"binllm: error: {found}", file=sys.stderr)
-        return 2
+        last = traceback.format_exception_only(err)[-1].strip()
+        print(
+            f"binllm: internal error: {last}; the whole trace is in {log} "
+            "(please report it with that file)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def last_log() -> str:
+    """The log file of the last console this process opened ('' if none)."""
+    from pipelines import console
+
+    return console.last_uri()
 
 
 if __name__ == "__main__":

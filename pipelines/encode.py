@@ -56,6 +56,7 @@ from binllm_core.errors import StageError
 from binllm_core.faults import armed
 from binllm_core.metrics import score_report
 from binllm_core.storage import is_local, join, jsonable, resolve
+from pipelines.progress import Reporter, progress
 from pipelines.stage import StageContext
 from pipelines.training import InterruptibleTrainer
 
@@ -84,7 +85,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     name = f"encoder-{ctx.digest}"
     storage = ctx.scratch_path("checkpoints")
     started = time.time()
-    result = _trainer(ctx, cfg, name, storage, user_num, item_num).fit()
+    with progress("encode", cfg.max_epochs, "epoch", _describe_epoch) as reporter:
+        result = _trainer(ctx, cfg, name, storage, user_num, item_num, reporter).fit()
     train_time = time.time() - started
     if not result.best_checkpoints or result.checkpoint is None:
         raise StageError("encoder training reported no checkpoint", ctx.uri(join(storage, name)))
@@ -132,6 +134,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
     )
 
 
+def _describe_epoch(fields: dict[str, Any]) -> str:
+    text = f"loss {fields['loss']:.4f}" if "loss" in fields else ""
+    if fields.get("valid_auc") is not None:
+        text += f", valid AUC {fields['valid_auc']:.4f}"
+    if fields.get("best_auc") is not None:
+        text += f" (best {fields['best_auc']:.4f})"
+    return text
+
+
 def _run_relative(ctx: StageContext, path: str) -> str:
     """A checkpoint path as the manifest records it: relative to the run folder."""
     _, plain = resolve(path, ctx.cfg.output_storage_options) if "://" in path else (None, path)
@@ -154,7 +165,13 @@ def code_report(codes: pa.Table, rows: Rows) -> dict[str, float]:
 
 
 def _trainer(
-    ctx: StageContext, cfg: EncoderConfig, name: str, storage: str, user_num: int, item_num: int
+    ctx: StageContext,
+    cfg: EncoderConfig,
+    name: str,
+    storage: str,
+    user_num: int,
+    item_num: int,
+    reporter: Reporter,
 ) -> ray.train.torch.TorchTrainer:
     samples = ctx.read_dataset("samples", "samples").select_columns(SAMPLE_COLUMNS)
     datasets = {
@@ -172,6 +189,7 @@ def _trainer(
         "encoder": to_dict(cfg),
         "user_num": user_num,
         "item_num": item_num,
+        "progress": reporter,
         "fault": armed(
             FAULT_POINT,
             ctx.uri(join(storage, name, FAULT_MARKER)),
@@ -223,6 +241,8 @@ def train_loop(config: dict[str, Any]) -> None:
             config["fault"].reached(training.epoch + 1)
         loss = training.train_epoch(train, rank, world)
         improved = training.validate(valid, test)
+        if rank == 0:
+            _post_epoch(config["progress"], training, loss)
         periodic = (training.epoch + 1) % cfg.checkpoint_every == 0
         if not _agree(improved or periodic or training.finished, world):
             continue
@@ -238,6 +258,17 @@ def train_loop(config: dict[str, Any]) -> None:
                 training.save(folder)
             report_checkpoint = Checkpoint.from_directory(folder) if rank == 0 else None
             ray.train.report(metrics, checkpoint=report_checkpoint)
+
+
+def _post_epoch(reporter: Reporter, training: EncoderTraining, loss: float) -> None:
+    auc = training.valid_auc
+    best = training.best.get(training.primary, {}).get("valid", {}).get("auc")
+    reporter.post(
+        done=training.epoch + 1,
+        loss=loss,
+        valid_auc=None if auc is None or math.isnan(auc) else auc,
+        best_auc=None if best is None or math.isnan(best) else best,
+    )
 
 
 def _agree(flag: bool, world: int) -> bool:

@@ -46,7 +46,8 @@ from binllm_core.prefix_sharing import PrefixCut
 from binllm_core.prompts import templates_from_config
 from binllm_core.recommender import LLMRecommender
 from binllm_core.storage import join
-from binllm_core.tuning import STATE, EvalSet, TaskRows, TuningRun, micro_batches
+from binllm_core.tuning import STATE, EvalSet, TaskRows, TuningRun, micro_batches, planned_steps
+from pipelines.progress import Reporter, progress
 from pipelines.score import whole_groups
 from pipelines.stage import StageContext
 from pipelines.training import InterruptibleTrainer
@@ -127,18 +128,22 @@ def run(ctx: StageContext) -> dict[str, Any]:
             )
         name = f"{step.name}-{ctx.digest}"
         started = time.time()
-        result = _trainer(
-            ctx,
-            cfg,
-            step,
-            name,
-            storage,
-            train_ids,
-            valid_ids,
-            previous if step.from_previous else None,
-            cut,
-            aux,
-        ).fit()
+        total = planned_steps(step.cfg, len(train_ids), cfg.num_workers)
+        title = f"finetune {step.name} ({step.mode})"
+        with progress(title, total, "step", _describe_step) as reporter:
+            result = _trainer(
+                ctx,
+                cfg,
+                step,
+                name,
+                storage,
+                train_ids,
+                valid_ids,
+                previous if step.from_previous else None,
+                cut,
+                aux,
+                reporter,
+            ).fit()
         state, adapter = _collect(ctx, result.checkpoint, step.name)
         previous = result.checkpoint
         evals += [{"step_name": step.name, **e} for e in state["evals"]]
@@ -260,6 +265,7 @@ def _trainer(
     init: Checkpoint | None,
     cut: PrefixCut,
     aux: pa.Table | None,
+    reporter: Reporter,
 ) -> TorchTrainer:
     train = _rows(ctx, step.mode, "train", train_ids).random_shuffle(seed=cfg.seed).materialize()
     valid = _rows(ctx, step.mode, "valid", valid_ids)
@@ -278,6 +284,7 @@ def _trainer(
         "init_adapter": "" if init is not None or step.name != "step1" else cfg.init_adapter,
         "prefix_cut": cut,
         "aux": step.aux,
+        "progress": reporter,
         "fault": armed(
             FAULT_POINT, ctx.uri(join(storage, f"fault-injected-{ctx.digest}")), raises=True
         ),
@@ -380,18 +387,48 @@ def train_loop(config: dict[str, Any]) -> None:
     seed = ft.seed + rank
     stream = micro_batches(rows, step_cfg.batch_size, seed, group_by, aux, config["aux"])
     reported = False
+    speed = _Speed(run, world)
     while not run.done:
-        run.train_step(stream)
+        loss = run.train_step(stream)
         if rank == 0 and config["fault"] is not None:
             config["fault"].reached(run.state.step)
+        if rank == 0:
+            config["progress"].post(done=run.state.step, loss=loss, tokens_per_s=speed.now())
         if not run.due_for_eval:
             continue
-        _report(run, run.evaluate(valid, gather), device)
+        record = run.evaluate(valid, gather)
+        if rank == 0:
+            config["progress"].post(done=run.state.step, valid_auc=record["auc"])
+        _report(run, record, device)
         reported = True
     if not reported:
         # Resumed a step that had finished: report again so this run's result has a checkpoint.
         _report(run, run.state.evals[-1], device)
     run.close()
+
+
+class _Speed:
+    """Training tokens per second of this run so far (this worker's, times the workers)."""
+
+    def __init__(self, run: TuningRun, world: int) -> None:
+        self.run, self.world = run, world
+        self.tokens, self.seconds = run.state.tokens, run.state.train_seconds
+
+    def now(self) -> float:
+        s = self.run.state
+        seconds = s.train_seconds - self.seconds
+        return (s.tokens - self.tokens) * self.world / seconds if seconds > 0 else 0.0
+
+
+def _describe_step(fields: dict[str, Any]) -> str:
+    parts = []
+    if "loss" in fields:
+        parts.append(f"loss {fields['loss']:.4f}")
+    if "tokens_per_s" in fields:
+        parts.append(f"{fields['tokens_per_s']:,.0f} tok/s")
+    auc = fields.get("valid_auc")
+    parts.append(f"valid AUC {auc:.4f}" if auc is not None and auc == auc else "valid AUC -")
+    return ", ".join(parts)
 
 
 def _gather(world: int) -> Any:

@@ -3,7 +3,7 @@ job, :mod:`pipelines.nightly`).
 
 :func:`score_pairs` renders every pair with what the run knows (source ids -> uid/iid, history,
 codes, titles), scores each prompt mode with its adapter on the actor pool of stage ``score``
-(:func:`pipelines.score.score_dataset`), and returns the rows with ``user``, ``item``, ``row``
+(:func:`pipelines.score.score_now`), and returns the rows with ``user``, ``item``, ``row``
 (input position) and ``cold`` (the pair's user or item has no code: text prompt, or skipped).
 :func:`score_candidates` publishes them to ``{run}/pairs/{input name}`` (or ``--output``).
 """
@@ -38,7 +38,7 @@ from pipelines.score import (
     adapter_plan,
     model_id,
     now_utc,
-    score_dataset,
+    score_now,
 )
 from pipelines.stage import StageContext, package_versions, plain_config
 
@@ -150,7 +150,7 @@ def score_pairs(
         if n == 0:
             continue
         t0 = time.time()
-        part = score_dataset(subset, cfg, plan[m], scored_at).materialize()
+        part = score_now(subset, cfg, plan[m], scored_at, f"score {m}")
         per_mode[m]["prompts_per_s"] = round(n / max(time.time() - t0, 1e-9), 3)
         parts.append(
             part.map_batches(_mark_carried, fn_kwargs={"value": False}, batch_format="pyarrow")

@@ -13,9 +13,10 @@ from binllm_core.llm import check_backbone
 from binllm_core.lock import LOCK, WriterLock
 from binllm_core.storage import join, resolve, to_uri
 from pipelines import encode, evaluate, finetune, ingest, render, rerank, retrieve, samples, score
+from pipelines.console import LOGS
 from pipelines.stage import Stage, run_stage, stage_state
 
-OTHER_OUTPUTS = ("pairs", "nightly", "recommendations", LOCK)
+OTHER_OUTPUTS = ("pairs", "nightly", "recommendations", LOCK, LOGS)
 """Entries of a run folder that binllm writes besides the stage folders."""
 
 

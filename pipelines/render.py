@@ -35,6 +35,7 @@ from binllm_core.prompts import (
     render_table,
     templates_from_config,
 )
+from pipelines.progress import Reporter, progress
 from pipelines.stage import StageContext
 
 
@@ -55,27 +56,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
         )
 
     samples = ctx.read_dataset("samples", "samples").select_columns(SAMPLE_COLUMNS)
-    prompts = (
-        samples.map_batches(
-            _render,
-            fn_kwargs={
-                "lookups": lookups,
-                "templates": templates,
-                "modes": modes,
-                "history_len": cfg.history_len,
-            },
-            batch_format="pyarrow",
-            batch_size=2048,
-        )
-        .map_batches(
-            TokenCounter,
-            fn_constructor_kwargs={"model_cfg": ctx.cfg.model},
-            compute=ray.data.ActorPoolStrategy(size=1),
-            batch_format="pyarrow",
-            batch_size=2048,
-        )
-        .materialize()
-    )
+    total = ctx.manifest_of("samples")["tables"]["samples"]["rows"] * len(modes)
+    with progress("render", total, "prompt") as reporter:
+        prompts = _rendered(samples, lookups, templates, modes, cfg.history_len, ctx, reporter)
     if prompts.count() == 0:
         raise StageError("no samples to render", ctx.uri(ctx.stage_path("samples")))
     summary = pa.concat_tables(
@@ -97,6 +80,39 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "templates": {"text": templates.text, "code": templates.code},
         "empty_history": templates.empty_history,
     }
+
+
+def _rendered(
+    samples: ray.data.Dataset,
+    lookups: Lookups,
+    templates: Templates,
+    modes: list[str],
+    history_len: int,
+    ctx: StageContext,
+    reporter: Reporter,
+) -> ray.data.Dataset:
+    """Every sample's prompt in every mode, with its token count (materialized)."""
+    return (
+        samples.map_batches(
+            _render,
+            fn_kwargs={
+                "lookups": lookups,
+                "templates": templates,
+                "modes": modes,
+                "history_len": history_len,
+            },
+            batch_format="pyarrow",
+            batch_size=2048,
+        )
+        .map_batches(
+            TokenCounter,
+            fn_constructor_kwargs={"model_cfg": ctx.cfg.model, "progress": reporter},
+            compute=ray.data.ActorPoolStrategy(size=1),
+            batch_format="pyarrow",
+            batch_size=2048,
+        )
+        .materialize()
+    )
 
 
 def _write_aux(ctx: StageContext, lookups: Lookups, modes: list[str]) -> dict[str, Any]:
@@ -138,11 +154,13 @@ def _render(
 class TokenCounter:
     """Adds ``n_tokens`` (int32): the prompt's length in tokens of the configured tokenizer."""
 
-    def __init__(self, model_cfg: ModelConfig) -> None:
+    def __init__(self, model_cfg: ModelConfig, progress: Reporter | None = None) -> None:
         self.tokenizer = load_tokenizer(model_cfg)
+        self.progress = progress or Reporter()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids = self.tokenizer(batch["prompt"].to_pylist(), add_special_tokens=False)["input_ids"]
+        self.progress.post(advance=batch.num_rows)
         return batch.append_column("n_tokens", pa.array([len(i) for i in ids], pa.int32()))
 
 

@@ -3,7 +3,7 @@
 Each candidate of ``retrieve/candidates`` (both protocols) becomes the run's prompt for its user
 and item — the user's history as ``retrieve/users`` recorded it (the positives before the
 split, so a list never shows the split's own items), the titles and, in a code mode, the codes —
-and is scored by :func:`pipelines.score.score_dataset` (the actors, adapters and shared user
+and is scored by :func:`pipelines.score.score_now` (the actors, adapters and shared user
 prefix of stage ``score``: a user's N prompts run the prefix once). Each mode is ranked by its
 answer score, ties by retrieval rank. ``binllm recommend`` and ``nightly --topk``
 (:mod:`pipelines.recommend`) run the same steps on their own users.
@@ -36,7 +36,7 @@ from pipelines.score import (
     adapter_plan,
     default_modes,
     now_utc,
-    score_dataset,
+    score_now,
 )
 from pipelines.stage import StageContext
 
@@ -173,7 +173,8 @@ def rerank(
             n = subset.count()
             if n == 0:
                 continue
-            scored = score_dataset(subset, cfg, plan[row_mode], scored_at).materialize()
+            title = f"rerank {mode}" + (" (text rows)" if row_mode != mode else "")
+            scored = score_now(subset, cfg, plan[row_mode], scored_at, title)
             parts.append(scored)
             rows += n
         seconds = time.time() - started

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import ray
 
 from binllm_core.errors import BinllmError, find_user_error
+from pipelines import console
 
 
 def ensure_ray() -> None:
@@ -16,9 +17,14 @@ def ensure_ray() -> None:
 
     Order is preserved so that a re-run writes identical rows (samples, codes, prompts).
     """
+    shown = console.current()
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or None
-        ray.init(address=address, log_to_driver=False, include_dashboard=False)
+        # Workers' own prints reach the terminal only with ``binllm -v``.
+        verbose = shown is not None and shown.verbose
+        ray.init(address=address, log_to_driver=verbose, include_dashboard=False)
+    if shown is not None:
+        shown.route_ray_logs()
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False

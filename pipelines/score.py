@@ -56,6 +56,7 @@ from binllm_core.faults import Fault, armed
 from binllm_core.prefix_sharing import PrefixCut
 from binllm_core.prompts import templates_from_config
 from binllm_core.storage import content_identity, is_local, resolve
+from pipelines.progress import Reporter, progress
 from pipelines.stage import StageContext
 
 FAULT_POINT = "scorer-batch"
@@ -106,6 +107,7 @@ class PromptScorer:
         storage_options: dict[str, Any] | None = None,
         fault: Fault | None = None,
         prefix_cut: PrefixCut | None = None,
+        progress: Reporter | None = None,
     ) -> None:
         import torch
 
@@ -124,6 +126,7 @@ class PromptScorer:
         self.scorer = Scorer(self.recommender, batch_size, max_length, sort_by_length, prefix_cut)
         self.lineage = lineage
         self.fault = fault
+        self.progress = progress or Reporter()
         self.calls = 0
 
     def logits(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -151,6 +154,7 @@ class PromptScorer:
             if name in out.column_names:
                 out = out.drop_columns([name])
             out = out.append_column(name, values)
+        self.progress.post(advance=n)
         return out
 
 
@@ -193,8 +197,10 @@ def score_dataset(
     scored_at: dt.datetime,
     sort_by_length: bool = True,
     num_actors: int | None = None,
+    reporter: Reporter | None = None,
 ) -> ray.data.Dataset:
-    """``ds`` (with a ``prompt`` column) scored on an actor pool; lazy, call ``materialize``.
+    """``ds`` (with a ``prompt`` column) scored on an actor pool; lazy, call ``materialize``
+    (or :func:`score_now`, which also shows the progress).
 
     The input is materialized first: an actor pool that reserves every CPU of a small cluster
     (2 cores, one actor of 2 threads) would otherwise starve the read tasks that feed it, and
@@ -220,7 +226,17 @@ def score_dataset(
         # Ray 2.60 has no named parameter for actor restarts yet and flags **ray_remote_args as
         # deprecated; without them the pool restarts actors without bound (Ray Data's default).
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        return _map_scorer(ds, cfg, adapter, lineage, sort_by_length, fault, num_actors)
+        return _map_scorer(ds, cfg, adapter, lineage, sort_by_length, fault, num_actors, reporter)
+
+
+def score_now(
+    ds: ray.data.Dataset, cfg: RunConfig, adapter: str, scored_at: dt.datetime, title: str
+) -> ray.data.Dataset:
+    """:func:`score_dataset`, materialized, with a progress bar titled ``title`` (prompts, the
+    rate and the ETA) while it runs."""
+    ds = ds.materialize()
+    with progress(title, ds.count(), "prompt") as reporter:
+        return score_dataset(ds, cfg, adapter, scored_at, reporter=reporter).materialize()
 
 
 def _map_scorer(
@@ -231,6 +247,7 @@ def _map_scorer(
     sort_by_length: bool,
     fault: Fault | None,
     num_actors: int | None,
+    reporter: Reporter | None,
 ) -> ray.data.Dataset:
     sc = cfg.score
     return ds.map_batches(
@@ -247,6 +264,7 @@ def _map_scorer(
             "storage_options": cfg.output_storage_options,
             "fault": fault,
             "prefix_cut": _prefix_cut(cfg),
+            "progress": reporter,
         },
         compute=ray.data.ActorPoolStrategy(size=num_actors or sc.num_actors),
         batch_size=sc.batch_size * max(1, sc.sort_window),
@@ -336,7 +354,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     parts, per_mode = [], {}
     for mode, adapter in plan.items():
         started = time.time()
-        part = score_dataset(_select(ctx, mode, ids), cfg, adapter, scored_at).materialize()
+        part = score_now(_select(ctx, mode, ids), cfg, adapter, scored_at, f"score {mode}")
         seconds = time.time() - started
         rows = part.count()
         per_mode[mode] = {
