@@ -159,14 +159,13 @@ def run_command(args: argparse.Namespace) -> None:
         raise ConfigError("no config given", todo="write binllm run configs/ml100k.yaml")
     cfg = load_config(path, args.overrides)
     # imports Ray: config known good
-    from pipelines.registry import check_run_folder, run_folder, run_pipeline, select
+    from pipelines.registry import preflight, run_folder, run_pipeline
 
     if args.dry_run:
         print_status(cfg)
         return
     names = [s.strip() for s in args.stages.split(",") if s.strip()]
-    select(names, cfg)  # an unknown stage is refused before anything is written
-    check_run_folder(cfg)  # the log goes into the run folder: it must be binllm's
+    preflight(cfg, names)  # before the log goes into the run folder
     with _console(cfg, "run", args):
         manifests = run_pipeline(cfg, names, force=args.force)
     report = manifests.get("evaluate", {}).get("metrics", {}).get("report")

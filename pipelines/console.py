@@ -28,6 +28,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
 
+import fsspec
+
 from binllm_core.storage import is_local, join, to_uri
 
 LOGS = "logs"
@@ -76,13 +78,24 @@ class Console:
 
     @property
     def uri(self) -> str:
-        return to_uri(self.fs, self.target)
+        return (
+            str(self.path)
+            if self.local and self.target != str(self.path)
+            else to_uri(self.fs, self.target)
+        )
+
+    def fall_back_to_temp(self) -> None:
+        """Keep the log in the temp folder (the run folder could not be written)."""
+        global _last_uri
+        self.path = Path(tempfile.gettempdir(), "binllm-logs", self.name)
+        self.target = str(self.path)
+        self.fs, self.local = fsspec.filesystem("file"), True
+        _last_uri = self.uri
 
     # ---- opening and closing -----------------------------------------------------------------
     def __enter__(self) -> Console:
         global _current, _last_uri
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(self.path, encoding="utf-8")
+        handler = _LogFile(self)
         handler.setLevel(logging.INFO)  # Ray Data logs DEBUG to its own files already
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         self._handler = handler
@@ -91,15 +104,29 @@ class Console:
         log.propagate = False
         log.addHandler(handler)
         if not self.verbose:
-            self._redirect_descriptor()
             self.route_ray_logs()
             logging.captureWarnings(True)
             self._captured_warnings = True
             logging.getLogger("py.warnings").addHandler(handler)
         _current, _last_uri = self, self.uri
-        log.info("command: %s", " ".join(sys.argv))
-        print(f"[binllm] log: {self.uri}", flush=True)  # on stdout, as the stages' lines
         return self
+
+    def ray_started(self) -> None:
+        """Ray is up: from now on its output goes to the log file, which exists from here on."""
+        self.open_log()
+        self.route_ray_logs()
+        if not self.verbose and self._saved_fd is None:
+            self._redirect_descriptor()
+
+    def open_log(self) -> None:
+        """Create the log file now (it is made on first use: a command refused before Ray
+        starts leaves none)."""
+        assert self._handler is not None
+        logging.getLogger("binllm").info("Ray is up")
+
+    @property
+    def opened(self) -> bool:
+        return self._handler is not None and self.path.exists()
 
     def __exit__(
         self,
@@ -127,12 +154,16 @@ class Console:
         self._restore_descriptor()
         logging.getLogger("binllm").removeHandler(self._handler)
         self._handler.close()
-        if not self.local:
+        if not self.local and self.path.exists():
             self._upload()
 
     def record_error(self, error: BaseException) -> None:
-        """The whole trace of what stopped the command, into the log file."""
-        if self._handler is None:
+        """The whole trace of what stopped the command, into the log file: always for an
+        unexpected error, and for a user's error once the log exists (Ray had started)."""
+        from binllm_core.errors import find_user_error, io_error
+
+        users = find_user_error(error) is not None or io_error(error) is not None
+        if self._handler is None or (users and not self.opened):
             return
         text = "".join(traceback.format_exception(error))
         logging.getLogger("binllm").error("the command stopped:\n%s", text)
@@ -165,7 +196,7 @@ class Console:
         self._saved_fd = os.dup(fd)
         self._saved_stderr = sys.stderr
         terminal = open(os.dup(self._saved_fd), "w", buffering=1, encoding="utf-8")  # noqa: SIM115
-        with open(self.path, "ab") as log:
+        with open(self.path, "ab") as log:  # the log file exists: ray_started opened it
             os.dup2(log.fileno(), fd)
         sys.stderr = terminal
         self.terminal = terminal
@@ -195,6 +226,29 @@ class Console:
             )
         else:
             self.path.unlink(missing_ok=True)
+
+
+class _LogFile(logging.FileHandler):
+    """The log file, created on its first record with the command line at its top, and its
+    path printed then (once)."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__(console.path, encoding="utf-8", delay=True)
+        self.console = console
+
+    def _open(self) -> Any:
+        try:
+            self.console.path.parent.mkdir(parents=True, exist_ok=True)
+            stream = super()._open()
+        except OSError:  # the run folder cannot take it (the command says why): a temp file
+            self.console.fall_back_to_temp()
+            self.baseFilename = str(self.console.path)
+            self.console.path.parent.mkdir(parents=True, exist_ok=True)
+            stream = super()._open()
+        stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        stream.write(f"{stamp} binllm command: {' '.join(sys.argv)}\n")
+        print(f"[binllm] log: {self.console.uri}", flush=True)  # stdout, as the stages' lines
+        return stream
 
 
 def _writes_to_console(handler: logging.Handler) -> bool:

@@ -207,8 +207,22 @@ def progress(
     finally:
         stop.set()
         thread.join()
-        try:
-            display.update(ray.get(board.take.remote(part), timeout=10))
-        except Exception:  # noqa: BLE001 - a last drain is a nicety
-            pass
+        _last_events(board, part, display)
         display.close()
+
+
+def _last_events(board: Any, part: int, display: _Display, settle_s: float = 0.3) -> None:
+    """Drain what workers posted just before they finished: their posts are not ordered with
+    the driver's calls, so take until a pause brings nothing (at most a few seconds)."""
+    deadline = time.monotonic() + 5.0
+    try:
+        while time.monotonic() < deadline:
+            events = ray.get(board.take.remote(part), timeout=10)
+            display.update(events)
+            if not events:
+                time.sleep(settle_s)
+                if not (events := ray.get(board.take.remote(part), timeout=10)):
+                    return
+                display.update(events)
+    except Exception:  # noqa: BLE001 - a last drain is a nicety
+        return

@@ -139,6 +139,16 @@ def run_lock(cfg: RunConfig, log: Callable[[str], None] = print) -> WriterLock:
     return WriterLock(fs, join(path, LOCK), f"run {to_uri(fs, path)}", log)
 
 
+def preflight(cfg: RunConfig, names: list[str] | None = None) -> list[Stage]:
+    """The checks made before anything is written or Ray starts: the stage names, the run
+    folder (new, empty or binllm's), the model files when a stage uses them; the stages."""
+    stages = select(names, cfg)
+    check_run_folder(cfg)
+    if any("model" in stage.sections for stage in stages):
+        check_backbone(cfg.model)
+    return stages
+
+
 def run_pipeline(
     cfg: RunConfig,
     names: list[str] | None = None,
@@ -148,10 +158,7 @@ def run_pipeline(
     """Run the selected stages in order on Ray, holding the run's lock; each stage's manifest."""
     from pipelines.runtime import ensure_ray
 
-    stages = select(names, cfg)
-    check_run_folder(cfg)
-    if any("model" in stage.sections for stage in stages):
-        check_backbone(cfg.model)
+    stages = preflight(cfg, names)
     manifests = {}
     with run_lock(cfg, log):
         ensure_ray()

@@ -24,7 +24,7 @@ def ensure_ray() -> None:
         verbose = shown is not None and shown.verbose
         ray.init(address=address, log_to_driver=verbose, include_dashboard=False)
     if shown is not None:
-        shown.route_ray_logs()
+        shown.ray_started()
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False

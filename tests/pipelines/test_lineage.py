@@ -274,6 +274,9 @@ def test_s3_run_publishes_skips_and_replaces_versions(
     first = read_output(f"{root}/tiny/samples", "samples", storage_options=opts)
     fs, base = resolve(f"{root}/tiny/samples", opts)
     version = json.loads(fs.cat_file(f"{base}/{MANIFEST}"))["version"]
+    run = base.rsplit("/", 1)[0]
+    (log,) = fs.glob(f"{run}/logs/*-run-*.log")  # the command's log, copied up at its end
+    assert "binllm command: " in fs.cat_file(log).decode()
     capsys.readouterr()
 
     assert main(args) == 0

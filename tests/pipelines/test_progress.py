@@ -93,4 +93,3 @@ def test_workers_posts_reach_the_display(ray_session, tmp_path: Path, monkeypatc
     lines = out.getvalue().splitlines()
     assert lines[-1].startswith("[binllm] part two: 2/2 rows (100%)")
     assert any(line.startswith("[binllm] part one: 6/6 rows (100%)") for line in lines)
-    assert (tmp_path / "run" / "logs").is_dir()
