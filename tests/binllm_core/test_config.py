@@ -15,7 +15,20 @@ CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"
 
 def test_presets_exist():
     names = {p.stem for p in CONFIGS}
-    assert {"ml100k", "ml100k_global", "ml1m", "amazon_book", "tiny"} <= names
+    assert {"ml100k", "ml100k_global", "ml100k_gpu", "ml1m", "amazon_book", "tiny"} <= names
+
+
+def test_the_gpu_preset_has_the_papers_budget_on_gpus():
+    cfg = load_config("configs/ml100k_gpu.yaml")
+    ft = cfg.finetune
+    assert ft.strategy == "two_step" and ft.use_gpu and ft.num_workers == 2
+    assert (ft.step1.lr, ft.step1.batch_size, ft.step2.lr, ft.step2.batch_size) == (
+        1e-3, 16, 1e-4, 4
+    )
+    assert ft.step1.warmup_steps == ft.step2.warmup_steps == 200 and ft.patience == 20
+    assert cfg.score.num_gpus == 1 and cfg.score.max_rows == 0
+    default = load_config("configs/ml100k.yaml")
+    assert default.protocol == cfg.protocol and default.encoder == cfg.encoder
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
