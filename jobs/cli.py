@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from binllm_core.config import load_config
 from binllm_core.errors import ConfigError, find_user_error, io_error
+
+if TYPE_CHECKING:
+    from pipelines.console import Console
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +49,7 @@ def _add_verbose(parser: argparse.ArgumentParser) -> None:
         "--verbose",
         action="store_true",
         help="show Ray's own log lines and workers' output on the terminal too (they always go "
-        "to the run's log file, {run}/logs/)",
+        "to the run's log file, {run}/_logs/)",
     )
 
 
@@ -176,13 +178,13 @@ def run_command(args: argparse.Namespace) -> None:
         print(f"[binllm] report: {to_uri(fs, join(run, report))}")
 
 
-def _console(cfg: Any, command: str, args: argparse.Namespace) -> Any:
-    """The command's console: Ray's lines into ``{run}/logs/``, binllm's on the terminal."""
+def _console(cfg: Any, command: str, args: argparse.Namespace) -> Console:
+    """The command's console: Ray's lines into ``{run}/_logs/``, binllm's on the terminal."""
     from pipelines.console import Console
     from pipelines.registry import run_folder
 
     fs, run = run_folder(cfg)
-    return Console(fs, run, command, args.verbose)
+    return Console(fs, run, command, args.verbose, args.argv)
 
 
 def print_status(cfg: Any) -> None:
@@ -247,7 +249,11 @@ def recommend_command(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines import console
+
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    console.forget_error()
     try:
         if args.command == "run":
             run_command(args)
@@ -271,12 +277,11 @@ def main(argv: list[str] | None = None) -> int:
         if found is not None:
             print(f"binllm: error: {found}", file=sys.stderr)
             return 2
-        log = last_log()
+        log = console.error_log()
         if getattr(args, "verbose", False) or not log:
             raise
-        last = traceback.format_exception_only(err)[-1].strip()
         print(
-            f"binllm: internal error: {last}; the whole trace is in {log} "
+            f"binllm: internal error: {_summary(err)}; the whole trace is in {log} "
             "(please report it with that file)",
             file=sys.stderr,
         )
@@ -284,11 +289,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def last_log() -> str:
-    """The log file of the last console this process opened ('' if none)."""
-    from pipelines import console
-
-    return console.last_uri()
+def _summary(err: BaseException, limit: int = 300) -> str:
+    """The root cause of ``err`` in one line (a failed Ray task's message holds the whole
+    remote traceback; its cause is the worker's own exception)."""
+    root = err
+    while True:
+        cause = getattr(root, "cause", None) or root.__cause__
+        if not isinstance(cause, BaseException) or cause is root:
+            break
+        root = cause
+    lines = [line for line in str(root).splitlines() if line.strip()]
+    text = f"{type(root).__name__}: {lines[-1].strip()}" if lines else type(root).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 if __name__ == "__main__":

@@ -258,6 +258,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 training.save(folder)
             report_checkpoint = Checkpoint.from_directory(folder) if rank == 0 else None
             ray.train.report(metrics, checkpoint=report_checkpoint)
+    if rank == 0:
+        config["progress"].flush()
 
 
 def _post_epoch(reporter: Reporter, training: EncoderTraining, loss: float) -> None:

@@ -21,6 +21,7 @@ the checkpoints records that it happened).
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import shutil
@@ -404,6 +405,8 @@ def train_loop(config: dict[str, Any]) -> None:
     if not reported:
         # Resumed a step that had finished: report again so this run's result has a checkpoint.
         _report(run, run.state.evals[-1], device)
+    if rank == 0:
+        config["progress"].flush()
     run.close()
 
 
@@ -427,7 +430,8 @@ def _describe_step(fields: dict[str, Any]) -> str:
     if "tokens_per_s" in fields:
         parts.append(f"{fields['tokens_per_s']:,.0f} tok/s")
     auc = fields.get("valid_auc")
-    parts.append(f"valid AUC {auc:.4f}" if auc is not None and auc == auc else "valid AUC -")
+    known = auc is not None and not math.isnan(auc)
+    parts.append(f"valid AUC {auc:.4f}" if known else "valid AUC -")
     return ", ".join(parts)
 
 

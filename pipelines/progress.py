@@ -12,6 +12,7 @@ does nothing and starts no actor.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +43,9 @@ class Board:
     def post(self, event: dict[str, Any]) -> None:
         self.events.append(event)
 
+    def ping(self) -> None:
+        """A call that returns once every earlier call of the same caller has run."""
+
     def take(self, part: int) -> list[dict[str, Any]]:
         """The events of ``part``; a late one of an earlier part is dropped."""
         events, self.events = self.events, []
@@ -64,6 +68,16 @@ class Reporter:
         try:
             self.board.post.remote(event)
         except Exception:  # noqa: BLE001 - progress is a display; the work goes on without it
+            pass
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until this worker's posts have reached the board (calls from one caller to an
+        actor run in order)."""
+        if self.board is None:
+            return
+        try:
+            ray.get(self.board.ping.remote(), timeout=timeout)
+        except Exception:  # noqa: BLE001 - progress is a display
             pass
 
 
@@ -138,31 +152,45 @@ def _duration(seconds: float) -> str:
 
 
 class _Display:
-    """Draws a tally: a tqdm bar on a terminal, plain lines elsewhere."""
+    """Draws a tally: a tqdm bar on a terminal (made at the first event, counting from there,
+    so that a resumed run's rate is its own), plain lines elsewhere."""
 
-    def __init__(self, title: str, total: int, unit: str, describe: Describe, out: TextIO):
+    def __init__(self, title: str, total: int, unit: str, describe: Describe, out: TextIO) -> None:
         self.title, self.unit, self.describe, self.out = title, unit, describe, out
         self.tally = Tally(total)
-        self.bar = None
+        self.terminal = out.isatty()
+        self.bar: Any = None
+        """The tqdm bar, on a terminal, from the first event on."""
         self.last_line = time.monotonic()
         self.last_done = 0
         """Where the last plain line stood."""
-        if out.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=f"[binllm] {title}", unit=unit, file=out, leave=False)
 
     def update(self, events: list[dict[str, Any]]) -> None:
+        before = self.tally.done
         for event in events:
             self.tally.add(event)
-        if self.bar is not None:
-            if events:
-                self.bar.n = self.tally.done
-                self.bar.set_postfix_str(self.describe(self.tally.fields), refresh=False)
-                self.bar.refresh()
+        if not events:
             return
-        if events and time.monotonic() - self.last_line >= PLAIN_EVERY_S:
+        if self.terminal:
+            self._draw(before)
+        elif time.monotonic() - self.last_line >= PLAIN_EVERY_S:
             self.emit()
+
+    def _draw(self, before: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(
+                total=self.tally.total,
+                initial=self.tally.done,
+                desc=f"[binllm] {self.title}",
+                unit=self.unit,
+                file=self.out,
+                leave=False,
+            )
+        else:
+            self.bar.update(self.tally.done - before)
+        self.bar.set_postfix_str(self.describe(self.tally.fields))
 
     def emit(self, final: bool = False) -> None:
         line = self.tally.line(self.title, self.unit, self.describe, final)
@@ -181,39 +209,60 @@ def progress(
     title: str, total: int, unit: str, describe: Describe = lambda fields: ""
 ) -> Iterator[Reporter]:
     """A reporter for the workers of one stage part, and its display on the driver while the
-    block runs (only under an open console; otherwise a reporter that does nothing)."""
-    global _parts
+    block runs (only under an open console; otherwise, or if the display cannot start, a
+    reporter that does nothing)."""
     shown = console.current()
-    if shown is None or total <= 0:
+    started = _start(shown, title, total, unit, describe) if shown is not None else None
+    if started is None:
         yield Reporter()
         return
-    board = _board_of(shown)
+    reporter, display, stop, thread = started
+    finished = False
+    try:
+        yield reporter
+        finished = True
+    finally:
+        try:
+            stop.set()
+            thread.join(timeout=15)
+            if finished:  # an error or Ctrl-C is reported at once
+                _last_events(reporter, display)
+        finally:
+            display.close()
+
+
+def _start(
+    shown: console.Console, title: str, total: int, unit: str, describe: Describe
+) -> tuple[Reporter, _Display, threading.Event, threading.Thread] | None:
+    global _parts
+    if total <= 0:
+        return None
+    try:
+        board = _board_of(shown)
+    except Exception as err:  # noqa: BLE001 - progress is a display; the work goes on without it
+        logging.getLogger("binllm").warning("no progress display: %s", err)
+        return None
     _parts += 1
-    part = _parts
+    reporter = Reporter(board, _parts)
     display = _Display(title, total, unit, describe, shown.terminal)
     stop = threading.Event()
 
     def drain() -> None:
         while not stop.wait(POLL_S):
             try:
-                display.update(ray.get(board.take.remote(part)))
+                display.update(ray.get(board.take.remote(reporter.part), timeout=10))
             except Exception:  # noqa: BLE001 - the display stops; the work goes on
                 return
 
     thread = threading.Thread(target=drain, name=f"binllm-progress-{title}", daemon=True)
     thread.start()
-    try:
-        yield Reporter(board, part)
-    finally:
-        stop.set()
-        thread.join()
-        _last_events(board, part, display)
-        display.close()
+    return reporter, display, stop, thread
 
 
-def _last_events(board: Any, part: int, display: _Display, settle_s: float = 0.3) -> None:
+def _last_events(reporter: Reporter, display: _Display, settle_s: float = 0.3) -> None:
     """Drain what workers posted just before they finished: their posts are not ordered with
     the driver's calls, so take until a pause brings nothing (at most a few seconds)."""
+    board, part = reporter.board, reporter.part
     deadline = time.monotonic() + 5.0
     try:
         while time.monotonic() < deadline:

@@ -106,7 +106,7 @@ def _rendered(
         )
         .map_batches(
             TokenCounter,
-            fn_constructor_kwargs={"model_cfg": ctx.cfg.model, "progress": reporter},
+            fn_constructor_kwargs={"model_cfg": ctx.cfg.model, "reporter": reporter},
             compute=ray.data.ActorPoolStrategy(size=1),
             batch_format="pyarrow",
             batch_size=2048,
@@ -154,13 +154,13 @@ def _render(
 class TokenCounter:
     """Adds ``n_tokens`` (int32): the prompt's length in tokens of the configured tokenizer."""
 
-    def __init__(self, model_cfg: ModelConfig, progress: Reporter | None = None) -> None:
+    def __init__(self, model_cfg: ModelConfig, reporter: Reporter | None = None) -> None:
         self.tokenizer = load_tokenizer(model_cfg)
-        self.progress = progress or Reporter()
+        self.reporter = reporter or Reporter()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids = self.tokenizer(batch["prompt"].to_pylist(), add_special_tokens=False)["input_ids"]
-        self.progress.post(advance=batch.num_rows)
+        self.reporter.post(advance=batch.num_rows)
         return batch.append_column("n_tokens", pa.array([len(i) for i in ids], pa.int32()))
 
 

@@ -107,7 +107,7 @@ class PromptScorer:
         storage_options: dict[str, Any] | None = None,
         fault: Fault | None = None,
         prefix_cut: PrefixCut | None = None,
-        progress: Reporter | None = None,
+        reporter: Reporter | None = None,
     ) -> None:
         import torch
 
@@ -126,7 +126,7 @@ class PromptScorer:
         self.scorer = Scorer(self.recommender, batch_size, max_length, sort_by_length, prefix_cut)
         self.lineage = lineage
         self.fault = fault
-        self.progress = progress or Reporter()
+        self.reporter = reporter or Reporter()
         self.calls = 0
 
     def logits(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -154,7 +154,7 @@ class PromptScorer:
             if name in out.column_names:
                 out = out.drop_columns([name])
             out = out.append_column(name, values)
-        self.progress.post(advance=n)
+        self.reporter.post(advance=n)
         return out
 
 
@@ -264,7 +264,7 @@ def _map_scorer(
             "storage_options": cfg.output_storage_options,
             "fault": fault,
             "prefix_cut": _prefix_cut(cfg),
-            "progress": reporter,
+            "reporter": reporter,
         },
         compute=ray.data.ActorPoolStrategy(size=num_actors or sc.num_actors),
         batch_size=sc.batch_size * max(1, sc.sort_window),

@@ -32,12 +32,13 @@ def binllm(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def log_files(run: Path) -> list[Path]:
-    return sorted((run / "logs").glob("*.log"))
+    return sorted((run / "_logs").glob("*.log"))
 
 
 def test_console_has_binllm_lines_and_the_log_has_rays(tmp_path: Path):
-    done = binllm("run", "configs/tiny.yaml", "--stages", "ingest,samples",
-                  "--set", f"output_root={tmp_path}")
+    done = binllm(
+        "run", "configs/tiny.yaml", "--stages", "ingest,samples", "--set", f"output_root={tmp_path}"
+    )
     assert done.returncode == 0, done.stderr
     lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
     assert lines and all(line.startswith("[binllm] ") for line in lines), lines
@@ -54,8 +55,16 @@ def test_an_error_in_a_ray_task_is_one_line_and_its_trace_is_in_the_log(tmp_path
     lines = inter.read_text().splitlines()
     lines[5] = "u1\tnot-a-number"
     inter.write_text("\n".join(lines) + "\n")
-    done = binllm("run", "configs/tiny.yaml", "--stages", "ingest",
-                  "--set", f"output_root={tmp_path}", "--set", f"data.uri={data}")
+    done = binllm(
+        "run",
+        "configs/tiny.yaml",
+        "--stages",
+        "ingest",
+        "--set",
+        f"output_root={tmp_path}",
+        "--set",
+        f"data.uri={data}",
+    )
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("binllm: error: ")
     assert "tiny.inter line 6" in done.stderr
@@ -65,8 +74,9 @@ def test_an_error_in_a_ray_task_is_one_line_and_its_trace_is_in_the_log(tmp_path
 
 
 def test_verbose_shows_rays_lines_again(tmp_path: Path):
-    done = binllm("run", "configs/tiny.yaml", "--stages", "ingest", "-v",
-                  "--set", f"output_root={tmp_path}")
+    done = binllm(
+        "run", "configs/tiny.yaml", "--stages", "ingest", "-v", "--set", f"output_root={tmp_path}"
+    )
     assert done.returncode == 0, done.stderr
     assert "Started a local Ray instance" in done.stderr
     assert log_files(tmp_path / "tiny")
@@ -75,36 +85,56 @@ def test_verbose_shows_rays_lines_again(tmp_path: Path):
 def test_ctrl_c_stops_a_real_run_mid_stage_and_commits_nothing_after(tmp_path: Path):
     """SIGINT while finetune's Ray Train run trains: exit 130 with one line, finetune publishes
     nothing, no later stage runs, and render's output stays as it was."""
-    command = [sys.executable, "-m", "jobs.cli", "run", "configs/tiny.yaml",
-               "--set", f"output_root={tmp_path}", "--set", "prompts.modes=[text]",
-               "--set", "finetune.strategy=text_only", "--set", "finetune.step1.max_steps=400",
-               "--set", "finetune.eval_every=2"]
+    command = [
+        sys.executable,
+        "-m",
+        "jobs.cli",
+        "run",
+        "configs/tiny.yaml",
+        "--set",
+        f"output_root={tmp_path}",
+        "--set",
+        "prompts.modes=[text]",
+        "--set",
+        "finetune.strategy=text_only",
+        "--set",
+        "finetune.step1.max_steps=400",
+        "--set",
+        "finetune.eval_every=2",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    child = subprocess.Popen(command, cwd=REPO, env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    seen = []
-    assert child.stdout is not None
-    for line in child.stdout:
-        seen.append(line)
-        if line.startswith("[binllm] finetune: running"):
-            break
-    run = tmp_path / "tiny"
-    checkpoints = run / "finetune"
-    deadline = time.time() + 300
-    # Interrupt once training has written a checkpoint (the workers are up and stepping).
-    while time.time() < deadline and not any(checkpoints.rglob("checkpoint_*")):
-        assert child.poll() is None, "".join(seen)
-        time.sleep(1)
-    child.send_signal(signal.SIGINT)
-    out, err = child.communicate(timeout=180)
+    # Files, not pipes: a full pipe would block the child.
+    with (tmp_path / "out.txt").open("w") as out_file, (tmp_path / "err.txt").open("w") as err_file:
+        child = subprocess.Popen(command, cwd=REPO, env=env, stdout=out_file, stderr=err_file)
+        run = tmp_path / "tiny"
+        deadline = time.time() + 420
+        # Interrupt once finetune has written a checkpoint (its workers are up and stepping).
+        while not any((run / "finetune").rglob("checkpoint_*")):
+            failed = child.poll() is not None or time.time() > deadline
+            assert not failed, (tmp_path / "err.txt").read_text()
+            time.sleep(1)
+        child.send_signal(signal.SIGINT)
+        child.wait(timeout=180)
+    out, err = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
     assert child.returncode == 130, err
     assert err.strip().splitlines()[-1].startswith("binllm: interrupted")
     assert "[binllm] score" not in out and "finetune: done" not in out
     assert not (run / "finetune" / "_manifest.json").exists()
     render = json.loads((run / "render" / "_manifest.json").read_text())
     assert (run / "render" / render["tables"]["prompts"]["path"]).is_dir()
-    status = binllm("status", "configs/tiny.yaml", "--set", f"output_root={tmp_path}",
-                    "--set", "prompts.modes=[text]", "--set", "finetune.strategy=text_only",
-                    "--set", "finetune.step1.max_steps=400", "--set", "finetune.eval_every=2")
+    status = binllm(
+        "status",
+        "configs/tiny.yaml",
+        "--set",
+        f"output_root={tmp_path}",
+        "--set",
+        "prompts.modes=[text]",
+        "--set",
+        "finetune.strategy=text_only",
+        "--set",
+        "finetune.step1.max_steps=400",
+        "--set",
+        "finetune.eval_every=2",
+    )
     states = {row.split()[0]: row.split()[1] for row in status.stdout.splitlines()[1:]}
     assert states["render"] == "done" and states["finetune"] == "missing", status.stdout

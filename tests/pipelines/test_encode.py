@@ -55,16 +55,17 @@ def read_codes(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 
 def test_two_workers_survive_a_worker_failure(ray_session, tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("BINLLM_TEST_FAULT", f"{encode.FAULT_POINT}@2")
+    monkeypatch.setenv("BINLLM_TEST_FAULT", f"{encode.FAULT_POINT}@4")
     cfg = RunConfig(run_name="two", output_root=str(tmp_path))
     cfg.encoder = EncoderConfig(**{**ENCODER.__dict__, "num_workers": 2, "max_failures": 1})
     run_stage(cfg, fake_samples_stage(seed=0))
     manifest = run_stage(cfg, ENCODE)
     metrics = manifest["metrics"]
 
-    # The worker died once at the start of epoch 2; training went on from the last checkpoint
-    # the controller had registered (epoch 1's report may still be in flight when it dies).
-    assert len(metrics["resumed_at"]) == 1 and 1 <= metrics["resumed_at"][0] <= 2
+    # The worker died once at the start of epoch 4; training went on from the last checkpoint
+    # the controller had registered (the latest reports may still be in flight when it dies:
+    # on a loaded machine epoch 0's was, at a fault at epoch 2, so it dies later here).
+    assert len(metrics["resumed_at"]) == 1 and 1 <= metrics["resumed_at"][0] <= 4
     assert metrics["num_workers"] == 2
     assert metrics["codes"]["test"]["auc"] > 0.9
     assert metrics["continuous"]["test"]["auc"] > 0.9

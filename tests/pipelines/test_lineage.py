@@ -275,7 +275,7 @@ def test_s3_run_publishes_skips_and_replaces_versions(
     fs, base = resolve(f"{root}/tiny/samples", opts)
     version = json.loads(fs.cat_file(f"{base}/{MANIFEST}"))["version"]
     run = base.rsplit("/", 1)[0]
-    (log,) = fs.glob(f"{run}/logs/*-run-*.log")  # the command's log, copied up at its end
+    (log,) = fs.glob(f"{run}/_logs/*-run-*.log")  # the command's log, copied up at its end
     assert "binllm command: " in fs.cat_file(log).decode()
     capsys.readouterr()
 

@@ -53,18 +53,21 @@ def test_a_terminal_gets_a_bar_then_the_last_line():
     out = Terminal()
     display = _Display("encode", 20, "epoch", describe, out)
     display.update([{"part": 1, "advance": 0, "done": 5, "loss": 2.2}])
-    assert display.bar is not None and display.bar.n == 5
+    display.update([{"part": 1, "advance": 0, "done": 7, "loss": 2.1}])
+    assert display.bar is not None and display.bar.n == 7 and display.bar.initial == 5
     display.close()
     text = out.getvalue()
     assert "[binllm] encode" in text and "\r" in text  # tqdm redraws in place
-    assert text.rstrip().splitlines()[-1].startswith("[binllm] encode: 5/20 epochs (25%)")
+    assert text.rstrip().splitlines()[-1].startswith("[binllm] encode: 7/20 epochs (35%)")
 
 
-def test_a_position_replaces_the_count_and_the_rate_starts_at_the_first_event():
+def test_a_position_replaces_the_count_and_the_rate_counts_from_the_first_events():
     tally = Tally(total=100)
     tally.add({"part": 1, "advance": 0, "done": 40})  # a resumed run reports its step
     tally.add({"part": 1, "advance": 0, "done": 41})
     assert tally.done == 41 and tally.first is not None and tally.first[1] == 40
+    tally.first = (tally.first[0] - 2.0, 40)  # the first event was 2 s ago
+    assert tally.rate() == pytest.approx(0.5, rel=0.01)  # one step in 2 s, not 41
 
 
 def test_without_a_console_the_reporter_does_nothing():
@@ -83,6 +86,7 @@ def test_workers_posts_reach_the_display(ray_session, tmp_path: Path, monkeypatc
     def work(reporter, n: int) -> None:
         for i in range(n):
             reporter.post(advance=1, loss=1.0 / (i + 1))
+        reporter.flush()
 
     with Console(fsspec.filesystem("file"), str(tmp_path / "run"), "test") as shown:
         shown.terminal = out = io.StringIO()
