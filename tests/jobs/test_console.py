@@ -1,6 +1,7 @@
 """What a person sees running ``binllm`` in a terminal or a CI log: binllm's lines, Ray's in the
-run's log file, one line for an error whose trace is in that file, ``-v`` for Ray's lines, and
-Ctrl-C stopping a real run mid-stage with nothing committed after it."""
+run's log file, one line for an error whose trace is in that file, and Ctrl-C stopping a real
+run mid-stage with nothing committed after it. (``-v`` and the console's own mechanics:
+tests/pipelines/test_console.py.)"""
 
 from __future__ import annotations
 
@@ -71,15 +72,6 @@ def test_an_error_in_a_ray_task_is_one_line_and_its_trace_is_in_the_log(tmp_path
     (log,) = log_files(tmp_path / "tiny")
     text = log.read_text()
     assert "the command stopped:" in text and "Traceback" in text
-
-
-def test_verbose_shows_rays_lines_again(tmp_path: Path):
-    done = binllm(
-        "run", "configs/tiny.yaml", "--stages", "ingest", "-v", "--set", f"output_root={tmp_path}"
-    )
-    assert done.returncode == 0, done.stderr
-    assert "Started a local Ray instance" in done.stderr
-    assert log_files(tmp_path / "tiny")
 
 
 def test_ctrl_c_stops_a_real_run_mid_stage_and_commits_nothing_after(tmp_path: Path):
