@@ -162,8 +162,8 @@ class _Display:
         self.bar: Any = None
         """The tqdm bar, on a terminal, from the first event on."""
         self.last_line = time.monotonic()
-        self.last_done = 0
-        """Where the last plain line stood."""
+        self.last_said: tuple[int, str] = (0, "")
+        """What the last plain line said (count and fields)."""
 
     def update(self, events: list[dict[str, Any]]) -> None:
         before = self.tally.done
@@ -195,13 +195,16 @@ class _Display:
     def emit(self, final: bool = False) -> None:
         line = self.tally.line(self.title, self.unit, self.describe, final)
         print(line, file=self.out, flush=True)
-        self.last_line, self.last_done = time.monotonic(), self.tally.done
+        self.last_line, self.last_said = time.monotonic(), self._state()
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.tally.done and self.tally.done != self.last_done:  # where it ended, once
+        if self.tally.done and self._state() != self.last_said:  # where it ended, once
             self.emit(final=True)
+
+    def _state(self) -> tuple[int, str]:
+        return self.tally.done, self.describe(self.tally.fields)
 
 
 @contextmanager
