@@ -36,19 +36,6 @@ def log_files(run: Path) -> list[Path]:
     return sorted((run / "_logs").glob("*.log"))
 
 
-def test_console_has_binllm_lines_and_the_log_has_rays(tmp_path: Path):
-    done = binllm(
-        "run", "configs/tiny.yaml", "--stages", "ingest,samples", "--set", f"output_root={tmp_path}"
-    )
-    assert done.returncode == 0, done.stderr
-    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
-    assert lines and all(line.startswith("[binllm] ") for line in lines), lines
-    (log,) = log_files(tmp_path / "tiny")
-    assert f"[binllm] log: {log}" in lines
-    text = log.read_text()
-    assert "Starting execution of Dataset" in text and "Started a local Ray instance" in text
-
-
 def test_an_error_in_a_ray_task_is_one_line_and_its_trace_is_in_the_log(tmp_path: Path):
     data = tmp_path / "data"
     shutil.copytree(FIXTURES / "tiny", data)
@@ -76,7 +63,8 @@ def test_an_error_in_a_ray_task_is_one_line_and_its_trace_is_in_the_log(tmp_path
 
 def test_ctrl_c_stops_a_real_run_mid_stage_and_commits_nothing_after(tmp_path: Path):
     """SIGINT while finetune's Ray Train run trains: exit 130 with one line, finetune publishes
-    nothing, no later stage runs, and render's output stays as it was."""
+    nothing, no later stage runs, and render's output stays as it was. On the way the console
+    held binllm's lines only, Ray's went to the run's log file."""
     command = [
         sys.executable,
         "-m",
@@ -110,6 +98,14 @@ def test_ctrl_c_stops_a_real_run_mid_stage_and_commits_nothing_after(tmp_path: P
     out, err = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
     assert child.returncode == 130, err
     assert err.strip().splitlines()[-1].startswith("binllm: interrupted")
+    # What a person saw: binllm's lines only (stages, progress, the interruption)...
+    said = [line for line in (out + err).splitlines() if line.strip()]
+    assert all(line.startswith(("[binllm] ", "binllm: ")) for line in said), said
+    (log,) = log_files(run)
+    assert f"[binllm] log: {log}" in said
+    # ...and Ray's in the run's log file.
+    text = log.read_text()
+    assert "Starting execution of Dataset" in text and "Started a local Ray instance" in text
     assert "[binllm] score" not in out and "finetune: done" not in out
     assert not (run / "finetune" / "_manifest.json").exists()
     render = json.loads((run / "render" / "_manifest.json").read_text())
