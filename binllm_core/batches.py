@@ -24,6 +24,7 @@ from binllm_core.prefix_sharing import (
     positions,
     tokenize_with_prefix,
 )
+from binllm_core.soft import check_soft_ids, soft_token_ids
 
 
 # ---- batches -----------------------------------------------------------------------------------
@@ -36,6 +37,9 @@ class PromptBatch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor | None = None
+    soft_ids: torch.Tensor | None = None
+    """Soft prompts: the entity id of every soft token, row-major in order of appearance
+    (:mod:`binllm_core.soft`); None for prompts in words."""
 
     @property
     def n_tokens(self) -> int:
@@ -49,17 +53,35 @@ class PromptBatch:
 
     def to(self, device: torch.device | str) -> PromptBatch:
         labels = None if self.labels is None else self.labels.to(device)
-        return PromptBatch(self.input_ids.to(device), self.attention_mask.to(device), labels)
+        soft = None if self.soft_ids is None else self.soft_ids.to(device)
+        return PromptBatch(self.input_ids.to(device), self.attention_mask.to(device), labels, soft)
 
-    def last_logits(self, net: torch.nn.Module, config: Any = None) -> torch.Tensor:
-        """Logits at each prompt's last token, shape ``(batch, vocab)``."""
-        out = net(
-            input_ids=self.input_ids,
+    def inputs(self, net: torch.nn.Module, soft: Any = None) -> dict[str, torch.Tensor]:
+        """The token inputs of a forward pass: ``input_ids``, or for soft prompts
+        ``inputs_embeds`` with the projected vectors of ``soft`` (a
+        :class:`~binllm_core.soft.SoftTokens`) at the soft tokens."""
+        if self.soft_ids is None:
+            return {"input_ids": self.input_ids}
+        if soft is None:
+            raise ValueError("soft prompts need a recommender with a projector (attach_soft)")
+        embedding = net.get_input_embeddings()
+        return {"inputs_embeds": soft.embed(embedding, self.input_ids, self.soft_ids)}
+
+    def forward(self, net: torch.nn.Module, soft: Any = None, **kwargs: Any) -> Any:
+        """The LM's output for the batch (``kwargs``: e.g. ``output_hidden_states``)."""
+        return net(
+            **self.inputs(net, soft),
             attention_mask=self.attention_mask,
             position_ids=positions(self.attention_mask),
             logits_to_keep=1,
+            **kwargs,
         )
-        return out.logits[:, -1]
+
+    def last_logits(
+        self, net: torch.nn.Module, config: Any = None, soft: Any = None
+    ) -> torch.Tensor:
+        """Logits at each prompt's last token, shape ``(batch, vocab)``."""
+        return self.forward(net, soft).logits[:, -1]
 
 
 Batch = PromptBatch | SharedPrefixBatch
@@ -82,18 +104,39 @@ def pad_left(
     return PromptBatch(input_ids, mask, target)
 
 
+def soft_batch(
+    tokenizer: Any,
+    ids: Sequence[Sequence[int]],
+    soft: Sequence[Sequence[int]],
+    max_length: int,
+    labels: Sequence[int] | None = None,
+) -> PromptBatch:
+    """Soft prompts' token ids and their soft ids as one left-padded batch (checked: each
+    prompt holds one soft token per id, less those a truncated prompt lost)."""
+    batch = pad_left(ids, tokenizer.pad_token_id, labels)
+    token_ids = soft_token_ids(tokenizer)
+    flat = check_soft_ids(ids, soft, token_ids, max_length)
+    batch.soft_ids = torch.as_tensor(flat, dtype=torch.long)
+    return batch
+
+
 def collate(
     tokenizer: Any,
     prompts: Sequence[str],
     labels: Sequence[int] | None,
     max_length: int,
     cut: PrefixCut | None = None,
+    soft: Sequence[Sequence[int]] | None = None,
 ) -> Batch:
     """Prompts (and their 0/1 labels) as one batch, as the recommendation task trains. With a
     prefix ``cut``, prompts that share their prefix tokens form groups whose prefix runs
     once, and every other prompt is a group of one (its prefix and suffix run as two pieces of
     one sequence, so a group of one pads little next to short suffixes); the rows and labels
-    then follow the groups (see :meth:`SharedPrefixBatch.build`)."""
+    then follow the groups (see :meth:`SharedPrefixBatch.build`). Soft prompts (``soft``: their
+    soft ids) always run whole."""
+    if soft is not None:
+        ids = tokenize(tokenizer, prompts, max_length)
+        return soft_batch(tokenizer, ids, soft, max_length, labels)
     tokens = tokenize_with_prefix(tokenizer, prompts, max_length, cut)
     groups = group_by_prefix(tokens)
     if len(groups) == len(tokens.ids):

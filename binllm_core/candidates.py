@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from binllm_core.errors import DataError
-from binllm_core.prompts import Lookups, Templates, lookups_from_tables, prompt_of, title_list
+from binllm_core.prompts import Lookups, Templates, lookups_from_tables, prompt_with_soft
 
 UNKNOWN_POLICIES = ("text", "skip", "error")
 
@@ -38,11 +38,13 @@ CANDIDATE_SCHEMA = pa.schema(
         ("cold", pa.bool_()),
         ("prompt", pa.string()),
         ("prompt_hash", pa.string()),
+        ("soft_ids", pa.list_(pa.int32())),
     ]
 )
 """Rendered candidates: ``row`` is the position in the input; ``uid``/``iid`` are 0 when the run
 does not know the user/item; ``label`` is null unless the input had one; ``cold`` is true when the
-user or the item has no code; ``prompt_hash`` (16 hex of SHA-1) identifies the prompt text."""
+user or the item has no code; ``prompt_hash`` (16 hex of SHA-1) identifies the prompt text;
+``soft_ids``: the ids of a soft prompt's soft tokens (null in the other modes)."""
 
 
 @dataclass(frozen=True)
@@ -205,14 +207,18 @@ def render_candidates(
                     "set score.unknown=text to score it with the text prompt, or skip",
                 )
             row_mode = "text"
-        history = title_list(
+        codes = (user_codes[uid], item_codes[iid]) if row_mode != "text" else None
+        prompt, soft = prompt_with_soft(
+            templates,
+            row_mode,
             lookups.histories.get(uid, []) if uid else [],
             lookups.prompt.titles,
             history_len,
-            templates.empty_history,
+            _title(lookups, item, iid),
+            codes,
+            uid,
+            iid,
         )
-        codes = (user_codes[uid], item_codes[iid]) if row_mode != "text" else None
-        prompt = prompt_of(templates, row_mode, history, _title(lookups, item, iid), codes)
         for name, value in (
             ("row", row),
             ("user", user),
@@ -224,6 +230,7 @@ def render_candidates(
             ("cold", cold),
             ("prompt", prompt),
             ("prompt_hash", prompt_hash(prompt)),
+            ("soft_ids", soft),
         ):
             out[name].append(value)
     return pa.table(out, schema=CANDIDATE_SCHEMA)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from binllm_core.codes import CODE_FORMATS, MODES
+from binllm_core.codes import CODE_FORMATS, MODES, TEXT_AND_CODE_MODES
 from binllm_core.errors import ConfigError
 
 
@@ -360,14 +360,18 @@ class PromptConfig(Section):
     code_template: str = ""
     """Own template for ``binary``/``dotdec`` prompts (replaces the built-in one when not empty):
     ``<ItemTitleList>``, ``<UserID>``, ``<TargetItemTitle>``, ``<TargetItemID>``."""
-    modes: list[str] = field(default_factory=lambda: list(MODES))
-    """Prompt modes to render: ``text`` (no codes) and one per code format (``binary``,
-    ``dotdec``: codes in the user and target item slots); default all. One output row per sample
-    and mode."""
+    modes: list[str] = field(default_factory=lambda: list(TEXT_AND_CODE_MODES))
+    """Prompt modes to render: ``text`` (no codes), one per code format (``binary``,
+    ``dotdec``: codes in the user and target item slots; default: these and ``text``), and
+    ``soft`` (the code template with soft tokens in those slots, whose projected embeddings the
+    LLM reads: :mod:`binllm_core.soft`). One output row per sample and mode."""
     history_len: int = 10
     """How many of the latest positive titles (quoted, comma-joined) fill ``<ItemTitleList>``."""
     empty_history: str = ""
     """Text for an empty history; empty takes the style's own (``unkow`` or ``none``)."""
+    soft_history: bool = False
+    """In ``soft`` prompts, a soft token after every history title too (the item's embedding
+    next to its title, as LLaRA), not only in the user and target item slots."""
     aux: AuxConfig = field(default_factory=AuxConfig)
     """Auxiliary task rows (table ``aux``) besides the recommendation prompts."""
 
@@ -436,16 +440,57 @@ class TuneStepConfig(Section):
 
 
 @dataclass
+class SoftConfig(Section):
+    """Soft tokens (``soft`` prompts): which vectors, which projector, which extra losses.
+    RSLLM publishes no code: its contrastive terms here follow its paper and CALRec, and their
+    weights and temperature are binllm's choices."""
+
+    vectors: Literal["float", "relaxed"] = "float"
+    """The encoder's ``embeddings`` column the projector reads: ``float`` (the continuous
+    MF/LightGCN embeddings, CoLLM's input) or ``relaxed`` (tanh(proj(e)), the vectors BinLLM's
+    codes are the signs of: the same information without binarization)."""
+    projector: Literal["collm", "llara"] = "collm"
+    """``collm``: Linear(d, 10d) -> ReLU -> Linear(10d, hidden); ``llara``: Linear(d, hidden)
+    -> GELU -> Linear(hidden, hidden)."""
+    user_item_weight: float = 0.1
+    """``rsllm`` only: weight of InfoNCE between the LLM's last hidden state at the user's soft
+    token and at the target item's, over the batch's positive samples (in-batch negatives)."""
+    item_title_weight: float = 0.1
+    """``rsllm`` only: weight of InfoNCE between the projected target item embedding and the
+    LLM's own embedding of its title (the mean of the title's token embeddings), in-batch."""
+    temperature: float = 0.1
+    """Temperature of both InfoNCE terms."""
+
+    def check(self, key: str, where: str = "") -> None:
+        _signs(
+            self,
+            key,
+            where,
+            positive="temperature",
+            non_negative="user_item_weight item_title_weight",
+        )
+
+
+@dataclass
 class FinetuneConfig(Section):
     """LoRA fine-tuning of the backbone on prompts (stage ``finetune``, Ray Train)."""
 
-    strategy: Literal["two_step", "one_step", "text_only"] = "two_step"
+    strategy: Literal["two_step", "one_step", "text_only", "collm", "rsllm"] = "two_step"
     """``two_step``: step 1 on ``text`` prompts, step 2 from that adapter on code prompts;
     ``one_step``: code prompts from a fresh adapter (intuitive tuning); ``text_only``: step 1
-    alone (the TALLRec / BinLLM-TO ablation)."""
+    alone (the TALLRec / BinLLM-TO ablation); ``collm``: step 1 on text, step 2 on ``soft``
+    prompts training the projector alone (LoRA frozen), as CoLLM; ``rsllm``: step 1 on text,
+    step 2 on ``soft`` prompts training projector and LoRA with ``soft``'s contrastive terms
+    (RSLLM-style). The steps of each are :data:`pipelines.finetune.STRATEGIES`."""
     code_mode: str = "binary"
-    """Prompt mode of the code-bearing step: one of the code formats (``binary``, ``dotdec``;
-    :data:`binllm_core.codes.CODE_FORMATS`)."""
+    """Prompt mode of the code-bearing step of ``two_step``/``one_step``: a code format
+    (``binary``, ``dotdec``; :data:`binllm_core.codes.CODE_FORMATS`) or ``soft``."""
+    start_step: Literal["step1", "step2"] = "step1"
+    """The first tuning step to run. ``step2`` skips step 1 of a two-step strategy and starts
+    step 2 from ``init_adapter`` (an adapter step 1 made elsewhere, e.g. another run's
+    ``adapters/step1``): step 2 alone, on an existing text adapter."""
+    soft: SoftConfig = field(default_factory=lambda: SoftConfig())
+    """The projector and losses of ``soft`` steps."""
     lora_r: int = 8
     """LoRA rank."""
     lora_alpha: int = 16
@@ -508,12 +553,33 @@ class FinetuneConfig(Section):
     max_failures: int = resource(2)
     """How many worker failures Ray Train recovers from (from the last checkpoint)."""
 
+    @property
+    def soft_step(self) -> str:
+        """The tuning step that trains on soft prompts (``""``: none)."""
+        if self.strategy in ("collm", "rsllm"):
+            return "step2"
+        if self.code_mode == "soft" and self.strategy != "text_only":
+            return "step1" if self.strategy == "one_step" else "step2"
+        return ""
+
     def check(self, key: str, where: str = "") -> None:
-        if self.code_mode not in CODE_FORMATS:
+        if self.code_mode not in (*CODE_FORMATS, "soft"):
             raise ConfigError(
                 f"{key}.code_mode = {self.code_mode!r} is not a code format",
                 where,
-                f"choose among: {', '.join(CODE_FORMATS)}",
+                f"choose among: {', '.join(CODE_FORMATS)}, soft",
+            )
+        if self.start_step == "step2" and self.strategy in ("one_step", "text_only"):
+            raise ConfigError(
+                f"{key}.start_step = step2, and {self.strategy} has one step only",
+                where,
+                "use a two-step strategy (two_step, collm, rsllm) or start_step step1",
+            )
+        if self.start_step == "step2" and not self.init_adapter:
+            raise ConfigError(
+                f"{key}.start_step = step2 needs the step-1 adapter to start from",
+                where,
+                f"set {key}.init_adapter to a folder such as runs/RUN/finetune/adapters/step1",
             )
         _signs(
             self,
@@ -749,6 +815,20 @@ class RunConfig(Section):
                 f"finetune.aux has {unrendered[0]}, which prompts.aux.tasks does not render",
                 where,
                 f"add {unrendered[0]} to prompts.aux.tasks or drop it from finetune.aux",
+            )
+        soft_step = self.finetune.soft_step
+        if soft_step and "soft" not in self.prompts.modes:
+            raise ConfigError(
+                f"finetune {soft_step} trains on soft prompts, which prompts.modes does not render",
+                where,
+                "add soft to prompts.modes",
+            )
+        if soft_step in self.finetune.aux_steps and self.finetune.aux:
+            raise ConfigError(
+                f"finetune.aux mixes aux tasks into {soft_step}, a soft step: aux rows are "
+                "written in words only",
+                where,
+                f"leave {soft_step} out of finetune.aux_steps",
             )
         aux = self.prompts.aux
         for name in ("mim_template", "bpr_template"):

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from binllm_core.config import ModelConfig
 from binllm_core.errors import ConfigError
+from binllm_core.soft import add_soft_tokens
 
 TINY = "tiny"
 ANSWER = " Yes"
@@ -155,6 +156,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         tokenizer = _from_pretrained(AutoTokenizer, source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    add_soft_tokens(tokenizer)  # never in prompts in words; soft prompts hold them
     # Left side for both: the answer cue at the end of a prompt must stay in the last column.
     tokenizer.padding_side = "left"
     tokenizer.truncation_side = "left"
@@ -170,7 +172,7 @@ def load_language_model(cfg: ModelConfig, device: torch.device | str = "cpu") ->
     tokenizer = load_tokenizer(cfg)
     source = resolve_source(cfg)
     if source.kind == TINY:
-        model = tiny_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+        model = tiny_model(vocab_size=TINY_VOCAB, pad_token_id=tokenizer.pad_token_id)
         model = model.to(dtype)
     else:
         model = _from_pretrained(AutoModelForCausalLM, source, dtype=dtype)
@@ -225,6 +227,10 @@ _TINY_WORDS = (
 ).split()
 _TINY_SPECIAL = ("<pad>", "<unk>", "<s>", "</s>")
 _TINY_SYMBOLS = list("0123456789.,:;?!\"'()[]#-_/&\\<>") + [chr(c) for c in range(97, 123)]
+
+
+TINY_VOCAB = len(dict.fromkeys([*_TINY_SPECIAL, *_TINY_SYMBOLS, *_TINY_WORDS]))
+"""The tiny model's vocabulary: the tiny tokenizer's words (not the soft tokens added to it)."""
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerBase:

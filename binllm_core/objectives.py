@@ -22,8 +22,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from binllm_core.batches import Batch, TargetBatch, collate, pad_left, tokenize, with_targets
+from binllm_core.batches import (
+    Batch,
+    PromptBatch,
+    TargetBatch,
+    collate,
+    pad_left,
+    tokenize,
+    with_targets,
+)
 from binllm_core.prefix_sharing import PrefixCut
+from binllm_core.soft import info_nce
 
 if TYPE_CHECKING:
     from binllm_core.recommender import AnswerModel
@@ -42,6 +51,8 @@ class Examples:
     prompts: Sequence[str]
     labels: Sequence[int] = field(default_factory=tuple)
     answers: Sequence[str] = field(default_factory=tuple)
+    soft: Sequence[Sequence[int]] | None = None
+    """Soft prompts: each prompt's soft ids (:mod:`binllm_core.soft`); None in words."""
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -63,13 +74,70 @@ class YesNo:
     def collate(
         self, tokenizer: Any, examples: Examples, max_length: int, cut: PrefixCut | None
     ) -> Batch:
-        return collate(tokenizer, examples.prompts, examples.labels, max_length, cut)
+        return collate(tokenizer, examples.prompts, examples.labels, max_length, cut, examples.soft)
 
     def forward(self, model: AnswerModel, batch: Batch) -> torch.Tensor:
-        return model.answer(batch.last_logits(model.net, model.config))
+        return model.answer(batch.last_logits(model.net, model.config, model.soft))
 
     def loss(self, output: torch.Tensor, batch: Batch) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(output, batch.labels.float())
+
+
+class SoftContrastive(YesNo):
+    """``rec`` on soft prompts with RSLLM-style contrastive terms added to the BCE: InfoNCE
+    between the LLM's last hidden state at the user's soft token and at the target item's (the
+    prompt's last item soft token), over the batch's positives; and InfoNCE between the
+    projected target item embedding and the LLM's embedding of its title
+    (:func:`binllm_core.soft.info_nce`, in-batch negatives)."""
+
+    def __init__(self, user_item: float, item_title: float, temperature: float) -> None:
+        self.user_item, self.item_title, self.temperature = user_item, item_title, temperature
+
+    def forward(self, model: AnswerModel, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        soft = model.soft
+        if soft is None or batch.soft_ids is None:
+            raise ValueError("contrastive terms need soft prompts and a projector")
+        out = batch.forward(model.net, soft, output_hidden_states=self.user_item > 0)
+        score = model.answer(out.logits[:, -1])
+        user_at, item_at = _last_positions(batch.input_ids, soft.user_token, soft.item_token)
+        rows = torch.arange(len(batch), device=batch.input_ids.device)
+        extra = score.sum() * 0.0
+        if self.user_item > 0:
+            hidden = out.hidden_states[-1]
+            positive = batch.labels.to(hidden.device) > 0.5
+            users, items = hidden[rows, user_at][positive], hidden[rows, item_at][positive]
+            extra = extra + self.user_item * info_nce(users, items, self.temperature)
+        if self.item_title > 0:
+            iids = _target_ids(batch, soft, item_at)
+            unique = torch.unique(iids)  # in-batch negatives must be other items
+            projected = soft.project_items(unique)
+            titles = soft.titles[unique].to(projected.device)
+            extra = extra + self.item_title * info_nce(projected, titles, self.temperature)
+        return score, extra
+
+    def loss(self, output: tuple[torch.Tensor, torch.Tensor], batch: PromptBatch) -> torch.Tensor:
+        score, extra = output
+        return F.binary_cross_entropy_with_logits(score, batch.labels.float()) + extra
+
+
+def _last_positions(
+    input_ids: torch.Tensor, user_token: int, item_token: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the position of its last user soft token and of its last item soft token."""
+    width = torch.arange(input_ids.shape[1], device=input_ids.device)
+    user = torch.where(input_ids == user_token, width, -1).amax(1)
+    item = torch.where(input_ids == item_token, width, -1).amax(1)
+    if bool((user < 0).any() | (item < 0).any()):
+        raise ValueError("a soft prompt lacks its user or target item soft token")
+    return user, item
+
+
+def _target_ids(batch: PromptBatch, soft: Any, item_at: torch.Tensor) -> torch.Tensor:
+    """The soft id at each row's target item position (its last item soft token)."""
+    at = soft.placeholders(batch.input_ids)
+    index = torch.cumsum(at.flatten().long(), 0).reshape(at.shape) - 1
+    rows = torch.arange(len(batch), device=item_at.device)
+    return batch.soft_ids.to(item_at.device)[index[rows, item_at]]
 
 
 class LetterChoice(YesNo):
@@ -83,7 +151,7 @@ class LetterChoice(YesNo):
 
     def forward(self, model: AnswerModel, batch: Batch) -> torch.Tensor:
         first, second = model.letters
-        logits = batch.last_logits(model.net, model.config)
+        logits = batch.last_logits(model.net, model.config, model.soft)
         return (logits[:, first] - logits[:, second]).float()
 
 
@@ -107,4 +175,5 @@ class AnswerText:
 
 OBJECTIVES: dict[str, Objective] = {REC: YesNo(), "bpr": LetterChoice(), "mim": AnswerText()}
 """Task name -> its objective; a new task is an entry here and a row builder in
-:mod:`binllm_core.aux_tasks`."""
+:mod:`binllm_core.aux_tasks`. A recommender trains with these unless a tuning step replaces
+one (``rec`` by :class:`SoftContrastive` in an ``rsllm`` step: ``AnswerModel.objectives``)."""

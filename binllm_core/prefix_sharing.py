@@ -221,7 +221,8 @@ class SharedPrefixBatch:
             labels,
         )
 
-    def last_logits(self, net: torch.nn.Module, config: Any) -> torch.Tensor:
-        """Logits at each prompt's last token, in row (group) order."""
+    def last_logits(self, net: torch.nn.Module, config: Any, soft: Any = None) -> torch.Tensor:
+        """Logits at each prompt's last token, in row (group) order (prompts in words only:
+        ``soft`` is unused, soft prompts never share a prefix)."""
         prefix = PrefixCache.compute(net, self.prefix_ids, self.prefix_mask, config)
         return suffix_logits(net, prefix, self.group, self.suffix_ids, self.suffix_mask)

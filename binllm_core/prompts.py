@@ -18,6 +18,7 @@ import pyarrow as pa
 from binllm_core.codes import CODE_FORMATS, CODE_MODES
 from binllm_core.config import PLACEHOLDERS, PromptConfig
 from binllm_core.errors import DataError
+from binllm_core.soft import ITEM_TOKEN, SOFT, USER_TOKEN
 
 _CUE = ' Answer with "Yes" or "No". \\n#Answer:'
 PAPER_TEXT = (
@@ -47,9 +48,14 @@ PROMPT_SCHEMA = pa.schema(
         ("not_cold", pa.bool_()),
         ("warm", pa.bool_()),
         ("prompt", pa.string()),
+        ("soft_ids", pa.list_(pa.int32())),
     ]
 )
-SAMPLE_COLUMNS = [n for n in PROMPT_SCHEMA.names if n not in ("mode", "prompt")] + ["history"]
+"""``soft_ids``: in ``soft`` prompts, the uid or iid of each soft token in order of appearance
+(null in the other modes)."""
+SAMPLE_COLUMNS = [n for n in PROMPT_SCHEMA.names if n not in ("mode", "prompt", "soft_ids")] + [
+    "history"
+]
 
 
 @dataclass(frozen=True)
@@ -59,9 +65,27 @@ class Templates:
     text: str
     code: str
     empty_history: str
+    soft_history: bool = False
+    """``soft`` prompts carry an item soft token after each history title."""
 
     def for_mode(self, mode: str) -> str:
         return self.text if mode == "text" else self.code
+
+    def history_marker(self, mode: str) -> str:
+        """What follows each history title in ``mode``'s prompts (empty: nothing)."""
+        return ITEM_TOKEN if mode == SOFT and self.soft_history else ""
+
+    def soft_ids(self, history: Sequence[int], limit: int, uid: int, iid: int) -> list[int]:
+        """The ids of a soft prompt's soft tokens in order of appearance: the shown history's
+        items (with ``soft_history``), the user, the target item, as the code template places
+        ``<ItemTitleList>``, ``<UserID>`` and ``<TargetItemID>``."""
+        shown = shown_history(history, limit) if self.soft_history else []
+        ids: dict[str, list[int]] = {
+            "<ItemTitleList>": shown,
+            "<UserID>": [uid],
+            "<TargetItemID>": [iid],
+        }
+        return [i for m in _PLACEHOLDER_RE.finditer(self.code) for i in ids.get(m.group(0), [])]
 
     def prefix_cut(self) -> PrefixCut:
         """Where a prompt of these templates stops depending on the user alone (for scoring a
@@ -112,7 +136,7 @@ def templates_from_config(cfg: PromptConfig) -> Templates:
     cfg.check("prompts")
     text = cfg.text_template or builtin_template(cfg.style, cfg.domain, with_codes=False)
     code = cfg.code_template or builtin_template(cfg.style, cfg.domain, with_codes=True)
-    return Templates(text, code, cfg.empty_history or EMPTY_HISTORY[cfg.style])
+    return Templates(text, code, cfg.empty_history or EMPTY_HISTORY[cfg.style], cfg.soft_history)
 
 
 def fill(template: str, values: Mapping[str, str]) -> str:
@@ -120,17 +144,27 @@ def fill(template: str, values: Mapping[str, str]) -> str:
     return _PLACEHOLDER_RE.sub(lambda m: values.get(m.group(0), m.group(0)), template)
 
 
-def title_list(history: Sequence[int], titles: Mapping[int, str], limit: int, empty: str) -> str:
-    """The last ``limit`` history titles (history is oldest first), quoted and comma-joined."""
-    recent = list(history)[-limit:] if limit > 0 else []
+def shown_history(history: Sequence[int], limit: int) -> list[int]:
+    """The items of a history (oldest first) a prompt shows: the last ``limit``."""
+    return list(history)[-limit:] if limit > 0 else []
+
+
+def title_list(
+    history: Sequence[int], titles: Mapping[int, str], limit: int, empty: str, marker: str = ""
+) -> str:
+    """The last ``limit`` history titles (history is oldest first), quoted and comma-joined;
+    each followed by `` marker`` when one is given (a soft token)."""
+    recent = shown_history(history, limit)
     if not recent:
         return empty
-    return ", ".join(f'"{titles[i]}"' for i in recent)
+    after = f" {marker}" if marker else ""
+    return ", ".join(f'"{titles[i]}"{after}' for i in recent)
 
 
 @dataclass(frozen=True)
 class Lookups:
-    """Titles by ``iid`` and codes by ``uid``/``iid`` for each code mode."""
+    """Titles by ``iid`` and codes by ``uid``/``iid`` for each code mode (and for ``soft``, the
+    soft token of every entity the encoder saw)."""
 
     titles: Mapping[int, str]
     user_codes: Mapping[str, Mapping[int, str]]
@@ -155,6 +189,8 @@ def lookups_from_tables(items: pa.Table, item_map: pa.Table, codes: pa.Table | N
             texts = CODE_FORMATS[mode].to_text(bits)
             for ent, i, code in zip(entity, ids, texts, strict=True):
                 (user_codes if ent == "user" else item_codes)[mode][i] = code
+    user_codes[SOFT] = dict.fromkeys(user_codes[CODE_MODES[0]], USER_TOKEN)
+    item_codes[SOFT] = dict.fromkeys(item_codes[CODE_MODES[0]], ITEM_TOKEN)
     return Lookups(titles, user_codes, item_codes)
 
 
@@ -189,10 +225,18 @@ def render_table(
     out: dict[str, list] = {n: [] for n in PROMPT_SCHEMA.names}
     for row in range(samples.num_rows):
         uid, iid = cols["uid"][row], cols["iid"][row]
+        past = cols["history"][row] or []
         try:
-            history = title_list(
-                cols["history"][row] or [], lookups.titles, history_len, templates.empty_history
-            )
+            history = {
+                mode: title_list(
+                    past,
+                    lookups.titles,
+                    history_len,
+                    templates.empty_history,
+                    templates.history_marker(mode),
+                )
+                for mode in modes
+            }
             target = lookups.titles[iid]
         except KeyError as err:
             raise DataError(
@@ -210,7 +254,9 @@ def render_table(
             for name in SAMPLE_COLUMNS[:-1]:
                 out[name].append(cols[name][row])
             out["mode"].append(mode)
-            out["prompt"].append(prompt_of(templates, mode, history, target, codes))
+            out["prompt"].append(prompt_of(templates, mode, history[mode], target, codes))
+            soft = templates.soft_ids(past, history_len, uid, iid) if mode == SOFT else None
+            out["soft_ids"].append(soft)
     return pa.table(out, schema=PROMPT_SCHEMA)
 
 
@@ -228,6 +274,25 @@ def prompt_of(
         assert codes is not None, f"{mode} prompts need the user and item codes"
         values["<UserID>"], values["<TargetItemID>"] = codes
     return fill(templates.for_mode(mode), values)
+
+
+def prompt_with_soft(
+    templates: Templates,
+    mode: str,
+    history: Sequence[int],
+    titles: Mapping[int, str],
+    limit: int,
+    target_title: str,
+    codes: tuple[str, str] | None,
+    uid: int,
+    iid: int,
+) -> tuple[str, list[int] | None]:
+    """One prompt from a history of item ids (:func:`title_list`, :func:`prompt_of`) and, in
+    ``soft`` mode, its soft ids (None otherwise)."""
+    marker = templates.history_marker(mode)
+    shown = title_list(history, titles, limit, templates.empty_history, marker)
+    prompt = prompt_of(templates, mode, shown, target_title, codes)
+    return prompt, templates.soft_ids(history, limit, uid, iid) if mode == SOFT else None
 
 
 def code_of(codes: Mapping[int, str], key: int, what: str, mode: str) -> str:

@@ -11,6 +11,10 @@ answer score, the LoRA adapter and a :class:`torch.nn.ModuleDict` of extra train
   the auxiliary tasks in words;
 * ``save(folder)`` / ``load`` — the adapter (safetensors) and the extra modules, never the base.
 
+The extra module of soft prompts is ``soft``: a :class:`~binllm_core.soft.SoftTokens`
+projector over the encoder's fixed vectors (:meth:`LLMRecommender.attach_soft`); a saved
+adapter then holds its weights and shape (``soft.json``), never the vectors.
+
 Batches are built from prompts by :mod:`binllm_core.batches` (a task's ``collate``);
 :class:`binllm_core.scoring.Scorer` builds the scoring batches.
 """
@@ -24,8 +28,18 @@ import torch
 
 from binllm_core.batches import Batch, TargetBatch
 from binllm_core.config import FinetuneConfig, ModelConfig
+from binllm_core.errors import ConfigError
 from binllm_core.llm import AnswerScore, LanguageModel, answer_token_id, load_language_model
-from binllm_core.objectives import LETTERS, OBJECTIVES, REC
+from binllm_core.objectives import LETTERS, OBJECTIVES, REC, Objective
+from binllm_core.soft import (
+    SOFT,
+    SOFT_SPEC,
+    EntityVectors,
+    SoftSpec,
+    SoftTokens,
+    soft_token_ids,
+    title_vectors,
+)
 
 EXTRA_MODULES = "extra_modules.safetensors"
 """Where :meth:`LLMRecommender.save` writes the extra trainable modules, next to the adapter."""
@@ -46,9 +60,16 @@ class AnswerModel(torch.nn.Module):
         """Token ids of the two choices of a ``bpr`` prompt (:data:`objectives.LETTERS`)."""
         self.config = net.config
         """The base LM's config (the layer kinds of a key/value cache)."""
+        self.objectives: dict[str, Objective] = dict(OBJECTIVES)
+        """What each task trains; a tuning step may replace one (``rec`` in an rsllm step)."""
 
-    def forward(self, batch: Batch | TargetBatch, task: str = REC) -> torch.Tensor:
-        return OBJECTIVES[task].forward(self, batch)
+    @property
+    def soft(self) -> SoftTokens | None:
+        """The projector of soft prompts, when one is attached."""
+        return self.extra[SOFT] if SOFT in self.extra else None
+
+    def forward(self, batch: Batch | TargetBatch, task: str = REC) -> Any:
+        return self.objectives[task].forward(self, batch)
 
 
 # ---- the recommender ---------------------------------------------------------------------------
@@ -131,22 +152,64 @@ class LLMRecommender:
 
     def score(self, batch: Batch) -> torch.Tensor:
         """The answer score of each prompt (in the batch's row order), float32, ``(batch,)``."""
-        return self.model(batch)
+        return OBJECTIVES[REC].forward(self.model, batch)
 
     def loss(self, batch: Batch | TargetBatch, task: str = REC) -> torch.Tensor:
         """The training loss of ``task`` on its batch (through the training wrapper when one is
         set): for ``rec``, BCE-with-logits of the answer score against the batch's labels."""
         output = (self.forward_net or self.model)(batch, task)
-        return OBJECTIVES[task].loss(output, batch)
+        return self.model.objectives[task].loss(output, batch)
+
+    # ---- soft prompts ----------------------------------------------------------------------
+    def attach_soft(
+        self,
+        vectors: EntityVectors,
+        projector: str = "collm",
+        titles: dict[int, str] | None = None,
+        source: str = "float",
+    ) -> None:
+        """A fresh projector of kind ``projector`` over ``vectors`` (the ``source`` column of
+        the encoder's embeddings; a saved adapter's own projector replaces its weights when the
+        adapter is attached after this); ``titles`` (iid -> title) gives the item-title vectors
+        of the contrastive term."""
+        embedding = self.lm.model.get_input_embeddings()
+        spec = SoftSpec(projector, vectors.dim, int(embedding.weight.shape[1]), source)
+        self._attach_soft(vectors, spec, titles)
+
+    def _attach_soft(
+        self, vectors: EntityVectors, spec: SoftSpec, titles: dict[int, str] | None
+    ) -> None:
+        embedding = self.lm.model.get_input_embeddings()
+        title_table = None
+        if titles is not None:
+            title_table = title_vectors(self.tokenizer, embedding, titles, len(vectors.items))
+        soft = SoftTokens(vectors, spec, soft_token_ids(self.tokenizer), title_table)
+        self.extra[SOFT] = soft.to(self.device)
+
+    def load_soft(self, folder: str | Path, vectors: EntityVectors) -> None:
+        """The projector a saved adapter folder holds, over ``vectors`` (one-line error when the
+        folder has none: it was not trained on soft prompts)."""
+        spec = SoftSpec.read(folder)
+        if spec is None:
+            raise ConfigError(
+                f"adapter {folder} has no projector ({SOFT_SPEC}): it was not trained on soft "
+                "prompts",
+                todo="score soft prompts with the adapter of a collm/rsllm step (or a soft step)",
+            )
+        self._attach_soft(vectors, spec, None)
+        self._load_extra(Path(folder))
 
     def save(self, folder: str | Path) -> None:
-        """The adapter (safetensors) and the extra modules' weights; never the base model."""
+        """The adapter (safetensors) and the extra modules' weights (and the projector's
+        shape); never the base model, never the fixed vectors."""
         self.net.save_pretrained(str(folder))
         if len(self.extra):
             from safetensors.torch import save_file
 
             state = {k: v.detach().cpu().contiguous() for k, v in self.extra.state_dict().items()}
             save_file(state, str(Path(folder) / EXTRA_MODULES))
+        if self.model.soft is not None:
+            self.model.soft.spec.save(folder)
 
     def _load_extra(self, folder: Path) -> None:
         path = folder / EXTRA_MODULES

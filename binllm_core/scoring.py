@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from binllm_core.batches import pad_left
+from binllm_core.batches import pad_left, soft_batch
 from binllm_core.prefix_sharing import (
     PrefixCache,
     PrefixCut,
@@ -63,10 +63,14 @@ class Scorer:
         """Where a prompt's shareable prefix ends; None scores every prompt whole."""
         self.work = ScoringWork()
 
-    def score(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(scores as float64, token counts) of ``prompts``, in their order."""
+    def score(
+        self, prompts: Sequence[str], soft: Sequence[Sequence[int]] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores as float64, token counts) of ``prompts``, in their order; soft prompts
+        (``soft``: each prompt's soft ids) are scored whole."""
         rec = self.recommender
-        tokens = tokenize_with_prefix(rec.tokenizer, prompts, self.max_length, self.prefix_cut)
+        cut = self.prefix_cut if soft is None else None
+        tokens = tokenize_with_prefix(rec.tokenizer, prompts, self.max_length, cut)
         groups = [g for g in group_by_prefix(tokens) if len(g) > 1]
         alone = sorted(set(range(len(tokens.ids))) - {i for g in groups for i in g})
         out = np.empty(len(tokens.ids), np.float64)
@@ -74,7 +78,7 @@ class Scorer:
         rec.model.eval()
         try:
             with torch.inference_mode():
-                self._score_whole(tokens, alone, out)
+                self._score_whole(tokens, alone, out, soft)
                 self._score_groups(tokens, groups, out)
         finally:
             rec.model.train(was_training)
@@ -83,14 +87,25 @@ class Scorer:
         self.work.tokens += int(lengths.sum())
         return out, lengths
 
-    def _score_whole(self, tokens: Tokenized, rows: list[int], out: np.ndarray) -> None:
+    def _score_whole(
+        self,
+        tokens: Tokenized,
+        rows: list[int],
+        out: np.ndarray,
+        soft: Sequence[Sequence[int]] | None,
+    ) -> None:
         rec = self.recommender
         rows_arr = np.asarray(rows, np.int64)
         if self.sort_by_length:
             rows_arr = rows_arr[np.argsort(tokens.lengths[rows_arr], kind="stable")]
         for start in range(0, len(rows_arr), self.batch_size):
             idx = rows_arr[start : start + self.batch_size]
-            batch = pad_left([tokens.ids[i] for i in idx], rec.tokenizer.pad_token_id)
+            ids = [tokens.ids[i] for i in idx]
+            if soft is None:
+                batch = pad_left(ids, rec.tokenizer.pad_token_id)
+            else:
+                mine = [soft[i] for i in idx]
+                batch = soft_batch(rec.tokenizer, ids, mine, self.max_length)
             out[idx] = rec.score(batch.to(rec.device)).cpu().numpy()
             self.work.computed_tokens += batch.n_tokens
 

@@ -112,11 +112,12 @@ class EarlyStopping:
 
 @dataclass
 class EvalSet:
-    """Validation prompts with labels and users."""
+    """Validation prompts with labels and users (and soft ids, for soft prompts)."""
 
     prompts: list[str]
     labels: list[int]
     uids: list[int]
+    soft: list[list[int]] | None = None
 
     def metrics(self, scores: Sequence[float]) -> dict[str, float]:
         return {"auc": auc(self.labels, scores), "uauc": uauc(self.uids, self.labels, scores)}
@@ -160,8 +161,11 @@ class TuningRun:
         rank: int = 0,
         world: int = 1,
         prefix_cut: PrefixCut | None = None,
+        train_lora: bool = True,
     ) -> None:
         self.rec = recommender
+        self.train_lora = train_lora
+        """False: the adapter is frozen and only the extra modules learn (CoLLM's step 2)."""
         self.prefix_cut = prefix_cut
         """Where prompts stop depending on the user alone: micro-batch prompts that share
         their prefix tokens run it once (training and evaluation); None runs prompts whole."""
@@ -205,7 +209,13 @@ class TuningRun:
         torch.manual_seed(self.cfg.seed + self.rank + 1000 * s.step)
 
     def _make_optimizer(self) -> None:
-        self.optimizer = make_optimizer(self.rec.trainable_parameters(), self.cfg.weight_decay)
+        if not self.train_lora:
+            for p in self.rec.net.parameters():
+                p.requires_grad_(False)
+        params = self.rec.trainable_parameters()
+        if not params:
+            raise ValueError("nothing to train: the adapter is frozen and there is no projector")
+        self.optimizer = make_optimizer(params, self.cfg.weight_decay)
 
     # ---- training --------------------------------------------------------------------------
     @property
@@ -264,7 +274,7 @@ class TuningRun:
         scorer = Scorer(
             self.rec, self.cfg.eval_batch_size, self.cfg.max_length, False, self.prefix_cut
         )
-        scores, _ = scorer.score(valid.prompts)
+        scores, _ = scorer.score(valid.prompts, valid.soft)
         mine = (scores.tolist(), list(valid.labels), list(valid.uids))
         parts = gather(mine) if gather is not None else [mine]
         whole = EvalSet([], [y for p in parts for y in p[1]], [u for p in parts for u in p[2]])
@@ -310,11 +320,13 @@ class TuningRun:
 # ---- what a step trains on ----------------------------------------------------------------------
 @dataclass
 class TaskRows:
-    """The training rows of one task: prompts with labels, or with the answers to write."""
+    """The training rows of one task: prompts with labels, or with the answers to write (and
+    each prompt's soft ids, for soft prompts)."""
 
     prompts: list[str]
     labels: list[int]
     answers: list[str] = field(default_factory=list)
+    soft: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -401,6 +413,7 @@ def _batches(
                 [rows.prompts[i] for i in idx],
                 [rows.labels[i] for i in idx] if rows.labels else [],
                 [rows.answers[i] for i in idx] if rows.answers else [],
+                None if rows.soft is None else [rows.soft[i] for i in idx],
             )
 
 
@@ -414,13 +427,17 @@ def fit_plain(
     start_from: str = "",
     prefix_cut: PrefixCut | None = None,
     aux: Mapping[str, TaskRows] | None = None,
+    train_lora: bool = True,
 ) -> TuningRun:
     """Tune ``recommender`` in this process; evaluate every ``cfg.eval_every`` steps when
     ``valid`` is given; with ``prefix_cut``, shared prefixes run once (on prefix-grouped
     micro-batches under ``cfg.batch_by_prefix``); with ``aux`` rows, their tasks take
-    ``cfg.aux`` of the micro-batches. The finished run (its ``state`` holds the evaluations and
-    counters; its ``best_dir`` the best adapter until ``close``)."""
-    run = TuningRun(recommender, cfg, step_cfg, len(train), prefix_cut=prefix_cut)
+    ``cfg.aux`` of the micro-batches; ``train_lora`` False trains the extra modules alone. The
+    finished run (its ``state`` holds the evaluations and counters; its ``best_dir`` the best
+    adapter until ``close``)."""
+    run = TuningRun(
+        recommender, cfg, step_cfg, len(train), prefix_cut=prefix_cut, train_lora=train_lora
+    )
     run.setup(start_from=start_from)
     group_by = prefix_cut if cfg.batch_by_prefix else None
     stream = micro_batches(train, step_cfg.batch_size, cfg.seed, group_by, aux, cfg.aux)

@@ -42,10 +42,11 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from binllm_core.config import AUX_TASKS, FinetuneConfig, TuneStepConfig
 from binllm_core.errors import StageError
 from binllm_core.faults import armed
-from binllm_core.objectives import REC
+from binllm_core.objectives import REC, SoftContrastive
 from binllm_core.prefix_sharing import PrefixCut
-from binllm_core.prompts import templates_from_config
+from binllm_core.prompts import lookups_from_tables, templates_from_config
 from binllm_core.recommender import LLMRecommender
+from binllm_core.soft import SOFT, EntityVectors
 from binllm_core.storage import join
 from binllm_core.tuning import STATE, EvalSet, TaskRows, TuningRun, micro_batches, planned_steps
 from pipelines.progress import Reporter, progress
@@ -62,27 +63,59 @@ TASKS = (REC, *AUX_TASKS)
 
 @dataclass(frozen=True)
 class TuneStep:
-    """One tuning step of the strategy: its name, prompt mode, budget, starting adapter and the
-    shares of its micro-batches that auxiliary tasks take (``finetune.aux``)."""
+    """One tuning step of the strategy: its name, prompt mode, budget, starting adapter, the
+    shares of its micro-batches that auxiliary tasks take (``finetune.aux``), whether the LoRA
+    adapter learns (else only the projector of soft prompts) and whether the contrastive terms
+    of ``finetune.soft`` join the loss."""
 
     name: str
     mode: str
     cfg: TuneStepConfig
     from_previous: bool
     aux: dict[str, float]
+    train_lora: bool = True
+    contrastive: bool = False
+
+
+def _one_step(cfg: FinetuneConfig) -> list[tuple]:
+    return [("step1", cfg.code_mode, cfg.step2, {})]
+
+
+def _text_only(cfg: FinetuneConfig) -> list[tuple]:
+    return [("step1", "text", cfg.step1, {})]
+
+
+def _two_step(cfg: FinetuneConfig) -> list[tuple]:
+    return [*_text_only(cfg), ("step2", cfg.code_mode, cfg.step2, {})]
+
+
+def _collm(cfg: FinetuneConfig) -> list[tuple]:
+    return [*_text_only(cfg), ("step2", SOFT, cfg.step2, {"train_lora": False})]
+
+
+def _rsllm(cfg: FinetuneConfig) -> list[tuple]:
+    return [*_text_only(cfg), ("step2", SOFT, cfg.step2, {"contrastive": True})]
+
+
+STRATEGIES = {
+    "two_step": _two_step,
+    "one_step": _one_step,
+    "text_only": _text_only,
+    "collm": _collm,
+    "rsllm": _rsllm,
+}
+"""``finetune.strategy`` -> its steps as (name, prompt mode, budget, TuneStep options); each
+step starts from the one before it. A new strategy is an entry here."""
 
 
 def plan(cfg: FinetuneConfig) -> list[TuneStep]:
-    def step(name: str, mode: str, budget: TuneStepConfig, from_previous: bool) -> TuneStep:
+    """The tuning steps the stage runs: the strategy's, from ``finetune.start_step`` on."""
+    steps = []
+    for name, mode, budget, options in STRATEGIES[cfg.strategy](cfg):
         aux = dict(cfg.aux) if name in cfg.aux_steps else {}
-        return TuneStep(name, mode, budget, from_previous, aux)
-
-    if cfg.strategy == "one_step":
-        return [step("step1", cfg.code_mode, cfg.step2, False)]
-    first = step("step1", "text", cfg.step1, False)
-    if cfg.strategy == "text_only":
-        return [first]
-    return [first, step("step2", cfg.code_mode, cfg.step2, True)]
+        steps.append(TuneStep(name, mode, budget, bool(steps), aux, **options))
+    names = [s.name for s in steps]
+    return steps[names.index(cfg.start_step) :]
 
 
 # ---- driver ----------------------------------------------------------------------------------
@@ -247,9 +280,10 @@ def train_sample_ids(index: pa.Table, cfg: FinetuneConfig, groups: pa.Table | No
 def _rows(ctx: StageContext, mode: str, split: str, ids: np.ndarray) -> ray.data.Dataset:
     """The ``ids`` of one partition of the rendered prompts (only that slice is read)."""
     keep = pa.array(ids, pa.int64())
+    columns = ["sample_id", *EVAL_COLUMNS, *(["soft_ids"] if mode == SOFT else [])]
 
     def select(batch: pa.Table) -> pa.Table:
-        return batch.filter(pc.is_in(batch["sample_id"], keep)).select(["sample_id", *EVAL_COLUMNS])
+        return batch.filter(pc.is_in(batch["sample_id"], keep)).select(columns)
 
     prompts = ctx.read_dataset("render", "prompts", {"mode": mode, "split": split})
     return prompts.map_batches(select, batch_format="pyarrow").materialize()
@@ -282,9 +316,11 @@ def _trainer(
         "model": ctx.cfg.model,
         "n_train": len(train_ids),
         "init": init,
-        "init_adapter": "" if init is not None or step.name != "step1" else cfg.init_adapter,
+        "init_adapter": "" if init is not None or step.name != cfg.start_step else cfg.init_adapter,
         "prefix_cut": cut,
         "aux": step.aux,
+        "tune_step": step,
+        "soft": _soft_inputs(ctx, step),
         "progress": reporter,
         "fault": armed(
             FAULT_POINT, ctx.uri(join(storage, f"fault-injected-{ctx.digest}")), raises=True
@@ -309,6 +345,31 @@ def _trainer(
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[n for n in datasets if n != "valid"]),
     )
+
+
+@dataclass(frozen=True)
+class SoftInputs:
+    """What a soft step's workers need besides the prompts (bounded by users and items): the
+    encoder's vectors and, for the contrastive terms, the item titles."""
+
+    vectors: EntityVectors
+    titles: dict[int, str] | None
+
+
+def _soft_inputs(ctx: StageContext, step: TuneStep) -> SoftInputs | None:
+    if step.mode != SOFT:
+        return None
+    soft = ctx.cfg.finetune.soft
+    vectors = EntityVectors.from_table(ctx.read_table("encode", "embeddings"), soft.vectors)
+    titles = None
+    if step.contrastive and soft.item_title_weight > 0:
+        lookups = lookups_from_tables(
+            ctx.read_table("ingest", "items", columns=["item", "title"]),
+            ctx.read_table("samples", "item_map", columns=["item", "iid"]),
+            None,
+        )
+        titles = dict(lookups.titles)
+    return SoftInputs(vectors, titles)
 
 
 def _resources(cfg: FinetuneConfig) -> dict[str, float]:
@@ -366,8 +427,19 @@ def train_loop(config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
 
+    step: TuneStep = config["tune_step"]
     rec = LLMRecommender.load(config["model"], device=device)
-    run = TuningRun(rec, ft, step_cfg, config["n_train"], rank, world, config["prefix_cut"])
+    soft: SoftInputs | None = config["soft"]
+    if soft is not None:  # before the adapter: a checkpoint's projector weights load into it
+        rec.attach_soft(soft.vectors, ft.soft.projector, soft.titles, ft.soft.vectors)
+    if step.contrastive:
+        s = ft.soft
+        rec.model.objectives[REC] = SoftContrastive(
+            s.user_item_weight, s.item_title_weight, s.temperature
+        )
+    run = TuningRun(
+        rec, ft, step_cfg, config["n_train"], rank, world, config["prefix_cut"], step.train_lora
+    )
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as folder:
@@ -377,7 +449,10 @@ def train_loop(config: dict[str, Any]) -> None:
             run.setup(start_from=os.path.join(folder, "best"))
     else:
         run.setup(start_from=config["init_adapter"])
-    rec.forward_net = ray.train.torch.prepare_model(rec.model)
+    # The fixed vectors are buffers, the same on every worker: nothing to broadcast each pass.
+    rec.forward_net = ray.train.torch.prepare_model(
+        rec.model, parallel_strategy_kwargs={"broadcast_buffers": False}
+    )
     if rank != 0:  # rank 0 carries the totals of the checkpoint; the others count from zero
         _set_counters(run, [0] * len(_counters(run)))
     valid = _eval_slice(rank, world)
@@ -445,12 +520,15 @@ def _gather(world: int) -> Any:
 
 
 def _shard_rows() -> TaskRows:
-    """This worker's train shard (prompts and labels), read once: the micro-batches are drawn
-    from it in memory (about 1 KB per prompt), as the plain loop draws them."""
+    """This worker's train shard (prompts, labels and soft ids of soft prompts), read once: the
+    micro-batches are drawn from it in memory (about 1 KB per prompt), as the plain loop draws
+    them."""
     rows = TaskRows([], [])
     for batch in ray.train.get_dataset_shard("train").iter_batches(batch_format="pyarrow"):
         rows.prompts += batch["prompt"].to_pylist()
         rows.labels += batch["label"].to_pylist()
+        if "soft_ids" in batch.column_names:
+            rows.soft = (rows.soft or []) + batch["soft_ids"].to_pylist()
     return rows
 
 
@@ -472,7 +550,10 @@ def _eval_slice(rank: int, world: int) -> EvalSet:
     rows = rows.sort_by("sample_id")
     take = pa.array(range(rank, rows.num_rows, world), pa.int64())
     part = rows.take(take)
-    return EvalSet(part["prompt"].to_pylist(), part["label"].to_pylist(), part["uid"].to_pylist())
+    soft = part["soft_ids"].to_pylist() if "soft_ids" in part.column_names else None
+    return EvalSet(
+        part["prompt"].to_pylist(), part["label"].to_pylist(), part["uid"].to_pylist(), soft
+    )
 
 
 def _all_sum(values: list[float], device: Any) -> list[float]:

@@ -42,8 +42,12 @@ from pipelines.score import (
 )
 from pipelines.stage import StageContext, package_versions, plain_config
 
+PROMPT_COLUMNS = ("prompt", "soft_ids")
+"""What the scorer reads of a rendered candidate and leaves out of its scores."""
 CANDIDATE_SCORES_SCHEMA = pa.schema(
-    [f for f in CANDIDATE_SCHEMA if f.name != "prompt"] + SCORE_FIELDS + [("carried", pa.bool_())]
+    [f for f in CANDIDATE_SCHEMA if f.name not in PROMPT_COLUMNS]
+    + SCORE_FIELDS
+    + [("carried", pa.bool_())]
 )
 """Scores of pairs: ``carried`` marks rows taken over from an earlier nightly partition (same
 prompt, model and adapter) instead of being scored again."""
@@ -127,8 +131,8 @@ def score_pairs(
         .materialize()
     )
     meta = _to_arrow(
-        rendered.drop_columns(["prompt"]),
-        CANDIDATE_SCHEMA.remove(CANDIDATE_SCHEMA.get_field_index("prompt")),
+        rendered.drop_columns(list(PROMPT_COLUMNS)),
+        pa.schema([f for f in CANDIDATE_SCHEMA if f.name not in PROMPT_COLUMNS]),
     )
     stats = summary(meta, pairs.num_rows)
     scored_at = now_utc()

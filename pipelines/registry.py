@@ -11,6 +11,7 @@ from binllm_core.errors import ConfigError, StageError
 from binllm_core.lineage import folder_identity, model_identity, source_identity
 from binllm_core.llm import check_backbone
 from binllm_core.lock import LOCK, WriterLock
+from binllm_core.soft import SOFT
 from binllm_core.storage import join, resolve, to_uri
 from pipelines import encode, evaluate, finetune, ingest, render, rerank, retrieve, samples, score
 from pipelines.console import LOGS
@@ -21,8 +22,8 @@ OTHER_OUTPUTS = ("pairs", "nightly", "recommendations", LOCK, LOGS)
 
 
 def codes_needed(cfg: RunConfig) -> bool:
-    """A run needs the encoder only when it renders prompts with codes."""
-    return any(m in CODE_MODES for m in cfg.prompts.modes)
+    """A run needs the encoder only when it renders prompts with codes (or soft tokens)."""
+    return any(m in (*CODE_MODES, SOFT) for m in cfg.prompts.modes)
 
 
 def _with_codes(cfg: RunConfig, *names: str) -> tuple[str, ...]:

@@ -35,6 +35,7 @@ from binllm_core.prompts import (
     render_table,
     templates_from_config,
 )
+from binllm_core.soft import SOFT
 from pipelines.progress import Reporter, progress
 from pipelines.stage import StageContext
 
@@ -71,7 +72,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             ctx.write_dataset(part, "prompts", {"mode": mode, "split": split})
 
     return {
-        **({"aux": _write_aux(ctx, lookups, modes)} if cfg.aux.tasks else {}),
+        **({"aux": _write_aux(ctx, lookups, _in_words(modes))} if cfg.aux.tasks else {}),
         "modes": modes,
         "rows_per_mode": _count(summary, "mode"),
         "rows_per_split": {k: v // len(modes) for k, v in _count(summary, "split").items()},
@@ -143,6 +144,12 @@ def _write_aux(ctx: StageContext, lookups: Lookups, modes: list[str]) -> dict[st
             for task in cfg.tasks
         },
     }
+
+
+def _in_words(modes: list[str]) -> list[str]:
+    """The modes aux rows are written in: every rendered one but ``soft`` (aux rows carry no
+    soft ids)."""
+    return [m for m in modes if m != SOFT]
 
 
 def _render(

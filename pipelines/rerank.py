@@ -26,7 +26,7 @@ import ray
 
 from binllm_core.candidates import RunLookups
 from binllm_core.config import RunConfig
-from binllm_core.prompts import Templates, prompt_of, templates_from_config, title_list
+from binllm_core.prompts import Templates, prompt_with_soft, templates_from_config
 from pipelines.retrieve import CANDIDATES_SCHEMA
 from pipelines.runs import load_lookups
 from pipelines.score import (
@@ -86,28 +86,35 @@ def render_lists(
     splits = batch["split"].to_pylist()
     user_codes = prompt_lookups.user_codes.get(mode, {})
     item_codes = prompt_lookups.item_codes.get(mode, {})
-    modes, titles, colds, prompts = [], [], [], []
+    modes, titles, colds, prompts, softs = [], [], [], [], []
     for split, uid, iid in zip(splits, users, items, strict=True):
-        history = title_list(
-            histories.get((split or "", uid), []),
-            prompt_lookups.titles,
-            history_len,
-            templates.empty_history,
-        )
         title = prompt_lookups.titles.get(iid, str(iid))
         cold = uid not in user_codes if mode != "text" else False
         row_mode = "text" if cold else mode
         codes = (user_codes[uid], item_codes[iid]) if row_mode != "text" else None
+        prompt, soft = prompt_with_soft(
+            templates,
+            row_mode,
+            histories.get((split or "", uid), []),
+            prompt_lookups.titles,
+            history_len,
+            title,
+            codes,
+            uid,
+            iid,
+        )
         modes.append(row_mode)
         titles.append(title)
         colds.append(cold)
-        prompts.append(prompt_of(templates, row_mode, history, title, codes))
+        prompts.append(prompt)
+        softs.append(soft)
     for name, values, kind in (
         ("list_mode", [mode] * batch.num_rows, pa.string()),
         ("mode", modes, pa.string()),
         ("title", titles, pa.string()),
         ("cold", colds, pa.bool_()),
         ("prompt", prompts, pa.string()),
+        ("soft_ids", softs, pa.list_(pa.int32())),
     ):
         batch = batch.append_column(name, pa.array(values, kind))
     return batch

@@ -13,6 +13,7 @@ from binllm_core.codes import CODE_MODES
 from binllm_core.config import RunConfig, apply_override, build, load_config
 from binllm_core.errors import ConfigError
 from binllm_core.llm import check_backbone
+from binllm_core.soft import SOFT
 from binllm_core.storage import LAYOUT, join, read_manifest, resolve, to_uri
 from pipelines.stage import StageContext
 
@@ -65,7 +66,7 @@ def _rendered(fs: Any, render_path: str) -> bool:
 def load_lookups(ctx: StageContext, mode: str) -> RunLookups:
     """Titles, id maps, histories and codes of the run (read once, on the driver)."""
     codes = None
-    if mode in CODE_MODES:
+    if mode in (*CODE_MODES, SOFT):  # soft: the entities with codes have embeddings
         codes = ctx.read_table("encode", "codes", columns=["entity", "id", "bits"])
     return build_lookups(
         ctx.read_table("ingest", "items", columns=["item", "title"]),

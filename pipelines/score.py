@@ -33,6 +33,7 @@ records that it happened).
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import tempfile
 import time
@@ -55,7 +56,8 @@ from binllm_core.errors import ConfigError, StageError
 from binllm_core.faults import Fault, armed
 from binllm_core.prefix_sharing import PrefixCut
 from binllm_core.prompts import templates_from_config
-from binllm_core.storage import content_identity, is_local, resolve
+from binllm_core.soft import SOFT_SPEC, EntityVectors, SoftSpec
+from binllm_core.storage import content_identity, is_local, join, resolve
 from pipelines.progress import Reporter, progress
 from pipelines.stage import StageContext
 
@@ -72,7 +74,18 @@ SCORE_FIELDS = [
     ("run_name", pa.string()),
     ("scored_at", pa.timestamp("us", tz="UTC")),
 ]
-STAGE_INPUT = ["sample_id", "split", "mode", "uid", "iid", "label", "warm", "not_cold", "prompt"]
+STAGE_INPUT = [
+    "sample_id",
+    "split",
+    "mode",
+    "uid",
+    "iid",
+    "label",
+    "warm",
+    "not_cold",
+    "prompt",
+    "soft_ids",
+]
 SCORES_SCHEMA = pa.schema(
     [
         ("sample_id", pa.int64()),
@@ -108,6 +121,7 @@ class PromptScorer:
         fault: Fault | None = None,
         prefix_cut: PrefixCut | None = None,
         reporter: Reporter | None = None,
+        soft: EntityVectors | None = None,
     ) -> None:
         import torch
 
@@ -121,6 +135,8 @@ class PromptScorer:
         if adapter:
             with local_copy(adapter, storage_options) as folder:
                 self.recommender.attach_adapter(folder, trainable=False)
+                if soft is not None:
+                    self.recommender.load_soft(folder, soft)
             self.recommender.merge_adapter()
         self.recommender.train(False)  # a bare backbone too: no dropout when scoring
         self.scorer = Scorer(self.recommender, batch_size, max_length, sort_by_length, prefix_cut)
@@ -129,17 +145,23 @@ class PromptScorer:
         self.reporter = reporter or Reporter()
         self.calls = 0
 
-    def logits(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Answer scores (``Yes`` logits by default) and token counts of ``prompts``, in order."""
-        return self.scorer.score(prompts)
+    def logits(
+        self, prompts: list[str], soft: list[list[int]] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Answer scores (``Yes`` logits by default) and token counts of ``prompts`` (soft
+        prompts: with their soft ids), in order."""
+        return self.scorer.score(prompts, soft)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.calls += 1
         if self.fault is not None:
             self.fault.reached(self.calls)
-        logits, lengths = self.logits(batch["prompt"].to_pylist())
+        soft = None
+        if self.recommender.model.soft is not None:
+            soft = batch["soft_ids"].to_pylist()
+        logits, lengths = self.logits(batch["prompt"].to_pylist(), soft)
         n = batch.num_rows
-        out = batch.drop_columns(["prompt"])
+        out = batch.drop_columns([c for c in ("prompt", "soft_ids") if c in batch.column_names])
         columns = {
             "n_tokens": pa.array(lengths, pa.int32()),
             "logit_yes": pa.array(logits, pa.float64()),
@@ -211,7 +233,8 @@ def score_dataset(
     """
     ds = ds.materialize()
     sc = cfg.score
-    if sc.share_prefix and ds.count() > sc.batch_size * max(1, sc.sort_window):
+    soft = soft_vectors(cfg, adapter, ds)
+    if soft is None and sc.share_prefix and ds.count() > sc.batch_size * max(1, sc.sort_window):
         ds = ds.sort("prompt").materialize()
     lineage = {
         "model": model_id(cfg.model),
@@ -226,7 +249,9 @@ def score_dataset(
         # Ray 2.60 has no named parameter for actor restarts yet and flags **ray_remote_args as
         # deprecated; without them the pool restarts actors without bound (Ray Data's default).
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        return _map_scorer(ds, cfg, adapter, lineage, sort_by_length, fault, num_actors, reporter)
+        return _map_scorer(
+            ds, cfg, adapter, lineage, sort_by_length, fault, num_actors, reporter, soft
+        )
 
 
 def score_now(
@@ -248,6 +273,7 @@ def _map_scorer(
     fault: Fault | None,
     num_actors: int | None,
     reporter: Reporter | None,
+    soft: EntityVectors | None,
 ) -> ray.data.Dataset:
     sc = cfg.score
     return ds.map_batches(
@@ -265,6 +291,7 @@ def _map_scorer(
             "fault": fault,
             "prefix_cut": _prefix_cut(cfg),
             "reporter": reporter,
+            "soft": soft,
         },
         compute=ray.data.ActorPoolStrategy(size=num_actors or sc.num_actors),
         batch_size=sc.batch_size * max(1, sc.sort_window),
@@ -274,6 +301,32 @@ def _map_scorer(
         max_restarts=sc.max_restarts,
         max_task_retries=sc.max_restarts,
     )
+
+
+def soft_vectors(cfg: RunConfig, adapter: str, ds: ray.data.Dataset) -> EntityVectors | None:
+    """The vectors the projector of ``adapter`` reads (the run's ``encode/embeddings``, the
+    column the adapter was trained on), when ``ds`` holds soft prompts; None for prompts in
+    words. Soft prompts with an adapter that has no projector are a one-line error."""
+    if "soft_ids" not in ds.schema().names:
+        return None
+    first = ds.select_columns(["soft_ids"]).take(1)  # a call scores one mode
+    if not first or first[0]["soft_ids"] is None:
+        return None
+    if not adapter:
+        raise ConfigError(
+            "soft prompts need an adapter with a projector, and this mode is scored with none",
+            todo="score soft prompts with the adapter of a collm/rsllm step (score.adapters)",
+        )
+    fs, path = resolve(adapter, cfg.output_storage_options)
+    spec_path = join(path, SOFT_SPEC)
+    if not fs.exists(spec_path):
+        raise ConfigError(
+            f"adapter {adapter} has no projector ({SOFT_SPEC}): it was not trained on soft prompts",
+            todo="score soft prompts with the adapter of a collm/rsllm step (score.adapters)",
+        )
+    spec = SoftSpec(**json.loads(fs.cat_file(spec_path)))
+    table = StageContext.open(cfg, "score").read_table("encode", "embeddings")
+    return EntityVectors.from_table(table, spec.vectors)
 
 
 def _prefix_cut(cfg: RunConfig) -> PrefixCut | None:
