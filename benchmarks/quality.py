@@ -21,6 +21,10 @@ budget per tuning step and fixed seeds; the test split is only scored, never use
   the codes' Hamming lists and their LLM re-ranking (text and binary), full and sampled
   protocols.
 
+* the soft-token rows (also alone with ``--soft-only``): CoLLM (``collm``: projector only,
+  LoRA frozen) and RSLLM-style (``rsllm``: projector and LoRA, contrastive terms), step 2
+  alone from the same step-1 adapter at the chosen rate, on ``soft`` prompts.
+
 Variants reuse the base run's ingest, samples, encode and render outputs (copied; their
 manifests match, so those stages are skipped). Every LLM row is scored on the same test
 subsample (``score.max_rows``, ``score.sample_by``); the codes rows are given on that subsample
@@ -395,6 +399,85 @@ def aux_table(args: argparse.Namespace, root: Path, stem: str) -> None:
     print(markdown)
 
 
+# ---- the soft-token rows ----------------------------------------------------------------------
+SOFT_ROWS = {
+    "collm": "CoLLM (soft, projector-only step 2)",
+    "rsllm": "RSLLM-style (soft + contrastive)",
+}
+"""Strategy -> its row: the other way in, soft tokens through a projector (``finetune.soft``)."""
+COMPARED = ("text-only LoRA (step 1; TALLRec)", "text-only LoRA, two-step budget",
+            "BinLLM binary, two-step", "BinLLM dot-decimal, two-step", "BinLLM binary, one-step")
+"""The rows of the quality table printed next to the soft rows (read from its JSON)."""
+
+
+def step1_source(root: Path, stem: str) -> Path:
+    """The run whose step-1 text adapter the soft rows start from: the quality table's base run,
+    else the ranking run (its step 1 is the same config, seed and train subset)."""
+    for name in (f"{stem}-base", f"{stem}-ranking"):
+        if (root / name / "finetune" / "_manifest.json").exists():
+            return root / name
+    raise SystemExit(f"no finished {stem}-base or {stem}-ranking run under {root}: run the "
+                     "quality table (or --ranking-only) first")
+
+
+def soft_table(args: argparse.Namespace, shared: list[str], root: Path, stem: str) -> None:
+    """The soft-token rows at the BinLLM rows' budget: step 2 alone (``finetune.start_step``)
+    from the same step-1 adapter, on ``soft`` prompts, at the step-2 rate the quality table
+    chose; scored on the same test users. Printed next to the quality table's rows (from its
+    JSON, not re-run)."""
+    quality = json.loads((RESULTS / f"quality-{stem}.json").read_text())
+    lr = next(x["step2_lr"] for x in quality["step2_lr_selection"] if x["chosen"])
+    source = step1_source(root, stem)
+    before = Tuned(source.name, manifests_of(source))
+    adapter = str(source / before.manifests["finetune"]["metrics"]["adapters"]["step1"])
+    codes = code_scores(root, source.name)
+    rows, sets_of, copy_from = [], {}, source
+    for strategy, label in SOFT_ROWS.items():
+        name = f"{stem}-{strategy}"
+        sets = [*shared, NO_RANKING, "prompts.modes=[text,soft]",
+                f"finetune.strategy={strategy}", "finetune.start_step=step2",
+                f"finetune.init_adapter={adapter}", f"finetune.step2.lr={float(lr)!r}",
+                "score.modes=[soft]"]
+        sets_of[strategy] = sets
+        _, manifests, _ = run_variant(args.config, sets, root, name, copy_from)
+        copy_from = root / name  # the other soft run finds this one's render
+        tuned = Tuned(name, manifests, before, "step2")
+        row = llm_row(label, root, tuned, "soft", manifests["render"], codes)
+        rows.append({**row, "strategy": strategy})
+    compared = [r for r in quality["rows"] if r["row"] in COMPARED]
+    header = ["row", "test rows", "AUC", "UAUC", "warm AUC", "warm UAUC", "cold AUC",
+              "cold UAUC", "valid AUC", "rho codes", "train seqs", "tokens/prompt", "finetune s",
+              "score s"]
+    body = [[r["row"], fmt(r.get("test_rows")), *[fmt(r.get(k)) for k in METRICS],
+             fmt(r.get("valid_auc")), fmt(r.get("rho_codes"), 2),
+             fmt(r.get("training_sequences")), fmt(r.get("tokens_per_prompt"), 1),
+             fmt(r.get("train_s"), 0), fmt(r.get("score_s"), 0)] for r in [*compared, *rows]]
+    cfg = load_config(args.config, sets_of["collm"])
+    s1, s2, soft = cfg.finetune.step1, cfg.finetune.step2, cfg.finetune.soft
+    markdown = "\n".join([
+        f"## Soft tokens on {cfg.protocol.name} (`benchmarks/quality.py --soft-only`)",
+        "",
+        f"`{Path(cfg.model.backbone).name}` (float32, CPU). The last {len(rows)} rows start from "
+        f"the step-1 text adapter of `{source.name}` (step 1 {s1.max_steps} x {s1.batch_size} "
+        f"text prompts) and train step 2 alone ({s2.max_steps} x {s2.batch_size} `soft` prompts "
+        f"at lr {lr:g}, the rate the quality table chose): the BinLLM two-step rows' budget. "
+        f"Soft prompts are the code template with a placeholder token where the codes would be, "
+        f"whose input embedding is the `{soft.projector}` projector of the encoder's "
+        f"`{soft.vectors}` embeddings; CoLLM trains the projector alone (LoRA frozen), the "
+        f"RSLLM-style row the projector and LoRA with InfoNCE terms (user-item hidden states "
+        f"{soft.user_item_weight:g}, projected item-title embedding {soft.item_title_weight:g}, "
+        f"temperature {soft.temperature:g}). Every row: the same test users "
+        f"(score.max_rows {cfg.score.max_rows}, by {cfg.score.sample_by}) and valid_small "
+        f"prompts; the first {len(compared)} rows are the quality table's (commit "
+        f"{quality['commit'][:7]}).",
+        "",
+        table(header, body),
+    ])
+    save(f"quality-soft-{stem}", {"config": args.config, "overrides": sets_of, "step2_lr": lr,
+                                  "step1_from": source.name, "rows": rows}, markdown)
+    print(markdown)
+
+
 def _chain(tuned: Tuned) -> list[Tuned]:
     return [tuned, *(_chain(tuned.before) if tuned.before else [])]
 
@@ -415,6 +498,9 @@ def main() -> None:
     parser.add_argument("--aux-only", action="store_true",
                         help="only the auxiliary-task rows: the ranking run's two steps with "
                              "mim and bpr mixed in (needs the ranking run's folder)")
+    parser.add_argument("--soft-only", action="store_true",
+                        help="only the soft-token rows (CoLLM, RSLLM-style) from the step-1 "
+                             "adapter of the base (or ranking) run, next to the quality table")
     parser.add_argument("--tables-only", action="store_true",
                         help="with --aux-only: write the table from the runs' finished outputs, "
                              "running no stage (after a code change that would redo them)")
@@ -432,6 +518,9 @@ def main() -> None:
         return
     if args.aux_only:
         aux_table(args, root, stem)
+        return
+    if args.soft_only:
+        soft_table(args, shared, root, stem)
         return
     s1, s2 = cfg.finetune.step1, cfg.finetune.step2
     lrs = list(dict.fromkeys([s2.lr, *(args.step2_lr or [1e-3])]))
@@ -526,6 +615,7 @@ def main() -> None:
     print(markdown)
     ranking_table(args, shared, root, stem)
     aux_table(args, root, stem)
+    soft_table(args, shared, root, stem)
 
 
 if __name__ == "__main__":
