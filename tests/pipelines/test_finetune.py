@@ -1,4 +1,5 @@
-"""Stage finetune on Ray Train: 2 CPU workers, two steps, a worker failure, adapter reload.
+"""Stage finetune on Ray Train: 2 CPU workers, two steps (text, then soft prompts with the
+projector), a worker failure, adapter and projector reload.
 
 One test on purpose: every TorchTrainer start costs ~30 s on 2 cores.
 """
@@ -16,6 +17,7 @@ import torch
 from binllm_core.metrics import auc
 from binllm_core.recommender import LLMRecommender
 from binllm_core.scoring import Scorer
+from binllm_core.soft import EntityVectors
 from binllm_core.storage import MANIFEST, read_output
 from binllm_core.tuning import interleave
 from pipelines.finetune import FAULT_POINT
@@ -25,13 +27,14 @@ from tests.pipelines.test_render import fake_upstream, make_cfg, read_prompts, s
 pytestmark = pytest.mark.slow  # Ray Train
 
 OVERRIDES = [
-    "finetune.strategy=two_step",
-    "finetune.code_mode=binary",
+    "finetune.strategy=rsllm",
+    "prompts.modes=[text,soft]",
+    "finetune.soft.vectors=relaxed",
     "finetune.num_workers=2",
     "finetune.eval_every=20",
     "finetune.patience=3",
     "finetune.max_length=256",
-    "finetune.step1={lr: 1.0e-2, warmup_steps: 5, batch_size: 8, max_steps: 40}",
+    "finetune.step1={lr: 1.0e-2, warmup_steps: 5, batch_size: 8, max_steps: 20}",
     "finetune.step2={lr: 1.0e-2, warmup_steps: 5, batch_size: 8, max_steps: 100}",
 ]
 
@@ -42,15 +45,16 @@ def test_two_steps_on_two_workers_survive_a_failure(
     cfg = make_cfg(tmp_path, *OVERRIDES)
     fake_upstream(cfg)
     run_stage(cfg, stage("render"))
-    monkeypatch.setenv("BINLLM_TEST_FAULT", f"{FAULT_POINT}@30")  # after step 1's checkpoint at 20
+    # Step 2 (soft prompts: projector, LoRA, contrastive terms) fails after its step 30, past
+    # its checkpoint at 20: the projector's and the optimizer's state must come back.
+    monkeypatch.setenv("BINLLM_TEST_FAULT", f"{FAULT_POINT}@30")
     manifest = run_stage(cfg, stage("finetune"))
     metrics = manifest["metrics"]
     step1, step2 = metrics["steps"]["step1"], metrics["steps"]["step2"]
     out = tmp_path / "t" / "finetune"
 
-    # Step 1 failed once at step 30, resumed from step 20 and still ended with an adapter.
-    assert step1["restarts"] == 1 and step1["steps"] == 40 and step1["mode"] == "text"
-    assert step2["mode"] == "binary" and step2["restarts"] == 0
+    assert step1["restarts"] == 0 and step1["steps"] == 20 and step1["mode"] == "text"
+    assert step2["mode"] == "soft" and step2["restarts"] == 1 and step2["steps"] == 100
     adapters = out / manifest["version"] / "adapters"
     for name in ("step1", "step2"):
         assert (adapters / name / "adapter_model.safetensors").exists()
@@ -61,16 +65,26 @@ def test_two_steps_on_two_workers_survive_a_failure(
     evals = json.loads((out / MANIFEST).read_text())["tables"]["evals"]
     assert evals["rows"] >= 3
 
-    # Only the codes tell the label: text-only stays near chance, the codes are learned.
+    assert (adapters / "step2" / "extra_modules.safetensors").exists()
+    assert not (adapters / "step1" / "extra_modules.safetensors").exists()
+
+    # Only the embeddings tell the label: text-only stays near chance, the soft tokens learn it.
     assert step1["best_valid_auc"] < 0.7
     assert step2["best_valid_auc"] > 0.85, step2
 
-    # The saved step-2 adapter, loaded on a fresh base, reproduces the best validation AUC.
+    # The saved step-2 adapter and projector, loaded on a fresh base with the run's vectors,
+    # reproduce the best validation AUC.
     prompts = read_prompts(tmp_path)
-    valid = prompts.filter(pc.and_(pc.equal(prompts["mode"], "binary"), prompts["valid_small"]))
+    valid = prompts.filter(pc.and_(pc.equal(prompts["mode"], "soft"), prompts["valid_small"]))
     torch.set_num_threads(1)
     rec = LLMRecommender.load(cfg.model, adapter=str(adapters / "step2"))
-    scores, _ = Scorer(rec, 64, 256).score(valid["prompt"].to_pylist())
+    vectors = EntityVectors.from_table(
+        read_output(str(tmp_path / "t" / "encode"), "embeddings"), "relaxed"
+    )
+    rec.load_soft(adapters / "step2", vectors)
+    scores, _ = Scorer(rec, 64, 256).score(
+        valid["prompt"].to_pylist(), valid["soft_ids"].to_pylist()
+    )
     assert auc(valid["label"].to_pylist(), scores.tolist()) == pytest.approx(
         step2["best_valid_auc"], abs=1e-6
     )
@@ -80,7 +94,8 @@ def test_two_steps_on_two_workers_survive_a_failure(
     # finished, so nothing trains again and the result is the same.
     (out / MANIFEST).unlink()
     again = run_stage(cfg, stage("finetune"))["metrics"]["steps"]
-    assert again["step2"]["restarts"] == 1 and again["step2"]["steps"] == step2["steps"]
+    assert again["step2"]["restarts"] == step2["restarts"] + 1
+    assert again["step2"]["steps"] == step2["steps"]
     assert again["step2"]["best_valid_auc"] == step2["best_valid_auc"]
 
 

@@ -6,9 +6,11 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
+from binllm_core.codes import embeddings_table
 from binllm_core.config import RunConfig, load_config
 from binllm_core.storage import MANIFEST, read_output
 from pipelines.registry import STAGES
@@ -106,7 +108,25 @@ def fake_upstream(cfg: RunConfig, n_samples: int = 600, drop_user_code: int = 0)
     run_stage(
         cfg, Stage("samples", writer({"samples": samples, "item_map": item_map}), ("protocol",))
     )
-    run_stage(cfg, Stage("encode", writer({"codes": codes}), ("encoder",)), force=True)
+    run_stage(
+        cfg,
+        Stage("encode", writer({"codes": codes, "embeddings": embeddings(codes)}), ("encoder",)),
+        force=True,
+    )
+
+
+def embeddings(codes: pa.Table) -> pa.Table:
+    """The ``embeddings`` of the fake codes: ``relaxed`` = 0.9 x the signs (what the codes are
+    the signs of), ``float`` = the signs plus a small seeded noise."""
+    users = np.zeros((N_USERS + 1, len(user_code(1))), np.float32)
+    items = np.zeros((N_ITEMS + 1, len(item_code(1))), np.float32)
+    columns = (codes[c].to_pylist() for c in ("entity", "id", "bits"))
+    for entity, i, bits in zip(*columns, strict=True):
+        (users if entity == "user" else items)[i] = 2.0 * np.asarray(bits, np.float32) - 1.0
+    rng = np.random.default_rng(0)
+    noisy = tuple(v + 0.1 * rng.standard_normal(v.shape, np.float32) for v in (users, items))
+    vectors = {"relaxed": (0.9 * users, 0.9 * items), "float": noisy}
+    return embeddings_table(vectors)
 
 
 def stage(name: str) -> Stage:
@@ -118,11 +138,16 @@ def read_prompts(tmp_path: Path) -> pa.Table:
 
 
 def test_render_writes_prompts_per_mode_with_token_stats(tmp_path: Path, ray_session) -> None:
-    cfg = make_cfg(tmp_path, "prompts.style=paper")
+    cfg = make_cfg(
+        tmp_path,
+        "prompts.style=paper",
+        "prompts.modes=[text,binary,dotdec,soft]",
+        "prompts.soft_history=true",
+    )
     fake_upstream(cfg, n_samples=50)
     manifest = run_stage(cfg, stage("render"))
     prompts = read_prompts(tmp_path)
-    assert prompts.num_rows == 150
+    assert prompts.num_rows == 200
     assert prompts.column_names == [
         "sample_id",
         "split",
@@ -134,9 +159,20 @@ def test_render_writes_prompts_per_mode_with_token_stats(tmp_path: Path, ray_ses
         "not_cold",
         "warm",
         "prompt",
+        "soft_ids",
         "n_tokens",
     ]
     by_mode = {r["mode"]: r for r in prompts.to_pylist() if r["sample_id"] == 0}
+    # Soft prompts: a soft token after each history title and in the two code slots; their
+    # ids in order of appearance (items 3, 1; user 1; target item 2); null in other modes.
+    soft = by_mode["soft"]
+    assert soft["prompt"].startswith(
+        '#Question: A user has given high ratings to the following movies: "Title 3" '
+        '<|item_emb|>, "Title 1" <|item_emb|>. Additionally'
+    )
+    assert "encoded in the feature <|user_emb|>." in soft["prompt"]
+    assert '"Title 2" with the feature <|item_emb|>?' in soft["prompt"]
+    assert soft["soft_ids"] == [3, 1, 1, 2] and by_mode["binary"]["soft_ids"] is None
     first = [by_mode["text"], by_mode["binary"], by_mode["dotdec"]]
     assert first[1]["prompt"] == (
         '#Question: A user has given high ratings to the following movies: "Title 3", '
@@ -148,16 +184,21 @@ def test_render_writes_prompts_per_mode_with_token_stats(tmp_path: Path, ray_ses
     assert "feature 60." in first[2]["prompt"] and "feature 85?" in first[2]["prompt"]
 
     tokens = manifest["metrics"]["tokens_per_mode"]
-    assert set(tokens) == {"text", "binary", "dotdec"}
+    assert set(tokens) == {"text", "binary", "dotdec", "soft"}
     assert tokens["binary"]["mean"] > tokens["dotdec"]["mean"] > tokens["text"]["mean"] > 0
     assert tokens["binary"]["max"] >= tokens["binary"]["p95"] >= tokens["binary"]["mean"]
-    assert manifest["metrics"]["rows_per_mode"] == {"binary": 50, "dotdec": 50, "text": 50}
+    assert tokens["soft"]["mean"] > tokens["text"]["mean"]
+    rows = manifest["metrics"]["rows_per_mode"]
+    assert rows == {"binary": 50, "dotdec": 50, "soft": 50, "text": 50}
 
     # Partitioned by mode and split, the columns kept in the files: a slice reads alone.
     folder = tmp_path / "t" / "render" / manifest["tables"]["prompts"]["path"]
     slices = sorted(p.relative_to(folder).as_posix() for p in folder.glob("mode=*/split=*"))
-    assert slices == [f"mode={m}/split={s}" for m in ("binary", "dotdec", "text")
-                      for s in ("train", "valid")]
+    assert slices == [
+        f"mode={m}/split={s}"
+        for m in ("binary", "dotdec", "soft", "text")
+        for s in ("train", "valid")
+    ]
     ctx = StageContext.open(cfg, "finetune")
     part = ctx.read_table("render", "prompts", part={"mode": "binary", "split": "valid"})
     assert set(part["mode"].to_pylist()) == {"binary"} and set(part["split"].to_pylist()) == {
