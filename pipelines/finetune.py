@@ -523,12 +523,13 @@ def _shard_rows() -> TaskRows:
     """This worker's train shard (prompts, labels and soft ids of soft prompts), read once: the
     micro-batches are drawn from it in memory (about 1 KB per prompt), as the plain loop draws
     them."""
-    rows = TaskRows([], [])
+    rows, soft = TaskRows([], []), []
     for batch in ray.train.get_dataset_shard("train").iter_batches(batch_format="pyarrow"):
         rows.prompts += batch["prompt"].to_pylist()
         rows.labels += batch["label"].to_pylist()
         if "soft_ids" in batch.column_names:
-            rows.soft = (rows.soft or []) + batch["soft_ids"].to_pylist()
+            soft += batch["soft_ids"].to_pylist()
+    rows.soft = soft if len(soft) == len(rows.prompts) and soft else None
     return rows
 
 

@@ -80,6 +80,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "tokens_per_mode": {m: _token_stats(summary, m) for m in modes},
         "templates": {"text": templates.text, "code": templates.code},
         "empty_history": templates.empty_history,
+        "soft_history": templates.soft_history,
     }
 
 

@@ -1,19 +1,31 @@
 """``binllm recommend`` and ``nightly --topk`` on a fake finished run: K rows per user, never an
-item the user has, users without a code by ``score.unknown``, one identical partition per date."""
+item the user has, users without a code by ``score.unknown``, one identical partition per date;
+candidates in ``soft`` mode scored with the adapter's projector."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import torch
 
+from binllm_core.candidates import render_candidates, with_row_numbers
 from binllm_core.errors import DataError
+from binllm_core.prompts import templates_from_config
+from binllm_core.recommender import LLMRecommender
+from binllm_core.scoring import Scorer
+from binllm_core.soft import EntityVectors
 from jobs.cli import main
+from pipelines.pair_scoring import read_pairs, score_pairs
 from pipelines.recommend import read_recommendations, recommend
-from tests.jobs.fake_run import fake_run, publish_stage
+from pipelines.runs import load_lookups
+from pipelines.stage import StageContext
+from tests.jobs.fake_run import candidates, fake_run, publish_stage
 
 pytestmark = pytest.mark.slow  # retrieval and scoring actor pools
 
@@ -80,3 +92,44 @@ def test_nightly_topk_twice_for_one_date_gives_one_identical_partition(
     assert len(list(folder.glob("v-*"))) == 1  # the second version replaced the first whole
     assert main(["nightly", *run, "--date", DATE]) == 2
     assert "either --candidates PAIRS or --topk K" in capsys.readouterr().err
+
+
+def test_soft_candidates_score_with_the_projector_and_cold_ones_in_text(
+    tmp_path: Path, ray_session
+):
+    adapter = tmp_path / "soft-adapter"
+    cfg = fake_run(
+        tmp_path,
+        "prompts.modes=[text,soft]",
+        "score.candidate_mode=soft",
+        f"score.adapters={{text: none, soft: {adapter}}}",
+    )
+    ctx = StageContext.open(cfg, "score")
+    vectors = EntityVectors.from_table(ctx.read_table("encode", "embeddings"), "float")
+    torch.manual_seed(0)
+    rec = LLMRecommender.load(cfg.model, trainable=True)
+    rec.attach_soft(vectors, "collm")  # a fresh projector: the scores depend on the vectors
+    rec.save(adapter)
+
+    pairs = read_pairs(str(candidates(tmp_path / "c.parquet")))
+    out, stats = score_pairs(cfg, pairs, "c")
+    scored = sorted(out.take_all(), key=lambda r: r["row"])
+    assert stats["rows_per_mode"] == {"soft": 30, "text": 10}
+    for r in scored:  # u8 and i12 have no code, hence no embedding; u9 is new: text prompts
+        cold = r["user"] in ("u8", "u9") or r["item"] == "i12"
+        assert r["cold"] == cold == (r["mode"] == "text")
+
+    rendered = render_candidates(
+        with_row_numbers(pairs),
+        load_lookups(ctx, "soft"),
+        templates_from_config(cfg.prompts),
+        "soft",
+        "text",
+        cfg.prompts.history_len,
+    )
+    soft = rendered.filter(pc.equal(rendered["mode"], "soft"))
+    expected, _ = Scorer(rec, 8, cfg.score.max_length).score(
+        soft["prompt"].to_pylist(), soft["soft_ids"].to_pylist()
+    )
+    got = {r["row"]: r["logit_yes"] for r in scored if r["mode"] == "soft"}
+    np.testing.assert_allclose([got[r] for r in soft["row"].to_pylist()], expected, atol=1e-4)
