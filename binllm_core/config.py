@@ -460,6 +460,11 @@ class SoftConfig(Section):
     LLM's own embedding of its title (the mean of the title's token embeddings), in-batch."""
     temperature: float = 0.1
     """Temperature of both InfoNCE terms."""
+    curriculum: bool = False
+    """LLaRA's curriculum in the soft step: each training prompt is its soft version with
+    probability (optimizer step / planned steps), else the same sample's text prompt, so
+    training moves linearly from text-only to hybrid prompts (evaluation stays on soft
+    prompts). Needs ``text`` in ``prompts.modes``."""
 
     def check(self, key: str, where: str = "") -> None:
         _signs(
@@ -822,6 +827,13 @@ class RunConfig(Section):
                 f"finetune {soft_step} trains on soft prompts, which prompts.modes does not render",
                 where,
                 "add soft to prompts.modes",
+            )
+        if soft_step and self.finetune.soft.curriculum and "text" not in self.prompts.modes:
+            raise ConfigError(
+                "finetune.soft.curriculum mixes in text prompts, which prompts.modes does not "
+                "render",
+                where,
+                "add text to prompts.modes",
             )
         if soft_step in self.finetune.aux_steps and self.finetune.aux:
             raise ConfigError(

@@ -53,6 +53,9 @@ class Examples:
     answers: Sequence[str] = field(default_factory=tuple)
     soft: Sequence[Sequence[int]] | None = None
     """Soft prompts: each prompt's soft ids (:mod:`binllm_core.soft`); None in words."""
+    plain: Sequence[str] | None = None
+    """The same samples' prompts in words, for a curriculum that swaps them in
+    (:func:`binllm_core.tuning.with_curriculum`)."""
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -100,15 +103,17 @@ class SoftContrastive(YesNo):
         out = batch.forward(model.net, soft, output_hidden_states=self.user_item > 0)
         score = model.answer(out.logits[:, -1])
         user_at, item_at = _last_positions(batch.input_ids, soft.user_token, soft.item_token)
-        rows = torch.arange(len(batch), device=batch.input_ids.device)
+        has = (user_at >= 0) & (item_at >= 0)  # a curriculum's text prompts have none
+        rows = torch.arange(len(batch), device=batch.input_ids.device)[has]
+        user_at, item_at = user_at[has], item_at[has]
         extra = score.sum() * 0.0
         if self.user_item > 0:
             hidden = out.hidden_states[-1]
-            positive = batch.labels.to(hidden.device) > 0.5
+            positive = batch.labels.to(hidden.device)[has] > 0.5
             users, items = hidden[rows, user_at][positive], hidden[rows, item_at][positive]
             extra = extra + self.user_item * info_nce(users, items, self.temperature)
-        if self.item_title > 0:
-            iids = _target_ids(batch, soft, item_at)
+        if self.item_title > 0 and len(rows):
+            iids = _target_ids(batch, soft, rows, item_at)
             unique = torch.unique(iids)  # in-batch negatives must be other items
             projected = soft.project_items(unique)
             titles = soft.titles[unique].to(projected.device)
@@ -123,20 +128,20 @@ class SoftContrastive(YesNo):
 def _last_positions(
     input_ids: torch.Tensor, user_token: int, item_token: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the position of its last user soft token and of its last item soft token."""
+    """Per row, the position of its last user soft token and of its last item soft token (-1
+    where it has none)."""
     width = torch.arange(input_ids.shape[1], device=input_ids.device)
     user = torch.where(input_ids == user_token, width, -1).amax(1)
     item = torch.where(input_ids == item_token, width, -1).amax(1)
-    if bool((user < 0).any() | (item < 0).any()):
-        raise ValueError("a soft prompt lacks its user or target item soft token")
     return user, item
 
 
-def _target_ids(batch: PromptBatch, soft: Any, item_at: torch.Tensor) -> torch.Tensor:
-    """The soft id at each row's target item position (its last item soft token)."""
+def _target_ids(
+    batch: PromptBatch, soft: Any, rows: torch.Tensor, item_at: torch.Tensor
+) -> torch.Tensor:
+    """The soft id at the target item position (the last item soft token) of ``rows``."""
     at = soft.placeholders(batch.input_ids)
     index = torch.cumsum(at.flatten().long(), 0).reshape(at.shape) - 1
-    rows = torch.arange(len(batch), device=item_at.device)
     return batch.soft_ids.to(item_at.device)[index[rows, item_at]]
 
 

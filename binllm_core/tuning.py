@@ -218,6 +218,10 @@ class TuningRun:
         self.optimizer = make_optimizer(params, self.cfg.weight_decay)
 
     # ---- training --------------------------------------------------------------------------
+    def progress(self) -> float:
+        """How far the step is: the optimizer step about to run over the planned steps."""
+        return self.state.step / max(1, self.state.planned_steps - 1)
+
     @property
     def done(self) -> bool:
         return self.state.finished or self.state.step >= self.state.planned_steps
@@ -327,6 +331,8 @@ class TaskRows:
     labels: list[int]
     answers: list[str] = field(default_factory=list)
     soft: list[list[int]] | None = None
+    plain: list[str] | None = None
+    """Of soft prompts, the same samples' prompts in words (for a curriculum)."""
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -379,6 +385,29 @@ def micro_batches(
     return interleave(streams, {REC: 1.0 - sum(shares.values()), **shares})
 
 
+def with_curriculum(
+    stream: Iterator[Examples], progress: Callable[[], float], seed: int | str
+) -> Iterator[Examples]:
+    """LLaRA's curriculum over soft micro-batches: each prompt stays soft with probability
+    ``progress()`` (0 at the first optimizer step, 1 at the last), else it is replaced by the
+    same sample's prompt in words (``Examples.plain``, no soft ids), drawn per prompt from a
+    seeded generator."""
+    rng = random.Random(seed)
+    for examples in stream:
+        if examples.soft is None or examples.plain is None:
+            yield examples
+            continue
+        share = min(1.0, max(0.0, progress()))
+        keep = [rng.random() < share for _ in examples.prompts]
+        yield Examples(
+            examples.task,
+            [s if k else p for s, p, k in zip(examples.prompts, examples.plain, keep, strict=True)],
+            examples.labels,
+            examples.answers,
+            [ids if k else [] for ids, k in zip(examples.soft, keep, strict=True)],
+        )
+
+
 def interleave(
     streams: Mapping[str, Iterator[Examples]], shares: Mapping[str, float]
 ) -> Iterator[Examples]:
@@ -414,6 +443,7 @@ def _batches(
                 [rows.labels[i] for i in idx] if rows.labels else [],
                 [rows.answers[i] for i in idx] if rows.answers else [],
                 None if rows.soft is None else [rows.soft[i] for i in idx],
+                None if rows.plain is None else [rows.plain[i] for i in idx],
             )
 
 
@@ -428,11 +458,13 @@ def fit_plain(
     prefix_cut: PrefixCut | None = None,
     aux: Mapping[str, TaskRows] | None = None,
     train_lora: bool = True,
+    curriculum: bool = False,
 ) -> TuningRun:
     """Tune ``recommender`` in this process; evaluate every ``cfg.eval_every`` steps when
     ``valid`` is given; with ``prefix_cut``, shared prefixes run once (on prefix-grouped
     micro-batches under ``cfg.batch_by_prefix``); with ``aux`` rows, their tasks take
-    ``cfg.aux`` of the micro-batches; ``train_lora`` False trains the extra modules alone. The
+    ``cfg.aux`` of the micro-batches; ``train_lora`` False trains the extra modules alone;
+    ``curriculum`` swaps soft prompts for ``train.plain`` as :func:`with_curriculum`. The
     finished run (its ``state`` holds the evaluations and counters; its ``best_dir`` the best
     adapter until ``close``)."""
     run = TuningRun(
@@ -441,6 +473,8 @@ def fit_plain(
     run.setup(start_from=start_from)
     group_by = prefix_cut if cfg.batch_by_prefix else None
     stream = micro_batches(train, step_cfg.batch_size, cfg.seed, group_by, aux, cfg.aux)
+    if curriculum:
+        stream = with_curriculum(stream, run.progress, f"{cfg.seed}/curriculum")
     while not run.done:
         run.train_step(stream)
         if valid is not None and run.due_for_eval:

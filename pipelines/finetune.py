@@ -48,7 +48,15 @@ from binllm_core.prompts import lookups_from_tables, templates_from_config
 from binllm_core.recommender import LLMRecommender
 from binllm_core.soft import SOFT, EntityVectors
 from binllm_core.storage import join
-from binllm_core.tuning import STATE, EvalSet, TaskRows, TuningRun, micro_batches, planned_steps
+from binllm_core.tuning import (
+    STATE,
+    EvalSet,
+    TaskRows,
+    TuningRun,
+    micro_batches,
+    planned_steps,
+    with_curriculum,
+)
 from pipelines.progress import Reporter, progress
 from pipelines.score import whole_groups
 from pipelines.stage import StageContext
@@ -302,7 +310,12 @@ def _trainer(
     aux: pa.Table | None,
     reporter: Reporter,
 ) -> TorchTrainer:
-    train = _rows(ctx, step.mode, "train", train_ids).random_shuffle(seed=cfg.seed).materialize()
+    train = _rows(ctx, step.mode, "train", train_ids)
+    if step.mode == SOFT and cfg.soft.curriculum:  # each soft prompt with its text version
+        plain = _rows(ctx, "text", "train", train_ids).select_columns(["sample_id", "prompt"])
+        plain = plain.rename_columns({"prompt": "plain"})
+        train = train.join(plain, "inner", num_partitions=1, on=("sample_id",))
+    train = train.random_shuffle(seed=cfg.seed).materialize()
     valid = _rows(ctx, step.mode, "valid", valid_ids)
     datasets = {"train": train, "valid": valid}
     for task in step.aux:  # one dataset per task: each worker gets its share of every task
@@ -450,8 +463,14 @@ def train_loop(config: dict[str, Any]) -> None:
     else:
         run.setup(start_from=config["init_adapter"])
     # The fixed vectors are buffers, the same on every worker: nothing to broadcast each pass.
+    # Under a curriculum, a micro-batch of text prompts leaves the projector out.
+    curriculum = step.mode == SOFT and ft.soft.curriculum
     rec.forward_net = ray.train.torch.prepare_model(
-        rec.model, parallel_strategy_kwargs={"broadcast_buffers": False}
+        rec.model,
+        parallel_strategy_kwargs={
+            "broadcast_buffers": False,
+            "find_unused_parameters": curriculum,
+        },
     )
     if rank != 0:  # rank 0 carries the totals of the checkpoint; the others count from zero
         _set_counters(run, [0] * len(_counters(run)))
@@ -462,6 +481,8 @@ def train_loop(config: dict[str, Any]) -> None:
     group_by = run.prefix_cut if ft.batch_by_prefix else None
     seed = ft.seed + rank
     stream = micro_batches(rows, step_cfg.batch_size, seed, group_by, aux, config["aux"])
+    if curriculum:
+        stream = with_curriculum(stream, run.progress, f"{seed}/curriculum")
     reported = False
     speed = _Speed(run, world)
     while not run.done:
@@ -523,13 +544,16 @@ def _shard_rows() -> TaskRows:
     """This worker's train shard (prompts, labels and soft ids of soft prompts), read once: the
     micro-batches are drawn from it in memory (about 1 KB per prompt), as the plain loop draws
     them."""
-    rows, soft = TaskRows([], []), []
+    rows, soft, plain = TaskRows([], []), [], []
     for batch in ray.train.get_dataset_shard("train").iter_batches(batch_format="pyarrow"):
         rows.prompts += batch["prompt"].to_pylist()
         rows.labels += batch["label"].to_pylist()
         if "soft_ids" in batch.column_names:
             soft += batch["soft_ids"].to_pylist()
+        if "plain" in batch.column_names:
+            plain += batch["plain"].to_pylist()
     rows.soft = soft if len(soft) == len(rows.prompts) and soft else None
+    rows.plain = plain if len(plain) == len(rows.prompts) and plain else None
     return rows
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from binllm_core.batches import collate
 from binllm_core.config import (
     FinetuneConfig,
     ModelConfig,
@@ -24,7 +25,7 @@ from binllm_core.prompts import templates_from_config
 from binllm_core.recommender import LLMRecommender
 from binllm_core.scoring import Scorer
 from binllm_core.soft import ITEM_TOKEN, USER_TOKEN, EntityVectors, info_nce
-from binllm_core.tuning import TaskRows, fit_plain
+from binllm_core.tuning import TaskRows, fit_plain, shuffled_batches, with_curriculum
 
 N_USERS, N_ITEMS, DIM = 20, 40, 8
 RNG = np.random.default_rng(0)
@@ -135,8 +136,6 @@ def test_contrastive_terms_join_the_loss_and_reach_the_projector() -> None:
     rec.attach_soft(VECTORS, "collm", titles)
     batch_rows = rows(16, 3)
     batch_rows.labels = [1] * 8 + [0] * 8
-    from binllm_core.batches import collate
-
     batch = collate(rec.tokenizer, batch_rows.prompts, batch_rows.labels, 64, None, batch_rows.soft)
     plain = rec.loss(batch)
     rec.model.objectives[REC] = SoftContrastive(1.0, 1.0, 0.1)
@@ -180,3 +179,25 @@ def test_config_rules_of_soft_steps() -> None:
         ["finetune.strategy=one_step", "finetune.code_mode=soft", "prompts.modes=[text,soft]"],
     )
     assert cfg.finetune.soft_step == "step1"
+
+
+def test_curriculum_moves_from_text_to_soft_prompts() -> None:
+    train = rows(64, 4)
+    train.plain = [TEXT_PROMPT] * len(train)
+    progress = [0.0]
+    stream = with_curriculum(shuffled_batches(train, 16, seed=1), lambda: progress[0], seed="c")
+    first = next(stream)
+    assert first.prompts == [TEXT_PROMPT] * 16 and first.soft == [[]] * 16
+    progress[0] = 1.0
+    last = next(stream)
+    assert last.prompts == [SOFT_PROMPT] * 16 and all(len(ids) == 2 for ids in last.soft)
+    progress[0] = 0.5
+    mixed = [p == SOFT_PROMPT for _ in range(20) for p in next(stream).prompts]
+    assert 0.35 < sum(mixed) / len(mixed) < 0.65
+    # A batch mixing both kinds runs (text rows carry no soft ids), contrastive terms included.
+    rec = LLMRecommender.load(ModelConfig(backbone="tiny"), trainable=True)
+    rec.attach_soft(VECTORS, "collm", {i: f"movie {i}" for i in range(1, N_ITEMS + 1)})
+    rec.model.objectives[REC] = SoftContrastive(1.0, 1.0, 0.1)
+    examples = next(stream)
+    batch = collate(rec.tokenizer, examples.prompts, examples.labels, 64, None, examples.soft)
+    assert torch.isfinite(rec.loss(batch))
