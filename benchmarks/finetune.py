@@ -43,7 +43,7 @@ ARMS = {"whole": False, "shared": True}
 
 
 def config(args: argparse.Namespace, batch_by_prefix: bool = True) -> Any:
-    from binllm_core.codes import MODES
+    from binllm_core.codes import TEXT_AND_CODE_MODES as MODES
     from binllm_core.config import load_config
 
     return load_config(

@@ -122,7 +122,7 @@ CONFIG = "configs/quality_ml100k.yaml"
 def base_run(root: Path) -> RunConfig:
     """The run the workloads come from (ingest .. render, every prompt mode); finished stages
     are skipped."""
-    from binllm_core.codes import MODES
+    from binllm_core.codes import TEXT_AND_CODE_MODES as MODES
     from pipelines.registry import run_pipeline
 
     cfg = load_config(CONFIG, [
