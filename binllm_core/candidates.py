@@ -163,8 +163,11 @@ def _plain(column: pa.ChunkedArray) -> pa.ChunkedArray:
     return column
 
 
-def prompt_hash(prompt: str) -> str:
-    return hashlib.sha1(prompt.encode()).hexdigest()[:16]
+def prompt_hash(prompt: str, soft_ids: list[int] | None = None) -> str:
+    """What identifies a prompt (16 hex of SHA-1): its text, and the ids of its soft tokens
+    (soft prompts of different entities can read the same)."""
+    key = prompt if soft_ids is None else f"{prompt}\x00{soft_ids}"
+    return hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
 def render_candidates(
@@ -229,7 +232,7 @@ def render_candidates(
             ("mode", row_mode),
             ("cold", cold),
             ("prompt", prompt),
-            ("prompt_hash", prompt_hash(prompt)),
+            ("prompt_hash", prompt_hash(prompt, soft)),
             ("soft_ids", soft),
         ):
             out[name].append(value)

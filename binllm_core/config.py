@@ -643,8 +643,9 @@ class ScoreConfig(Section):
     seed: int = 2024
     """Seed of the ``max_rows`` subset."""
     candidate_mode: str = ""
-    """Prompt mode of arbitrary (user, item) candidates (``binllm score``/``nightly``); empty:
-    the code mode of the finetune stage (``text`` for the text_only strategy)."""
+    """Prompt mode of arbitrary (user, item) candidates (``binllm score``/``nightly``/
+    ``recommend``); empty: the mode of the strategy's last tuning step (``text`` for
+    text_only, ``soft`` for collm and rsllm, else ``finetune.code_mode``)."""
     unknown: Literal["text", "skip", "error"] = "text"
     """A candidate whose user or item the encoder never saw (so it has no code): ``text`` scores
     it with the text-only prompt and the text adapter and flags it ``cold``; ``skip`` leaves it
@@ -828,6 +829,14 @@ class RunConfig(Section):
                 where,
                 "add soft to prompts.modes",
             )
+        for key, modes in (("score.modes", self.score.modes), ("rerank.modes", self.rerank.modes)):
+            if "soft" in modes and not soft_step and "soft" not in self.score.adapters:
+                raise ConfigError(
+                    f"{key} has soft, and no finetune step trains on soft prompts",
+                    where,
+                    "use finetune.strategy collm or rsllm, or set score.adapters.soft to an "
+                    "adapter with a projector",
+                )
         if soft_step and self.finetune.soft.curriculum and "text" not in self.prompts.modes:
             raise ConfigError(
                 "finetune.soft.curriculum mixes in text prompts, which prompts.modes does not "

@@ -111,12 +111,16 @@ class SoftContrastive(YesNo):
             hidden = out.hidden_states[-1]
             positive = batch.labels.to(hidden.device)[has] > 0.5
             users, items = hidden[rows, user_at][positive], hidden[rows, item_at][positive]
-            extra = extra + self.user_item * info_nce(users, items, self.temperature)
+            uids = _ids_at(batch, soft, rows, user_at)[positive]
+            iids = _ids_at(batch, soft, rows, item_at)[positive]
+            # Another row of the same user or item is no negative (its state is the same).
+            same = (uids[:, None] == uids[None, :]) | (iids[:, None] == iids[None, :])
+            extra = extra + self.user_item * info_nce(users, items, self.temperature, same)
         if self.item_title > 0 and len(rows):
-            iids = _target_ids(batch, soft, rows, item_at)
+            iids = _ids_at(batch, soft, rows, item_at)
             unique = torch.unique(iids)  # in-batch negatives must be other items
             projected = soft.project_items(unique)
-            titles = soft.titles[unique].to(projected.device)
+            titles = soft.titles[unique.cpu()].to(projected.device)
             extra = extra + self.item_title * info_nce(projected, titles, self.temperature)
         return score, extra
 
@@ -136,13 +140,13 @@ def _last_positions(
     return user, item
 
 
-def _target_ids(
-    batch: PromptBatch, soft: Any, rows: torch.Tensor, item_at: torch.Tensor
+def _ids_at(
+    batch: PromptBatch, soft: Any, rows: torch.Tensor, positions: torch.Tensor
 ) -> torch.Tensor:
-    """The soft id at the target item position (the last item soft token) of ``rows``."""
+    """The soft ids at soft-token ``positions`` of ``rows`` (one position per row)."""
     at = soft.placeholders(batch.input_ids)
     index = torch.cumsum(at.flatten().long(), 0).reshape(at.shape) - 1
-    return batch.soft_ids.to(item_at.device)[index[rows, item_at]]
+    return batch.soft_ids.to(positions.device)[index[rows, positions]]
 
 
 class LetterChoice(YesNo):

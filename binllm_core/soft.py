@@ -147,7 +147,9 @@ class SoftTokens(torch.nn.Module):
         self.user_token, self.item_token = token_ids
         self.register_buffer("users", torch.as_tensor(vectors.users, dtype=torch.float32), False)
         self.register_buffer("items", torch.as_tensor(vectors.items, dtype=torch.float32), False)
-        self.register_buffer("titles", title_vectors, False)
+        self.titles = title_vectors
+        """The LM's embedding of each item's title (contrastive term), kept on the CPU: only
+        a batch's rows go to the device."""
 
     def placeholders(self, input_ids: torch.Tensor) -> torch.Tensor:
         return (input_ids == self.user_token) | (input_ids == self.item_token)
@@ -191,6 +193,10 @@ class SoftTokens(torch.nn.Module):
         return self.projector(self.items[iids])
 
 
+TITLE_CHUNK = 4096
+"""Titles embedded at a time (bounds the gathered token rows)."""
+
+
 def title_vectors(
     tokenizer: Any, embedding: torch.nn.Module, titles: dict[int, str], item_num: int
 ) -> torch.Tensor:
@@ -200,11 +206,16 @@ def title_vectors(
     out = torch.zeros(item_num, hidden)
     ids = sorted(i for i in titles if 0 < i < item_num)
     tokens = tokenizer([titles[i] for i in ids], add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        for iid, row in zip(ids, tokens, strict=True):
-            if row:
-                index = torch.as_tensor(row, device=embedding.weight.device)
-                out[iid] = embedding(index).float().mean(0).cpu()
+    weight = embedding.weight.detach()
+    for start in range(0, len(ids), TITLE_CHUNK):
+        rows = tokens[start : start + TITLE_CHUNK]
+        flat = torch.as_tensor([t for row in rows for t in row], dtype=torch.long)
+        owner = torch.repeat_interleave(torch.as_tensor([len(r) for r in rows]))
+        sums = torch.zeros(len(rows), hidden).index_add_(
+            0, owner, weight[flat.to(weight.device)].float().cpu()
+        )
+        counts = torch.as_tensor([max(1, len(r)) for r in rows], dtype=torch.float32)
+        out[torch.as_tensor(ids[start : start + TITLE_CHUNK])] = sums / counts[:, None]
     return out
 
 
@@ -233,13 +244,22 @@ def check_soft_ids(
     return flat
 
 
-def info_nce(anchor: torch.Tensor, positive: torch.Tensor, temperature: float) -> torch.Tensor:
+def info_nce(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    temperature: float,
+    same: torch.Tensor | None = None,
+) -> torch.Tensor:
     """InfoNCE with in-batch negatives: row k of ``anchor`` against every row of ``positive``,
     cosine similarity over ``temperature``, the k-th the right one (symmetric mean of both
-    directions). Zero for fewer than two rows."""
+    directions); ``same[j, k]`` True leaves row k out of row j's negatives (the same entity).
+    Zero for fewer than two rows."""
     if anchor.shape[0] < 2:
         return anchor.sum() * 0.0
     a, p = F.normalize(anchor.float(), dim=-1), F.normalize(positive.float(), dim=-1)
     logits = a @ p.T / temperature
     target = torch.arange(a.shape[0], device=a.device)
+    if same is not None:
+        off = same.to(a.device) & ~torch.eye(len(a), dtype=torch.bool, device=a.device)
+        logits = logits.masked_fill(off, float("-inf"))
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))

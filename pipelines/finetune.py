@@ -142,7 +142,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 f"add {step.mode} to prompts.modes and re-run render",
             )
     cut = templates_from_config(ctx.cfg.prompts).prefix_cut()
-    train_groups = _prefix_groups(ctx, steps[0].mode, cut) if cfg.batch_by_prefix else None
+    # The strategy's first mode, also when it starts at step 2: the same subset either way.
+    first_mode = STRATEGIES[cfg.strategy](cfg)[0][1]
+    train_groups = _prefix_groups(ctx, first_mode, cut) if cfg.batch_by_prefix else None
     train_ids = train_sample_ids(index, cfg, train_groups)
     valid_mask = pc.and_(pc.equal(index["split"], "valid"), index["valid_small"])
     valid_ids = _subsample(index, valid_mask, cfg.max_valid_samples, cfg)
@@ -444,6 +446,7 @@ def train_loop(config: dict[str, Any]) -> None:
     rec = LLMRecommender.load(config["model"], device=device)
     soft: SoftInputs | None = config["soft"]
     if soft is not None:  # before the adapter: a checkpoint's projector weights load into it
+        torch.manual_seed(ft.seed)  # a fresh projector's initial weights
         rec.attach_soft(soft.vectors, ft.soft.projector, soft.titles, ft.soft.vectors)
     if step.contrastive:
         s = ft.soft

@@ -29,6 +29,7 @@ from binllm_core.config import RunConfig, config_hash
 from binllm_core.errors import DataError, StageError
 from binllm_core.prompts import Templates, templates_from_config
 from binllm_core.storage import parquet_files, read_parquet, resolve, to_uri
+from pipelines.finetune import plan
 from pipelines.publish import publishing, write_dataset
 from pipelines.runs import input_stem, load_lookups, output_target
 from pipelines.score import (
@@ -69,9 +70,7 @@ PAIRS = "pairs"
 def candidate_mode(cfg: RunConfig) -> str:
     """The mode candidates are rendered in: ``score.candidate_mode`` (checked at load), else the
     mode the run was tuned on last."""
-    return cfg.score.candidate_mode or (
-        "text" if cfg.finetune.strategy == "text_only" else cfg.finetune.code_mode
-    )
+    return cfg.score.candidate_mode or plan(cfg.finetune)[-1].mode
 
 
 def read_pairs(uri: str, storage_options: dict[str, Any] | None = None) -> pa.Table:

@@ -59,6 +59,20 @@ def _finetune_inputs(cfg: RunConfig) -> dict[str, Any]:
     return inputs
 
 
+def _reads_embeddings(cfg: RunConfig) -> bool:
+    """Soft steps and soft scoring read ``encode/embeddings`` besides the rendered prompts
+    (whose soft prompts hold placeholders, not the vectors)."""
+    return bool(cfg.finetune.soft_step) or SOFT in cfg.score.modes
+
+
+def _finetune_reads(cfg: RunConfig) -> tuple[str, ...]:
+    return ("render", "encode") if _reads_embeddings(cfg) else ("render",)
+
+
+def _score_reads(cfg: RunConfig) -> tuple[str, ...]:
+    return ("render", "finetune", "encode") if _reads_embeddings(cfg) else ("render", "finetune")
+
+
 def _score_inputs(cfg: RunConfig) -> dict[str, Any]:
     inputs = _model(cfg)
     steps = {step.name for step in finetune.plan(cfg.finetune)}
@@ -86,8 +100,8 @@ STAGES: tuple[Stage, ...] = (
         lambda c: _with_codes(c, "samples", "ingest"),
         inputs=_model,
     ),
-    Stage("finetune", finetune.run, ("finetune", "model"), lambda c: ("render",), _finetune_inputs),
-    Stage("score", score.run, ("score", "model"), lambda c: ("render", "finetune"), _score_inputs),
+    Stage("finetune", finetune.run, ("finetune", "model"), _finetune_reads, _finetune_inputs),
+    Stage("score", score.run, ("score", "model"), _score_reads, _score_inputs),
     Stage(
         "rerank",
         rerank.run,

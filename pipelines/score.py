@@ -371,6 +371,9 @@ def adapter_plan(
             plan[mode] = locate(steps[choice]["adapter"])
             continue
         trained = [s for s in steps.values() if s.get("mode") == mode]
+        if not trained and mode == "text" and cfg.finetune.start_step == "step2":
+            plan[mode] = cfg.finetune.init_adapter  # the step-1 text adapter step 2 began from
+            continue
         plan[mode] = locate(trained[-1]["adapter"] if trained else finetune["final_adapter"])
     return plan
 
@@ -467,7 +470,8 @@ def _select(ctx: StageContext, mode: str, ids: np.ndarray) -> ray.data.Dataset:
     keep = pa.array(ids, pa.int64())
 
     def select(batch: pa.Table) -> pa.Table:
-        return batch.filter(pc.is_in(batch["sample_id"], keep)).select(STAGE_INPUT)
+        present = [c for c in STAGE_INPUT if c in batch.column_names]  # soft_ids: newer renders
+        return batch.filter(pc.is_in(batch["sample_id"], keep)).select(present)
 
     prompts = ctx.read_dataset("render", "prompts", {"mode": mode})
     return prompts.map_batches(select, batch_format="pyarrow")

@@ -149,6 +149,11 @@ def test_contrastive_terms_join_the_loss_and_reach_the_projector() -> None:
     x = torch.randn(8, 5)
     assert info_nce(x, x, 0.1) < info_nce(x, x.roll(1, 0), 0.1)
     assert float(info_nce(x[:1], x[:1], 0.1)) == 0.0
+    # Rows of the same entity are no negatives of each other: masked, a duplicate costs nothing.
+    twice = torch.cat([x[:1], x])
+    same = torch.zeros(9, 9, dtype=torch.bool)
+    same[0, 1] = same[1, 0] = True
+    assert info_nce(twice, twice, 0.1, same) < info_nce(twice, twice, 0.1)
 
 
 def test_soft_ids_follow_the_templates_placeholders_in_order() -> None:
@@ -179,6 +184,16 @@ def test_config_rules_of_soft_steps() -> None:
         ["finetune.strategy=one_step", "finetune.code_mode=soft", "prompts.modes=[text,soft]"],
     )
     assert cfg.finetune.soft_step == "step1"
+    with pytest.raises(ConfigError, match="score.modes has soft, and no finetune step trains"):
+        load_config("configs/tiny.yaml", ["prompts.modes=[text,soft]", "score.modes=[soft]"])
+    # Candidates (binllm score, nightly, recommend) are rendered in the last step's mode.
+    from pipelines.pair_scoring import candidate_mode
+
+    collm = load_config(
+        "configs/tiny.yaml", ["finetune.strategy=collm", "prompts.modes=[text,soft]"]
+    )
+    assert candidate_mode(collm) == "soft" and candidate_mode(cfg) == "soft"
+    assert candidate_mode(load_config("configs/tiny.yaml", [])) == "binary"
 
 
 def test_curriculum_moves_from_text_to_soft_prompts() -> None:
