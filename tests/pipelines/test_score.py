@@ -161,6 +161,26 @@ def test_adapter_plan_defaults_and_overrides(tmp_path: Path):
     with pytest.raises(StageError, match="finetune has not finished"):
         score.adapter_plan(cfg, ["text"], None, locate)
 
+    # Step 2 alone from a step-1 adapter made elsewhere: text prompts (cold users) use that one.
+    step2_only = load_config(
+        "configs/tiny.yaml",
+        [
+            f"output_root={tmp_path}",
+            "finetune.strategy=collm",
+            "prompts.modes=[text,soft]",
+            "finetune.start_step=step2",
+            "finetune.init_adapter=/adapters/tallrec",
+        ],
+    )
+    soft_only = {
+        "steps": {"step2": {"mode": "soft", "adapter": "finetune/v-1/adapters/step2"}},
+        "final_adapter": "finetune/v-1/adapters/step2",
+    }
+    assert score.adapter_plan(step2_only, ["soft", "text"], soft_only, locate) == {
+        "soft": a2,
+        "text": "/adapters/tallrec",
+    }
+
 
 def test_subsample_by_users_keeps_whole_users_and_is_seeded():
     # 3 modes x (test: users 0..9 with 1..10 samples each; valid: 5 samples of user 0).
