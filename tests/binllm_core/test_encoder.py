@@ -123,6 +123,11 @@ def test_planted_groups_reach_high_test_auc(backbone: str) -> None:
     assert training.best[FLOAT]["test"]["auc"] > 0.9
     users, items = training.signs()
     assert users.shape == (101, 16) and set(np.unique(users)) <= {-1.0, 1.0}
+    # The exported embeddings (soft tokens read them): the codes are the relaxed vectors' signs.
+    vectors = training.vectors()
+    np.testing.assert_array_equal(np.sign(vectors["relaxed"][0][1:]), users[1:])
+    np.testing.assert_array_equal(np.sign(vectors["relaxed"][1][1:]), items[1:])
+    assert vectors["float"][0].shape[0] == 101 and vectors["float"][1].shape[0] == 61
 
 
 def test_same_seed_same_codes_and_exact_resume(tmp_path) -> None:
