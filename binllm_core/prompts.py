@@ -223,19 +223,16 @@ def render_table(
     """One prompt row per sample and mode (modes in the given order within each sample)."""
     cols = {n: samples[n].to_pylist() for n in SAMPLE_COLUMNS}
     out: dict[str, list] = {n: [] for n in PROMPT_SCHEMA.names}
+    markers = {mode: templates.history_marker(mode) for mode in modes}
     for row in range(samples.num_rows):
         uid, iid = cols["uid"][row], cols["iid"][row]
         past = cols["history"][row] or []
         try:
             history = {
-                mode: title_list(
-                    past,
-                    lookups.titles,
-                    history_len,
-                    templates.empty_history,
-                    templates.history_marker(mode),
+                marker: title_list(
+                    past, lookups.titles, history_len, templates.empty_history, marker
                 )
-                for mode in modes
+                for marker in set(markers.values())
             }
             target = lookups.titles[iid]
         except KeyError as err:
@@ -254,7 +251,7 @@ def render_table(
             for name in SAMPLE_COLUMNS[:-1]:
                 out[name].append(cols[name][row])
             out["mode"].append(mode)
-            out["prompt"].append(prompt_of(templates, mode, history[mode], target, codes))
+            out["prompt"].append(prompt_of(templates, mode, history[markers[mode]], target, codes))
             soft = templates.soft_ids(past, history_len, uid, iid) if mode == SOFT else None
             out["soft_ids"].append(soft)
     return pa.table(out, schema=PROMPT_SCHEMA)

@@ -91,9 +91,13 @@ class SoftSpec:
         Path(folder, SOFT_SPEC).write_text(json.dumps(asdict(self)))
 
     @classmethod
+    def parse(cls, text: str | bytes) -> SoftSpec:
+        return cls(**json.loads(text))
+
+    @classmethod
     def read(cls, folder: str | Path) -> SoftSpec | None:
         path = Path(folder, SOFT_SPEC)
-        return cls(**json.loads(path.read_text())) if path.exists() else None
+        return cls.parse(path.read_text()) if path.exists() else None
 
 
 @dataclass(frozen=True)

@@ -555,8 +555,7 @@ def _shard_rows() -> TaskRows:
             soft += batch["soft_ids"].to_pylist()
         if "plain" in batch.column_names:
             plain += batch["plain"].to_pylist()
-    rows.soft = soft if len(soft) == len(rows.prompts) and soft else None
-    rows.plain = plain if len(plain) == len(rows.prompts) and plain else None
+    rows.soft, rows.plain = soft or None, plain or None
     return rows
 
 

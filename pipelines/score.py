@@ -33,7 +33,6 @@ records that it happened).
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import tempfile
 import time
@@ -324,7 +323,7 @@ def soft_vectors(cfg: RunConfig, adapter: str, ds: ray.data.Dataset) -> EntityVe
             f"adapter {adapter} has no projector ({SOFT_SPEC}): it was not trained on soft prompts",
             todo="score soft prompts with the adapter of a collm/rsllm step (score.adapters)",
         )
-    spec = SoftSpec(**json.loads(fs.cat_file(spec_path)))
+    spec = SoftSpec.parse(fs.cat_file(spec_path))
     table = StageContext.open(cfg, "score").read_table("encode", "embeddings")
     return EntityVectors.from_table(table, spec.vectors)
 
