@@ -37,8 +37,11 @@ def surface_user_errors() -> Iterator[None]:
     """Turn a BinllmError raised inside a Ray task back into its clean one-line self."""
     try:
         yield
-    except BinllmError:
-        raise
+    except BinllmError as err:
+        if not isinstance(err, ray.exceptions.RayTaskError):
+            raise
+        found = find_user_error(err)
+        raise type(found)(found.message) from None  # type: ignore[union-attr]
     except Exception as err:
         found = find_user_error(err)
         if found is None:

@@ -12,7 +12,15 @@ import pytest
 
 from binllm_core.config import ProtocolConfig, load_config
 from binllm_core.errors import ConfigError, DataError, StageError
-from binllm_core.protocol import SAMPLES_SCHEMA, build_samples
+from binllm_core.protocol import (
+    SAMPLES_SCHEMA,
+    InProcess,
+    build_samples,
+    finish,
+    partition_of,
+    prepare,
+    run_protocol,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -325,3 +333,18 @@ def test_ml100k_per_user_numbers(ml100k):
     stats = build_samples(ml100k, preset("ml100k")).stats
     assert (stats["train_rows"], stats["valid_rows"], stats["test_rows"]) == (79_619, 9_942, 10_439)
     assert stats["train_users"] == stats["valid_users"] == stats["test_users"] == 943
+
+
+@pytest.mark.parametrize("name", ["ml100k", "ml100k_global"])
+def test_partitions_of_users_give_the_samples_of_one_frame(ml100k, name):
+    cfg = preset(name)
+    whole = build_samples(ml100k, cfg)
+    frame = prepare(ml100k, cfg)
+    tagged = frame.with_columns(_part=partition_of(frame, 5))
+    parts = InProcess(tagged.partition_by("_part", include_key=False))
+    assert len(parts.frames) == 5
+    agg = run_protocol(parts, cfg, None, input_rows=ml100k.height)
+    samples = finish(pl.concat(parts.frames).sort("row"), 0, 0, agg.valid_small)
+    assert samples.equals(whole.samples)
+    assert agg.user_map.equals(whole.user_map) and agg.item_map.equals(whole.item_map)
+    assert agg.stats == whole.stats
