@@ -27,51 +27,62 @@ SHARED = ROOT.parent / "shared"
 
 
 class PeakMemory:
-    """Peak resident memory (bytes) of this process and all its descendants, by polling.
+    """Peak resident memory (bytes) of this process and all its descendants, by polling; and of
+    the process alone (``peak_self``).
 
-    Ray's raylet and workers are descendants of a driver that started Ray locally, so this
-    counts the whole pipeline; a plain single-process run is measured the same way.
+    Ray's raylet and workers are descendants of a driver that started Ray locally, so the tree
+    counts the whole pipeline and the process alone is the driver; a plain single-process run is
+    measured the same way.
     """
 
     def __init__(self, pid: int | None = None, interval_s: float = 0.1) -> None:
         self.pid = pid
         self.interval_s = interval_s
         self.peak = 0
+        self.peak_self = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
-    def _tree_rss(self) -> int:
+    def _rss(self) -> tuple[int, int]:
+        """(the tree's, the process's own) resident bytes now."""
         try:
             me = psutil.Process(self.pid)
+            own = me.memory_info().rss
         except psutil.Error:
-            return 0
-        total = 0
-        for proc in [me, *me.children(recursive=True)]:
+            return 0, 0
+        total = own
+        for proc in me.children(recursive=True):
             try:
                 total += proc.memory_info().rss
             except psutil.Error:
                 continue
-        return total
+        return total, own
+
+    def _sample(self) -> None:
+        tree, own = self._rss()
+        self.peak = max(self.peak, tree)
+        self.peak_self = max(self.peak_self, own)
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._tree_rss())
+            self._sample()
             time.sleep(self.interval_s)
 
     def __enter__(self) -> PeakMemory:
-        self.baseline = self._tree_rss()
+        self.baseline, self.baseline_self = self._rss()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self._tree_rss())
+        self._sample()
 
 
 @contextmanager
 def measured(pid: int | None = None) -> Iterator[dict[str, float]]:
-    """Wall time (s) and peak RSS (GiB) of the process tree of ``pid`` (default: this one)."""
+    """Wall time (s) and peak RSS (GiB) of the process tree of ``pid`` (default: this one), and
+    of the process alone (``self_*``)."""
     out: dict[str, float] = {}
     with PeakMemory(pid) as mem:
         start = time.perf_counter()
@@ -79,6 +90,8 @@ def measured(pid: int | None = None) -> Iterator[dict[str, float]]:
         out["wall_s"] = time.perf_counter() - start
     out["peak_rss_gib"] = mem.peak / 2**30
     out["extra_rss_gib"] = max(mem.peak - mem.baseline, 0) / 2**30
+    out["self_peak_rss_gib"] = mem.peak_self / 2**30
+    out["self_extra_rss_gib"] = max(mem.peak_self - mem.baseline_self, 0) / 2**30
 
 
 def machine() -> dict[str, Any]:

@@ -1,72 +1,65 @@
-"""Benchmark: stages ingest + samples on Ray against a plain single-process polars run.
+"""Benchmark: stages ingest + samples (+ render, text mode) on Ray against a plain polars process.
 
-Datasets: the shared MovieLens 100K (RecBole files) and synthetic MovieLens-CSV folders of 1M and
-10M interactions that this script generates (``ratings.csv`` + ``movies.csv``, the layout of
-MovieLens latest/25M). Both sides do the same steps: parse the source, write ``interactions`` and
-``items`` Parquet, apply the ml100k protocol (``binllm_core.protocol.build_samples``) and write
-``samples``. Measured: rows per second and peak resident memory of the whole process tree (Ray's
-raylet and workers included), and the ratio Ray / plain.
+Datasets: the shared MovieLens 100K (RecBole files), synthetic MovieLens-CSV folders
+(``benchmarks/synthetic.py``, default 1M, 10M and 30M ratings, ml100k protocol) and a synthetic
+Amazon-2018-shaped JSON folder (default 10M reviews, ``amazon_book`` protocol: 2017 only, >20
+filter, month split with December halves). Both sides do the same steps: parse the source, write
+``interactions`` and ``items`` Parquet, apply the protocol and write ``samples``, and, up to
+``--render-max`` interactions, render the text prompts with their token counts and write them.
+The plain side is one fresh Python process running ``binllm_core.protocol.build_samples`` and
+``binllm_core.prompts.render_table`` on whole frames.
 
-    python benchmarks/ingest.py [--sizes 1000000,10000000] [--skip-ml100k]
+Measured: interactions per second of wall time; the peak resident memory of the Ray driver (this
+process) and of the whole process tree (raylet, GCS, workers), each also above its idle level
+before the case; the plain process's peak. ``--before FILE`` adds the driver and tree figures of
+an earlier run of this script (e.g. on the commit before the data stages streamed).
+
+Resumable: each finished case is saved at once to ``benchmarks/results/ingest.json`` (and the
+table to BENCHMARKS.md) and skipped by a later run; ``--fresh`` starts over. Generated sources
+are kept under ``--work`` and reused.
+
+    python benchmarks/ingest.py [--sizes 1000000,10000000,30000000] [--amazon 10000000]
+        [--render-max 1000000] [--skip-ml100k] [--before results.json] [--fresh]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-
-import numpy as np
-import polars as pl
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, SHARED, measured, save, table  # noqa: E402
+from benchmarks.common import RESULTS, ROOT, SHARED, measured, save, table  # noqa: E402
+from benchmarks.synthetic import amazon2018_json, movielens_csv  # noqa: E402
 
-
-def generate_movielens_csv(folder: Path, n: int, seed: int = 0) -> Path:
-    """A MovieLens-CSV folder with ``n`` ratings, ~100 per user, Zipf-like item popularity."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    n_users, n_items = max(n // 100, 10), max(n // 500, 50)
-    popularity = 1.0 / np.arange(1, n_items + 1) ** 0.8
-    items = rng.choice(n_items, size=n, p=popularity / popularity.sum()) + 1
-    ratings = pl.DataFrame(
-        {
-            "userId": rng.integers(1, n_users + 1, size=n),
-            "movieId": items,
-            "rating": rng.integers(1, 11, size=n) / 2.0,
-            "timestamp": rng.integers(1_420_070_400, 1_577_836_800, size=n),
-        }
-    )
-    ratings.write_csv(folder / "ratings.csv")
-    ids = np.arange(1, n_items + 1)
-    movies = pl.DataFrame(
-        {
-            "movieId": ids,
-            "title": [f"Movie {i}, The ({1950 + i % 70})" for i in ids],
-            "genres": ["Comedy|Drama" if i % 2 else "Action" for i in ids],
-        }
-    )
-    movies.write_csv(folder / "movies.csv", quote_style="non_numeric")
-    return folder
-
+NAME = "ingest"
+BACKBONE = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""The tokenizer render counts tokens with (read from the GGUF file, no download)."""
 
 PLAIN_SCRIPT = """
-import sys, polars as pl
+import sys, polars as pl, pyarrow as pa
 from binllm_core.config import load_config
 from binllm_core.protocol import build_samples
-src, out, fmt = sys.argv[1], sys.argv[2], sys.argv[3]
+src, out, fmt, config, render, backbone = sys.argv[1:7]
 if fmt == "ml_csv":
     raw = pl.read_csv(f"{src}/ratings.csv", schema_overrides={"userId": pl.String,
                       "movieId": pl.String, "rating": pl.Float32, "timestamp": pl.Int64})
     raw = raw.rename({"userId": "user", "movieId": "item"})
     items = pl.read_csv(f"{src}/movies.csv", schema_overrides={"movieId": pl.String})
     items = items.rename({"movieId": "item"})
+elif fmt == "amazon2018":
+    raw = pl.read_ndjson(f"{src}/Books_5.json", schema={"reviewerID": pl.String,
+                         "asin": pl.String, "overall": pl.Float32, "unixReviewTime": pl.Int64})
+    raw = raw.rename({"reviewerID": "user", "asin": "item", "overall": "rating",
+                      "unixReviewTime": "timestamp"})
+    items = pl.read_ndjson(f"{src}/meta_Books.json", schema={"asin": pl.String,
+                           "title": pl.String}).rename({"asin": "item"})
 else:
     raw = pl.read_csv(f"{src}/ml-100k.inter", separator="\\t", schema_overrides={
         "user_id:token": pl.String, "item_id:token": pl.String, "rating:float": pl.Float32,
@@ -80,105 +73,187 @@ else:
 inter = raw.with_row_index("row").with_columns(pl.col("row").cast(pl.Int64))
 inter.write_parquet(f"{out}/interactions.parquet")
 items.write_parquet(f"{out}/items.parquet")
-result = build_samples(inter, load_config("configs/ml100k.yaml").protocol)
+cfg = load_config(config, [f"model.backbone={backbone}", "prompts.modes=[text]"])
+result = build_samples(inter, cfg.protocol, items["item"])
 result.samples.write_parquet(f"{out}/samples.parquet")
+if render == "1":
+    from binllm_core.llm import load_tokenizer
+    from binllm_core.prompts import (SAMPLE_COLUMNS, lookups_from_tables, render_table,
+                                     templates_from_config)
+    lookups = lookups_from_tables(items.select("item", "title").to_arrow(),
+                                  result.item_map.to_arrow(), None)
+    prompts = render_table(result.samples.select(SAMPLE_COLUMNS).to_arrow(), lookups,
+                           templates_from_config(cfg.prompts), ["text"], cfg.prompts.history_len)
+    tokenizer = load_tokenizer(cfg.model)
+    ids = tokenizer(prompts["prompt"].to_pylist(), add_special_tokens=False)["input_ids"]
+    prompts = prompts.append_column("n_tokens", pa.array([len(i) for i in ids], pa.int32()))
+    pl.from_arrow(prompts).write_parquet(f"{out}/prompts.parquet")
 print(result.samples.height)
 """
 
 
-def run_plain(src: Path, out: Path, fmt: str) -> dict[str, float]:
+def run_plain(src: Path, out: Path, fmt: str, config: str, render: bool) -> dict[str, float]:
     """The same steps in one plain Python process (polars), measured from outside."""
     out.mkdir(parents=True, exist_ok=True)
+    args = [str(src), str(out), fmt, config, "1" if render else "0", str(BACKBONE)]
     proc = subprocess.Popen(
-        [sys.executable, "-c", PLAIN_SCRIPT, str(src), str(out), fmt],
+        [sys.executable, "-c", PLAIN_SCRIPT, *args],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     with measured(proc.pid) as m:
         stdout, stderr = proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(stderr[-2000:])
-    m["rows"] = int(stdout.strip().splitlines()[-1])
+    m["samples"] = int(stdout.strip().splitlines()[-1])
     return m
 
 
-def run_ray(src: Path, out: Path, fmt: str) -> dict[str, float]:
-    """Stages ingest + samples through the pipeline (Ray already started, not timed)."""
+def run_ray(src: Path, out: Path, fmt: str, config: str, render: bool) -> dict[str, float]:
+    """Stages ingest + samples (+ render) through the pipeline (Ray already started)."""
     from binllm_core.config import load_config
     from pipelines.registry import run_pipeline
 
     cfg = load_config(
-        "configs/ml100k.yaml",
-        [f"data.uri={src}", f"data.format={fmt}", f"output_root={out}", "run_name=bench"],
+        config,
+        [f"data.uri={src}", f"data.format={fmt}", f"output_root={out}", "run_name=bench",
+         f"model.backbone={BACKBONE}", "prompts.modes=[text]"],
     )
+    stages = ["ingest", "samples", *(["render"] if render else [])]
     with measured() as m:
-        manifests = run_pipeline(cfg, ["ingest", "samples"], force=True, log=lambda _: None)
-    m["rows"] = manifests["samples"]["tables"]["samples"]["rows"]
+        manifests = run_pipeline(cfg, stages, force=True, log=lambda _: None)
+    m["samples"] = manifests["samples"]["tables"]["samples"]["rows"]
+    m["partitions"] = manifests["samples"]["metrics"].get("partitions", 1)
     return m
+
+
+def cases(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """The datasets to run, smallest first: name, source maker, format, config, size."""
+    found: list[dict[str, Any]] = []
+    if not args.skip_ml100k and (SHARED / "data" / "ml-100k").exists():
+        found.append({"name": "ml-100k (RecBole files)", "size": 100_000, "fmt": "recbole",
+                      "config": "configs/ml100k.yaml", "src": SHARED / "data" / "ml-100k"})
+    for size in [int(s) for s in args.sizes.split(",") if s]:
+        found.append({"name": f"synthetic MovieLens CSV, {size:,}", "size": size,
+                      "fmt": "ml_csv", "config": "configs/ml100k.yaml",
+                      "make": movielens_csv, "src": work / f"movielens-{size}"})
+    for size in [int(s) for s in args.amazon.split(",") if s]:
+        found.append({"name": f"synthetic Amazon-2018 JSON, {size:,} (amazon_book)",
+                      "size": size, "fmt": "amazon2018", "config": "configs/amazon_book.yaml",
+                      "make": amazon2018_json, "src": work / f"amazon-{size}"})
+    return sorted(found, key=lambda c: c["size"])
+
+
+def source(case: dict[str, Any]) -> Path:
+    """The case's source folder, generated once (into a temporary name, then renamed)."""
+    src: Path = case["src"]
+    if "make" in case and not src.exists():
+        partial = src.with_name(src.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        case["make"](partial, case["size"])
+        partial.rename(src)
+    return src
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", default="1000000,10000000")
+    parser.add_argument("--sizes", default="1000000,10000000,30000000")
+    parser.add_argument("--amazon", default="10000000")
+    parser.add_argument("--render-max", type=int, default=1_000_000,
+                        help="render the text prompts only for cases up to this many rows")
     parser.add_argument("--skip-ml100k", action="store_true")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/binllm-bench-ingest"))
+    parser.add_argument("--before", type=Path, help="an earlier results JSON of this script")
+    parser.add_argument("--name", default=NAME, help="results name (e.g. ingest-before)")
+    parser.add_argument("--fresh", action="store_true", help="ignore finished cases")
     args = parser.parse_args()
 
     import ray
 
     from pipelines.runtime import ensure_ray
 
+    results_path = RESULTS / f"{args.name}.json"
+    done: dict[str, Any] = {}
+    if results_path.exists() and not args.fresh:
+        done = {c["dataset"]: c for c in json.loads(results_path.read_text())["cases"]}
+    before = {}
+    if args.before and args.before.exists():
+        before = {c["dataset"]: c for c in json.loads(args.before.read_text())["cases"]}
+
     started = time.perf_counter()
     ensure_ray()
     ray_start_s = time.perf_counter() - started
-
-    work = Path(tempfile.mkdtemp(prefix="binllm-bench-ingest-"))
-    cases: list[tuple[str, Path, str]] = []
-    if not args.skip_ml100k and (SHARED / "data" / "ml-100k").exists():
-        cases.append(("ml-100k (RecBole files)", SHARED / "data" / "ml-100k", "recbole"))
-    for size in [int(s) for s in args.sizes.split(",") if s]:
-        folder = generate_movielens_csv(work / f"csv-{size}", size)
-        cases.append((f"synthetic MovieLens CSV, {size:,}", folder, "ml_csv"))
-
-    results, rows = [], []
-    for name, src, fmt in cases:
-        ray_m = run_ray(src, work / "ray", fmt)
-        plain_m = run_plain(src, work / "plain", fmt)
-        assert ray_m["rows"] == plain_m["rows"], (name, ray_m["rows"], plain_m["rows"])
-        n = ray_m["rows"]
-        entry = {"dataset": name, "interactions": n, "ray": ray_m, "plain_polars": plain_m}
-        entry["time_ratio_ray_over_plain"] = ray_m["wall_s"] / plain_m["wall_s"]
-        entry["memory_ratio_ray_over_plain"] = ray_m["peak_rss_gib"] / plain_m["peak_rss_gib"]
-        results.append(entry)
-        rows.append([
-            name, f"{n:,}",
-            f"{n / ray_m['wall_s']:,.0f}", f"{n / plain_m['wall_s']:,.0f}",
-            f"{entry['time_ratio_ray_over_plain']:.2f}",
-            f"{ray_m['peak_rss_gib']:.2f}", f"{ray_m['extra_rss_gib']:.2f}",
-            f"{plain_m['peak_rss_gib']:.2f}",
-            f"{entry['memory_ratio_ray_over_plain']:.2f}",
-        ])
-        print(rows[-1], flush=True)
-        shutil.rmtree(work / "ray", ignore_errors=True)
-        shutil.rmtree(work / "plain", ignore_errors=True)
-    shutil.rmtree(work, ignore_errors=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    for case in cases(args, args.work):
+        if case["name"] in done:
+            print(f"skip {case['name']} (finished)", flush=True)
+            continue
+        render = case["size"] <= args.render_max
+        src = source(case)
+        ray_m = run_ray(src, args.work / "ray", case["fmt"], case["config"], render)
+        plain_m = run_plain(src, args.work / "plain", case["fmt"], case["config"], render)
+        shutil.rmtree(args.work / "ray", ignore_errors=True)
+        shutil.rmtree(args.work / "plain", ignore_errors=True)
+        if ray_m["samples"] != plain_m["samples"]:
+            raise SystemExit(f"{case['name']}: Ray made {ray_m['samples']:,} samples, "
+                             f"plain polars {plain_m['samples']:,}")
+        done[case["name"]] = {
+            "dataset": case["name"],
+            "interactions": case["size"],
+            "samples": ray_m["samples"],
+            "stages": "ingest, samples" + (", render" if render else ""),
+            "ray": ray_m,
+            "plain_polars": plain_m,
+            "time_ratio_ray_over_plain": ray_m["wall_s"] / plain_m["wall_s"],
+        }
+        print(json.dumps(done[case["name"]]), flush=True)
+        _save(list(done.values()), before, ray_start_s, args)
     ray.shutdown()
 
+
+def _save(
+    finished: list[dict[str, Any]], before: dict[str, Any], ray_start_s: float,
+    args: argparse.Namespace,
+) -> None:
+    rows = []
+    for c in sorted(finished, key=lambda c: c["interactions"]):
+        ray_m, plain_m, n = c["ray"], c["plain_polars"], c["interactions"]
+        old = before.get(c["dataset"], {}).get("ray")
+        rows.append([
+            c["dataset"], c["stages"], f"{n:,}", f"{c['samples']:,}",
+            f"{n / ray_m['wall_s']:,.0f}", f"{n / plain_m['wall_s']:,.0f}",
+            f"{c['time_ratio_ray_over_plain']:.2f}",
+            _then_now(old, ray_m, "self_extra_rss_gib"),
+            _then_now(old, ray_m, "peak_rss_gib"),
+            f"{plain_m['peak_rss_gib']:.2f}",
+        ])
     markdown = "\n".join([
-        "## Ingest + samples (`benchmarks/ingest.py`)",
+        "## Ingest + samples + render (`benchmarks/ingest.py`)",
         "",
-        "Stages `ingest` + `samples` through `run_pipeline` on a local Ray (started beforehand, "
-        f"{ray_start_s:.1f} s, not counted) against the same steps in one plain polars process. "
-        "Rows/s = interactions per second of wall time; memory = peak resident memory of the "
-        "whole process tree (Ray's raylet, GCS and workers included; 'above idle' subtracts "
-        "the tree before the run). The plain side is a fresh Python process, its start and "
-        "imports included.",
+        "Stages `ingest`, `samples` and (up to the size noted) `render` in text mode through "
+        f"`run_pipeline` on a local Ray (started beforehand, {ray_start_s:.1f} s, not counted) "
+        "against the same steps in one plain polars process (a fresh Python process, its start "
+        "and imports included). Rows/s = interactions per second of wall time. **Driver above "
+        "idle**: the peak resident memory of the Ray driver (the process that runs the "
+        "pipeline) minus its own before the case; **Ray tree peak**: the whole process tree "
+        "(driver, raylet, GCS, workers). 'before → now' where the `--before` run has the case: "
+        "before = the same script on the commit before the data stages streamed (samples built "
+        "in one polars pass in the driver). Render counts tokens with SmolLM2's tokenizer, "
+        "about 7k prompts/s on these 2 cores, so it is run only up to "
+        f"{args.render_max:,} interactions.",
         "",
         table(
-            ["dataset", "interactions", "Ray rows/s", "plain rows/s", "time Ray/plain",
-             "Ray peak GiB", "Ray above idle GiB", "plain peak GiB", "memory Ray/plain"],
+            ["dataset", "stages", "interactions", "samples", "Ray rows/s", "plain rows/s",
+             "time Ray/plain", "driver above idle GiB", "Ray tree peak GiB", "plain peak GiB"],
             rows,
         ),
     ])
-    save("ingest", {"ray_start_s": ray_start_s, "cases": results}, markdown)
+    save(args.name, {"ray_start_s": ray_start_s, "cases": finished}, markdown)
+
+
+def _then_now(old: dict[str, float] | None, now: dict[str, float], key: str) -> str:
+    if old is None or key not in old:
+        return f"{now[key]:.2f}"
+    return f"{old[key]:.2f} → {now[key]:.2f}"
 
 
 if __name__ == "__main__":

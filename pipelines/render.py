@@ -3,9 +3,12 @@
 One row per sample and prompt mode. Titles and codes are small next to the samples, so they are
 read once on the driver and shipped to the rendering tasks; the samples stream through
 ``map_batches``. A second pass counts tokens with the configured tokenizer (one actor, loaded
-once) into ``n_tokens``, whose per-mode summary goes to the manifest. ``prompts`` is written
-partitioned, ``prompts/mode=M/split=S/`` (the columns stay in the files too), so a stage that needs
-one mode reads only its slice: ``ctx.read_dataset("render", "prompts", {"mode": "binary"})``.
+once) into ``n_tokens``. The prompts stay in Ray's object store (spilled to disk beyond it); the
+driver gets only per-block counts of (mode, split, n_tokens), folded into the manifest's
+summary; the user and item ids checked against the codes come from the id maps. ``prompts`` is
+written partitioned, ``prompts/mode=M/split=S/`` (the columns stay in the files too), so a stage
+that needs one mode reads only its slice:
+``ctx.read_dataset("render", "prompts", {"mode": "binary"})``.
 
 With ``prompts.aux.tasks``, the auxiliary task rows (:mod:`binllm_core.aux_tasks`) are made from
 the train samples on the driver (a few rows per user and task) and written, in every prompt
@@ -14,12 +17,12 @@ mode and with their token counts, as the table ``aux``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
 from binllm_core.aux_tasks import AuxTemplates, build_rows, render_rows
@@ -50,34 +53,29 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if any(m != "text" for m in modes):
         codes = ctx.read_table("encode", "codes", columns=["entity", "id", "bits"])
     lookups = lookups_from_tables(items, item_map, codes)
-    if codes is not None:
-        ids = ctx.read_table("samples", "samples", columns=["uid", "iid"])
-        check_codes(
-            ids["uid"].unique().to_pylist(), ids["iid"].unique().to_pylist(), lookups, modes
-        )
+    if codes is not None:  # every mapped user and item has samples: the maps hold their ids
+        uids = ctx.read_table("samples", "user_map", columns=["uid"])["uid"].to_pylist()
+        check_codes(uids, item_map["iid"].to_pylist(), lookups, modes)
 
     samples = ctx.read_dataset("samples", "samples").select_columns(SAMPLE_COLUMNS)
     total = ctx.manifest_of("samples")["tables"]["samples"]["rows"] * len(modes)
     with progress("render", total, "prompt") as reporter:
         prompts = _rendered(samples, lookups, templates, modes, cfg.history_len, ctx, reporter)
-    if prompts.count() == 0:
+    summary = _summary(prompts)
+    if summary.height == 0:
         raise StageError("no samples to render", ctx.uri(ctx.stage_path("samples")))
-    summary = pa.concat_tables(
-        ray.get(prompts.select_columns(["mode", "split", "n_tokens"]).to_arrow_refs())
-    )
     # Partitioned by mode and split: finetune and score read only the slices they use.
-    for mode in modes:
-        for split in _count(summary.filter(pc.equal(summary["mode"], mode)), "split"):
-            part = prompts.filter(expr=f"mode == '{mode}' and split == '{split}'")
-            ctx.write_dataset(part, "prompts", {"mode": mode, "split": split})
+    for mode, split in summary.select("mode", "split").unique().sort("mode", "split").rows():
+        part = prompts.filter(expr=f"mode == '{mode}' and split == '{split}'")
+        ctx.write_dataset(part, "prompts", {"mode": mode, "split": split})
 
     return {
         **({"aux": _write_aux(ctx, lookups, _in_words(modes))} if cfg.aux.tasks else {}),
         "modes": modes,
-        "rows_per_mode": _count(summary, "mode"),
-        "rows_per_split": {k: v // len(modes) for k, v in _count(summary, "split").items()},
+        "rows_per_mode": _sums(summary, "mode"),
+        "rows_per_split": {k: v // len(modes) for k, v in _sums(summary, "split").items()},
         "tokenizer": ctx.cfg.model.backbone,
-        "tokens_per_mode": {m: _token_stats(summary, m) for m in modes},
+        "tokens_per_mode": {m: _token_stats(summary.filter(pl.col("mode") == m)) for m in modes},
         "templates": {"text": templates.text, "code": templates.code},
         "empty_history": templates.empty_history,
         "soft_history": templates.soft_history,
@@ -133,15 +131,19 @@ def _write_aux(ctx: StageContext, lookups: Lookups, modes: list[str]) -> dict[st
         render_rows(rows, lookups, AuxTemplates.of(ctx.cfg.prompts), modes)
     )
     ctx.write_table(table, "aux")
-    users = {
-        t: len(set(table.filter(pc.equal(table["task"], t))["uid"].to_pylist())) for t in cfg.tasks
-    }
+    rows = pl.from_arrow(table.select(["task", "mode", "uid", "n_tokens"]))
+    counts = rows.group_by("task", "mode", "n_tokens").agg(n=pl.len())
     return {
         "tasks": list(cfg.tasks),
-        "rows_per_task": {t: n // len(modes) for t, n in _count(table, "task").items()},
-        "users_per_task": users,
+        "rows_per_task": {t: n // len(modes) for t, n in _sums(counts, "task").items()},
+        "users_per_task": {
+            t: rows.filter(pl.col("task") == t)["uid"].n_unique() for t in cfg.tasks
+        },
         "tokens": {
-            task: {m: _token_stats(table.filter(pc.equal(table["task"], task)), m) for m in modes}
+            task: {
+                m: _token_stats(counts.filter((pl.col("task") == task) & (pl.col("mode") == m)))
+                for m in modes
+            }
             for task in cfg.tasks
         },
     }
@@ -172,17 +174,46 @@ class TokenCounter:
         return batch.append_column("n_tokens", pa.array([len(i) for i in ids], pa.int32()))
 
 
-def _count(table: pa.Table, column: str) -> dict[str, int]:
-    counts = pc.value_counts(table[column]).to_pylist()
-    return {c["values"]: c["counts"] for c in sorted(counts, key=lambda c: c["values"])}
+def _summary(prompts: ray.data.Dataset) -> pl.DataFrame:
+    """Prompts per (mode, split, n_tokens): counted per block by Ray Data, folded here (bounded
+    by the modes, splits and prompt lengths, whatever the number of prompts)."""
+    counts = prompts.select_columns(["mode", "split", "n_tokens"]).map_batches(
+        _token_counts, batch_format="pyarrow", batch_size=None
+    )
+    keys = ["mode", "split", "n_tokens"]
+    total = pl.DataFrame(schema={"mode": pl.String, "split": pl.String, "n_tokens": pl.Int32})
+    total = total.with_columns(n=pl.lit(0, pl.Int64))
+    for batch in counts.iter_batches(batch_format="pyarrow", batch_size=None):
+        total = pl.concat([total, pl.from_arrow(batch)]).group_by(keys).agg(pl.col("n").sum())
+    return total.sort(keys)
 
 
-def _token_stats(table: pa.Table, mode: str) -> dict[str, float]:
-    n = table.filter(pc.equal(table["mode"], mode))["n_tokens"].to_numpy()
-    if len(n) == 0:
+def _token_counts(batch: pa.Table) -> pa.Table:
+    frame = pl.from_arrow(batch).group_by("mode", "split", "n_tokens").agg(n=pl.len())
+    return frame.with_columns(pl.col("n").cast(pl.Int64)).to_arrow()
+
+
+def _sums(counts: pl.DataFrame, column: str) -> dict[str, int]:
+    """Rows per value of ``column``, from rows counted in ``n``."""
+    totals = counts.group_by(column).agg(pl.col("n").sum()).sort(column)
+    return {k: int(v) for k, v in totals.iter_rows()}
+
+
+def _token_stats(lengths: pl.DataFrame) -> dict[str, float]:
+    """Mean, 95th percentile (numpy's linear interpolation) and max of prompt lengths given as
+    ``n_tokens`` with their counts ``n``."""
+    lengths = lengths.group_by("n_tokens").agg(pl.col("n").sum()).sort("n_tokens")
+    total = int(lengths["n"].sum())
+    if total == 0:
         return {"mean": 0.0, "p95": 0.0, "max": 0}
+    values = lengths["n_tokens"].to_numpy().astype(np.float64)
+    ends = np.cumsum(lengths["n"].to_numpy())
+    position = 0.95 * (total - 1)
+    low, high = math.floor(position), math.ceil(position)
+    at_low = values[np.searchsorted(ends, low, side="right")]
+    at_high = values[np.searchsorted(ends, high, side="right")]
     return {
-        "mean": round(float(n.mean()), 2),
-        "p95": round(float(np.percentile(n, 95)), 2),
-        "max": int(n.max()),
+        "mean": round(float((values * lengths["n"].to_numpy()).sum() / total), 2),
+        "p95": round(float(at_low + (at_high - at_low) * (position - low)), 2),
+        "max": int(values[-1]),
     }

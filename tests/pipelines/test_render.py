@@ -83,6 +83,8 @@ def fake_upstream(cfg: RunConfig, n_samples: int = 600, drop_user_code: int = 0)
         }
     )
     item_map = pa.table({"item": items["item"], "iid": iids})
+    uids = pa.array(range(1, N_USERS + 1), pa.int32())
+    user_map = pa.table({"user": [f"u{u}" for u in uids.to_pylist()], "uid": uids})
     users = [u for u in range(1, N_USERS + 1) if u != drop_user_code]
     codes = pa.table(
         {
@@ -105,9 +107,8 @@ def fake_upstream(cfg: RunConfig, n_samples: int = 600, drop_user_code: int = 0)
         return fn
 
     run_stage(cfg, Stage("ingest", writer({"items": items}), ("data",)))
-    run_stage(
-        cfg, Stage("samples", writer({"samples": samples, "item_map": item_map}), ("protocol",))
-    )
+    tables = {"samples": samples, "user_map": user_map, "item_map": item_map}
+    run_stage(cfg, Stage("samples", writer(tables), ("protocol",)))
     run_stage(
         cfg,
         Stage("encode", writer({"codes": codes, "embeddings": embeddings(codes)}), ("encoder",)),
