@@ -72,10 +72,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     samples_manifest = ctx.manifest_of("samples")
     user_num = int(samples_manifest["metrics"]["user_num"])
     item_num = int(samples_manifest["metrics"]["item_num"])
-    table = ctx.read_table("samples", "samples", columns=SAMPLE_COLUMNS)
-    data = split_samples(table)
     for split in ("train", "valid"):
-        if len(data[split]) == 0:
+        if not samples_manifest["metrics"].get(f"{split}_rows"):
             raise StageError(
                 f"the {split} split of the samples is empty",
                 ctx.uri(ctx.stage_path("samples")),
@@ -94,7 +92,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
         result.best_checkpoints, key=lambda cm: (cm[1]["valid_auc"], -cm[1]["epoch"])
     )
 
-    graph = train_graph(data["train"]) if cfg.backbone == "lightgcn" else None
+    graph = None
+    if cfg.backbone == "lightgcn":
+        graph = train_graph(_split_rows(ctx, "train", "split == 'train' and label == 1"))
     training = EncoderTraining(cfg, user_num, item_num, graph)
     with best_checkpoint.as_directory() as folder:
         training.load(folder, weights_only=True)
@@ -113,8 +113,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "backbone": cfg.backbone,
             "codes_from": training.primary,
             "codes": {
-                "valid": code_report(codes, data["valid"]),
-                "test": code_report(codes, data["test"]),
+                "valid": code_report(codes, _split_rows(ctx, "valid")),
+                "test": code_report(codes, _split_rows(ctx, "test")),
                 "best_epoch": int(best_metrics["epoch"]),
             },
             "continuous": {
@@ -132,6 +132,16 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "checkpoint": _run_relative(ctx, best_checkpoint.path),
         }
     )
+
+
+def _split_rows(ctx: StageContext, split: str, expr: str | None = None) -> Rows:
+    """The samples of ``split`` (the rows ``expr`` keeps, default the whole split) as
+    :class:`Rows`: Ray Data reads the narrow columns and filters, so only those rows reach this
+    process."""
+    ds = ctx.read_dataset("samples", "samples").select_columns(SAMPLE_COLUMNS)
+    blocks = ray.get(ds.filter(expr=expr or f"split == '{split}'").to_arrow_refs())
+    table = pa.concat_tables(blocks) if blocks else ds.schema().base_schema.empty_table()
+    return split_samples(table)[split]
 
 
 def _describe_epoch(fields: dict[str, Any]) -> str:

@@ -58,6 +58,7 @@ from binllm_core.tuning import (
     with_curriculum,
 )
 from pipelines.progress import Reporter, progress
+from pipelines.render import prompt_index, rendered_modes
 from pipelines.score import whole_groups
 from pipelines.stage import StageContext
 from pipelines.training import InterruptibleTrainer
@@ -130,10 +131,7 @@ def plan(cfg: FinetuneConfig) -> list[TuneStep]:
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.cfg.finetune
     steps = plan(cfg)
-    index = ctx.read_table(
-        "render", "prompts", columns=["sample_id", "split", "valid_small", "mode"]
-    )
-    have = set(index["mode"].unique().to_pylist())
+    have = set(rendered_modes(ctx))
     for step in steps:
         if step.mode not in have:
             raise StageError(
@@ -145,7 +143,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     # The strategy's first mode, also when it starts at step 2: the same subset either way.
     first_mode = STRATEGIES[cfg.strategy](cfg)[0][1]
     train_groups = _prefix_groups(ctx, first_mode, cut) if cfg.batch_by_prefix else None
+    index = prompt_index(ctx, steps[0].mode, ["train"], ["sample_id", "split"])
     train_ids = train_sample_ids(index, cfg, train_groups)
+    index = prompt_index(ctx, steps[0].mode, ["valid"], ["sample_id", "split", "valid_small"])
     valid_mask = pc.and_(pc.equal(index["split"], "valid"), index["valid_small"])
     valid_ids = _subsample(index, valid_mask, cfg.max_valid_samples, cfg)
     if len(valid_ids) == 0:

@@ -18,6 +18,7 @@ mode and with their token counts, as the table ``aux``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -217,3 +218,23 @@ def _token_stats(lengths: pl.DataFrame) -> dict[str, float]:
         "p95": round(float(at_low + (at_high - at_low) * (position - low)), 2),
         "max": int(values[-1]),
     }
+
+
+def prompt_index(
+    ctx: StageContext, mode: str, splits: Sequence[str], columns: list[str]
+) -> pa.Table:
+    """``columns`` of the ``mode`` prompts of ``splits``, read partition by partition (every
+    mode holds the same samples, so one mode's index is every mode's); a split render wrote no
+    prompts of adds no rows."""
+    written = ctx.manifest_of("render")["metrics"]["rows_per_split"]
+    parts = [
+        ctx.read_table("render", "prompts", columns, {"mode": mode, "split": split})
+        for split in splits
+        if written.get(split)
+    ]
+    return pa.concat_tables(parts) if parts else pa.table({c: [] for c in columns})
+
+
+def rendered_modes(ctx: StageContext) -> list[str]:
+    """The prompt modes render wrote."""
+    return list(ctx.manifest_of("render")["metrics"]["rows_per_mode"])

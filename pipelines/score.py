@@ -58,6 +58,7 @@ from binllm_core.prompts import templates_from_config
 from binllm_core.soft import SOFT_SPEC, EntityVectors, SoftSpec
 from binllm_core.storage import content_identity, is_local, join, resolve
 from pipelines.progress import Reporter, progress
+from pipelines.render import prompt_index, rendered_modes
 from pipelines.stage import StageContext
 
 FAULT_POINT = "scorer-batch"
@@ -391,8 +392,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     finetune = ctx.manifest_of("finetune")["metrics"]
     modes = default_modes(cfg, finetune)
     plan = adapter_plan(cfg, modes, finetune, ctx.run_uri)
-    index = ctx.read_table("render", "prompts", columns=["sample_id", "split", "mode", "uid"])
-    have = set(index["mode"].unique().to_pylist())
+    have = set(rendered_modes(ctx))
     for mode in modes:
         if mode not in have:
             raise StageError(
@@ -400,6 +400,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 ctx.uri(ctx.stage_path("render")),
                 f"add {mode} to prompts.modes or drop it from score.modes",
             )
+    index = prompt_index(ctx, modes[0], sc.splits, ["sample_id", "split", "uid"])
     ids = pick_samples(index, sc)
     if len(ids) == 0:
         raise StageError(

@@ -96,7 +96,7 @@ def ray_head(monkeypatch: pytest.MonkeyPatch):
     finally:
         try:
             os.killpg(head.pid, signal.SIGTERM)
-            head.wait(timeout=30)
+            head.wait(timeout=5)  # `ray start --block` often outlives SIGTERM: then SIGKILL
         except (ProcessLookupError, subprocess.TimeoutExpired):
             try:
                 os.killpg(head.pid, signal.SIGKILL)
