@@ -72,8 +72,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     samples_manifest = ctx.manifest_of("samples")
     user_num = int(samples_manifest["metrics"]["user_num"])
     item_num = int(samples_manifest["metrics"]["item_num"])
+    datasets = _datasets(ctx, cfg)
     for split in ("train", "valid"):
-        if not samples_manifest["metrics"].get(f"{split}_rows"):
+        if datasets[split].count() == 0:
             raise StageError(
                 f"the {split} split of the samples is empty",
                 ctx.uri(ctx.stage_path("samples")),
@@ -84,7 +85,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     storage = ctx.scratch_path("checkpoints")
     started = time.time()
     with progress("encode", cfg.max_epochs, "epoch", _describe_epoch) as reporter:
-        result = _trainer(ctx, cfg, name, storage, user_num, item_num, reporter).fit()
+        trainer = _trainer(ctx, cfg, datasets, name, storage, user_num, item_num, reporter)
+        result = trainer.fit()
     train_time = time.time() - started
     if not result.best_checkpoints or result.checkpoint is None:
         raise StageError("encoder training reported no checkpoint", ctx.uri(join(storage, name)))
@@ -174,15 +176,10 @@ def code_report(codes: pa.Table, rows: Rows) -> dict[str, float]:
     return score_report(rows.users, rows.labels, scores, rows.warm, rows.not_cold)
 
 
-def _trainer(
-    ctx: StageContext,
-    cfg: EncoderConfig,
-    name: str,
-    storage: str,
-    user_num: int,
-    item_num: int,
-    reporter: Reporter,
-) -> ray.train.torch.TorchTrainer:
+def _datasets(ctx: StageContext, cfg: EncoderConfig) -> dict[str, ray.data.Dataset]:
+    """The samples the workers read, by split (and LightGCN's ``graph`` of train positives),
+    materialized now: before the workers hold their CPUs (on a small machine they can take every
+    CPU and leave none for read tasks). These narrow columns are small."""
     samples = ctx.read_dataset("samples", "samples").select_columns(SAMPLE_COLUMNS)
     datasets = {
         "train": samples.filter(expr="split == 'train'").select_columns(EVAL_COLUMNS[:4]),
@@ -192,9 +189,19 @@ def _trainer(
     if cfg.backbone == "lightgcn":
         positives = samples.filter(expr="split == 'train' and label == 1")
         datasets["graph"] = positives.select_columns(EVAL_COLUMNS[:4])
-    # Read now, before the workers hold their CPUs: on a small machine the workers can take
-    # every CPU and leave none for read tasks. These narrow columns are small.
-    datasets = {k: ds.materialize() for k, ds in datasets.items()}
+    return {k: ds.materialize() for k, ds in datasets.items()}
+
+
+def _trainer(
+    ctx: StageContext,
+    cfg: EncoderConfig,
+    datasets: dict[str, ray.data.Dataset],
+    name: str,
+    storage: str,
+    user_num: int,
+    item_num: int,
+    reporter: Reporter,
+) -> ray.train.torch.TorchTrainer:
     loop_config = {
         "encoder": to_dict(cfg),
         "user_num": user_num,
