@@ -39,6 +39,8 @@ from benchmarks.common import RESULTS, ROOT, SHARED, measured, save, table  # no
 from benchmarks.synthetic import amazon2018_json, movielens_csv  # noqa: E402
 
 NAME = "ingest"
+LAYOUT = 2
+"""Results of this layout are resumed; older ones (another table) are started over."""
 BACKBONE = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 """The tokenizer render counts tokens with (read from the GGUF file, no download)."""
 
@@ -173,8 +175,9 @@ def main() -> None:
 
     results_path = RESULTS / f"{args.name}.json"
     done: dict[str, Any] = {}
-    if results_path.exists() and not args.fresh:
-        done = {c["dataset"]: c for c in json.loads(results_path.read_text())["cases"]}
+    saved = json.loads(results_path.read_text()) if results_path.exists() else {}
+    if saved.get("layout") == LAYOUT and not args.fresh:
+        done = {c["dataset"]: c for c in saved["cases"]}
     before = {}
     if args.before and args.before.exists():
         before = {c["dataset"]: c for c in json.loads(args.before.read_text())["cases"]}
@@ -247,7 +250,7 @@ def _save(
             rows,
         ),
     ])
-    save(args.name, {"ray_start_s": ray_start_s, "cases": finished}, markdown)
+    save(args.name, {"layout": LAYOUT, "ray_start_s": ray_start_s, "cases": finished}, markdown)
 
 
 def _then_now(old: dict[str, float] | None, now: dict[str, float], key: str) -> str:

@@ -10,9 +10,10 @@ users, and the driver holds only what is bounded by the number of users and item
 2. Each protocol step is one Ray task per partition (:class:`OnRay`); partitions stay in the
    object store (spilled to disk when they do not fit) and only the steps' partials (item counts,
    per-day counts, first rows, per-split sums) come back to the driver, folded as they arrive.
-3. The samples are sorted by source ``row`` with Ray Data, each sorted block learns how many
-   samples and valid samples come before it, and :func:`~binllm_core.protocol.finish` numbers
-   it (``sample_id``, ``valid_small``) in its own task before Ray Data writes it.
+3. The samples are put in source ``row`` order by range: every partition is cut at the same
+   equal-width ``row`` edges, each range is gathered and sorted in its own task, learns how many
+   samples and valid samples come before it, and :func:`~binllm_core.protocol.finish` numbers it
+   (``sample_id``, ``valid_small``). Ray Data writes the numbered ranges.
 """
 
 from __future__ import annotations
