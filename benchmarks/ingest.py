@@ -87,8 +87,11 @@ if render == "1":
     prompts = render_table(result.samples.select(SAMPLE_COLUMNS).to_arrow(), lookups,
                            templates_from_config(cfg.prompts), ["text"], cfg.prompts.history_len)
     tokenizer = load_tokenizer(cfg.model)
-    ids = tokenizer(prompts["prompt"].to_pylist(), add_special_tokens=False)["input_ids"]
-    prompts = prompts.append_column("n_tokens", pa.array([len(i) for i in ids], pa.int32()))
+    lengths = []
+    for start in range(0, prompts.num_rows, 2048):  # the stage's batch: no 1M-list of ids
+        texts = prompts["prompt"].slice(start, 2048).to_pylist()
+        lengths += [len(i) for i in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    prompts = prompts.append_column("n_tokens", pa.array(lengths, pa.int32()))
     pl.from_arrow(prompts).write_parquet(f"{out}/prompts.parquet")
 print(result.samples.height)
 """
@@ -160,7 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="1000000,10000000,30000000")
     parser.add_argument("--amazon", default="10000000")
-    parser.add_argument("--render-max", type=int, default=1_000_000,
+    parser.add_argument("--render-max", type=int, default=100_000,
                         help="render the text prompts only for cases up to this many rows")
     parser.add_argument("--skip-ml100k", action="store_true")
     parser.add_argument("--work", type=Path, default=Path("/tmp/binllm-bench-ingest"))
@@ -210,6 +213,8 @@ def main() -> None:
         }
         print(json.dumps(done[case["name"]]), flush=True)
         _save(list(done.values()), before, ray_start_s, args)
+    if done:  # also when every case was finished before: the table with --before's figures
+        _save(list(done.values()), before, saved.get("ray_start_s", ray_start_s), args)
     ray.shutdown()
 
 
