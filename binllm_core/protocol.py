@@ -651,11 +651,9 @@ def finish(
     ``first_id`` after ``valid_before`` valid samples; the :data:`SAMPLES_SCHEMA` columns."""
     is_valid = (samples["split"] == "valid").to_numpy()
     rank = valid_before + np.cumsum(is_valid) - 1
-    at = np.searchsorted(valid_small, rank)
-    hit = (at < valid_small.size) & (valid_small[np.minimum(at, valid_small.size - 1)] == rank)
     return samples.with_columns(
         sample_id=pl.int_range(first_id, first_id + samples.height, dtype=pl.Int64),
-        valid_small=pl.Series(is_valid & hit if valid_small.size else is_valid & False),
+        valid_small=pl.Series(is_valid & np.isin(rank, valid_small)),
     ).select([pl.col(c).cast(t) for c, t in SAMPLES_SCHEMA.items()])
 
 

@@ -49,7 +49,6 @@ from binllm_core.encoder import (
     Rows,
     check_config,
     read_state,
-    split_samples,
     train_graph,
 )
 from binllm_core.errors import StageError
@@ -96,7 +95,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     graph = None
     if cfg.backbone == "lightgcn":
-        graph = train_graph(_split_rows(ctx, "train", "split == 'train' and label == 1"))
+        graph = train_graph(_rows(datasets["graph"]))
     training = EncoderTraining(cfg, user_num, item_num, graph)
     with best_checkpoint.as_directory() as folder:
         training.load(folder, weights_only=True)
@@ -115,8 +114,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "backbone": cfg.backbone,
             "codes_from": training.primary,
             "codes": {
-                "valid": code_report(codes, _split_rows(ctx, "valid")),
-                "test": code_report(codes, _split_rows(ctx, "test")),
+                "valid": code_report(codes, _rows(datasets["valid"])),
+                "test": code_report(codes, _rows(datasets["test"])),
                 "best_epoch": int(best_metrics["epoch"]),
             },
             "continuous": {
@@ -136,14 +135,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
     )
 
 
-def _split_rows(ctx: StageContext, split: str, expr: str | None = None) -> Rows:
-    """The samples of ``split`` (the rows ``expr`` keeps, default the whole split) as
-    :class:`Rows`: Ray Data reads the narrow columns and filters, so only those rows reach this
-    process."""
-    ds = ctx.read_dataset("samples", "samples").select_columns(SAMPLE_COLUMNS)
-    blocks = ray.get(ds.filter(expr=expr or f"split == '{split}'").to_arrow_refs())
+def _rows(ds: ray.data.Dataset) -> Rows:
+    """One of the materialized split datasets as :class:`Rows` in ``sample_id`` order (only
+    that split's narrow columns reach this process)."""
+    blocks = [t for t in ray.get(ds.to_arrow_refs()) if t.num_columns]
     table = pa.concat_tables(blocks) if blocks else ds.schema().base_schema.empty_table()
-    return split_samples(table)[split]
+    return Rows.from_arrow(table.sort_by("sample_id"))
 
 
 def _describe_epoch(fields: dict[str, Any]) -> str:
