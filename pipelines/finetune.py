@@ -6,8 +6,10 @@ parts (data shards, DDP through ``prepare_model`` with gloo on CPU, evaluation g
 workers, checkpoints reported). A run is named ``step{n}-{stage hash}`` under
 ``{stage}/checkpoints``; the hash covers the config, the rendered prompts' identity, the model
 and ``init_adapter``, so running the stage again on the same inputs finds that run's last
-checkpoint and resumes it (a finished step resumes straight to its end), and anything else
-starts fresh. A checkpoint is the
+checkpoint and resumes it, and anything else starts fresh. A step whose ``fit`` returned leaves
+``finished.json`` in its run folder, naming its last checkpoint: running the stage again takes
+that checkpoint without starting workers (were the stage killed between the two, the step
+resumes straight to its end instead). A checkpoint is the
 adapter alone (safetensors), the best adapter so far, the optimizer state and a JSON of counters.
 The best adapter of each step is copied to ``adapters/step{n}`` of the stage's new version (the
 manifest records it relative to the run, so a copied run uses its own adapters); every
@@ -172,24 +174,31 @@ def run(ctx: StageContext) -> dict[str, Any]:
             )
         name = f"{step.name}-{ctx.digest}"
         started = time.time()
-        total = planned_steps(step.cfg, len(train_ids), cfg.num_workers)
-        title = f"finetune {step.name} ({step.mode})"
-        with progress(title, total, "step", _describe_step) as reporter:
-            result = _trainer(
-                ctx,
-                cfg,
-                step,
-                name,
-                storage,
-                train_ids,
-                valid_ids,
-                previous if step.from_previous else None,
-                cut,
-                aux,
-                reporter,
-            ).fit()
-        state, adapter = _collect(ctx, result.checkpoint, step.name)
-        previous = result.checkpoint
+        checkpoint = _finished(ctx, join(storage, name))
+        if checkpoint is None:
+            total = planned_steps(step.cfg, len(train_ids), cfg.num_workers)
+            title = f"finetune {step.name} ({step.mode})"
+            with progress(title, total, "step", _describe_step) as reporter:
+                checkpoint = (
+                    _trainer(
+                        ctx,
+                        cfg,
+                        step,
+                        name,
+                        storage,
+                        train_ids,
+                        valid_ids,
+                        previous if step.from_previous else None,
+                        cut,
+                        aux,
+                        reporter,
+                    )
+                    .fit()
+                    .checkpoint
+                )
+        state, adapter = _collect(ctx, checkpoint, step.name)
+        _mark_finished(ctx, join(storage, name), checkpoint)
+        previous = checkpoint
         evals += [{"step_name": step.name, **e} for e in state["evals"]]
         summary[step.name] = _step_summary(step, state, len(train_ids), len(valid_ids))
         summary[step.name].update(
@@ -389,6 +398,25 @@ def _soft_inputs(ctx: StageContext, step: TuneStep) -> SoftInputs | None:
 
 def _resources(cfg: FinetuneConfig) -> dict[str, float]:
     return {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+
+
+FINISHED = "finished.json"
+"""In a step's run folder once its ``fit`` returned: ``{"checkpoint": name}``, its last
+checkpoint (a folder name next to it, so that a copied run finds its own)."""
+
+
+def _finished(ctx: StageContext, run_folder: str) -> Checkpoint | None:
+    """The last checkpoint of a step that finished on these same inputs, if any."""
+    marker = join(run_folder, FINISHED)
+    if not ctx.fs.exists(marker):
+        return None
+    path = join(run_folder, json.loads(ctx.fs.cat_file(marker))["checkpoint"])
+    return Checkpoint(path, filesystem=ctx.arrow_fs) if ctx.fs.exists(path) else None
+
+
+def _mark_finished(ctx: StageContext, run_folder: str, checkpoint: Checkpoint) -> None:
+    name = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+    ctx.fs.pipe_file(join(run_folder, FINISHED), json.dumps({"checkpoint": name}).encode())
 
 
 def _collect(

@@ -20,7 +20,7 @@ from binllm_core.scoring import Scorer
 from binllm_core.soft import EntityVectors
 from binllm_core.storage import MANIFEST, read_output
 from binllm_core.tuning import interleave
-from pipelines.finetune import FAULT_POINT
+from pipelines.finetune import FAULT_POINT, FINISHED
 from pipelines.stage import run_stage
 from tests.pipelines.test_render import fake_upstream, make_cfg, read_prompts, stage
 
@@ -94,14 +94,20 @@ def test_two_steps_on_two_workers_survive_a_failure(
         step2["best_valid_auc"], abs=1e-6
     )
 
-    # Run again as after a driver crash before the publish (the manifest never written): both
-    # steps resume from their last checkpoint of these same inputs, which says they are
-    # finished, so nothing trains again and the result is the same.
+    # Run again as after a driver crash before the publish (the manifest never written): step 1
+    # is taken from the checkpoint its finished.json names, starting no worker (no restart);
+    # step 2, as if killed before its finished.json was written, resumes from its last
+    # checkpoint, which says it is finished. Nothing trains again and the result is the same.
     (out / MANIFEST).unlink()
+    runs = {p.name.split("-")[0]: p for p in (out / "checkpoints").glob("step*")}
+    assert (runs["step1"] / FINISHED).exists()
+    (runs["step2"] / FINISHED).unlink()
     again = run_stage(cfg, stage("finetune"))["metrics"]["steps"]
+    assert again["step1"]["restarts"] == step1["restarts"] == 0
     assert again["step2"]["restarts"] == step2["restarts"] + 1
-    assert again["step2"]["steps"] == step2["steps"]
-    assert again["step2"]["best_valid_auc"] == step2["best_valid_auc"]
+    for name, before in (("step1", step1), ("step2", step2)):
+        assert again[name]["steps"] == before["steps"]
+        assert again[name]["best_valid_auc"] == before["best_valid_auc"]
 
 
 def test_init_adapter_that_is_not_an_adapter_is_one_line(tmp_path: Path, ray_session) -> None:
