@@ -1,6 +1,6 @@
 """End to end on a real Ray head: the tiny pipeline as a Ray job, then a scoring job.
 
-The only heavy test (~3 minutes on 2 cores): it starts its own head (``ray start --head --block``
+The heaviest test (~4 minutes on 2 cores): it starts its own head (``ray start --head --block``
 in its own process group, stopped by that group's id, never ``ray stop``), submits
 ``python -m jobs.pipeline configs/tiny.yaml`` and ``python -m jobs.score`` with
 ``JobSubmissionClient`` and the repository's ``jobs/runtime_env.yaml``, and reads the scores back
@@ -39,6 +39,10 @@ FAST_FINETUNE = [
     "finetune.step2.warmup_steps=1",
     "finetune.eval_every=2",
     "retrieve.top_n=0",  # ranking is tested on the trained run of test_lineage, not here
+    # Every stage still runs inside the job; these only keep each one short on 2 cores.
+    "encoder.max_epochs=3",
+    "prompts.modes=[text,binary]",
+    "score.splits=[test]",
 ]
 
 
@@ -110,6 +114,10 @@ def submit_and_wait(address: str, entrypoint: str, timeout: float) -> str:
     client = JobSubmissionClient(address)
     runtime_env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
     runtime_env["working_dir"] = str(REPO)
+    # The tests' Ray Train poll interval (conftest), for the job's own processes too.
+    runtime_env["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = os.environ[
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+    ]
     deadline = time.time() + 120
     while True:
         try:
