@@ -19,7 +19,7 @@ table to BENCHMARKS.md) and skipped by a later run; ``--fresh`` starts over. Gen
 are kept under ``--work`` and reused.
 
     python benchmarks/ingest.py [--sizes 1000000,10000000,30000000] [--amazon 10000000]
-        [--render-max 1000000] [--skip-ml100k] [--before results.json] [--fresh]
+        [--render-max 100000] [--skip-ml100k] [--before results.json] [--fresh]
 """
 
 from __future__ import annotations
@@ -103,7 +103,10 @@ def run_plain(src: Path, out: Path, fmt: str, config: str, render: bool) -> dict
     args = [str(src), str(out), fmt, config, "1" if render else "0", str(BACKBONE)]
     proc = subprocess.Popen(
         [sys.executable, "-c", PLAIN_SCRIPT, *args],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     with measured(proc.pid) as m:
         stdout, stderr = proc.communicate()
@@ -120,8 +123,14 @@ def run_ray(src: Path, out: Path, fmt: str, config: str, render: bool) -> dict[s
 
     cfg = load_config(
         config,
-        [f"data.uri={src}", f"data.format={fmt}", f"output_root={out}", "run_name=bench",
-         f"model.backbone={BACKBONE}", "prompts.modes=[text]"],
+        [
+            f"data.uri={src}",
+            f"data.format={fmt}",
+            f"output_root={out}",
+            "run_name=bench",
+            f"model.backbone={BACKBONE}",
+            "prompts.modes=[text]",
+        ],
     )
     stages = ["ingest", "samples", *(["render"] if render else [])]
     with measured() as m:
@@ -135,16 +144,37 @@ def cases(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     """The datasets to run, smallest first: name, source maker, format, config, size."""
     found: list[dict[str, Any]] = []
     if not args.skip_ml100k and (SHARED / "data" / "ml-100k").exists():
-        found.append({"name": "ml-100k (RecBole files)", "size": 100_000, "fmt": "recbole",
-                      "config": "configs/ml100k.yaml", "src": SHARED / "data" / "ml-100k"})
+        found.append(
+            {
+                "name": "ml-100k (RecBole files)",
+                "size": 100_000,
+                "fmt": "recbole",
+                "config": "configs/ml100k.yaml",
+                "src": SHARED / "data" / "ml-100k",
+            }
+        )
     for size in [int(s) for s in args.sizes.split(",") if s]:
-        found.append({"name": f"synthetic MovieLens CSV, {size:,}", "size": size,
-                      "fmt": "ml_csv", "config": "configs/ml100k.yaml",
-                      "make": movielens_csv, "src": work / f"movielens-{size}"})
+        found.append(
+            {
+                "name": f"synthetic MovieLens CSV, {size:,}",
+                "size": size,
+                "fmt": "ml_csv",
+                "config": "configs/ml100k.yaml",
+                "make": movielens_csv,
+                "src": work / f"movielens-{size}",
+            }
+        )
     for size in [int(s) for s in args.amazon.split(",") if s]:
-        found.append({"name": f"synthetic Amazon-2018 JSON, {size:,} (amazon_book)",
-                      "size": size, "fmt": "amazon2018", "config": "configs/amazon_book.yaml",
-                      "make": amazon2018_json, "src": work / f"amazon-{size}"})
+        found.append(
+            {
+                "name": f"synthetic Amazon-2018 JSON, {size:,} (amazon_book)",
+                "size": size,
+                "fmt": "amazon2018",
+                "config": "configs/amazon_book.yaml",
+                "make": amazon2018_json,
+                "src": work / f"amazon-{size}",
+            }
+        )
     return sorted(found, key=lambda c: c["size"])
 
 
@@ -163,8 +193,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="1000000,10000000,30000000")
     parser.add_argument("--amazon", default="10000000")
-    parser.add_argument("--render-max", type=int, default=100_000,
-                        help="render the text prompts only for cases up to this many rows")
+    parser.add_argument(
+        "--render-max",
+        type=int,
+        default=100_000,
+        help="render the text prompts only for cases up to this many rows",
+    )
     parser.add_argument("--skip-ml100k", action="store_true")
     parser.add_argument("--work", type=Path, default=Path("/tmp/binllm-bench-ingest"))
     parser.add_argument("--before", type=Path, help="an earlier results JSON of this script")
@@ -180,38 +214,42 @@ def main() -> None:
     done: dict[str, Any] = {}
     saved = json.loads(results_path.read_text()) if results_path.exists() else {}
     if saved.get("layout") == LAYOUT and not args.fresh:
-        done = {c["dataset"]: c for c in saved["cases"]}
+        done = {_key(c): c for c in saved["cases"]}
     before = {}
     if args.before and args.before.exists():
-        before = {c["dataset"]: c for c in json.loads(args.before.read_text())["cases"]}
+        before = {_key(c): c for c in json.loads(args.before.read_text())["cases"]}
 
     started = time.perf_counter()
     ensure_ray()
     ray_start_s = time.perf_counter() - started
     args.work.mkdir(parents=True, exist_ok=True)
     for case in cases(args, args.work):
-        if case["name"] in done:
-            print(f"skip {case['name']} (finished)", flush=True)
-            continue
         render = case["size"] <= args.render_max
+        stages = "ingest, samples" + (", render" if render else "")
+        key = (case["name"], stages)
+        if key in done:
+            print(f"skip {case['name']} [{stages}] (finished)", flush=True)
+            continue
         src = source(case)
         ray_m = run_ray(src, args.work / "ray", case["fmt"], case["config"], render)
         plain_m = run_plain(src, args.work / "plain", case["fmt"], case["config"], render)
         shutil.rmtree(args.work / "ray", ignore_errors=True)
         shutil.rmtree(args.work / "plain", ignore_errors=True)
         if ray_m["samples"] != plain_m["samples"]:
-            raise SystemExit(f"{case['name']}: Ray made {ray_m['samples']:,} samples, "
-                             f"plain polars {plain_m['samples']:,}")
-        done[case["name"]] = {
+            raise SystemExit(
+                f"{case['name']}: Ray made {ray_m['samples']:,} samples, "
+                f"plain polars {plain_m['samples']:,}"
+            )
+        done[key] = {
             "dataset": case["name"],
             "interactions": case["size"],
             "samples": ray_m["samples"],
-            "stages": "ingest, samples" + (", render" if render else ""),
+            "stages": stages,
             "ray": ray_m,
             "plain_polars": plain_m,
             "time_ratio_ray_over_plain": ray_m["wall_s"] / plain_m["wall_s"],
         }
-        print(json.dumps(done[case["name"]]), flush=True)
+        print(json.dumps(done[key]), flush=True)
         _save(list(done.values()), before, ray_start_s, args)
     if done:  # also when every case was finished before: the table with --before's figures
         _save(list(done.values()), before, saved.get("ray_start_s", ray_start_s), args)
@@ -219,43 +257,68 @@ def main() -> None:
 
 
 def _save(
-    finished: list[dict[str, Any]], before: dict[str, Any], ray_start_s: float,
+    finished: list[dict[str, Any]],
+    before: dict[str, Any],
+    ray_start_s: float,
     args: argparse.Namespace,
 ) -> None:
     rows = []
-    for c in sorted(finished, key=lambda c: c["interactions"]):
+    for c in sorted(finished, key=lambda c: (c["interactions"], c["stages"])):
         ray_m, plain_m, n = c["ray"], c["plain_polars"], c["interactions"]
-        old = before.get(c["dataset"], {}).get("ray")
-        rows.append([
-            c["dataset"], c["stages"], f"{n:,}", f"{c['samples']:,}",
-            f"{n / ray_m['wall_s']:,.0f}", f"{n / plain_m['wall_s']:,.0f}",
-            f"{c['time_ratio_ray_over_plain']:.2f}",
-            _then_now(old, ray_m, "self_extra_rss_gib"),
-            _then_now(old, ray_m, "peak_rss_gib"),
-            f"{plain_m['peak_rss_gib']:.2f}",
-        ])
-    markdown = "\n".join([
-        "## Ingest + samples + render (`benchmarks/ingest.py`)",
-        "",
-        "Stages `ingest`, `samples` and (up to the size noted) `render` in text mode through "
-        f"`run_pipeline` on a local Ray (started beforehand, {ray_start_s:.1f} s, not counted) "
-        "against the same steps in one plain polars process (a fresh Python process, its start "
-        "and imports included). Rows/s = interactions per second of wall time. **Driver above "
-        "idle**: the peak resident memory of the Ray driver (the process that runs the "
-        "pipeline) minus its own before the case; **Ray tree peak**: the whole process tree "
-        "(driver, raylet, GCS, workers). 'before → now' where the `--before` run has the case: "
-        "before = the same script on the commit before the data stages streamed (samples built "
-        "in one polars pass in the driver). Render counts tokens with SmolLM2's tokenizer, "
-        "about 7k prompts/s on these 2 cores, so it is run only up to "
-        f"{args.render_max:,} interactions.",
-        "",
-        table(
-            ["dataset", "stages", "interactions", "samples", "Ray rows/s", "plain rows/s",
-             "time Ray/plain", "driver above idle GiB", "Ray tree peak GiB", "plain peak GiB"],
-            rows,
-        ),
-    ])
+        old = before.get(_key(c), {}).get("ray")
+        rows.append(
+            [
+                c["dataset"],
+                c["stages"],
+                f"{n:,}",
+                f"{c['samples']:,}",
+                f"{n / ray_m['wall_s']:,.0f}",
+                f"{n / plain_m['wall_s']:,.0f}",
+                f"{c['time_ratio_ray_over_plain']:.2f}",
+                _then_now(old, ray_m, "self_extra_rss_gib"),
+                _then_now(old, ray_m, "peak_rss_gib"),
+                f"{plain_m['peak_rss_gib']:.2f}",
+            ]
+        )
+    markdown = "\n".join(
+        [
+            "## Ingest + samples + render (`benchmarks/ingest.py`)",
+            "",
+            "Stages `ingest`, `samples` and (up to the size noted) `render` in text mode through "
+            f"`run_pipeline` on a local Ray (started beforehand, {ray_start_s:.1f} s, not counted) "
+            "against the same steps in one plain polars process (a fresh Python process, its start "
+            "and imports included). Rows/s = interactions per second of wall time. **Driver above "
+            "idle**: the peak resident memory of the Ray driver (the process that runs the "
+            "pipeline) minus its own before the case; **Ray tree peak**: the whole process tree "
+            "(driver, raylet, GCS, workers). 'before → now' where the `--before` run has the case: "
+            "before = the same script on the commit before the data stages streamed (samples built "
+            "in one polars pass in the driver). Render counts tokens with SmolLM2's tokenizer, "
+            "the slowest step by far on these 2 cores, so it is run only on the rows whose stages "
+            "name it (`--render-max`); a size run with and without it shows render's share.",
+            "",
+            table(
+                [
+                    "dataset",
+                    "stages",
+                    "interactions",
+                    "samples",
+                    "Ray rows/s",
+                    "plain rows/s",
+                    "time Ray/plain",
+                    "driver above idle GiB",
+                    "Ray tree peak GiB",
+                    "plain peak GiB",
+                ],
+                rows,
+            ),
+        ]
+    )
     save(args.name, {"layout": LAYOUT, "ray_start_s": ray_start_s, "cases": finished}, markdown)
+
+
+def _key(case: dict[str, Any]) -> tuple[str, str]:
+    """A case is its dataset and its stages: one size may be run with and without render."""
+    return case["dataset"], case["stages"]
 
 
 def _then_now(old: dict[str, float] | None, now: dict[str, float], key: str) -> str:
