@@ -79,7 +79,7 @@ cfg = load_config(config, [f"model.backbone={backbone}", "prompts.modes=[text]"]
 result = build_samples(inter, cfg.protocol, items["item"])
 result.samples.write_parquet(f"{out}/samples.parquet")
 if render == "1":
-    from binllm_core.llm import load_tokenizer
+    from binllm_core.llm import load_tokenizer, token_counts
     from binllm_core.prompts import (SAMPLE_COLUMNS, lookups_from_tables, render_table,
                                      templates_from_config)
     lookups = lookups_from_tables(items.select("item", "title").to_arrow(),
@@ -90,7 +90,7 @@ if render == "1":
     lengths = []
     for start in range(0, prompts.num_rows, 2048):  # the stage's batch: no 1M-list of ids
         texts = prompts["prompt"].slice(start, 2048).to_pylist()
-        lengths += [len(i) for i in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        lengths += token_counts(tokenizer, texts)
     prompts = prompts.append_column("n_tokens", pa.array(lengths, pa.int32()))
     pl.from_arrow(prompts).write_parquet(f"{out}/prompts.parquet")
 print(result.samples.height)

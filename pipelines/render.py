@@ -29,7 +29,7 @@ import ray
 from binllm_core.aux_tasks import AuxTemplates, build_rows, render_rows
 from binllm_core.config import ModelConfig
 from binllm_core.errors import StageError
-from binllm_core.llm import load_tokenizer
+from binllm_core.llm import load_tokenizer, token_counts
 from binllm_core.prompts import (
     SAMPLE_COLUMNS,
     Lookups,
@@ -170,9 +170,9 @@ class TokenCounter:
         self.reporter = reporter or Reporter()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        ids = self.tokenizer(batch["prompt"].to_pylist(), add_special_tokens=False)["input_ids"]
+        lengths = token_counts(self.tokenizer, batch["prompt"].to_pylist())
         self.reporter.post(advance=batch.num_rows)
-        return batch.append_column("n_tokens", pa.array([len(i) for i in ids], pa.int32()))
+        return batch.append_column("n_tokens", pa.array(lengths, pa.int32()))
 
 
 def _summary(prompts: ray.data.Dataset) -> pl.DataFrame:
