@@ -2,8 +2,9 @@
 
 One row per sample and prompt mode. Titles and codes are small next to the samples, so they are
 read once on the driver and shipped to the rendering tasks; the samples stream through
-``map_batches``. A second pass counts tokens with the configured tokenizer (one actor, loaded
-once) into ``n_tokens``. The prompts stay in Ray's object store (spilled to disk beyond it); the
+``map_batches``. A second pass counts tokens with the configured tokenizer into ``n_tokens``, in
+a pool of actors that each load it once (Ray Data fuses the rendering into them) and that grows
+while batches wait. The prompts stay in Ray's object store (spilled to disk beyond it); the
 driver gets only per-block counts of (mode, split, n_tokens), folded into the manifest's
 summary; the user and item ids checked against the codes come from the id maps. ``prompts`` is
 written partitioned, ``prompts/mode=M/split=S/`` (the columns stay in the files too), so a stage
@@ -108,7 +109,9 @@ def _rendered(
         .map_batches(
             TokenCounter,
             fn_constructor_kwargs={"model_cfg": ctx.cfg.model, "reporter": reporter},
-            compute=ray.data.ActorPoolStrategy(size=1),
+            # Rendering fuses into these actors: a pool that grows with the queue (to every
+            # free CPU of the cluster), each actor loading the tokenizer once.
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=None),
             batch_format="pyarrow",
             batch_size=2048,
         )
