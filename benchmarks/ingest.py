@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, ROOT, SHARED, measured, save, table  # noqa: E402
+from benchmarks.common import RESULTS, ROOT, SHARED, commit, measured, save, table  # noqa: E402
 from benchmarks.synthetic import amazon2018_json, movielens_csv  # noqa: E402
 
 NAME = "ingest"
@@ -214,10 +214,12 @@ def main() -> None:
     done: dict[str, Any] = {}
     saved = json.loads(results_path.read_text()) if results_path.exists() else {}
     if saved.get("layout") == LAYOUT and not args.fresh:
-        done = {_key(c): c for c in saved["cases"]}
-    before = {}
+        # A case keeps the commit it was measured on (older files: the file's commit).
+        done = {_key(c): {"commit": saved["commit"], **c} for c in saved["cases"]}
+    before: dict[Any, Any] = {}
     if args.before and args.before.exists():
-        before = {_key(c): c for c in json.loads(args.before.read_text())["cases"]}
+        earlier = json.loads(args.before.read_text())
+        before = {_key(c): c for c in earlier["cases"]} | {"commit": earlier["commit"]}
 
     started = time.perf_counter()
     ensure_ray()
@@ -245,6 +247,7 @@ def main() -> None:
             "interactions": case["size"],
             "samples": ray_m["samples"],
             "stages": stages,
+            "commit": commit(),
             "ray": ray_m,
             "plain_polars": plain_m,
             "time_ratio_ray_over_plain": ray_m["wall_s"] / plain_m["wall_s"],
@@ -278,23 +281,28 @@ def _save(
                 _then_now(old, ray_m, "self_extra_rss_gib"),
                 _then_now(old, ray_m, "peak_rss_gib"),
                 f"{plain_m['peak_rss_gib']:.2f}",
+                c.get("commit", ""),
             ]
         )
     markdown = "\n".join(
         [
             "## Ingest + samples + render (`benchmarks/ingest.py`)",
             "",
-            "Stages `ingest`, `samples` and (up to the size noted) `render` in text mode through "
-            f"`run_pipeline` on a local Ray (started beforehand, {ray_start_s:.1f} s, not counted) "
-            "against the same steps in one plain polars process (a fresh Python process, its start "
-            "and imports included). Rows/s = interactions per second of wall time. **Driver above "
-            "idle**: the peak resident memory of the Ray driver (the process that runs the "
-            "pipeline) minus its own before the case; **Ray tree peak**: the whole process tree "
-            "(driver, raylet, GCS, workers). 'before → now' where the `--before` run has the case: "
-            "before = the same script on the commit before the data stages streamed (samples built "
-            "in one polars pass in the driver). Render counts tokens with SmolLM2's tokenizer, "
-            "the slowest step by far on these 2 cores, so it is run only on the rows whose stages "
-            "name it (`--render-max`); a size run with and without it shows render's share.",
+            "Stages `ingest`, `samples` and (where the stages column says so) `render` in text "
+            "mode through `run_pipeline` on a local Ray (started beforehand, "
+            f"{ray_start_s:.1f} s, not counted) against the same steps in one plain polars "
+            "process (a fresh Python process, its start and imports included). Rows/s = "
+            "interactions per second of wall time. **Driver above idle**: the peak resident "
+            "memory of the Ray driver (the process that runs the pipeline) minus its own before "
+            "the case. **Ray tree peak**: the sum of the resident memory of the whole process "
+            "tree (driver, raylet, GCS, workers); it counts the object store's shared pages once "
+            "per process that maps them, so it overstates what the machine holds. 'before → "
+            "now' where the `--before` run has the case: before = the same script on "
+            f"{before.get('commit', 'the commit')}, before the data stages streamed (samples "
+            "built in one polars pass in the driver). Render counts tokens with SmolLM2's "
+            "tokenizer, the slowest step by far on these 2 cores, so it is run only on the rows "
+            "whose stages name it (`--render-max`); a size run with and without it shows "
+            "render's share.",
             "",
             table(
                 [
@@ -308,6 +316,7 @@ def _save(
                     "driver above idle GiB",
                     "Ray tree peak GiB",
                     "plain peak GiB",
+                    "measured at",
                 ],
                 rows,
             ),
