@@ -19,7 +19,7 @@ table to BENCHMARKS.md) and skipped by a later run; ``--fresh`` starts over. Gen
 are kept under ``--work`` and reused.
 
     python benchmarks/ingest.py [--sizes 1000000,10000000,30000000] [--amazon 10000000]
-        [--render-max 100000] [--skip-ml100k] [--before results.json] [--fresh]
+        [--render-max 100000] [--plain-max N] [--skip-ml100k] [--before results.json] [--fresh]
 """
 
 from __future__ import annotations
@@ -199,6 +199,12 @@ def main() -> None:
         default=100_000,
         help="render the text prompts only for cases up to this many rows",
     )
+    parser.add_argument(
+        "--plain-max",
+        type=int,
+        default=10**12,
+        help="run the plain side only for cases up to this many rows (it renders whole frames)",
+    )
     parser.add_argument("--skip-ml100k", action="store_true")
     parser.add_argument("--work", type=Path, default=Path("/tmp/binllm-bench-ingest"))
     parser.add_argument("--before", type=Path, help="an earlier results JSON of this script")
@@ -234,10 +240,12 @@ def main() -> None:
             continue
         src = source(case)
         ray_m = run_ray(src, args.work / "ray", case["fmt"], case["config"], render)
-        plain_m = run_plain(src, args.work / "plain", case["fmt"], case["config"], render)
         shutil.rmtree(args.work / "ray", ignore_errors=True)
-        shutil.rmtree(args.work / "plain", ignore_errors=True)
-        if ray_m["samples"] != plain_m["samples"]:
+        plain_m = None
+        if case["size"] <= args.plain_max:
+            plain_m = run_plain(src, args.work / "plain", case["fmt"], case["config"], render)
+            shutil.rmtree(args.work / "plain", ignore_errors=True)
+        if plain_m is not None and ray_m["samples"] != plain_m["samples"]:
             raise SystemExit(
                 f"{case['name']}: Ray made {ray_m['samples']:,} samples, "
                 f"plain polars {plain_m['samples']:,}"
@@ -250,7 +258,7 @@ def main() -> None:
             "commit": commit(),
             "ray": ray_m,
             "plain_polars": plain_m,
-            "time_ratio_ray_over_plain": ray_m["wall_s"] / plain_m["wall_s"],
+            "time_ratio_ray_over_plain": plain_m and ray_m["wall_s"] / plain_m["wall_s"],
         }
         print(json.dumps(done[key]), flush=True)
         _save(list(done.values()), before, ray_start_s, args)
@@ -276,11 +284,11 @@ def _save(
                 f"{n:,}",
                 f"{c['samples']:,}",
                 f"{n / ray_m['wall_s']:,.0f}",
-                f"{n / plain_m['wall_s']:,.0f}",
-                f"{c['time_ratio_ray_over_plain']:.2f}",
+                f"{n / plain_m['wall_s']:,.0f}" if plain_m else "not run",
+                f"{c['time_ratio_ray_over_plain']:.2f}" if plain_m else "",
                 _then_now(old, ray_m, "self_extra_rss_gib"),
                 _then_now(old, ray_m, "peak_rss_gib"),
-                f"{plain_m['peak_rss_gib']:.2f}",
+                f"{plain_m['peak_rss_gib']:.2f}" if plain_m else "",
                 c.get("commit", ""),
             ]
         )
@@ -302,7 +310,8 @@ def _save(
             "built in one polars pass in the driver). Render counts tokens with SmolLM2's "
             "tokenizer, the slowest step by far on these 2 cores, so it is run only on the rows "
             "whose stages name it (`--render-max`); a size run with and without it shows "
-            "render's share.",
+            "render's share. 'not run': the plain side was skipped for that case "
+            "(`--plain-max`; it renders the whole prompt table in one process).",
             "",
             table(
                 [
