@@ -6,8 +6,9 @@ Amazon-2018-shaped JSON folder (default 10M reviews, ``amazon_book`` protocol: 2
 filter, month split with December halves). Both sides do the same steps: parse the source, write
 ``interactions`` and ``items`` Parquet, apply the protocol and write ``samples``, and, up to
 ``--render-max`` interactions, render the text prompts with their token counts and write them.
-The plain side is one fresh Python process running ``binllm_core.protocol.build_samples`` and
-``binllm_core.prompts.render_table`` on whole frames.
+The plain side is one fresh Python process running ``binllm_core.protocol.build_samples`` on the
+whole frame and ``binllm_core.prompts.render_table`` on frames of 500k samples (the prompts of
+30M would not fit), writing them with one ``ParquetWriter``.
 
 Measured: interactions per second of wall time; the peak resident memory of the Ray driver (this
 process) and of the whole process tree (raylet, GCS, workers), each also above its idle level
@@ -45,10 +46,11 @@ BACKBONE = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 """The tokenizer render counts tokens with (read from the GGUF file, no download)."""
 
 PLAIN_SCRIPT = """
-import sys, polars as pl, pyarrow as pa
+import sys, polars as pl, pyarrow as pa, pyarrow.parquet as pq
 from binllm_core.config import load_config
 from binllm_core.protocol import build_samples
 src, out, fmt, config, render, backbone = sys.argv[1:7]
+CHUNK = 500_000
 if fmt == "ml_csv":
     raw = pl.read_csv(f"{src}/ratings.csv", schema_overrides={"userId": pl.String,
                       "movieId": pl.String, "rating": pl.Float32, "timestamp": pl.Int64})
@@ -84,15 +86,19 @@ if render == "1":
                                      templates_from_config)
     lookups = lookups_from_tables(items.select("item", "title").to_arrow(),
                                   result.item_map.to_arrow(), None)
-    prompts = render_table(result.samples.select(SAMPLE_COLUMNS).to_arrow(), lookups,
-                           templates_from_config(cfg.prompts), ["text"], cfg.prompts.history_len)
-    tokenizer = load_tokenizer(cfg.model)
-    lengths = []
-    for start in range(0, prompts.num_rows, 2048):  # the stage's batch: no 1M-list of ids
-        texts = prompts["prompt"].slice(start, 2048).to_pylist()
-        lengths += token_counts(tokenizer, texts)
-    prompts = prompts.append_column("n_tokens", pa.array(lengths, pa.int32()))
-    pl.from_arrow(prompts).write_parquet(f"{out}/prompts.parquet")
+    templates, tokenizer = templates_from_config(cfg.prompts), load_tokenizer(cfg.model)
+    samples = result.samples.select(SAMPLE_COLUMNS).to_arrow()
+    writer = None
+    for start in range(0, samples.num_rows, CHUNK):  # whole frames of CHUNK samples at a time
+        prompts = render_table(samples.slice(start, CHUNK), lookups, templates, ["text"],
+                               cfg.prompts.history_len)
+        lengths = []
+        for at in range(0, prompts.num_rows, 2048):  # the stage's batch: no 1M-list of ids
+            lengths += token_counts(tokenizer, prompts["prompt"].slice(at, 2048).to_pylist())
+        prompts = prompts.append_column("n_tokens", pa.array(lengths, pa.int32()))
+        writer = writer or pq.ParquetWriter(f"{out}/prompts.parquet", prompts.schema)
+        writer.write_table(prompts)
+    writer.close()
 print(result.samples.height)
 """
 
@@ -235,14 +241,19 @@ def main() -> None:
         render = case["size"] <= args.render_max
         stages = "ingest, samples" + (", render" if render else "")
         key = (case["name"], stages)
-        if key in done:
+        earlier = done.get(key)
+        wants_plain = case["size"] <= args.plain_max
+        if earlier and (earlier["plain_polars"] or not wants_plain):
             print(f"skip {case['name']} [{stages}] (finished)", flush=True)
             continue
         src = source(case)
-        ray_m = run_ray(src, args.work / "ray", case["fmt"], case["config"], render)
-        shutil.rmtree(args.work / "ray", ignore_errors=True)
+        if earlier:  # its Ray side is measured; only the plain side is filled in
+            ray_m = earlier["ray"]
+        else:
+            ray_m = run_ray(src, args.work / "ray", case["fmt"], case["config"], render)
+            shutil.rmtree(args.work / "ray", ignore_errors=True)
         plain_m = None
-        if case["size"] <= args.plain_max:
+        if wants_plain:
             plain_m = run_plain(src, args.work / "plain", case["fmt"], case["config"], render)
             shutil.rmtree(args.work / "plain", ignore_errors=True)
         if plain_m is not None and ray_m["samples"] != plain_m["samples"]:
@@ -255,9 +266,10 @@ def main() -> None:
             "interactions": case["size"],
             "samples": ray_m["samples"],
             "stages": stages,
-            "commit": commit(),
+            "commit": earlier["commit"] if earlier else commit(),
             "ray": ray_m,
             "plain_polars": plain_m,
+            "plain_commit": commit() if plain_m else None,
             "time_ratio_ray_over_plain": plain_m and ray_m["wall_s"] / plain_m["wall_s"],
         }
         print(json.dumps(done[key]), flush=True)
@@ -289,7 +301,7 @@ def _save(
                 _then_now(old, ray_m, "self_extra_rss_gib"),
                 _then_now(old, ray_m, "peak_rss_gib"),
                 f"{plain_m['peak_rss_gib']:.2f}" if plain_m else "",
-                c.get("commit", ""),
+                _measured_at(c),
             ]
         )
     markdown = "\n".join(
@@ -311,7 +323,7 @@ def _save(
             "tokenizer, the slowest step by far on these 2 cores, so it is run only on the rows "
             "whose stages name it (`--render-max`); a size run with and without it shows "
             "render's share. 'not run': the plain side was skipped for that case "
-            "(`--plain-max`; it renders the whole prompt table in one process).",
+            "(`--plain-max`, to save time; a later run fills it in).",
             "",
             table(
                 [
@@ -332,6 +344,12 @@ def _save(
         ]
     )
     save(args.name, {"layout": LAYOUT, "ray_start_s": ray_start_s, "cases": finished}, markdown)
+
+
+def _measured_at(case: dict[str, Any]) -> str:
+    """The commit of the Ray side, and the plain side's where it was filled in later."""
+    ray_at, plain_at = case.get("commit", ""), case.get("plain_commit")
+    return ray_at if plain_at in (None, ray_at) else f"{ray_at} (plain {plain_at})"
 
 
 def _key(case: dict[str, Any]) -> tuple[str, str]:
