@@ -20,7 +20,8 @@ table to BENCHMARKS.md) and skipped by a later run; ``--fresh`` starts over. Gen
 are kept under ``--work`` and reused.
 
     python benchmarks/ingest.py [--sizes 1000000,10000000,30000000] [--amazon 10000000]
-        [--render-max 100000] [--plain-max N] [--skip-ml100k] [--before results.json] [--fresh]
+        [--render-max 100000] [--plain-max N] [--skip-ml100k] [--before results.json]
+        [--fresh | --redo TEXT]
 """
 
 from __future__ import annotations
@@ -216,6 +217,11 @@ def main() -> None:
     parser.add_argument("--before", type=Path, help="an earlier results JSON of this script")
     parser.add_argument("--name", default=NAME, help="results name (e.g. ingest-before)")
     parser.add_argument("--fresh", action="store_true", help="ignore finished cases")
+    parser.add_argument(
+        "--redo",
+        default="",
+        help="measure again the finished cases whose 'dataset [stages]' contains this text",
+    )
     args = parser.parse_args()
 
     import ray
@@ -228,6 +234,8 @@ def main() -> None:
     if saved.get("layout") == LAYOUT and not args.fresh:
         # A case keeps the commit it was measured on (older files: the file's commit).
         done = {_key(c): {"commit": saved["commit"], **c} for c in saved["cases"]}
+        if args.redo:
+            done = {k: c for k, c in done.items() if args.redo not in f"{k[0]} [{k[1]}]"}
     before: dict[Any, Any] = {}
     if args.before and args.before.exists():
         earlier = json.loads(args.before.read_text())
