@@ -82,12 +82,14 @@ cfg = load_config(config, [f"model.backbone={backbone}", "prompts.modes=[text]"]
 result = build_samples(inter, cfg.protocol, items["item"])
 result.samples.write_parquet(f"{out}/samples.parquet")
 if render == "1":
-    from binllm_core.llm import load_tokenizer, token_counts
+    from binllm_core.llm import load_tokenizer
+    from binllm_core.token_lengths import TokenLengths
     from binllm_core.prompts import (SAMPLE_COLUMNS, lookups_from_tables, render_table,
                                      templates_from_config)
     lookups = lookups_from_tables(items.select("item", "title").to_arrow(),
                                   result.item_map.to_arrow(), None)
-    templates, tokenizer = templates_from_config(cfg.prompts), load_tokenizer(cfg.model)
+    templates = templates_from_config(cfg.prompts)
+    lengths_of = TokenLengths(load_tokenizer(cfg.model))
     samples = result.samples.select(SAMPLE_COLUMNS).to_arrow()
     writer = None
     for start in range(0, samples.num_rows, CHUNK):  # whole frames of CHUNK samples at a time
@@ -95,7 +97,7 @@ if render == "1":
                                cfg.prompts.history_len)
         lengths = []
         for at in range(0, prompts.num_rows, 2048):  # the stage's batch: no 1M-list of ids
-            lengths += token_counts(tokenizer, prompts["prompt"].slice(at, 2048).to_pylist())
+            lengths += lengths_of(prompts["prompt"].slice(at, 2048).to_pylist())
         prompts = prompts.append_column("n_tokens", pa.array(lengths, pa.int32()))
         writer = writer or pq.ParquetWriter(f"{out}/prompts.parquet", prompts.schema)
         writer.write_table(prompts)

@@ -30,7 +30,7 @@ import ray
 from binllm_core.aux_tasks import AuxTemplates, build_rows, render_rows
 from binllm_core.config import ModelConfig
 from binllm_core.errors import StageError
-from binllm_core.llm import load_tokenizer, token_counts
+from binllm_core.llm import load_tokenizer
 from binllm_core.prompts import (
     SAMPLE_COLUMNS,
     Lookups,
@@ -41,6 +41,7 @@ from binllm_core.prompts import (
     templates_from_config,
 )
 from binllm_core.soft import SOFT
+from binllm_core.token_lengths import TokenLengths
 from pipelines.progress import Reporter, progress
 from pipelines.stage import StageContext
 
@@ -169,11 +170,11 @@ class TokenCounter:
     """Adds ``n_tokens`` (int32): the prompt's length in tokens of the configured tokenizer."""
 
     def __init__(self, model_cfg: ModelConfig, reporter: Reporter | None = None) -> None:
-        self.tokenizer = load_tokenizer(model_cfg)
+        self.lengths = TokenLengths(load_tokenizer(model_cfg))
         self.reporter = reporter or Reporter()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        lengths = token_counts(self.tokenizer, batch["prompt"].to_pylist())
+        lengths = self.lengths(batch["prompt"].to_pylist())
         self.reporter.post(advance=batch.num_rows)
         return batch.append_column("n_tokens", pa.array(lengths, pa.int32()))
 

@@ -12,11 +12,10 @@ import torch
 from binllm_core.batches import collate
 from binllm_core.config import FinetuneConfig, ModelConfig, PromptConfig, TuneStepConfig
 from binllm_core.errors import ConfigError
-from binllm_core.llm import answer_token_id, load_tokenizer, resolve_source, token_counts
+from binllm_core.llm import answer_token_id, load_tokenizer, resolve_source
 from binllm_core.prompts import Lookups, render_table, templates_from_config
 from binllm_core.recommender import LLMRecommender
 from binllm_core.scoring import Scorer
-from binllm_core.soft import ITEM_TOKEN, USER_TOKEN
 from binllm_core.tuning import (
     EvalSet,
     Schedule,
@@ -87,23 +86,6 @@ def test_smollm_answer_token_has_the_leading_space() -> None:
     yes = answer_token_id(tokenizer)
     assert tokenizer.decode([yes]) == " Yes"
     assert tokenizer.pad_token == "<|im_end|>" and tokenizer.truncation_side == "left"
-
-
-@pytest.mark.parametrize("backbone", ["tiny", str(SMOLLM_GGUF)])
-def test_token_counts_are_the_lengths_of_the_call(backbone: str) -> None:
-    """render's n_tokens: the lengths the tokenizer's call gives, also with the soft tokens
-    (added tokens), digits, accents and an empty text, and when the backend pads."""
-    tokenizer = load_tokenizer(ModelConfig(backbone=backbone))
-    texts = [
-        "A user watched Misérables, Les (1995) and 89.210.30.178: Yes or No?",
-        f"{USER_TOKEN} liked{ITEM_TOKEN} 0110 1011 #Answer:",
-        "",
-        "word " * 300,
-    ]
-    called = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    assert token_counts(tokenizer, texts) == called
-    tokenizer.backend_tokenizer.enable_padding(length=512)  # as a tokenizer.json may set it
-    assert token_counts(tokenizer, texts) == called
 
 
 def test_schedule_warms_up_over_global_steps_then_decays() -> None:
