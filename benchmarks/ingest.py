@@ -20,7 +20,7 @@ table to BENCHMARKS.md) and skipped by a later run; ``--fresh`` starts over. Gen
 are kept under ``--work`` and reused.
 
     python benchmarks/ingest.py [--sizes 1000000,10000000,30000000] [--amazon 10000000]
-        [--render-max 100000] [--plain-max N] [--skip-ml100k] [--before results.json]
+        [--render-max 30000000] [--plain-max N] [--skip-ml100k] [--before results.json]
         [--fresh | --redo TEXT]
 """
 
@@ -205,7 +205,7 @@ def main() -> None:
     parser.add_argument(
         "--render-max",
         type=int,
-        default=100_000,
+        default=30_000_000,
         help="render the text prompts only for cases up to this many rows",
     )
     parser.add_argument(
@@ -330,9 +330,9 @@ def _save(
             "now' where the `--before` run has the case: before = this script run on a checkout of "
             f"{before.get('commit', '?').split('+')[0]}, before the data stages streamed (samples "
             "built in one polars pass in the driver). Render counts tokens with SmolLM2's "
-            "tokenizer, the slowest step by far on these 2 cores, so it is run only on the rows "
-            "whose stages name it (`--render-max`); a size run with and without it shows "
-            "render's share. 'not run': the plain side was skipped for that case "
+            "tokenizer (each distinct word once, `binllm_core/token_lengths.py`, on both sides); "
+            "it runs on the rows whose stages name it (`--render-max`), and a size run with and "
+            "without it shows render's share. 'not run': the plain side was skipped for that case "
             "(`--plain-max`, to save time; a later run fills it in).",
             "",
             table(

@@ -12,9 +12,12 @@ import pytest
 
 from binllm_core.codes import embeddings_table
 from binllm_core.config import RunConfig, load_config
+from binllm_core.llm import load_tokenizer
 from binllm_core.storage import MANIFEST, read_output
+from pipelines import render
 from pipelines.registry import STAGES
 from pipelines.stage import Stage, StageContext, run_stage
+from tests.conftest import SMOLLM_GGUF
 
 pytestmark = pytest.mark.slow  # the token-counting actor pool
 
@@ -222,3 +225,28 @@ def test_render_stops_on_a_user_without_code(tmp_path: Path, ray_session) -> Non
         == 50
     )
     assert manifest["metrics"]["modes"] == ["text"]
+
+
+@pytest.mark.skipif(not SMOLLM_GGUF.exists(), reason=f"shared model not found at {SMOLLM_GGUF}")
+def test_n_tokens_are_the_real_tokenizers_lengths_across_blocks(
+    tmp_path: Path, ray_session, monkeypatch
+) -> None:
+    """With SmolLM2's tokenizer (counted word by word in the actors) every prompt's n_tokens is
+    its length under the tokenizer's call, and the summary folded over many blocks matches."""
+    monkeypatch.setattr(render, "BATCH_ROWS", 64)  # several blocks from 300 samples
+    cfg = make_cfg(tmp_path, f"model.backbone={SMOLLM_GGUF}", "prompts.modes=[text,dotdec]")
+    fake_upstream(cfg, n_samples=300)
+    manifest = run_stage(cfg, stage("render"))
+    prompts = read_prompts(tmp_path)
+    tokenizer = load_tokenizer(cfg.model)
+    called = tokenizer(prompts["prompt"].to_pylist(), add_special_tokens=False)["input_ids"]
+    assert prompts["n_tokens"].to_pylist() == [len(ids) for ids in called]
+    modes = prompts["mode"].to_pylist()
+    for mode in ("text", "dotdec"):
+        lengths = np.array([len(c) for c, m in zip(called, modes, strict=True) if m == mode])
+        stats = manifest["metrics"]["tokens_per_mode"][mode]
+        assert stats == {
+            "mean": round(float(lengths.mean()), 2),
+            "p95": round(float(np.percentile(lengths, 95)), 2),
+            "max": int(lengths.max()),
+        }
