@@ -22,6 +22,7 @@ the checkpoints records that it happened).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -277,17 +278,27 @@ def _subsample(
 
 
 def _prefix_groups(ctx: StageContext, mode: str, cut: PrefixCut) -> pa.Table:
-    prompts = ctx.read_table(
-        "render", "prompts", ["sample_id", "prompt"], {"mode": mode, "split": "train"}
+    """(sample_id, group) of the ``mode`` train prompts, keyed where the prompts are read: 16
+    bytes a prompt reach the driver, never the prompts' text."""
+    prompts = ctx.read_dataset("render", "prompts", {"mode": mode, "split": "train"})
+    keyed = prompts.select_columns(["sample_id", "prompt"]).map_batches(
+        prefix_groups, fn_kwargs={"cut": cut}, batch_format="pyarrow"
     )
-    return prefix_groups(prompts, cut)
+    schema = pa.schema([("sample_id", pa.int64()), ("group", pa.uint64())])
+    return pa.concat_tables([schema.empty_table(), *ray.get(keyed.to_arrow_refs())])
 
 
 def prefix_groups(prompts: pa.Table, cut: PrefixCut) -> pa.Table:
     """(sample_id, group) of prompts (sample_id, prompt): prompts with the same text up to the
-    prefix cut (the same user and history) are one group."""
-    keys = [p[: cut(p)] for p in prompts["prompt"].to_pylist()]
-    return pa.table({"sample_id": prompts["sample_id"], "group": pa.array(keys, pa.string())})
+    prefix cut (the same user and history) are one group, keyed by a 64-bit BLAKE2b digest of
+    that text (two prefixes sharing a key would only be drawn together)."""
+    keys = [_digest(p[: cut(p)]) for p in prompts["prompt"].to_pylist()]
+    sample_ids = prompts["sample_id"].cast(pa.int64())
+    return pa.table({"sample_id": sample_ids, "group": pa.array(keys, pa.uint64())})
+
+
+def _digest(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
 def train_sample_ids(index: pa.Table, cfg: FinetuneConfig, groups: pa.Table | None) -> np.ndarray:

@@ -15,13 +15,15 @@ import pytest
 import torch
 
 from binllm_core.metrics import auc
+from binllm_core.prompts import templates_from_config
 from binllm_core.recommender import LLMRecommender
 from binllm_core.scoring import Scorer
 from binllm_core.soft import EntityVectors
 from binllm_core.storage import MANIFEST, read_output
 from binllm_core.tuning import interleave
-from pipelines.finetune import FAULT_POINT, FINISHED
-from pipelines.stage import run_stage
+from pipelines.finetune import FAULT_POINT, FINISHED, _prefix_groups, train_sample_ids
+from pipelines.render import prompt_index
+from pipelines.stage import StageContext, run_stage
 from tests.pipelines.test_render import fake_upstream, make_cfg, read_prompts, stage
 
 pytestmark = pytest.mark.slow  # Ray Train
@@ -168,3 +170,39 @@ def test_aux_tasks_train_by_their_shares_on_two_workers(tmp_path: Path, ray_sess
         mean = sum(record[f"loss_{t}"] for t in window) / 6
         assert record["train_loss"] == pytest.approx(mean, rel=1e-6)
         assert record["loss_mim"] > record["loss_bpr"] > 0 and record["loss_rec"] > 0
+
+
+def test_prefix_groups_are_keyed_where_the_prompts_are_and_drawn_whole(
+    tmp_path: Path, ray_session
+) -> None:
+    """``batch_by_prefix``: the driver gets (sample_id, key) of every train prompt, one key per
+    distinct prefix text, and the budget takes whole groups."""
+    cfg = make_cfg(
+        tmp_path,
+        "prompts.modes=[text]",
+        "finetune.strategy=text_only",
+        "finetune.batch_by_prefix=true",
+        "finetune.max_train_samples=40",
+    )
+    fake_upstream(cfg)
+    run_stage(cfg, stage("render"))
+    ctx = StageContext.open(cfg, "finetune")
+    cut = templates_from_config(cfg.prompts).prefix_cut()
+    groups = _prefix_groups(ctx, "text", cut)
+
+    prompts = read_prompts(tmp_path)
+    train = prompts.filter(pc.equal(prompts["split"], "train")).to_pylist()
+    prefix = {r["sample_id"]: r["prompt"][: cut(r["prompt"])] for r in train}
+    keys = dict(zip(groups["sample_id"].to_pylist(), groups["group"].to_pylist(), strict=True))
+    assert sorted(keys) == sorted(prefix)
+    texts_of: dict[int, set[str]] = {}
+    for sample, key in keys.items():
+        texts_of.setdefault(key, set()).add(prefix[sample])
+    assert all(len(t) == 1 for t in texts_of.values())  # one prefix text per key
+    assert len(texts_of) == len(set(prefix.values())) > 5  # and one key per prefix text
+
+    index = prompt_index(ctx, "text", ["train"], ["sample_id", "split"])
+    drawn = set(train_sample_ids(index, cfg.finetune, groups).tolist())
+    assert 0 < len(drawn) <= 40
+    for key in {keys[s] for s in drawn}:  # every group drawn is drawn whole
+        assert {s for s, k in keys.items() if k == key} <= drawn
