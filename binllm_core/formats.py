@@ -10,6 +10,7 @@ schema). With ``skip_bad=False`` the first malformed line raises a one-line :cla
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -396,7 +397,7 @@ def parse_interactions(
     if fmt in JSON_INTERACTIONS:
         keys, per_second = JSON_INTERACTIONS[fmt]
         lines, _ = _body(data, Text.of(fmt, label, offset, skip_bad), False, True)
-        frame = _json_fields(lines, dict.fromkeys(keys, pl.String), label)
+        frame = _json_fields(lines, dict.fromkeys(keys, pl.String), label, whole=data)
         renamed = frame.rename({f"f:{k}": f"f:{v}" for k, v in keys.items()})
         json_check = (pl.col("json_error").is_not_null(), pl.col("json_error"))
         return _interactions(
@@ -469,17 +470,26 @@ def _units(per_second: int) -> str:
 
 
 # ---- JSON lines -----------------------------------------------------------------------------
-def _json_fields(lines: pl.DataFrame, types: dict[str, pl.DataType], label: str) -> pl.DataFrame:
+def _json_fields(
+    lines: pl.DataFrame, types: dict[str, pl.DataType], label: str, whole: bytes | None = None
+) -> pl.DataFrame:
     """Decode each line's ``types`` keys into ``f:KEY`` columns; bad lines get a ``json_error``.
 
-    A key absent from every line of a non-empty chunk is a missing column, not bad lines.
+    ``whole``: the bytes ``lines`` were cut from, of string ``types``, to try
+    :func:`_json_at_once` first. A key absent from every line of a non-empty chunk is a missing
+    column, not bad lines.
     """
     struct = pl.Struct({k: t for k, t in types.items()})
-    try:
-        decoded = lines.with_columns(pl.col("text").str.json_decode(struct).alias("json"))
-        frame = decoded.with_columns(json_error=pl.lit(None, pl.String))
-    except pl.exceptions.PolarsError:
-        frame = lines.with_columns(_json_slow(lines["text"], types))
+    at_once = None if whole is None else _json_at_once(whole, lines, types)
+    if at_once is not None:
+        records = at_once.select(pl.struct(pl.all()).alias("json")).to_series()
+        frame = lines.with_columns(records, json_error=pl.lit(None, pl.String))
+    else:
+        try:
+            decoded = lines.with_columns(pl.col("text").str.json_decode(struct).alias("json"))
+            frame = decoded.with_columns(json_error=pl.lit(None, pl.String))
+        except pl.exceptions.PolarsError:
+            frame = lines.with_columns(_json_slow(lines["text"], types))
     fields = frame["json"].struct.rename_fields([f"f:{k}" for k in types])
     frame = frame.drop("json").with_columns(fields.struct.unnest())
     ok = frame.filter(pl.col("json_error").is_null())
@@ -491,6 +501,26 @@ def _json_fields(lines: pl.DataFrame, types: dict[str, pl.DataType], label: str)
                 todo="check data.format: "
                 + "; ".join(f"{k}: {FORMAT_FILES[k]}" for k in JSON_INTERACTIONS),
             )
+    return frame
+
+
+def _json_at_once(
+    data: bytes, lines: pl.DataFrame, types: dict[str, pl.DataType]
+) -> pl.DataFrame | None:
+    """Every record of ``data`` in one call of polars' native NDJSON reader (about 3x decoding
+    the lines' text, on 2 cores), when that surely gives what line by line gives: the reader
+    accepts the whole chunk, yields one record per non-blank line of ``lines`` (it skips blank
+    ones too) and no value is an object or array (which it would write as JSON text where line
+    by line they make the line bad); ``data`` is valid UTF-8. Else None: decode line by line."""
+    if "bad_utf8" in lines.columns:
+        return None
+    try:
+        frame = pl.read_ndjson(io.BytesIO(data), schema=types)
+    except pl.exceptions.PolarsError:
+        return None
+    nested = pl.any_horizontal(pl.col(k).str.contains(r"^[\[{]") for k in types).any()
+    if frame.height != lines.height or frame.select(nested).item():
+        return None
     return frame
 
 

@@ -243,3 +243,55 @@ def test_byte_ranges_give_the_same_rows(tmp_path) -> None:
     whole, _ = parse("recbole", (tmp_path / "big.inter").read_bytes(), skip_bad=True)
     assert pa.concat_tables(tables).equals(whole)
     assert pa.concat_tables(rejects)["line"].to_pylist() == [251]
+
+
+GOOD_JSON = '{"reviewerID": "u%d", "asin": "i%d", "overall": %s, "unixReviewTime": %s}'
+ODD_JSON_LINES = [
+    "",
+    "   ",
+    '{"reviewerID": {"id": 1}, "asin": "i", "overall": 5, "unixReviewTime": 9}',
+    '{"reviewerID": "u", "asin": ["i"], "overall": 5, "unixReviewTime": 9}',
+    '{"reviewerID": "u", "asin": "i", "overall": [5], "unixReviewTime": 9}',
+    '{"reviewerID": "[u]", "asin": "{i}", "overall": 5, "unixReviewTime": 9}',
+    '{"reviewerID": true, "asin": 17, "overall": "4", "unixReviewTime": "1e3"}',
+    '{"reviewerID": null, "asin": "i", "overall": 5, "unixReviewTime": 9}',
+    '{"reviewerID": "u", "asin": "i", "overall": 9.5, "unixReviewTime": -3}',
+    '{"reviewerID": "u\\u00e9\\n", "asin": "i", "overall": 4.5, "unixReviewTime": 1.5e9}',
+    "[1, 2]",
+    "5",
+    "{broken",
+    '{"reviewerID": "u", "asin": "i", "overall": 5, "unixReviewTime": 9}{"a": 1}',
+    "{}",
+]
+
+
+def test_json_read_at_once_gives_what_line_by_line_gives(monkeypatch) -> None:
+    """Interaction chunks decoded in one call of polars' NDJSON reader (the fast path) give the
+    same rows, row numbers and rejects as line-by-line decoding, for well-formed chunks and for
+    chunks with each kind of odd line (then it falls back)."""
+    import random
+
+    import binllm_core.formats as formats
+
+    rng = random.Random(3)
+    good = [GOOD_JSON % (k, k % 7, k % 5 + 1, 1500000000 + k) for k in range(40)]
+    chunks = [good, good[:1], *(good[:20] + [odd] + good[20:] for odd in ODD_JSON_LINES)]
+    chunks += [rng.sample(good + ODD_JSON_LINES, 30) for _ in range(20)]
+    at_once, taken = formats._json_at_once, []
+
+    def counted(*args):
+        frame = at_once(*args)
+        taken.append(frame is not None)
+        return frame
+
+    for lines in chunks:
+        data = ("\r\n" if rng.random() < 0.3 else "\n").join(lines).encode() + b"\n"
+        outcome = {}
+        for name, fast in (("fast", counted), ("line by line", lambda *a: None)):
+            monkeypatch.setattr(formats, "_json_at_once", fast)
+            try:
+                outcome[name] = parse("amazon2018", data, skip_bad=True)
+            except DataError as err:
+                outcome[name] = str(err)
+        assert outcome["fast"] == outcome["line by line"], lines
+    assert taken[:2] == [True, True] and not all(taken)  # both paths were taken
