@@ -62,6 +62,7 @@ from binllm_core.tuning import (
 )
 from pipelines.progress import Reporter, progress
 from pipelines.render import prompt_index, rendered_modes
+from pipelines.runtime import to_arrow
 from pipelines.score import whole_groups
 from pipelines.stage import StageContext
 from pipelines.training import InterruptibleTrainer
@@ -284,8 +285,7 @@ def _prefix_groups(ctx: StageContext, mode: str, cut: PrefixCut) -> pa.Table:
     keyed = prompts.select_columns(["sample_id", "prompt"]).map_batches(
         prefix_groups, fn_kwargs={"cut": cut}, batch_format="pyarrow"
     )
-    schema = pa.schema([("sample_id", pa.int64()), ("group", pa.uint64())])
-    return pa.concat_tables([schema.empty_table(), *ray.get(keyed.to_arrow_refs())])
+    return to_arrow(keyed, pa.schema([("sample_id", pa.int64()), ("group", pa.uint64())]))
 
 
 def prefix_groups(prompts: pa.Table, cut: PrefixCut) -> pa.Table:

@@ -32,6 +32,7 @@ from binllm_core.storage import parquet_files, read_parquet, resolve, to_uri
 from pipelines.finetune import plan
 from pipelines.publish import publishing, write_dataset
 from pipelines.runs import input_stem, load_lookups, output_target
+from pipelines.runtime import to_arrow
 from pipelines.score import (
     NONE,
     SCORE_FIELDS,
@@ -129,7 +130,7 @@ def score_pairs(
         )
         .materialize()
     )
-    meta = _to_arrow(
+    meta = to_arrow(
         rendered.drop_columns(list(PROMPT_COLUMNS)),
         pa.schema([f for f in CANDIDATE_SCHEMA if f.name not in PROMPT_COLUMNS]),
     )
@@ -183,12 +184,6 @@ def manifest_or_none(ctx: StageContext, stage: str) -> dict[str, Any] | None:
         return ctx.manifest_of(stage)["metrics"]
     except StageError:
         return None
-
-
-def _to_arrow(ds: ray.data.Dataset, schema: pa.Schema) -> pa.Table:
-    blocks = ray.get(ds.to_arrow_refs())
-    blocks = [b for b in blocks if b.num_rows]
-    return pa.concat_tables(blocks) if blocks else schema.empty_table()
 
 
 def _rows_of_mode(batch: pa.Table, mode: str, skip: pa.Array) -> pa.Table:

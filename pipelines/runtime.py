@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pyarrow as pa
 import ray
 
 from binllm_core.errors import BinllmError, find_user_error
@@ -47,3 +48,10 @@ def surface_user_errors() -> Iterator[None]:
         if found is None:
             raise
         raise type(found)(found.message) from None
+
+
+def to_arrow(ds: ray.data.Dataset, schema: pa.Schema) -> pa.Table:
+    """A dataset small enough for this process as one Arrow table; ``schema``'s empty table
+    when it has no rows (its blocks then may have lost their columns)."""
+    blocks = [b for b in ray.get(ds.to_arrow_refs()) if b.num_rows]
+    return pa.concat_tables(blocks) if blocks else schema.empty_table()
