@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -180,8 +181,9 @@ class ModelConfig(Section):
     """The causal language model behind the recommender."""
 
     backbone: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    """A Hugging Face hub id, a local model folder, a ``.gguf`` file, or ``tiny`` (a small random
-    Llama built in code, for tests). Only a hub id ever downloads anything."""
+    """A Hugging Face hub id, a model folder (written by ``save_pretrained``) or a ``.gguf`` file,
+    on a local path or any fsspec URI (``s3://``, ``gs://``, ``https://``; fetched once per node
+    into ``cache_dir``), or ``tiny`` (a small random Llama built in code, for tests)."""
     gguf_file: str = ""
     """File name of the GGUF weights inside ``backbone`` when it is a folder."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -191,6 +193,14 @@ class ModelConfig(Section):
     is the raw logit of the ``Yes`` token (official BinLLM); ``yes_minus_no`` is ``Yes`` minus
     ``No``, the log-odds of the two answers (TALLRec's P(Yes)). A raw logit starts far from 0
     (about +14 for SmolLM2), so a short budget spends its first steps pulling it down."""
+    storage_options: dict[str, Any] = resource(factory=dict)
+    """Options for the fsspec filesystem of a ``backbone`` given as a URI (``s3://``, ``gs://``,
+    ``https://``), e.g. ``{endpoint_url: http://minio:9000}`` for s3; the usual AWS environment
+    variables work too."""
+    cache_dir: str = resource("~/.cache/binllm/models")
+    """Local folder of each node where remote model files and adapters are kept after their
+    first download (one copy per version of an object), and where a ``.gguf`` backbone is kept
+    converted to a model folder (once per file and dtype), so actors and workers load it fast."""
 
     def check(self, key: str, where: str = "") -> None:
         if not self.backbone:
@@ -948,7 +958,59 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     for item in overrides or []:
         apply_override(raw, item)
-    return build(RunConfig, raw, str(path))
+    return anchor_paths(build(RunConfig, raw, str(path)))
+
+
+STEP_NAMES = ("step1", "step2")
+"""Names ``score.adapters`` may give instead of a folder (the finetune steps)."""
+NO_ADAPTER = "none"
+
+
+def is_local_path(value: str) -> bool:
+    """A path on this machine's disk rather than a URI (``s3://``, ``https://``...)."""
+    return "://" not in value or value.startswith("file://")
+
+
+def absolute(value: str, base: str, expand_home: bool = True) -> str:
+    """A local path as an absolute one against ``base`` (``~`` expanded unless told not to:
+    a cache folder's ``~`` is each node's own home); URIs and empty values as they are."""
+    if not value or not is_local_path(value):
+        return value
+    value = value.removeprefix("file://")
+    if value.startswith("~"):
+        return os.path.expanduser(value) if expand_home else value
+    return os.path.normpath(os.path.join(base, value))
+
+
+def _model_path(name: str, base: str) -> str:
+    """``model.backbone`` made absolute when it names local weights; ``tiny`` and hub ids
+    (``org/name`` that is not a folder here) stay as they are."""
+    if name == "tiny" or not is_local_path(name):
+        return name
+    local = name.startswith((".", "/", "~", "file://")) or name.endswith(".gguf")
+    if local or os.path.exists(os.path.join(base, name)):
+        return absolute(name, base)
+    return name
+
+
+def anchor_paths(cfg: RunConfig, base: str | None = None) -> RunConfig:
+    """Every local path of ``cfg`` made absolute against the directory it was given in
+    (``base``, default the current one), before anything is shipped to Ray: a task, actor or
+    Ray Train worker runs in a working directory of its own, often on another node. The run's
+    manifests then record absolute paths, so a run reopened from elsewhere reads what it read.
+    Cache folders keep a leading ``~`` (each node caches under its own home)."""
+    base = base or os.getcwd()
+    cfg.output_root = absolute(cfg.output_root, base)
+    cfg.data.uri = absolute(cfg.data.uri, base)
+    cfg.data.cache_dir = absolute(cfg.data.cache_dir, base, expand_home=False)
+    cfg.model.backbone = _model_path(cfg.model.backbone, base)
+    cfg.model.cache_dir = absolute(cfg.model.cache_dir, base, expand_home=False)
+    cfg.finetune.init_adapter = absolute(cfg.finetune.init_adapter, base)
+    cfg.score.adapters = {
+        mode: choice if choice in (*STEP_NAMES, NO_ADAPTER) else absolute(choice, base)
+        for mode, choice in cfg.score.adapters.items()
+    }
+    return cfg
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

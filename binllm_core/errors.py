@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import socket
+
 
 class BinllmError(Exception):
     """A user-facing error. ``str(err)`` is a single line meant to be printed as is.
 
     The line is kept in ``message`` as well as in ``args``: Ray appends retry notes to the
-    ``args`` of an exception raised in a task, and ``message`` travels through pickling intact.
+    ``args`` of an exception raised in a task, and ``message`` travels through pickling intact,
+    as do ``host`` and ``pid``, where it was raised (see :func:`raised_elsewhere`).
     """
 
     def __init__(self, what: str, where: str = "", todo: str = "") -> None:
@@ -15,6 +19,8 @@ class BinllmError(Exception):
         if todo:
             message = f"{message}; {todo}"
         self.message = " ".join(message.split())
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
         super().__init__(self.message)
 
     def __str__(self) -> str:
@@ -48,8 +54,23 @@ def find_user_error(err: BaseException | None) -> BinllmError | None:
             continue
         if isinstance(err, BinllmError):
             return err
+        # Ray Train's WorkerGroupError holds each failed worker's own exception.
+        for failure in (getattr(err, "worker_failures", None) or {}).values():
+            found = find_user_error(failure) if isinstance(failure, BaseException) else None
+            if found is not None:
+                return found
         err = err.__cause__ or err.__context__
     return None
+
+
+def raised_elsewhere(err: BinllmError) -> str:
+    """`` (raised on host H)`` for an error raised in another process than this one (a Ray
+    task, actor or Ray Train worker, maybe on another node), else ``""``: added to the line a
+    user reads, since a path or file that is fine here may not be there."""
+    host, pid = getattr(err, "host", None), getattr(err, "pid", None)
+    if host is None or (pid == os.getpid() and host == socket.gethostname()):
+        return ""
+    return f" (raised on host {host}, pid {pid})"
 
 
 def io_error(err: BaseException | None) -> BinllmError | None:

@@ -20,10 +20,11 @@ import json
 import math
 import os
 import re
+import socket
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -254,6 +255,10 @@ class Publication:
     target: str
     kind: str
     version: str
+    written: dict[str, int] = field(default_factory=dict)
+    """Rows each table's writers produced, counted where they wrote (see :meth:`produced`)."""
+    hosts: dict[str, set[str]] = field(default_factory=dict)
+    """The hosts whose writers wrote rows of each table (named when the counts disagree)."""
 
     @classmethod
     def begin(cls, fs: Any, target: str, kind: str) -> Publication:
@@ -271,6 +276,13 @@ class Publication:
 
     def write_table(self, table: pa.Table, name: str) -> None:
         write_parquet(self.fs, self.table_path(name), table)
+        self.produced(name, table.num_rows, [socket.gethostname()])
+
+    def produced(self, table: str, rows: int, hosts: list[str]) -> None:
+        """Record that writers on ``hosts`` wrote ``rows`` rows of ``table`` (or of one of its
+        partitions) into this version; :meth:`publish` checks the files hold as many."""
+        self.written[table] = self.written.get(table, 0) + rows
+        self.hosts.setdefault(table, set()).update(hosts)
 
     def publish(self, manifest: dict[str, Any], keep: int = 1) -> dict[str, Any]:
         """Summarise the new version, point the manifest at it (atomically), then remove
@@ -280,6 +292,7 @@ class Publication:
         for entry in sorted(self.fs.ls(self.path, detail=False)):
             name = entry.rstrip("/").rsplit("/", 1)[-1]
             tables[name] = self._summary(name)
+        self._check_produced(tables)
         history = []
         if previous.get("layout") == LAYOUT and previous.get("version") != self.version:
             history = [previous["version"], *previous.get("history", [])][: max(keep - 1, 0)]
@@ -297,6 +310,23 @@ class Publication:
         put_atomically(self.fs, join(self.target, MANIFEST), _dump(manifest))
         prune(self.fs, self.target, {self.version, *history}, previous)
         return manifest
+
+    def _check_produced(self, tables: dict[str, dict[str, Any]]) -> None:
+        """Every table holds, as this process sees its files, the rows its writers produced.
+
+        A local path that is not shared between the nodes of a cluster shows this process
+        only the files written on its own node: publishing would lose the rest silently."""
+        for name, rows in sorted(self.written.items()):
+            seen = tables.get(name, {}).get("rows", 0)
+            if seen != rows:
+                hosts = ", ".join(sorted(self.hosts.get(name, ()))) or "?"
+                raise StageError(
+                    f"table {name} of {to_uri(self.fs, self.target)}: {rows:,} rows were "
+                    f"written (on {hosts}) but {seen:,} are there as {socket.gethostname()} "
+                    "sees it; nothing was published",
+                    todo="write outputs where every node reads the same files: an s3:// (or "
+                    "other object store) output_root/--output, or a mount shared by every node",
+                )
 
     def abandon(self) -> None:
         """Remove the unpublished version (a failed write); the current one stays."""

@@ -15,7 +15,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from binllm_core.config import load_config
-from binllm_core.errors import ConfigError, find_user_error, io_error
+from binllm_core.errors import ConfigError, find_user_error, io_error, raised_elsewhere
 
 if TYPE_CHECKING:
     from pipelines.console import Console
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - one line for users, the trace for anything else
         found = find_user_error(err) or io_error(err)
         if found is not None:
-            print(f"binllm: error: {found}", file=sys.stderr)
+            print(f"binllm: error: {found}{raised_elsewhere(found)}", file=sys.stderr)
             return 2
         log = console.error_log()
         if getattr(args, "verbose", False) or not log:

@@ -42,6 +42,7 @@ from pipelines.score import (
     now_utc,
     score_now,
 )
+from pipelines.shared_paths import check_command_paths
 from pipelines.stage import StageContext, package_versions, plain_config
 
 PROMPT_COLUMNS = ("prompt", "soft_ids")
@@ -233,6 +234,7 @@ def score_candidates(
     pairs = read_pairs(input_uri, cfg.output_storage_options)
     stem = input_stem(input_uri, "candidates")
     fs, target, protected = output_target(cfg, output_uri, PAIRS, stem)
+    check_command_paths(cfg, fs, target)
     with publishing(fs, target, PAIRS, protected, log) as publication:
         log(f"[binllm] score: {pairs.num_rows:,} candidates from {input_uri}")
         out, stats = score_pairs(cfg, pairs, input_uri)

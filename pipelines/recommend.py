@@ -44,6 +44,7 @@ from pipelines.rerank import RECOMMENDATIONS_SCHEMA, rerank
 from pipelines.retrieve import SERVE, retrieve, retriever_kwargs
 from pipelines.runs import input_stem, load_lookups, output_target
 from pipelines.score import NONE, adapter_plan
+from pipelines.shared_paths import check_command_paths
 from pipelines.stage import StageContext
 
 RECOMMENDATIONS = "recommendations"
@@ -171,6 +172,7 @@ def recommend(
     users = read_users(users_uri, cfg.output_storage_options) if users_uri else None
     name = input_stem(users_uri, "users") if users_uri else "all"
     fs, target, protected = output_target(cfg, output_uri, RECOMMENDATIONS, name)
+    check_command_paths(cfg, fs, target)
     with publishing(fs, target, RECOMMENDATIONS, protected, log) as publication:
         log(f"[binllm] recommend: top {k} for {len(users) if users else 'every'} user(s)")
         out, stats = recommend_lists(cfg, users, k, users_uri or "all users")
@@ -196,6 +198,7 @@ def nightly_topk(
     users = read_users(users_uri, cfg.output_storage_options) if users_uri else None
     ctx = StageContext.open(cfg, "score")
     target = join(ctx.run_path, RECOMMENDATIONS, f"date={date}")
+    check_command_paths(cfg, ctx.fs, target)
     with publishing(ctx.fs, target, RECOMMENDATIONS, [], log) as publication:
         log(f"[binllm] nightly {date}: top {k} for {len(users) if users else 'every'} user(s)")
         out, stats = recommend_lists(cfg, users, k, users_uri or "all users")

@@ -15,6 +15,7 @@ from binllm_core.soft import SOFT
 from binllm_core.storage import join, resolve, to_uri
 from pipelines import encode, evaluate, finetune, ingest, render, rerank, retrieve, samples, score
 from pipelines.console import LOGS
+from pipelines.shared_paths import check_shared, run_paths
 from pipelines.stage import Stage, run_stage, stage_state
 
 OTHER_OUTPUTS = ("pairs", "nightly", "recommendations", LOCK, LOGS)
@@ -177,6 +178,7 @@ def run_pipeline(
     manifests = {}
     with run_lock(cfg, log):
         ensure_ray()
+        check_shared(run_paths(cfg, [s.name for s in stages]))
         for stage in stages:
             log(f"[binllm] {stage.name}: running")
             manifest = run_stage(cfg, stage, force=force)

@@ -10,7 +10,7 @@ from typing import Any
 
 from binllm_core.candidates import RunLookups, build_lookups
 from binllm_core.codes import CODE_MODES
-from binllm_core.config import RunConfig, apply_override, build, load_config
+from binllm_core.config import RunConfig, anchor_paths, apply_override, build, load_config
 from binllm_core.errors import ConfigError
 from binllm_core.llm import check_backbone
 from binllm_core.soft import SOFT
@@ -52,7 +52,7 @@ def open_run(ref: str, overrides: list[str] | None = None, trained: bool = True)
     raw.update(run_name=name, output_root=to_uri(fs, parent or "/"))
     for item in overrides or []:
         apply_override(raw, item)
-    cfg = build(RunConfig, raw, ref)
+    cfg = anchor_paths(build(RunConfig, raw, ref))
     if trained:
         check_backbone(cfg.model)
     return cfg

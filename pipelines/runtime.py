@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import pyarrow as pa
 import ray
 
-from binllm_core.errors import BinllmError, find_user_error
+from binllm_core.errors import BinllmError, find_user_error, raised_elsewhere
 from pipelines import console
 
 
@@ -35,19 +35,20 @@ def ensure_ray() -> None:
 
 @contextmanager
 def surface_user_errors() -> Iterator[None]:
-    """Turn a BinllmError raised inside a Ray task back into its clean one-line self."""
+    """Turn a BinllmError raised inside a Ray task, actor or Ray Train worker back into its
+    clean one-line self, naming the host it was raised on."""
     try:
         yield
     except BinllmError as err:
         if not isinstance(err, ray.exceptions.RayTaskError):
             raise
         found = find_user_error(err)
-        raise type(found)(found.message) from None  # type: ignore[union-attr]
+        raise type(found)(found.message + raised_elsewhere(found)) from None  # type: ignore
     except Exception as err:
         found = find_user_error(err)
         if found is None:
             raise
-        raise type(found)(found.message) from None
+        raise type(found)(found.message + raised_elsewhere(found)) from None
 
 
 def to_arrow(ds: ray.data.Dataset, schema: pa.Schema) -> pa.Table:

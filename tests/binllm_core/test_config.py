@@ -166,3 +166,45 @@ def test_status_with_a_bad_value_exits_2_before_ray(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("binllm: error: encoder.dim = 12 is not a positive multiple of 8")
     assert err.count("\n") == 1
+
+
+def test_local_paths_are_made_absolute_where_they_are_given(tmp_path, monkeypatch):
+    """A Ray worker runs in another working directory (often on another node): every local
+    path is absolute before anything is shipped, and is recorded so in the run."""
+    config = Path("configs/tiny.yaml").resolve()
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(
+        config,
+        [
+            "data.uri=../data/ml-100k",
+            "model.backbone=models/x.gguf",
+            "finetune.init_adapter=./a/step1",
+            "score.adapters={text: step1, binary: ../b, dotdec: none, hex: s3://k/a}",
+            "data.cache_dir=cache",
+        ],
+    )
+    assert cfg.output_root == str(tmp_path / "runs")
+    assert cfg.data.uri == str(tmp_path.parent / "data" / "ml-100k")
+    assert cfg.model.backbone == str(tmp_path / "models" / "x.gguf")
+    assert cfg.finetune.init_adapter == str(tmp_path / "a" / "step1")
+    assert cfg.score.adapters == {
+        "text": "step1",
+        "binary": str(tmp_path.parent / "b"),
+        "dotdec": "none",
+        "hex": "s3://k/a",
+    }
+    assert cfg.data.cache_dir == str(tmp_path / "cache")
+
+
+def test_uris_hub_ids_tiny_and_home_caches_stay_as_given(tmp_path, monkeypatch):
+    config = Path("configs/tiny.yaml").resolve()
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(config, ["data.uri=s3://bucket/ml", "output_root=s3://bucket/runs"])
+    assert (cfg.data.uri, cfg.output_root) == ("s3://bucket/ml", "s3://bucket/runs")
+    assert cfg.model.backbone == "tiny"
+    assert cfg.data.cache_dir.startswith("~/")  # each node's own home
+    hub = load_config(config, ["model.backbone=HuggingFaceTB/SmolLM2-135M-Instruct"])
+    assert hub.model.backbone == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    local = load_config(config, ["model.backbone=file://m/x.gguf"])
+    assert local.model.backbone == str(tmp_path / "m" / "x.gguf")
