@@ -103,28 +103,33 @@ def check_pairs(pairs: pa.Table, where: str) -> pa.Table:
             "give a Parquet table with string columns user and item (source ids)",
         )
     pairs = pa.table({n: _plain(pairs[n]) for n in pairs.column_names})
-    columns = {}
-    for name in ("user", "item"):
-        col = pairs[name]
-        if pa.types.is_null(col.type):  # no value at all (an empty frame written by pandas)
-            col = pa.chunked_array([pa.nulls(len(col), pa.string())])
-        if not (
-            pa.types.is_string(col.type)
-            or pa.types.is_large_string(col.type)
-            or pa.types.is_integer(col.type)
-        ):
-            raise DataError(
-                f"the candidates table's {name} column holds {col.type}, not ids",
-                where,
-                f"write {name} as strings (source ids such as '196') or integers; a float id "
-                "never matches the run's ids",
-            )
-        if col.null_count:
-            row = pc.index(pc.is_null(col), True).as_py()
-            raise DataError(f"the candidates table has an empty {name} in row {row}", where)
-        columns[name] = pc.cast(col, pa.string()) if col.type != pa.string() else col
+    columns = {name: check_ids(pairs[name], name, "candidates", where) for name in ("user", "item")}
     columns["label"] = _labels(pairs, where)
     return pa.table(columns)
+
+
+def check_ids(col: pa.ChunkedArray, name: str, table: str, where: str) -> pa.ChunkedArray:
+    """A column of source ids as strings: strings or integers, none empty; a float id (which
+    never matches the run's ids) or an empty one is one line naming its row."""
+    if pa.types.is_null(col.type):  # no value at all (an empty frame written by pandas)
+        col = pa.chunked_array([pa.nulls(len(col), pa.string())])
+    if not (
+        pa.types.is_string(col.type)
+        or pa.types.is_large_string(col.type)
+        or pa.types.is_integer(col.type)
+    ):
+        raise DataError(
+            f"the {table} table's {name} column holds {col.type}, not ids",
+            where,
+            f"write {name} as strings (source ids such as '196') or integers; a float id "
+            "never matches the run's ids",
+        )
+    col = pc.cast(col, pa.string()) if col.type != pa.string() else col
+    empty = pc.or_kleene(pc.is_null(col), pc.equal(pc.utf8_trim_whitespace(col), ""))
+    if pc.any(empty).as_py():
+        row = pc.index(empty, True).as_py()
+        raise DataError(f"the {table} table has an empty {name} in row {row}", where)
+    return col
 
 
 def _labels(pairs: pa.Table, where: str) -> pa.Array:

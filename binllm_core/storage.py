@@ -153,7 +153,20 @@ def read_manifest(fs: fsspec.AbstractFileSystem, target: str) -> dict[str, Any] 
     path = join(target, MANIFEST)
     if not fs.exists(path):
         return None
-    return json.loads(fs.cat_file(path))
+    try:
+        manifest = json.loads(fs.cat_file(path))
+    except (ValueError, UnicodeDecodeError) as err:
+        manifest, detail = None, f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+    else:
+        detail = "not a JSON object"
+    if not isinstance(manifest, dict):
+        name = target.rstrip("/").rsplit("/", 1)[-1]
+        raise StageError(
+            f"{to_uri(fs, path)} is damaged ({detail})",
+            todo=f"restore it, or redo what wrote it: for a stage, binllm run CONFIG --stages "
+            f"{name} --force; for a command's output, run the command again",
+        )
+    return manifest
 
 
 def table_folder(target: str, manifest: dict[str, Any], table: str) -> str:

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from binllm_core.candidates import check_ids
 from binllm_core.config import RunConfig
 from binllm_core.errors import ConfigError, DataError, StageError
 from binllm_core.storage import (
@@ -62,11 +63,8 @@ def read_users(uri: str, storage_options: dict[str, Any] | None = None) -> list[
             uri,
             "give a Parquet table with a string column user (source ids)",
         )
-    column = table["user"]
-    if column.null_count:
-        row = pc.index(pc.is_null(column), True).as_py()
-        raise DataError(f"the users table has an empty user in row {row}", uri)
-    return list(dict.fromkeys(pc.cast(column, pa.string()).to_pylist()))
+    column = check_ids(table["user"].combine_chunks(), "user", "users", uri)
+    return list(dict.fromkeys(column.to_pylist()))
 
 
 def check_k(cfg: RunConfig, k: int) -> None:

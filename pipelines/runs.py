@@ -37,7 +37,10 @@ def open_run(ref: str, overrides: list[str] | None = None, trained: bool = True)
                     todo=f"run it first: binllm run {ref}; or give the run's folder",
                 )
         return cfg
-    fs, path = resolve(ref)
+    given: dict[str, Any] = {}
+    for item in overrides or []:  # before the folder is opened: its storage options among them
+        apply_override(given, item)
+    fs, path = resolve(ref, given.get("output_storage_options") or {})
     if not _rendered(fs, f"{path}/render"):
         raise ConfigError(
             f"{ref} is neither a YAML config nor a run folder with a finished render stage",

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from binllm_core.errors import DataError, find_user_error
 from jobs.cli import main
+from pipelines.recommend import read_users
 from tests.jobs.fake_run import publish_stage
 
 
@@ -105,3 +109,55 @@ def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys: pytest.CaptureFixtu
     assert main(["run", "configs/tiny.yaml"]) == 130
     err = capsys.readouterr().err
     assert err.startswith("binllm: interrupted") and err.count("\n") == 1
+
+
+def test_a_damaged_manifest_is_one_line_naming_the_file_and_the_stage_to_redo(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    publish_stage(tmp_path / "tiny", "render", {})
+    manifest = tmp_path / "tiny" / "render" / "_manifest.json"
+    manifest.write_text('{"layout": 2, "tab')
+    assert main(["status", str(tmp_path / "tiny")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"binllm: error: {manifest} is damaged (JSONDecodeError")
+    assert "binllm run CONFIG --stages render --force" in err and err.count("\n") == 1
+
+
+def test_a_run_folder_on_s3_is_opened_with_the_storage_options_given_by_set(
+    s3_bucket, capsys: pytest.CaptureFixture
+):
+    import s3fs
+
+    root, options = s3_bucket
+    fs = s3fs.S3FileSystem(**options)
+    config = {"data": {"uri": "tests/fixtures/tiny", "format": "recbole"}}
+    manifest = json.dumps({"layout": 2, "config": config}).encode()
+    fs.pipe(f"{root[5:]}/runs/tiny/render/_manifest.json", manifest)
+    sets = [f"--set=output_storage_options.{k}={v}" for k, v in options.items()]
+    assert main(["status", f"{root}/runs/tiny", *sets]) == 0
+    out = capsys.readouterr().out
+    assert f"[binllm] run {root[5:]}/runs/tiny" in out
+    assert "ingest    missing" in out
+
+
+@pytest.mark.parametrize(
+    ("users", "needle"),
+    [
+        (pa.array([1.0, 2.0]), "the users table's user column holds double, not ids"),
+        (pa.array(["1", " "]), "the users table has an empty user in row 1"),
+        (pa.array(["1", None]), "the users table has an empty user in row 1"),
+    ],
+    ids=["float", "blank", "null"],
+)
+def test_users_ids_are_checked_as_pair_ids_are(tmp_path: Path, users: pa.Array, needle: str):
+    path = tmp_path / "users.parquet"
+    pq.write_table(pa.table({"user": users}), path)
+    with pytest.raises(DataError) as err:
+        read_users(str(path))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_integer_user_ids_are_read_as_source_ids(tmp_path: Path):
+    path = tmp_path / "users.parquet"
+    pq.write_table(pa.table({"user": pa.array([196, 7, 196])}), path)
+    assert read_users(str(path)) == ["196", "7"]

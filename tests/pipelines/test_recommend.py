@@ -133,3 +133,4 @@ def test_soft_candidates_score_with_the_projector_and_cold_ones_in_text(
     )
     got = {r["row"]: r["logit_yes"] for r in scored if r["mode"] == "soft"}
     np.testing.assert_allclose([got[r] for r in soft["row"].to_pylist()], expected, atol=1e-4)
+
