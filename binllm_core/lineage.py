@@ -9,6 +9,7 @@ import hashlib
 import os
 from typing import Any
 
+from binllm_core.artifacts import as_folder, identity, is_remote, join_uri, stat_identity
 from binllm_core.config import DataConfig, ModelConfig
 from binllm_core.errors import ConfigError
 from binllm_core.formats import detect
@@ -56,9 +57,19 @@ def source_identity(cfg: DataConfig) -> dict[str, Any]:
 
 def model_identity(cfg: ModelConfig) -> str:
     """The backbone: its name for a hub id or ``tiny``; for local weights, the names, sizes and
-    modification times of its files (a replaced model file changes it)."""
+    modification times of its files (a replaced model file changes it); for weights at a URI
+    (``s3://``, ``https://``...), the objects' sizes and ETags / modification times as the
+    store gives them (:func:`binllm_core.artifacts.identity`: a replaced object changes it)."""
     name = cfg.backbone
-    path = os.path.expanduser(name)
+    if name != "tiny" and is_remote(name):
+        if cfg.gguf_file:
+            uri = join_uri(name, cfg.gguf_file)
+        elif name.rstrip("/").endswith(".gguf"):
+            uri = name
+        else:
+            uri = as_folder(name)
+        return identity(uri, cfg.storage_options, "model.backbone", "model.storage_options")
+    path = os.path.expanduser(name.removeprefix("file://"))
     if name.endswith(".gguf") and os.path.isfile(path):
         return _stat_identity([path])
     if os.path.isdir(path):
@@ -70,14 +81,7 @@ def model_identity(cfg: ModelConfig) -> str:
 
 
 def _stat_identity(files: list[str]) -> str:
-    lines = []
-    for f in files:
-        try:
-            st = os.stat(f)
-        except FileNotFoundError:
-            raise ConfigError(f"model file {f} is not there", todo="check model.backbone") from None
-        lines.append(f"{os.path.basename(f)}\t{st.st_size}\t{st.st_mtime_ns}")
-    return _digest(lines)
+    return stat_identity(files, "model file", "check model.backbone")
 
 
 def folder_identity(uri: str, storage_options: dict[str, Any] | None = None) -> str:

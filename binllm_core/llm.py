@@ -1,8 +1,10 @@
 """Loading the causal LM and its tokenizer, and how its answer is read (:class:`AnswerScore`).
 
-Where weights come from (a local folder, a ``.gguf`` file, a hub id only when the user names one,
-or the tiny random model of the tests) and the tokenizer set-up every caller shares: left
-padding and truncation, so the answer cue at the end of a prompt is the last column of a batch.
+Where weights come from (a model folder or a ``.gguf`` file, on a local path or at any fsspec
+URI, fetched once per node by :mod:`binllm_core.artifacts`; a hub id only when the user names
+one; or the tiny random model of the tests), a ``.gguf`` converted once per node to a model
+folder that loads fast, and the tokenizer set-up every caller shares: left padding and
+truncation, so the answer cue at the end of a prompt is the last column of a batch.
 The ``Yes`` token id is read from the tokenizer as it tokenizes the answer right after a prompt,
 because BPE tokenizers give ``Yes`` and `` Yes`` different ids. What is trained and scored on
 top of the loaded model is :class:`binllm_core.recommender.LLMRecommender`.
@@ -10,6 +12,7 @@ top of the loaded model is :class:`binllm_core.recommender.LLMRecommender`.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,18 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from binllm_core.artifacts import (
+    as_folder,
+    build_once,
+    exists,
+    fetch,
+    identity,
+    is_remote,
+    join_uri,
+    listing,
+    missing,
+    read_head,
+)
 from binllm_core.config import ModelConfig
 from binllm_core.errors import ConfigError
 from binllm_core.soft import add_soft_tokens
@@ -61,19 +76,33 @@ class LanguageModel:
 
 @dataclass(frozen=True)
 class Source:
-    """Where weights come from: ``kind`` is tiny, gguf, folder or hub."""
+    """Where weights come from: ``kind`` is tiny, gguf, folder or hub; ``remote`` when ``path``
+    is a URI (``s3://``, ``gs://``, ``https://``...) whose files are fetched when loaded."""
 
     kind: str
     path: str
     gguf_file: str = ""
+    remote: bool = False
+
+    @property
+    def gguf_path(self) -> str:
+        """The ``.gguf`` file (a path or URI) of a gguf source."""
+        return join_uri(self.path, self.gguf_file)
 
 
 def resolve_source(cfg: ModelConfig) -> Source:
-    """Classify ``cfg.backbone`` without touching the network."""
+    """Classify ``cfg.backbone`` without touching the network (a local one is looked at)."""
     name = cfg.backbone
     if name == TINY:
         return Source(TINY, TINY)
-    path = Path(name).expanduser()
+    if is_remote(name):
+        if name.rstrip("/").endswith(".gguf"):
+            parent, _, file = name.rstrip("/").rpartition("/")
+            return Source("gguf", parent, file, remote=True)
+        if cfg.gguf_file:
+            return Source("gguf", name.rstrip("/"), cfg.gguf_file, remote=True)
+        return Source("folder", name, remote=True)
+    path = Path(name.removeprefix("file://")).expanduser()
     if name.endswith(".gguf"):
         if not path.is_file():
             raise _missing(name)
@@ -100,30 +129,39 @@ TOKENIZER_FILES = (
     "vocab.txt",
 )
 """Files of which a Hugging Face model folder holds at least one (its tokenizer)."""
+BACKBONE = "model.backbone"
+OPTIONS = "model.storage_options"
 
 
 def check_backbone(cfg: ModelConfig) -> Source:
     """Where the weights come from, checked without loading them: a ``.gguf`` file starts with
-    the GGUF magic bytes, a folder holds ``config.json`` and a tokenizer file. A one-line
+    the GGUF magic bytes, a folder holds ``config.json`` and a tokenizer file. A remote one is
+    checked where it lies (its first bytes, its listing), never downloaded. A one-line
     :class:`ConfigError` otherwise, so that a run stops before any stage, not at render."""
     source = resolve_source(cfg)
+    options = cfg.storage_options
     if source.kind == "gguf":
-        path = Path(source.path, source.gguf_file)
-        with path.open("rb") as handle:
-            head = handle.read(len(GGUF_MAGIC))
+        path = source.gguf_path
+        if source.remote and not exists(path, options, BACKBONE, OPTIONS):
+            raise missing(path, BACKBONE, OPTIONS)
+        head = read_head(path, len(GGUF_MAGIC), options, BACKBONE, OPTIONS)
         if head != GGUF_MAGIC:
             raise ConfigError(
                 f"model.backbone {path} is not a GGUF file (it starts with {head!r})",
                 todo="give a .gguf model file, a model folder, a hub id org/name, or tiny",
             )
     elif source.kind == "folder":
-        folder = Path(source.path)
-        lacking = [] if (folder / "config.json").is_file() else ["config.json"]
-        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        if source.remote:
+            folder, entries = listing(as_folder(source.path), options, BACKBONE, OPTIONS)
+            names = set(entries) if folder else set()
+        else:
+            names = {p.name for p in Path(source.path).iterdir() if p.is_file()}
+        lacking = [] if "config.json" in names else ["config.json"]
+        if not names & set(TOKENIZER_FILES):
             lacking.append(f"tokenizer file ({', '.join(TOKENIZER_FILES[:3])}, ...)")
         if lacking:
             raise ConfigError(
-                f"model.backbone {folder} is not a model folder: "
+                f"model.backbone {source.path} is not a model folder: "
                 f"it has no {' and no '.join(lacking)}",
                 todo="give a folder written by save_pretrained (model and tokenizer), a .gguf "
                 "file, a hub id org/name, or tiny",
@@ -145,15 +183,118 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+# ---- model files on this node ------------------------------------------------------------------
+def cache_dir(cfg: ModelConfig, part: str) -> str:
+    """``{model.cache_dir}/{part}`` on this node (``~`` expanded here)."""
+    return os.path.join(os.path.expanduser(cfg.cache_dir), part)
+
+
+def fetched(cfg: ModelConfig, source: Source) -> Source:
+    """``source`` with its files on this node: a remote folder or ``.gguf`` file fetched once
+    per node and version into ``{model.cache_dir}/fetched``; a local one as it is."""
+    if not source.remote:
+        return source
+    where = cache_dir(cfg, "fetched")
+    options = cfg.storage_options
+    if source.kind == "gguf":
+        path = fetch(source.gguf_path, options, where, BACKBONE, OPTIONS)
+        return Source("gguf", os.path.dirname(path), os.path.basename(path))
+    return Source("folder", fetch(as_folder(source.path), options, where, BACKBONE, OPTIONS))
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+"""The file every saved LoRA adapter folder holds."""
+
+
+def is_adapter(uri: str, storage_options: dict[str, Any] | None = None, setting: str = "") -> bool:
+    """Whether the folder at ``uri`` (a local path or any fsspec URI) holds a saved adapter
+    (:data:`ADAPTER_CONFIG`), looked up where it lies, nothing downloaded; a store that cannot
+    be reached is a one-line error."""
+    return exists(join_uri(uri, ADAPTER_CONFIG), storage_options, "adapter folder", setting)
+
+
+def fetch_adapter(
+    cfg: ModelConfig, uri: str, storage_options: dict[str, Any] | None = None, setting: str = ""
+) -> str:
+    """A local folder holding the adapter at ``uri``: a local one as it is, a remote one fetched
+    once per node and version into ``{model.cache_dir}/adapters``; a folder that is not there is
+    a one-line :class:`ConfigError` (``setting`` names the storage options to check)."""
+    where = cache_dir(cfg, "adapters")
+    return fetch(as_folder(uri), storage_options, where, "adapter folder", setting)
+
+
+def gguf_identity(cfg: ModelConfig, source: Source) -> str:
+    """The identity of a gguf source's file (where it lies: names, sizes and stamps)."""
+    return identity(source.gguf_path, cfg.storage_options, BACKBONE, OPTIONS)
+
+
+def _converted_name(gguf_id: str, dtype: torch.dtype) -> str:
+    import transformers
+
+    return f"{gguf_id}-{str(dtype).removeprefix('torch.')}-transformers{transformers.__version__}"
+
+
+def converted_gguf(cfg: ModelConfig, source: Source, dtype: torch.dtype) -> str:
+    """A model folder (weights in ``dtype``, tokenizer) converted from the gguf ``source``,
+    made once per node, GGUF file version and dtype under ``{model.cache_dir}/converted``:
+    dequantizing a GGUF takes seconds to minutes, loading the folder a fraction of that."""
+    name = _converted_name(gguf_identity(cfg, source), dtype)
+    root = cache_dir(cfg, "converted")
+    final = os.path.join(root, name)
+    if os.path.isdir(final):
+        return final
+    local = fetched(cfg, source)
+    return build_once(root, name, lambda tmp: _convert_gguf(local, dtype, tmp))
+
+
+def _convert_gguf(source: Source, dtype: torch.dtype, folder: str) -> None:
+    """Dequantize the local GGUF ``source`` into ``folder`` (save_pretrained of the model, with
+    no quantization config left, and of its tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = _from_pretrained(AutoModelForCausalLM, source, dtype=dtype)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # the folder holds plain weights: no GGUF left to read
+        quantizer.remove_quantization_config(model)
+    model.save_pretrained(folder)
+    _from_pretrained(AutoTokenizer, source).save_pretrained(folder)
+
+
+def _converted_any(cfg: ModelConfig, source: Source) -> str:
+    """A folder converted from the gguf ``source`` already on this node (any dtype), or ''."""
+    import transformers
+
+    root = cache_dir(cfg, "converted")
+    if not os.path.isdir(root):
+        return ""
+    head = f"{gguf_identity(cfg, source)}-"
+    tail = f"-transformers{transformers.__version__}"
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if name.startswith(head) and name.endswith(tail) and os.path.isdir(path):
+            return path
+    return ""
+
+
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """The tokenizer alone, set up for scoring: left padding and truncation, a pad token."""
+    """The tokenizer alone, set up for scoring: left padding and truncation, a pad token. A
+    ``.gguf`` backbone's comes from its converted folder when this node has one (read in a
+    fraction of a second), else from the GGUF file (seconds; nothing is converted for it)."""
     from transformers import AutoTokenizer
 
     source = resolve_source(cfg)
     if source.kind == TINY:
         tokenizer = tiny_tokenizer()
+    elif source.kind == "gguf":
+        folder = _converted_any(cfg, source)
+        local = Source("folder", folder) if folder else fetched(cfg, source)
+        tokenizer = _from_pretrained(AutoTokenizer, local)
     else:
-        tokenizer = _from_pretrained(AutoTokenizer, source)
+        tokenizer = _from_pretrained(AutoTokenizer, fetched(cfg, source))
+    return _set_up(tokenizer)
+
+
+def _set_up(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     add_soft_tokens(tokenizer)  # never in prompts in words; soft prompts hold them
@@ -164,18 +305,24 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 
 def load_language_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> LanguageModel:
-    """Model (eval mode, on ``device``, dtype from config) with tokenizer and ``Yes`` id."""
-    from transformers import AutoModelForCausalLM
+    """Model (eval mode, on ``device``, dtype from config) with tokenizer and ``Yes`` id. A
+    ``.gguf`` backbone is loaded from its folder converted once per node and dtype."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device(device)
     dtype = resolve_dtype(cfg.dtype, device)
-    tokenizer = load_tokenizer(cfg)
     source = resolve_source(cfg)
     if source.kind == TINY:
+        tokenizer = load_tokenizer(cfg)
         model = tiny_model(vocab_size=TINY_VOCAB, pad_token_id=tokenizer.pad_token_id)
         model = model.to(dtype)
     else:
-        model = _from_pretrained(AutoModelForCausalLM, source, dtype=dtype)
+        if source.kind == "gguf":
+            local = Source("folder", converted_gguf(cfg, source, dtype))
+        else:
+            local = fetched(cfg, source)
+        tokenizer = _set_up(_from_pretrained(AutoTokenizer, local))
+        model = _from_pretrained(AutoModelForCausalLM, local, dtype=dtype)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.to(device).eval()

@@ -45,6 +45,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from binllm_core.config import AUX_TASKS, FinetuneConfig, TuneStepConfig
 from binllm_core.errors import StageError
 from binllm_core.faults import armed
+from binllm_core.llm import fetch_adapter, is_adapter
 from binllm_core.objectives import REC, SoftContrastive
 from binllm_core.prefix_sharing import PrefixCut
 from binllm_core.prompts import lookups_from_tables, templates_from_config
@@ -155,7 +156,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if len(valid_ids) == 0:
         raise StageError("no valid_small prompts to select the adapter on", "render/prompts")
 
-    if cfg.init_adapter and not Path(cfg.init_adapter, "adapter_config.json").exists():
+    options = ctx.cfg.output_storage_options  # a URI's, where it lies: nothing downloaded
+    if cfg.init_adapter and not is_adapter(cfg.init_adapter, options, "output_storage_options"):
         raise StageError(
             f"finetune.init_adapter {cfg.init_adapter} holds no saved adapter",
             todo="point it at an adapter folder such as runs/RUN/finetune/adapters/step1",
@@ -352,6 +354,7 @@ def _trainer(
         "n_train": len(train_ids),
         "init": init,
         "init_adapter": "" if init is not None or step.name != cfg.start_step else cfg.init_adapter,
+        "init_storage_options": ctx.cfg.output_storage_options,
         "prefix_cut": cut,
         "aux": step.aux,
         "tune_step": step,
@@ -502,8 +505,11 @@ def train_loop(config: dict[str, Any]) -> None:
     elif config["init"] is not None:
         with config["init"].as_directory() as folder:
             run.setup(start_from=os.path.join(folder, "best"))
+    elif config["init_adapter"]:  # a remote one fetched once per node into the model cache
+        options = config.get("init_storage_options")
+        run.setup(start_from=fetch_adapter(config["model"], config["init_adapter"], options))
     else:
-        run.setup(start_from=config["init_adapter"])
+        run.setup()
     # The fixed vectors are buffers, the same on every worker: nothing to broadcast each pass.
     # Under a curriculum, a micro-batch of text prompts leaves the projector out.
     curriculum = step.mode == SOFT and ft.soft.curriculum

@@ -46,6 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from binllm_core.artifacts import exists
 from binllm_core.config import (
     ModelConfig,
     RunConfig,
@@ -53,15 +54,18 @@ from binllm_core.config import (
 )
 from binllm_core.errors import ConfigError, StageError
 from binllm_core.faults import Fault, armed
+from binllm_core.llm import ADAPTER_CONFIG, fetch_adapter, is_adapter
 from binllm_core.prefix_sharing import PrefixCut
 from binllm_core.prompts import templates_from_config
 from binllm_core.soft import SOFT_SPEC, EntityVectors, SoftSpec
-from binllm_core.storage import content_identity, is_local, join, resolve
+from binllm_core.storage import content_identity, join, resolve
 from pipelines.progress import Reporter, progress
 from pipelines.render import prompt_index, rendered_modes
 from pipelines.stage import StageContext
 
 FAULT_POINT = "scorer-batch"
+OPTIONS = "output_storage_options"
+"""The storage options adapters are read with (those of the run's outputs)."""
 NONE = "none"
 LINEAGE = ["model", "adapter", "adapter_hash", "run_name", "scored_at"]
 SCORE_FIELDS = [
@@ -132,11 +136,11 @@ class PromptScorer:
         if device == "cpu":
             torch.set_num_threads(max(1, threads))
         self.recommender = LLMRecommender.load(model_cfg, device=device)
-        if adapter:
-            with local_copy(adapter, storage_options) as folder:
-                self.recommender.attach_adapter(folder, trainable=False)
-                if soft is not None:
-                    self.recommender.load_soft(folder, soft)
+        if adapter:  # a remote one fetched once per node into the model cache
+            folder = fetch_adapter(model_cfg, adapter, storage_options, OPTIONS)
+            self.recommender.attach_adapter(folder, trainable=False)
+            if soft is not None:
+                self.recommender.load_soft(folder, soft)
             self.recommender.merge_adapter()
         self.recommender.train(False)  # a bare backbone too: no dropout when scoring
         self.scorer = Scorer(self.recommender, batch_size, max_length, sort_by_length, prefix_cut)
@@ -180,35 +184,20 @@ class PromptScorer:
         return out
 
 
-class local_copy:  # noqa: N801 - a context manager used like a function
-    """A local folder holding ``uri`` (the folder itself when it is local)."""
-
-    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None) -> None:
-        self.fs, self.path = resolve(uri, storage_options)
-        self.tmp: tempfile.TemporaryDirectory | None = None
-
-    def __enter__(self) -> str:
-        if is_local(self.fs):
-            if not self.fs.isdir(self.path):
-                raise ConfigError(f"adapter folder {self.path} is not there")
-            return self.fs._strip_protocol(self.path)
-        self.tmp = tempfile.TemporaryDirectory(prefix="binllm-adapter-")
-        self.fs.get(self.path.rstrip("/") + "/", self.tmp.name, recursive=True)
-        return self.tmp.name
-
-    def __exit__(self, *exc: object) -> None:
-        if self.tmp is not None:
-            self.tmp.cleanup()
-
-
 def adapter_hash(uri: str, storage_options: dict[str, Any] | None = None) -> str:
     """The adapter folder's content identity (16 hex; the same wherever the folder lies);
-    ``none`` without one."""
+    ``none`` without one. A folder (local or at any URI) that holds no saved adapter is a
+    one-line error, found before any actor starts."""
     if not uri:
         return NONE
-    fs, path = resolve(uri, storage_options)
-    if not fs.isdir(path):
+    if not is_adapter(uri, storage_options, OPTIONS):
+        if exists(uri, storage_options, "adapter folder", OPTIONS):
+            raise ConfigError(
+                f"adapter folder {uri} holds no saved adapter ({ADAPTER_CONFIG})",
+                todo="check score.adapters",
+            )
         raise ConfigError(f"adapter folder {uri} is not there", todo="check score.adapters")
+    fs, path = resolve(uri, storage_options)
     return content_identity(fs, path)
 
 
