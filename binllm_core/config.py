@@ -8,6 +8,7 @@ single-line :class:`ConfigError` before anything starts.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -209,6 +210,10 @@ class ModelConfig(Section):
             )
 
 
+MAX_CODE_BITS = 1024
+"""The longest code: a binary code is one token per bit in every prompt that holds it."""
+
+
 @dataclass
 class EncoderConfig(Section):
     """The binarized collaborative encoder (MF or LightGCN -> Linear -> tanh -> sign)."""
@@ -216,7 +221,7 @@ class EncoderConfig(Section):
     backbone: Literal["mf", "lightgcn"] = "mf"
     """Collaborative backbone producing the continuous embeddings."""
     dim: int = 32
-    """Embedding and code length in bits (a multiple of 8)."""
+    """Embedding and code length in bits (a multiple of 8, at most :data:`MAX_CODE_BITS`)."""
     lightgcn_layers: int = 2
     """Propagation layers K of the LightGCN backbone."""
     shared_projection: bool = False
@@ -270,6 +275,13 @@ class EncoderConfig(Section):
                 f"{key}.dim = {self.dim} is not a positive multiple of {multiple}",
                 where,
                 "; ".join([*needs, f"use e.g. {4 * multiple} or {8 * multiple}"]),
+            )
+        if self.dim > MAX_CODE_BITS:
+            raise ConfigError(
+                f"{key}.dim = {self.dim} is more than {MAX_CODE_BITS} bits",
+                where,
+                f"a binary code is one token per bit in every prompt (and the projection is "
+                f"dim x dim weights): use e.g. 32 or 64, at most {MAX_CODE_BITS}",
             )
         _signs(
             self,
@@ -956,9 +968,30 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"config file {path} is not valid YAML ({err})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    for item in overrides or []:
+    return anchor_paths(build_with_overrides(raw, overrides or [], str(path)))
+
+
+def build_with_overrides(raw: dict[str, Any], overrides: list[str], where: str) -> RunConfig:
+    """The config ``raw`` with ``key=value`` overrides applied, validated. An error that first
+    appears with an override applied says ``at --set key=value over FILE``, not at the file."""
+    given = copy.deepcopy(raw)
+    for item in overrides:
         apply_override(raw, item)
-    return anchor_paths(build(RunConfig, raw, str(path)))
+    try:
+        return build(RunConfig, copy.deepcopy(raw), where)
+    except ConfigError as err:
+        error = err
+    for item in ["", *overrides]:  # the file alone, then one override more at a time
+        if item:
+            apply_override(given, item)
+        try:
+            build(RunConfig, copy.deepcopy(given), where)
+        except ConfigError as err:
+            if str(err) == str(error):
+                if item:
+                    build(RunConfig, raw, f"--set {item} over {where}")  # raises, told so
+                break
+    raise error
 
 
 STEP_NAMES = ("step1", "step2")

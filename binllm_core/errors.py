@@ -70,7 +70,8 @@ def raised_elsewhere(err: BinllmError) -> str:
     host, pid = getattr(err, "host", None), getattr(err, "pid", None)
     if host is None or (pid == os.getpid() and host == socket.gethostname()):
         return ""
-    return f" (raised on host {host}, pid {pid})"
+    where = f" (raised on host {host})"
+    return "" if where in err.message else where  # named already, by a task that re-raised it
 
 
 def io_error(err: BaseException | None) -> BinllmError | None:

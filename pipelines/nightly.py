@@ -29,7 +29,7 @@ from pipelines.pair_scoring import (
     score_pairs,
 )
 from pipelines.publish import publishing, write_dataset
-from pipelines.shared_paths import check_command_paths
+from pipelines.registry import check_command
 from pipelines.stage import StageContext
 
 NIGHTLY = "nightly"
@@ -71,7 +71,7 @@ def run_nightly(
     pairs = distinct_pairs(read_pairs(candidates_uri, cfg.output_storage_options))
     fs, root = nightly_root(cfg)
     target = join(root, f"date={date}")
-    check_command_paths(cfg, fs, target)
+    check_command(cfg, fs, target, "scoring with this run")
     with publishing(fs, target, NIGHTLY, [], log) as publication:
         carry = previous_scores(fs, root) if incremental else None
         log(

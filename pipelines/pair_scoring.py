@@ -31,6 +31,7 @@ from binllm_core.prompts import Templates, templates_from_config
 from binllm_core.storage import parquet_files, read_parquet, resolve, to_uri
 from pipelines.finetune import plan
 from pipelines.publish import publishing, write_dataset
+from pipelines.registry import check_command
 from pipelines.runs import input_stem, load_lookups, output_target
 from pipelines.runtime import to_arrow
 from pipelines.score import (
@@ -42,7 +43,6 @@ from pipelines.score import (
     now_utc,
     score_now,
 )
-from pipelines.shared_paths import check_command_paths
 from pipelines.stage import StageContext, package_versions, plain_config
 
 PROMPT_COLUMNS = ("prompt", "soft_ids")
@@ -234,7 +234,7 @@ def score_candidates(
     pairs = read_pairs(input_uri, cfg.output_storage_options)
     stem = input_stem(input_uri, "candidates")
     fs, target, protected = output_target(cfg, output_uri, PAIRS, stem)
-    check_command_paths(cfg, fs, target)
+    check_command(cfg, fs, target, "scoring with this run")
     with publishing(fs, target, PAIRS, protected, log) as publication:
         log(f"[binllm] score: {pairs.num_rows:,} candidates from {input_uri}")
         out, stats = score_pairs(cfg, pairs, input_uri)

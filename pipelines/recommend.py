@@ -41,11 +41,11 @@ from binllm_core.storage import (
 from pipelines.nightly import parse_date
 from pipelines.pair_scoring import candidate_mode, manifest_base, manifest_or_none
 from pipelines.publish import publishing, write_dataset
+from pipelines.registry import check_command
 from pipelines.rerank import RECOMMENDATIONS_SCHEMA, rerank
 from pipelines.retrieve import SERVE, retrieve, retriever_kwargs
 from pipelines.runs import input_stem, load_lookups, output_target
 from pipelines.score import NONE, adapter_plan
-from pipelines.shared_paths import check_command_paths
 from pipelines.stage import StageContext
 
 RECOMMENDATIONS = "recommendations"
@@ -170,7 +170,7 @@ def recommend(
     users = read_users(users_uri, cfg.output_storage_options) if users_uri else None
     name = input_stem(users_uri, "users") if users_uri else "all"
     fs, target, protected = output_target(cfg, output_uri, RECOMMENDATIONS, name)
-    check_command_paths(cfg, fs, target)
+    check_command(cfg, fs, target, "top-K lists with this run")
     with publishing(fs, target, RECOMMENDATIONS, protected, log) as publication:
         log(f"[binllm] recommend: top {k} for {len(users) if users else 'every'} user(s)")
         out, stats = recommend_lists(cfg, users, k, users_uri or "all users")
@@ -196,7 +196,7 @@ def nightly_topk(
     users = read_users(users_uri, cfg.output_storage_options) if users_uri else None
     ctx = StageContext.open(cfg, "score")
     target = join(ctx.run_path, RECOMMENDATIONS, f"date={date}")
-    check_command_paths(cfg, ctx.fs, target)
+    check_command(cfg, ctx.fs, target, "top-K lists with this run")
     with publishing(ctx.fs, target, RECOMMENDATIONS, [], log) as publication:
         log(f"[binllm] nightly {date}: top {k} for {len(users) if users else 'every'} user(s)")
         out, stats = recommend_lists(cfg, users, k, users_uri or "all users")

@@ -12,11 +12,11 @@ from binllm_core.lineage import folder_identity, model_identity, source_identity
 from binllm_core.llm import check_backbone
 from binllm_core.lock import LOCK, WriterLock
 from binllm_core.soft import SOFT
-from binllm_core.storage import join, resolve, to_uri
+from binllm_core.storage import is_local, join, resolve, to_uri
 from pipelines import encode, evaluate, finetune, ingest, render, rerank, retrieve, samples, score
 from pipelines.console import LOGS
-from pipelines.shared_paths import check_shared, run_paths
-from pipelines.stage import Stage, run_stage, stage_state
+from pipelines.shared_paths import LocalPath, check_shared, run_paths
+from pipelines.stage import Stage, StageContext, run_stage, stage_state, stale_chain
 
 OTHER_OUTPUTS = ("pairs", "nightly", "recommendations", LOCK, LOGS)
 """Entries of a run folder that binllm writes besides the stage folders."""
@@ -56,7 +56,9 @@ def _model(cfg: RunConfig) -> dict[str, Any]:
 def _finetune_inputs(cfg: RunConfig) -> dict[str, Any]:
     inputs = _model(cfg)
     if cfg.finetune.init_adapter:
-        inputs["init_adapter"] = folder_identity(cfg.finetune.init_adapter)
+        inputs["init_adapter"] = folder_identity(
+            cfg.finetune.init_adapter, cfg.output_storage_options
+        )
     return inputs
 
 
@@ -115,6 +117,9 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
+STAGE_NAMES = frozenset(s.name for s in STAGES)
+
+
 def select(names: list[str] | None, cfg: RunConfig | None = None) -> list[Stage]:
     """The named stages in pipeline order; without names, every stage the config needs."""
     by_name = {s.name: s for s in STAGES}
@@ -159,10 +164,24 @@ def preflight(cfg: RunConfig, names: list[str] | None = None) -> list[Stage]:
     """The checks made before anything is written or Ray starts: the stage names, the run
     folder (new, empty or binllm's), the model files when a stage uses them; the stages."""
     stages = select(names, cfg)
+    check_rendered_modes(cfg)
     check_run_folder(cfg)
     if any("model" in stage.sections for stage in stages):
         check_backbone(cfg.model)
     return stages
+
+
+def check_rendered_modes(cfg: RunConfig) -> None:
+    """Every prompt mode a finetune step trains on is one render writes: found before ingest,
+    not at finetune after the stages before it ran."""
+    for step in finetune.plan(cfg.finetune):
+        if step.mode not in cfg.prompts.modes:
+            raise ConfigError(
+                f"finetune.strategy {cfg.finetune.strategy} trains {step.name} on {step.mode} "
+                f"prompts, which prompts.modes {cfg.prompts.modes} does not render",
+                todo=f"add {step.mode} to prompts.modes, or choose another finetune.strategy "
+                "or finetune.code_mode",
+            )
 
 
 def run_pipeline(
@@ -180,6 +199,7 @@ def run_pipeline(
         ensure_ray()
         check_shared(run_paths(cfg, [s.name for s in stages]))
         for stage in stages:
+            check_fresh_reads(cfg, stage)
             log(f"[binllm] {stage.name}: running")
             manifest = run_stage(cfg, stage, force=force)
             if manifest["skipped"]:
@@ -195,6 +215,44 @@ def run_pipeline(
                 )
             manifests[stage.name] = manifest
     return manifests
+
+
+def check_fresh_reads(cfg: RunConfig, stage: Stage) -> None:
+    """Refuse, in one line, to run ``stage`` on outputs made from other upstream outputs than
+    the run now holds (``--stages encode,score`` would score new codes with an adapter trained on
+    the old ones); name the stages to redo in between."""
+    check_fresh(cfg, stage.reads(cfg), f"stage {stage.name}", stage.name)
+
+
+def check_fresh(cfg: RunConfig, reads: tuple[str, ...], who: str, through: str) -> None:
+    """The outputs ``who`` reads (``reads`` and their upstreams) were made from what the run
+    holds now, or one line naming the stale one and the stages to redo, up to ``through``."""
+    found = stale_chain(StageContext.open(cfg, through), reads, STAGE_NAMES)
+    if found is None:
+        return
+    stale, why = found
+    names = [s.name for s in STAGES if s.needed(cfg)]
+    redo = names[names.index(stale) : names.index(through) + 1] if stale in names else [stale]
+    raise StageError(
+        f"{who} would read stale outputs: {why}",
+        todo=f"redo them first: binllm run CONFIG --stages {','.join(redo)} (or run every stage)",
+    )
+
+
+def check_command(cfg: RunConfig, fs: Any, target: str, who: str) -> None:
+    """What a scoring command (``score``, ``recommend``, ``nightly``) checks before it writes
+    anything: the adapters and the prompts' codes it reads are current, and, with Ray started,
+    the paths it uses (the run, the model, ``score.adapters``, the output folder ``target`` of
+    ``fs``) are the same on every node."""
+    from pipelines.runtime import ensure_ray
+
+    reads = tuple(s for s in ("finetune", "render", "encode") if s != "encode" or codes_needed(cfg))
+    check_fresh(cfg, reads, who, "finetune")
+    ensure_ray()
+    paths = run_paths(cfg, ["score"])
+    if is_local(fs):
+        paths.append(LocalPath("--output", target, writes=True))
+    check_shared(paths)
 
 
 def pipeline_status(cfg: RunConfig) -> list[dict[str, str]]:

@@ -10,7 +10,13 @@ from typing import Any
 
 from binllm_core.candidates import RunLookups, build_lookups
 from binllm_core.codes import CODE_MODES
-from binllm_core.config import RunConfig, anchor_paths, apply_override, build, load_config
+from binllm_core.config import (
+    RunConfig,
+    anchor_paths,
+    apply_override,
+    build_with_overrides,
+    load_config,
+)
 from binllm_core.errors import ConfigError
 from binllm_core.llm import check_backbone
 from binllm_core.soft import SOFT
@@ -53,9 +59,7 @@ def open_run(ref: str, overrides: list[str] | None = None, trained: bool = True)
             raw.update(manifest.get("config", {}))
     parent, _, name = path.rpartition("/")
     raw.update(run_name=name, output_root=to_uri(fs, parent or "/"))
-    for item in overrides or []:
-        apply_override(raw, item)
-    cfg = anchor_paths(build(RunConfig, raw, ref))
+    cfg = anchor_paths(build_with_overrides(raw, overrides or [], ref))
     if trained:
         check_backbone(cfg.model)
     return cfg

@@ -166,16 +166,3 @@ def _proof(paths: list[str], writes: list[bool], token: str) -> tuple[str, list[
     return socket.gethostname(), [
         _fingerprint(p, w, token) for p, w in zip(paths, writes, strict=True)
     ]
-
-
-def check_command_paths(cfg: RunConfig, fs: Any, target: str) -> None:
-    """Start Ray and prove the paths a scoring command uses: the run (its adapters and tables),
-    the model, ``score.adapters``, and the output folder ``target`` of ``fs`` it publishes to."""
-    from binllm_core.storage import is_local
-    from pipelines.runtime import ensure_ray
-
-    ensure_ray()
-    paths = run_paths(cfg, ["score"])
-    if is_local(fs):
-        paths.append(LocalPath("--output", target, writes=True))
-    check_shared(paths)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -254,6 +254,39 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
             out += _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")
         return out
     return [] if old == new else [prefix.rstrip(".")]
+
+
+def stale_chain(
+    ctx: StageContext, reads: tuple[str, ...], stages: Collection[str]
+) -> tuple[str, str] | None:
+    """``(stage, why)`` when outputs read through ``reads`` would be stale, else None: the first
+    finished stage
+    among them or their upstreams (``stages`` are the stage names) whose manifest records an
+    upstream output other than the one that upstream holds now, e.g. an adapter trained on
+    prompts whose codes were redone since. A stage that has not finished is left to the reader
+    (it says so itself)."""
+    todo, seen = list(reads), set()
+    while todo:
+        name = todo.pop(0)
+        if name in seen:
+            continue
+        seen.add(name)
+        manifest = read_manifest(ctx.fs, ctx.stage_path(name))
+        if not manifest or manifest.get("layout") != LAYOUT:
+            continue
+        for upstream, identity in manifest.get("inputs", {}).items():
+            if upstream not in stages:
+                continue  # an outside input (source files, model, adapter folder)
+            current = read_manifest(ctx.fs, ctx.stage_path(upstream))
+            if current is None or current.get("layout") != LAYOUT:
+                continue
+            if current.get("identity") != identity:
+                return name, (
+                    f"{name} was made from {upstream} output {_short(identity)}, and {upstream} "
+                    f"now holds {_short(current.get('identity'))}"
+                )
+            todo.append(upstream)
+    return None
 
 
 def describe_skip(manifest: dict[str, Any]) -> str:

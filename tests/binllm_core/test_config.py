@@ -23,7 +23,10 @@ def test_the_gpu_preset_has_the_papers_budget_on_gpus():
     ft = cfg.finetune
     assert ft.strategy == "two_step" and ft.use_gpu and ft.num_workers == 2
     assert (ft.step1.lr, ft.step1.batch_size, ft.step2.lr, ft.step2.batch_size) == (
-        1e-3, 16, 1e-4, 4
+        1e-3,
+        16,
+        1e-4,
+        4,
     )
     assert ft.step1.warmup_steps == ft.step2.warmup_steps == 200 and ft.patience == 20
     assert cfg.score.num_gpus == 1 and cfg.score.max_rows == 0
@@ -208,3 +211,19 @@ def test_uris_hub_ids_tiny_and_home_caches_stay_as_given(tmp_path, monkeypatch):
     assert hub.model.backbone == "HuggingFaceTB/SmolLM2-135M-Instruct"
     local = load_config(config, ["model.backbone=file://m/x.gguf"])
     assert local.model.backbone == str(tmp_path / "m" / "x.gguf")
+
+
+def test_an_error_an_override_brings_in_names_the_override_not_the_file():
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny.yaml", ["encoder.lr=0.1", "encoder.patience=-1"])
+    assert str(err.value) == (
+        "encoder.patience = -1 must be > 0 at --set encoder.patience=-1 over configs/tiny.yaml"
+    )
+
+
+def test_a_code_longer_than_any_prompt_can_hold_is_refused_at_load():
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny.yaml", ["encoder.dim=65536"])
+    assert "encoder.dim = 65536 is more than 1024 bits at --set encoder.dim=65536 over" in str(
+        err.value
+    )

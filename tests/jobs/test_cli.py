@@ -161,3 +161,13 @@ def test_integer_user_ids_are_read_as_source_ids(tmp_path: Path):
     path = tmp_path / "users.parquet"
     pq.write_table(pa.table({"user": pa.array([196, 7, 196])}), path)
     assert read_users(str(path)) == ["196", "7"]
+
+
+def test_a_strategy_whose_prompts_render_does_not_write_stops_before_ingest(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    sets = ["--set", f"output_root={tmp_path}", "--set", "prompts.modes=[text,hex]"]
+    assert main(["run", "configs/tiny.yaml", *sets]) == 2
+    err = capsys.readouterr().err
+    assert "finetune.strategy two_step trains step2 on binary prompts, which prompts.modes" in err
+    assert err.count("\n") == 1 and list(tmp_path.iterdir()) == []

@@ -6,6 +6,7 @@ import gzip
 import http.server
 import os
 import shutil
+import socket
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -240,6 +241,7 @@ def test_malformed_line_stops_with_one_line_and_keeps_old_output(tmp_path, capsy
     assert str(found) == (
         f"malformed line in {folder}/u.data line 7: expected 4 tab-separated fields, got 3; "
         "fix the line or set data.on_bad_rows: skip"
+        f" (raised on host {socket.gethostname()})"  # parsed in a Ray task
     )
     kept = read_output(str(tmp_path / "out" / "t" / "ingest"), "interactions")
     assert kept.equals(good["read"]["interactions"])

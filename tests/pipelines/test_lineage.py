@@ -458,3 +458,34 @@ def test_copied_run_scores_with_its_own_adapters_after_the_original_is_retrained
     assert set(binary["adapter_hash"].to_pylist()) == {content_identity(fs, path)}
     fs, path = resolve(str(new_adapter))
     assert content_identity(fs, path) not in set(binary["adapter_hash"].to_pylist())
+
+
+@pytest.mark.slow
+def test_an_adapter_trained_on_codes_that_were_redone_is_never_served(
+    trained, tmp_path: Path, capsys
+):
+    """``--stages encode`` with another seed makes new codes; the adapter was trained on prompts
+    with the old ones. Scoring, top-K lists and a score stage run alone refuse in one line naming
+    the stages to redo, and write nothing."""
+    work, src, run_dir = trained
+    shutil.copytree(run_dir, tmp_path / "runs" / "tiny")
+    copy = tmp_path / "runs" / "tiny"
+    run(tmp_path, src, "--stages", "encode", extra=(*TRAIN, "encoder.seed=9"))
+    capsys.readouterr()
+    before = manifests_of(copy)
+
+    pairs = pairs_file(tmp_path)
+    assert main(["score", "--run", str(copy), "--input", str(pairs)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("binllm: error: scoring with this run would read stale outputs: ")
+    assert "render was made from encode output" in err and err.count("\n") == 1
+    assert "binllm run CONFIG --stages render,finetune" in err
+    assert main(["recommend", "--run", str(copy), "--k", "3"]) == 2
+    assert "top-K lists with this run would read stale outputs" in capsys.readouterr().err
+
+    args = ["run", "configs/tiny.yaml", *sets(tmp_path, src, *TRAIN, "encoder.seed=9")]
+    assert main([*args, "--stages", "score"]) == 2
+    err = capsys.readouterr().err
+    assert "stage score would read stale outputs: render was made from encode output" in err
+    assert "--stages render,finetune,score" in err
+    assert manifests_of(copy) == before and not (copy / "pairs").exists()
