@@ -68,6 +68,34 @@ def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if is_local(fs) else f"{protocol(fs)}://{path}"
 
 
+BUCKET_STORES = ("s3", "s3a", "gs", "gcs")
+"""Object stores whose first path component is a bucket that binllm must never create."""
+
+
+def check_store(fs: fsspec.AbstractFileSystem, path: str, key: str, setting: str) -> None:
+    """The bucket of an object-store ``path`` exists and answers with these credentials and
+    endpoint, or one line naming the URI and what to set: writing would otherwise create a
+    bucket that does not exist, and a wrong endpoint or key surfaces as a raw trace later."""
+    if is_local(fs) or protocol(fs) not in BUCKET_STORES:
+        return
+    bucket = path.split("/", 1)[0]
+    uri = to_uri(fs, path)
+    try:
+        fs.ls(bucket)
+    except FileNotFoundError:
+        raise StageError(
+            f"{key} {uri}: the bucket {bucket} does not exist",
+            todo="create it first (binllm never creates buckets), or correct the URI",
+        ) from None
+    except Exception as err:  # noqa: BLE001 - any refusal of the store is the same one line
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise StageError(
+            f"cannot reach {uri} ({key}): {type(err).__name__}: {detail}",
+            todo=f"check its endpoint and credentials: {setting} (endpoint_url, key, secret) "
+            "or the AWS_* environment variables",
+        ) from None
+
+
 def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> Any:
     """``fs`` for pyarrow and Ray Data (None for local paths, which they open themselves)."""
     if is_local(fs):

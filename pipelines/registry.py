@@ -12,7 +12,7 @@ from binllm_core.lineage import folder_identity, model_identity, source_identity
 from binllm_core.llm import check_backbone
 from binllm_core.lock import LOCK, WriterLock
 from binllm_core.soft import SOFT
-from binllm_core.storage import is_local, join, resolve, to_uri
+from binllm_core.storage import check_store, is_local, join, resolve, to_uri
 from pipelines import encode, evaluate, finetune, ingest, render, rerank, retrieve, samples, score
 from pipelines.console import LOGS
 from pipelines.shared_paths import LocalPath, check_shared, run_paths
@@ -165,6 +165,8 @@ def preflight(cfg: RunConfig, names: list[str] | None = None) -> list[Stage]:
     folder (new, empty or binllm's), the model files when a stage uses them; the stages."""
     stages = select(names, cfg)
     check_rendered_modes(cfg)
+    fs, root = resolve(cfg.output_root, cfg.output_storage_options)
+    check_store(fs, root, "output_root", "output_storage_options")
     check_run_folder(cfg)
     if any("model" in stage.sections for stage in stages):
         check_backbone(cfg.model)
@@ -246,6 +248,7 @@ def check_command(cfg: RunConfig, fs: Any, target: str, who: str) -> None:
     ``fs``) are the same on every node."""
     from pipelines.runtime import ensure_ray
 
+    check_store(fs, target, "--output", "output_storage_options")
     reads = tuple(s for s in ("finetune", "render", "encode") if s != "encode" or codes_needed(cfg))
     check_fresh(cfg, reads, who, "finetune")
     ensure_ray()

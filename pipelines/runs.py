@@ -20,7 +20,7 @@ from binllm_core.config import (
 from binllm_core.errors import ConfigError
 from binllm_core.llm import check_backbone
 from binllm_core.soft import SOFT
-from binllm_core.storage import LAYOUT, join, read_manifest, resolve, to_uri
+from binllm_core.storage import LAYOUT, check_store, join, read_manifest, resolve, to_uri
 from pipelines.stage import StageContext
 
 RUN_STAGES = ("ingest", "samples", "encode", "retrieve", "render", "finetune", "score", "rerank")
@@ -47,6 +47,7 @@ def open_run(ref: str, overrides: list[str] | None = None, trained: bool = True)
     for item in overrides or []:  # before the folder is opened: its storage options among them
         apply_override(given, item)
     fs, path = resolve(ref, given.get("output_storage_options") or {})
+    check_store(fs, path, "the run", "--set output_storage_options.*")
     if not _rendered(fs, f"{path}/render"):
         raise ConfigError(
             f"{ref} is neither a YAML config nor a run folder with a finished render stage",

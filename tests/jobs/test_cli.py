@@ -171,3 +171,40 @@ def test_a_strategy_whose_prompts_render_does_not_write_stops_before_ingest(
     err = capsys.readouterr().err
     assert "finetune.strategy two_step trains step2 on binary prompts, which prompts.modes" in err
     assert err.count("\n") == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_an_output_root_in_a_bucket_that_does_not_exist_is_refused_not_created(
+    s3_server: str, capsys: pytest.CaptureFixture
+):
+    import s3fs
+
+    from tests.conftest import s3_options
+
+    options = s3_options(s3_server)
+    sets = [f"--set=output_storage_options.{k}={v}" for k, v in options.items()]
+    assert main(["run", "configs/tiny.yaml", "--set=output_root=s3://nobucket/runs", *sets]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("binllm: error: output_root s3://nobucket/runs: the bucket nobucket ")
+    assert "binllm never creates buckets" in err and err.count("\n") == 1
+    assert not s3fs.S3FileSystem(**options).exists("nobucket")
+
+
+def test_a_store_that_cannot_be_reached_is_one_line_naming_what_to_set(
+    capsys: pytest.CaptureFixture,
+):
+    from tests.conftest import free_port
+
+    sets = [
+        "--set=output_root=s3://bucket/runs",
+        f"--set=output_storage_options.endpoint_url=http://127.0.0.1:{free_port()}",
+        "--set=output_storage_options.config_kwargs={retries: {max_attempts: 1}}",
+        "--set=output_storage_options.key=x",
+        "--set=output_storage_options.secret=x",
+    ]
+    assert main(["run", "configs/tiny.yaml", *sets]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("binllm: error: cannot reach s3://bucket/runs (output_root): ")
+    assert "EndpointConnectionError" in err and "output_storage_options" in err
+    assert err.count("\n") == 1
+    assert main(["status", "s3://bucket/runs/tiny", *sets[1:]]) == 2
+    assert "cannot reach s3://bucket/runs/tiny (the run)" in capsys.readouterr().err
