@@ -52,6 +52,7 @@ from binllm_core.prompts import lookups_from_tables, templates_from_config
 from binllm_core.recommender import LLMRecommender
 from binllm_core.soft import SOFT, EntityVectors
 from binllm_core.storage import join
+from binllm_core.truncation import count_truncated
 from binllm_core.tuning import (
     STATE,
     EvalSet,
@@ -155,6 +156,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     valid_ids = _subsample(index, valid_mask, cfg.max_valid_samples, cfg)
     if len(valid_ids) == 0:
         raise StageError("no valid_small prompts to select the adapter on", "render/prompts")
+    truncated = _truncated(ctx, steps, train_ids, valid_ids)
 
     options = ctx.cfg.output_storage_options  # a URI's, where it lies: nothing downloaded
     if cfg.init_adapter and not is_adapter(cfg.init_adapter, options, "output_storage_options"):
@@ -218,7 +220,34 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "steps": summary,
         "adapters": {k: v["adapter"] for k, v in summary.items()},
         "final_adapter": summary[steps[-1].name]["adapter"],
+        "truncated": truncated,
     }
+
+
+def _truncated(
+    ctx: StageContext, steps: list[TuneStep], train_ids: np.ndarray, valid_ids: np.ndarray
+) -> dict[str, dict[str, int]]:
+    """Per prompt mode the steps train on, how many of the drawn train and valid prompts are
+    longer than ``finetune.max_length`` (a training prompt with its answer token) and lose their
+    beginning; said on the console, refused when it is most of them."""
+    max_length = ctx.cfg.finetune.max_length
+    out = {}
+    for mode in dict.fromkeys(step.mode for step in steps):
+        index = prompt_index(ctx, mode, ["train", "valid"], ["sample_id", "n_tokens"])
+        ids, lengths = index["sample_id"].to_numpy(), index["n_tokens"].to_numpy()
+        counts = {}
+        for split, chosen, answer in (("train", train_ids, 1), ("valid", valid_ids, 0)):
+            drawn = lengths[np.isin(ids, chosen)] + answer
+            what = f"{split} prompts ({mode})"
+            counts[split] = count_truncated(drawn, max_length, "finetune.max_length", what)
+        out[mode] = counts
+        if counts["train"] or counts["valid"]:
+            print(
+                f"[binllm] finetune: {counts['train']:,} of {len(train_ids):,} train and "
+                f"{counts['valid']:,} of {len(valid_ids):,} valid {mode} prompts are longer than "
+                f"finetune.max_length = {max_length} tokens and lose their beginning"
+            )
+    return out
 
 
 EVALS_SCHEMA = pa.schema(

@@ -59,6 +59,7 @@ from binllm_core.prefix_sharing import PrefixCut
 from binllm_core.prompts import templates_from_config
 from binllm_core.soft import SOFT_SPEC, EntityVectors, SoftSpec
 from binllm_core.storage import content_identity, join, resolve
+from binllm_core.truncation import count_truncated
 from pipelines.progress import Reporter, progress
 from pipelines.render import prompt_index, rendered_modes
 from pipelines.stage import StageContext
@@ -398,6 +399,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     scored_at = now_utc()
     parts, per_mode = [], {}
     for mode, adapter in plan.items():
+        truncated = _truncated(ctx, mode, ids)
         started = time.time()
         part = score_now(_select(ctx, mode, ids), cfg, adapter, scored_at, f"score {mode}")
         seconds = time.time() - started
@@ -407,6 +409,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "rows": rows,
             "wall_time_s": round(seconds, 2),
             "prompts_per_s": round(rows / max(seconds, 1e-9), 3),
+            "truncated": truncated,
         }
         parts.append(part)
     scores = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
@@ -423,6 +426,21 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "batch_size": sc.batch_size,
         "scored_at": scored_at.isoformat(),
     }
+
+
+def _truncated(ctx: StageContext, mode: str, ids: np.ndarray) -> int:
+    """How many of the ``mode`` prompts to score are longer than ``score.max_length`` and lose
+    their beginning; said on the console, refused when it is most of them."""
+    max_length = ctx.cfg.score.max_length
+    index = prompt_index(ctx, mode, ctx.cfg.score.splits, ["sample_id", "n_tokens"])
+    lengths = index["n_tokens"].to_numpy()[np.isin(index["sample_id"].to_numpy(), ids)]
+    cut = count_truncated(lengths, max_length, "score.max_length", f"{mode} prompts to score")
+    if cut:
+        print(
+            f"[binllm] score: {cut:,} of {len(lengths):,} {mode} prompts are longer than "
+            f"score.max_length = {max_length} tokens and lose their beginning"
+        )
+    return cut
 
 
 def pick_samples(index: pa.Table, sc: ScoreConfig) -> np.ndarray:

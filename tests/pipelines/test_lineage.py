@@ -372,8 +372,9 @@ def test_tiny_run_retrieves_reranks_and_reports_ranking(trained):
     samples = pl.from_arrow(read_output(str(run_dir / "samples"), "samples"))
     items = samples["iid"].n_unique()
     assert users.height == cfg.retrieve.max_users
-    codes = read_output(str(run_dir / "encode"), "codes").sort_by([("entity", "ascending"),
-                                                                   ("id", "ascending")])
+    codes = read_output(str(run_dir / "encode"), "codes").sort_by(
+        [("entity", "ascending"), ("id", "ascending")]
+    )
     vectors = read_output(str(run_dir / "encode"), "embeddings").sort_by(
         [("entity", "ascending"), ("id", "ascending")]
     )
@@ -489,3 +490,23 @@ def test_an_adapter_trained_on_codes_that_were_redone_is_never_served(
     assert "stage score would read stale outputs: render was made from encode output" in err
     assert "--stages render,finetune,score" in err
     assert manifests_of(copy) == before and not (copy / "pairs").exists()
+
+
+@pytest.mark.slow
+def test_a_max_length_that_cuts_most_prompts_is_refused_and_a_few_cut_are_counted(
+    trained, tmp_path: Path, capsys
+):
+    """``finetune.max_length=8`` kept the last 8 tokens of every sequence: a model of item titles
+    alone (valid AUC exactly 0.5). It is refused with the lengths render measured; the trained
+    run's manifests count the prompts that were cut (none at 512)."""
+    work, src, run_dir = trained
+    shutil.copytree(run_dir, tmp_path / "runs" / "tiny")
+    args = ["run", "configs/tiny.yaml", *sets(tmp_path, src, *TRAIN, "finetune.max_length=8")]
+    assert main([*args, "--stages", "finetune"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("binllm: error: finetune.max_length = 8 cuts ")
+    assert "train prompts (text) (their tokens: median " in err and err.count("\n") == 1
+    finetune = manifest(work, "finetune")["metrics"]["truncated"]
+    assert finetune == {m: {"train": 0, "valid": 0} for m in ("text", "binary")}
+    score = manifest(work, "score")["metrics"]["modes"]
+    assert {mode: m["truncated"] for mode, m in score.items()} == {"text": 0, "binary": 0}
