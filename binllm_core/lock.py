@@ -146,18 +146,27 @@ class WriterLock:
         raw = _read(self.fs, self.path)
         return None if raw is None else _parse(raw)
 
+    def holder(self) -> dict[str, Any] | None:
+        """The record of the process that holds the lock now; None when nobody does."""
+        return self._holder()
+
     def _locked(self, holder: dict[str, Any]) -> LockedError:
-        job = f", job {holder['job_id']}" if holder.get("job_id") else ""
-        expires = _expires_at(holder)
-        lease = "" if expires is None else f"; its lease expires at {_iso(expires)}"
         return LockedError(
-            f"{self.what} is being written by another binllm process: "
-            f"{holder.get('command') or '?'} (pid {holder.get('pid')} on "
-            f"{holder.get('host')}, owner {holder.get('owner')}{job}, since "
-            f"{holder.get('started_at')}{lease})",
+            f"{self.what} is being written by another binllm process: {describe(holder)}",
             todo=f"wait for it to finish; if that process is gone, delete "
             f"{to_uri(self.fs, self.path)}",
         )
+
+
+def describe(holder: dict[str, Any]) -> str:
+    """A lock holder in words: its command, process, host, owner, job, start and lease."""
+    job = f", job {holder['job_id']}" if holder.get("job_id") else ""
+    expires = _expires_at(holder)
+    lease = "" if expires is None else f"; its lease expires at {_iso(expires)}"
+    return (
+        f"{holder.get('command') or '?'} (pid {holder.get('pid')} on {holder.get('host')}, "
+        f"owner {holder.get('owner')}{job}, since {holder.get('started_at')}{lease})"
+    )
 
 
 def _create(fs: Any, path: str, data: bytes) -> bool:

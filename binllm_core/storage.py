@@ -420,6 +420,19 @@ def prune(fs: Any, target: str, keep: set[str], previous: dict[str, Any]) -> Non
                 fs.rm(old, recursive=True)
 
 
+def keep_newest(fs: Any, target: str, manifest: dict[str, Any], keep: int) -> dict[str, Any]:
+    """The current version and the newest ``keep - 1`` before it stay; older ones go (the
+    manifest's history is trimmed first, in one atomic put). Applies a lowered
+    ``keep_versions`` to an output that is not rewritten (a skipped stage)."""
+    history = manifest.get("history", [])
+    kept = history[: max(keep - 1, 0)]
+    if kept != history:
+        manifest = {**manifest, "history": kept}
+        put_atomically(fs, join(target, MANIFEST), _dump(manifest))
+    prune(fs, target, {manifest["version"], *kept}, {})
+    return manifest
+
+
 def litter(fs: Any, target: str, keep: set[str]) -> Iterator[str]:
     """Names under ``target`` that :func:`prune` would remove."""
     if not fs.exists(target):

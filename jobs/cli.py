@@ -188,10 +188,14 @@ def _console(cfg: Any, command: str, args: argparse.Namespace) -> Console:
 
 
 def print_status(cfg: Any) -> None:
-    from pipelines.registry import pipeline_status, run_folder
+    from binllm_core.lock import describe
+    from pipelines.registry import pipeline_status, run_folder, run_lock
 
     fs, run = run_folder(cfg)
     print(f"[binllm] run {run}")
+    holder = run_lock(cfg).holder()
+    if holder is not None:
+        print(f"  in progress: {describe(holder)}")
     for row in pipeline_status(cfg):
         print(f"  {row['stage']:<9} {row['state']:<10} {row['why']}")
 

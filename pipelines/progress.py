@@ -101,6 +101,10 @@ def _board_of(shown: console.Console) -> Any:
     return _board[1]
 
 
+MIN_RATE_S = 2.0
+"""A rate is shown once it is measured over at least this many seconds."""
+
+
 @dataclass
 class Tally:
     """The driver's view of a stage part: how far, and the latest fields. The rate counts from
@@ -120,11 +124,13 @@ class Tally:
             self.first = (time.monotonic(), self.done)
 
     def rate(self) -> float:
-        """Units per second since the first event (0 until there is one to measure)."""
+        """Units per second since the first event; 0 until :data:`MIN_RATE_S` have passed
+        (events that arrive together right after the first would otherwise show an absurd
+        rate, e.g. ``106288 epochs/s``)."""
         if self.first is None:
             return 0.0
         elapsed = time.monotonic() - self.first[0]
-        return (self.done - self.first[1]) / elapsed if elapsed > 0 else 0.0
+        return (self.done - self.first[1]) / elapsed if elapsed >= MIN_RATE_S else 0.0
 
     def line(self, title: str, unit: str, describe: Describe, final: bool = False) -> str:
         """The plain-text line: ``[binllm] title: 40/175 steps (23%), 0.95 steps/s, ETA 2m22s,
@@ -187,6 +193,8 @@ class _Display:
                 unit=self.unit,
                 file=self.out,
                 leave=False,
+                delay=MIN_RATE_S,  # no bar (and no rate) before there is a rate to show
+                smoothing=0,  # the rate over the whole part, not over the last burst of events
             )
         else:
             self.bar.update(self.tally.done - before)

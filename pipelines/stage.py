@@ -31,8 +31,8 @@ from binllm_core.storage import (
     damaged_table,
     is_relative,
     join,
+    keep_newest,
     partition_path,
-    prune,
     read_manifest,
     read_parquet,
     resolve,
@@ -312,7 +312,7 @@ def run_stage(cfg: RunConfig, stage: Stage, force: bool = False) -> dict[str, An
         if previous.get("layout") == LAYOUT:
             damage = damaged_table(ctx.fs, target, previous)
             if not damage:
-                prune(ctx.fs, target, {previous["version"], *previous.get("history", [])}, {})
+                previous = keep_newest(ctx.fs, target, previous, max(1, cfg.keep_versions))
                 return {**previous, "skipped": True, "why": describe_skip(previous)}
     _check_upstream_files(ctx)
     checkpoints = join(target, CHECKPOINTS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -208,3 +209,17 @@ def test_a_store_that_cannot_be_reached_is_one_line_naming_what_to_set(
     assert err.count("\n") == 1
     assert main(["status", "s3://bucket/runs/tiny", *sets[1:]]) == 2
     assert "cannot reach s3://bucket/runs/tiny (the run)" in capsys.readouterr().err
+
+
+def test_status_shows_a_run_in_progress(tmp_path: Path, capsys: pytest.CaptureFixture):
+    from binllm_core.config import load_config
+    from pipelines.registry import run_lock
+
+    sets = ["--set", f"output_root={tmp_path}"]
+    with run_lock(load_config("configs/tiny.yaml", sets[1:]), lambda _: None):
+        assert main(["status", "configs/tiny.yaml", *sets]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("  in progress: ") and f"pid {os.getpid()} on " in out[1]
+    assert "its lease expires at " in out[1]
+    assert main(["status", "configs/tiny.yaml", *sets]) == 0
+    assert "in progress" not in capsys.readouterr().out

@@ -26,6 +26,7 @@ def describe(fields: dict) -> str:
 
 def test_plain_lines_give_count_rate_eta_and_the_stage_fields(monkeypatch):
     monkeypatch.setattr(progress_module, "PLAIN_EVERY_S", 0.0)
+    monkeypatch.setattr(progress_module, "MIN_RATE_S", 0.0)
     out = io.StringIO()
     display = _Display("finetune step1 (binary)", 10, "step", describe, out)
     display.update([{"part": 1, "advance": 0, "done": 1, "loss": 0.9}])
@@ -45,11 +46,12 @@ def test_closing_says_where_it_ended_without_an_eta():
     display.update([{"part": 1, "advance": 64, "done": None}])
     display.close()
     (line,) = out.getvalue().splitlines()
-    assert line.startswith("[binllm] score binary: 128/200 prompts (64%), ")
+    assert line.startswith("[binllm] score binary: 128/200 prompts (64%)")
     assert "ETA" not in line
 
 
-def test_a_terminal_gets_a_bar_then_the_last_line():
+def test_a_terminal_gets_a_bar_then_the_last_line(monkeypatch):
+    monkeypatch.setattr(progress_module, "MIN_RATE_S", 0.0)
     out = Terminal()
     display = _Display("encode", 20, "epoch", describe, out)
     display.update([{"part": 1, "advance": 0, "done": 5, "loss": 2.2}])
@@ -68,6 +70,17 @@ def test_a_position_replaces_the_count_and_the_rate_counts_from_the_first_events
     assert tally.done == 41 and tally.first is not None and tally.first[1] == 40
     tally.first = (tally.first[0] - 2.0, 40)  # the first event was 2 s ago
     assert tally.rate() == pytest.approx(0.5, rel=0.01)  # one step in 2 s, not 41
+
+
+def test_a_burst_of_events_right_after_the_first_shows_no_rate(monkeypatch):
+    """Encode's resumed epochs arrive together: 1 to 106 epochs in a millisecond is no rate."""
+    monkeypatch.setattr(progress_module, "PLAIN_EVERY_S", 0.0)
+    out = io.StringIO()
+    display = _Display("encode", 200, "epoch", lambda f: "", out)
+    display.update([{"part": 1, "advance": 0, "done": 1}])
+    display.update([{"part": 1, "advance": 0, "done": 106}])
+    assert display.tally.rate() == 0.0
+    assert out.getvalue().splitlines()[-1] == "[binllm] encode: 106/200 epochs (53%)"
 
 
 def test_without_a_console_the_reporter_does_nothing():

@@ -115,3 +115,16 @@ def test_a_stage_whose_upstream_files_are_damaged_names_the_file(tmp_path: Path)
     message = str(err.value)
     assert message.startswith("stage after reads stage demo, whose files no longer match")
     assert f"{part} is not readable Parquet" in message and "--stages demo" in message
+
+
+def test_a_lowered_keep_versions_prunes_a_skipped_stage(tmp_path: Path):
+    calls: list[int] = []
+    for _ in range(3):
+        run_stage(make_cfg(tmp_path, keep_versions="3"), counting_stage(calls), force=True)
+    folder = tmp_path / "t" / "demo"
+    assert len(list(folder.glob("v-*"))) == 3
+    skipped = run_stage(make_cfg(tmp_path, keep_versions="1"), counting_stage(calls))
+    assert skipped["skipped"] and skipped["history"] == [] and len(calls) == 3
+    on_disk = json.loads((folder / MANIFEST).read_text())
+    assert [v.name for v in folder.glob("v-*")] == [on_disk["version"]]
+    assert on_disk["history"] == [] and on_disk["identity"] == skipped["identity"]
