@@ -252,6 +252,28 @@ class _LogFile(logging.FileHandler):
     def __init__(self, console: Console) -> None:
         super().__init__(console.path, encoding="utf-8", delay=True)
         self.console = console
+        self.failed = False
+        """A write failed (a full disk): the file takes nothing more."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        """A record that cannot be written (the disk filled up) stops the file, with one line,
+        instead of logging's report of every record after it (hundreds of lines); the command
+        goes on and reports its own outcome."""
+        err = sys.exc_info()[1]
+        if not self.failed:
+            self.failed = True
+            print(
+                f"[binllm] the log {self.console.where} cannot be written ({err}); Ray's lines "
+                "are dropped from now on",
+                file=sys.stderr,
+                flush=True,
+            )
+        try:
+            if self.stream is not None:
+                self.stream.close()
+        except OSError:
+            pass
+        self.stream = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - the handler's
 
     def _open(self) -> Any:
         try:

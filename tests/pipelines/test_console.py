@@ -108,3 +108,20 @@ def test_an_error_before_ray_starts_leaves_no_log(tmp_path: Path, capsys):
     assert main(["run", "configs/tiny.yaml", *sets]) == 2
     assert capsys.readouterr().err.startswith("binllm: error: ")
     assert not (tmp_path / "tiny" / "_logs").exists()
+
+
+def test_a_log_file_on_a_full_disk_is_one_line_not_one_per_record(
+    tmp_path: Path, ray_like_logger, capsys
+):
+    """/dev/full answers every write with ENOSPC, as a full disk does."""
+    logger, _ = ray_like_logger
+    with Console(LOCAL, str(tmp_path / "run"), "run") as shown:
+        logger.info("first")  # opens the file
+        (handler,) = ours(logger)
+        handler.stream = open("/dev/full", "w", encoding="utf-8")  # noqa: SIM115
+        for i in range(50):
+            logger.info("line %d", i)
+        assert shown is console.current()
+    err = capsys.readouterr().err
+    assert err.count("cannot be written") == 1 and "No space left on device" in err
+    assert "Logging error" not in err and err.count("\n") == 1
