@@ -90,3 +90,32 @@ def io_error(err: BaseException | None) -> BinllmError | None:
             )
         err = err.__cause__ or err.__context__
     return None
+
+
+STORE_DOWN = (
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ConnectionClosedError",
+    "ClientConnectorError",
+    "ServerDisconnectedError",
+)
+"""What botocore and aiohttp raise when an object store stops answering (names: neither is a
+dependency of the core)."""
+
+
+def store_error(err: BaseException | None) -> BinllmError | None:
+    """An object store that stopped answering mid-run, behind ``err``, as one line (the whole
+    trace is in the run's log); None when there is none."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if type(err).__name__ in STORE_DOWN or isinstance(err, ConnectionError):
+            detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+            return StageError(
+                f"the storage stopped answering ({type(err).__name__}: {detail})",
+                todo="check that the store (endpoint_url) is up and reachable, then run again: "
+                "finished stages are skipped, and what was running published nothing",
+            )
+        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
+    return None

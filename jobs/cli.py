@@ -15,7 +15,13 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from binllm_core.config import load_config
-from binllm_core.errors import ConfigError, find_user_error, io_error, raised_elsewhere
+from binllm_core.errors import (
+    ConfigError,
+    find_user_error,
+    io_error,
+    raised_elsewhere,
+    store_error,
+)
 
 if TYPE_CHECKING:
     from pipelines.console import Console
@@ -278,8 +284,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:  # noqa: BLE001 - one line for users, the trace for anything else
         found = find_user_error(err) or io_error(err)
-        if found is not None:
-            print(f"binllm: error: {found}{raised_elsewhere(found)}", file=sys.stderr)
+        down = None if found is not None else store_error(err)
+        if found is not None or down is not None:
+            line = f"{found}{raised_elsewhere(found)}" if found is not None else str(down)
+            log = console.error_log() if down is not None else ""
+            print(
+                f"binllm: error: {line}" + (f"; the trace is in {log}" if log else ""),
+                file=sys.stderr,
+            )
             return 2
         log = console.error_log()
         if getattr(args, "verbose", False) or not log:

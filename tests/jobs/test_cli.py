@@ -223,3 +223,24 @@ def test_status_shows_a_run_in_progress(tmp_path: Path, capsys: pytest.CaptureFi
     assert "its lease expires at " in out[1]
     assert main(["status", "configs/tiny.yaml", *sets]) == 0
     assert "in progress" not in capsys.readouterr().out
+
+
+def test_a_store_that_stops_answering_mid_run_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    """What botocore raises when the endpoint goes away, wrapped as a Ray task would wrap it."""
+
+    class EndpointConnectionError(Exception):
+        pass
+
+    def lost(args):
+        try:
+            raise EndpointConnectionError('Could not connect to the endpoint URL: "http://s3:9"')
+        except EndpointConnectionError as err:
+            raise RuntimeError("task failed") from err
+
+    monkeypatch.setattr("jobs.cli.run_command", lost)
+    assert main(["run", "configs/tiny.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("binllm: error: the storage stopped answering (EndpointConnectionError")
+    assert "what was running published nothing" in err and err.count("\n") == 1
