@@ -38,6 +38,8 @@ from binllm_core.scoring import Scorer
 
 STATE = "state.json"
 OPTIMIZER = "optimizer.pt"
+RNG = "rng.pt"
+"""The worker's torch random state (dropout) in a checkpoint: a resumed step draws on."""
 
 
 # ---- the pieces ------------------------------------------------------------------------------
@@ -205,8 +207,21 @@ class TuningRun:
         self.stopper = EarlyStopping(self.cfg.patience, s.best, s.best_step, s.bad_evals)
         self.schedule = Schedule.of(self.step_cfg, s.planned_steps)
         self.rec.train(True)
-        # Dropout differs per worker and per (re)start, reproducibly.
+        # Dropout differs per worker, reproducibly; a resumed step draws on where it stopped
+        # (rank 0's state is in the checkpoint; other ranks reseed from the step they resume).
         torch.manual_seed(self.cfg.seed + self.rank + 1000 * s.step)
+        if resume and self.rank == 0 and (Path(resume) / RNG).exists():
+            saved = torch.load(Path(resume) / RNG)
+            torch.set_rng_state(saved["cpu"])
+            if saved.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(saved["cuda"])
+
+    def resume_stream(self, micro_batches: Iterator[Examples]) -> Iterator[Examples]:
+        """``micro_batches`` past those the steps before a resumed checkpoint drew (none for a
+        fresh run), so that a resumed step trains on what the uninterrupted one would."""
+        for _ in range(self.state.step * self.step_cfg.grad_accum):
+            next(micro_batches)
+        return micro_batches
 
     def _make_optimizer(self) -> None:
         if not self.train_lora:
@@ -315,6 +330,8 @@ class TuningRun:
             self.rec.save(self.best_dir)
         shutil.copytree(self.best_dir, folder / "best")
         torch.save(self.optimizer.state_dict(), folder / OPTIMIZER)
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        torch.save({"cpu": torch.get_rng_state(), "cuda": cuda}, folder / RNG)
         (folder / STATE).write_text(json.dumps(asdict(self.state)))
 
     def close(self) -> None:

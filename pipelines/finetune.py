@@ -560,6 +560,7 @@ def train_loop(config: dict[str, Any]) -> None:
     stream = micro_batches(rows, step_cfg.batch_size, seed, group_by, aux, config["aux"])
     if curriculum:
         stream = with_curriculum(stream, run.progress, f"{seed}/curriculum")
+    stream = run.resume_stream(stream)
     reported = False
     speed = _Speed(run, world)
     while not run.done:

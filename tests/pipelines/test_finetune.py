@@ -206,3 +206,36 @@ def test_prefix_groups_are_keyed_where_the_prompts_are_and_drawn_whole(
     assert 0 < len(drawn) <= 40
     for key in {keys[s] for s in drawn}:  # every group drawn is drawn whole
         assert {s for s, k in keys.items() if k == key} <= drawn
+
+
+def test_a_step_resumed_after_a_failure_ends_with_the_uninterrupted_adapter(
+    tmp_path: Path, ray_session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that fails after a checkpoint is restarted from it: the same micro-batches
+    follow, the same dropout draws, optimizer and schedule, so the adapter is byte for byte
+    the one an uninterrupted run writes."""
+    overrides = [
+        "finetune.strategy=text_only",
+        "prompts.modes=[text]",
+        "finetune.num_workers=1",
+        "finetune.eval_every=4",
+        "finetune.patience=10",
+        "finetune.lora_dropout=0.2",
+        "finetune.max_length=256",
+        "finetune.step1={lr: 1.0e-2, warmup_steps: 2, batch_size: 4, max_steps: 10}",
+    ]
+    adapters = []
+    for name, fault in (("whole", ""), ("resumed", f"{FAULT_POINT}@6")):
+        cfg = make_cfg(tmp_path / name, *overrides)
+        fake_upstream(cfg)
+        run_stage(cfg, stage("render"))
+        monkeypatch.setenv("BINLLM_TEST_FAULT", fault)
+        metrics = run_stage(cfg, stage("finetune"))["metrics"]
+        assert metrics["steps"]["step1"]["restarts"] == (1 if fault else 0)
+        # The weights after the last step (the published adapter is the best one, which may
+        # come from before the failure), from the checkpoint finished.json names.
+        runs = tmp_path / name / "t" / "finetune" / "checkpoints"
+        (run,) = runs.glob("step1-*")
+        last = json.loads((run / FINISHED).read_text())["checkpoint"]
+        adapters.append((run / last / "adapter" / "adapter_model.safetensors").read_bytes())
+    assert adapters[0] == adapters[1]
