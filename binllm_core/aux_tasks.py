@@ -198,6 +198,18 @@ def build_rows(
     return rows
 
 
+def repeated_rows(rows: list[AuxRow]) -> dict[str, int]:
+    """Per task, how many rows repeat an earlier row of the same user (a user with few liked
+    items has few distinct windows or pairs to draw ``rows_per_user`` rows from)."""
+    seen: set[tuple] = set()
+    out: dict[str, int] = {}
+    for row in rows:
+        key = (row.task, row.uid, tuple(row.listed), tuple(row.mask_at), row.positive, row.negative)
+        out[row.task] = out.get(row.task, 0) + (key in seen)
+        seen.add(key)
+    return out
+
+
 def _rng(seed: int, task: str, uid: int) -> np.random.Generator:
     return np.random.default_rng([seed, AUX_TASKS.index(task), uid])
 

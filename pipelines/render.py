@@ -27,7 +27,7 @@ import polars as pl
 import pyarrow as pa
 import ray
 
-from binllm_core.aux_tasks import AuxTemplates, build_rows, render_rows
+from binllm_core.aux_tasks import AuxTemplates, build_rows, render_rows, repeated_rows
 from binllm_core.config import ModelConfig
 from binllm_core.errors import StageError
 from binllm_core.llm import load_tokenizer
@@ -141,12 +141,22 @@ def _write_aux(ctx: StageContext, lookups: Lookups, modes: list[str]) -> dict[st
     table = TokenCounter(ctx.cfg.model)(
         render_rows(rows, lookups, AuxTemplates.of(ctx.cfg.prompts), modes)
     )
+    repeated = repeated_rows(rows)
     ctx.write_table(table, "aux")
     rows = pl.from_arrow(table.select(["task", "mode", "uid", "n_tokens"]))
     counts = rows.group_by("task", "mode", "n_tokens").agg(n=pl.len())
+    per_task = {t: n // len(modes) for t, n in _sums(counts, "task").items()}
+    for task, n in sorted(repeated.items()):
+        if n:
+            print(
+                f"[binllm] render: {n:,} of {per_task[task]:,} {task} rows repeat an earlier row "
+                f"of the same user (users with few train positives; see prompts.aux."
+                "rows_per_user and min_positives)"
+            )
     return {
         "tasks": list(cfg.tasks),
-        "rows_per_task": {t: n // len(modes) for t, n in _sums(counts, "task").items()},
+        "rows_per_task": per_task,
+        "repeated_rows_per_task": repeated,
         "users_per_task": {
             t: rows.filter(pl.col("task") == t)["uid"].n_unique() for t in cfg.tasks
         },

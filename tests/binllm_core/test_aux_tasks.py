@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 import torch
 
-from binllm_core.aux_tasks import LETTERS, AuxTemplates, build_rows, render_rows
+from binllm_core.aux_tasks import LETTERS, AuxTemplates, build_rows, render_rows, repeated_rows
 from binllm_core.batches import pad_left, tokenize, with_targets
 from binllm_core.config import (
     AuxConfig,
@@ -209,3 +209,16 @@ def test_a_tiny_model_learns_the_bpr_answer_from_the_titles(one_thread) -> None:
         scores = rec.model(batch, "bpr")
     accuracy = np.mean((scores.numpy() > 0) == np.asarray(held_out.labels, bool))
     assert accuracy > 0.9, accuracy
+
+
+def test_rows_that_repeat_an_earlier_row_of_their_user_are_counted() -> None:
+    """Two liked items make one mim window: of 3 rows per user with one hidden item there are
+    at most 2 distinct rows, so each such user repeats at least one."""
+    rows = build_rows(samples(), aux_cfg(rows_per_user=3, history_len=2, min_positives=2))
+    repeated = repeated_rows(rows)
+    keys = {
+        (r.task, r.uid, tuple(r.listed), tuple(r.mask_at), r.positive, r.negative) for r in rows
+    }
+    assert sum(repeated.values()) == len(rows) - len(keys) > 0
+    assert repeated["mim"] > 0
+    assert repeated_rows(rows[:1]) == {rows[0].task: 0}
