@@ -510,3 +510,26 @@ def test_a_max_length_that_cuts_most_prompts_is_refused_and_a_few_cut_are_counte
     assert finetune == {"binary": {"train": 0, "valid": 0}}  # one_step: binary prompts only
     score = manifest(work, "score")["metrics"]["modes"]
     assert score and all(m["truncated"] == 0 for m in score.values())
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+def test_a_run_reopened_from_another_directory_reads_what_it_read(
+    tmp_path: Path, monkeypatch, capsys
+):
+    """``data.uri: tests/fixtures/tiny`` is relative to where binllm ran; the run records it
+    absolute, so its folder opened from elsewhere finds the same source."""
+    out = tmp_path / "runs"
+    assert (
+        main(["run", "configs/tiny.yaml", "--set", f"output_root={out}", "--stages", "ingest"]) == 0
+    )
+    recorded = manifest(tmp_path, "ingest")["config"]["data"]["uri"]
+    assert recorded == str(FIXTURE)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    (out / "tiny" / "render").mkdir()  # a run folder opens once render has finished
+    publish = {"layout": 2, "config": {}, "kind": "stage:render", "tables": {}}
+    (out / "tiny" / "render" / MANIFEST).write_text(json.dumps(publish))
+    assert main(["status", str(out / "tiny")]) == 0
+    status = capsys.readouterr().out
+    assert "ingest    done" in status, status
