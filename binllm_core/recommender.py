@@ -21,6 +21,7 @@ Batches are built from prompts by :mod:`binllm_core.batches` (a task's ``collate
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,13 @@ import torch
 from binllm_core.batches import Batch, TargetBatch
 from binllm_core.config import FinetuneConfig, ModelConfig
 from binllm_core.errors import ConfigError
-from binllm_core.llm import AnswerScore, LanguageModel, answer_token_id, load_language_model
+from binllm_core.llm import (
+    ADAPTER_CONFIG,
+    AnswerScore,
+    LanguageModel,
+    answer_token_id,
+    load_language_model,
+)
 from binllm_core.objectives import LETTERS, OBJECTIVES, REC, Objective
 from binllm_core.soft import (
     SOFT,
@@ -203,6 +210,7 @@ class LLMRecommender:
         """The adapter (safetensors) and the extra modules' weights (and the projector's
         shape); never the base model, never the fixed vectors."""
         self.net.save_pretrained(str(folder))
+        canonical_adapter_config(Path(folder) / ADAPTER_CONFIG)
         if len(self.extra):
             from safetensors.torch import save_file
 
@@ -217,6 +225,23 @@ class LLMRecommender:
             from safetensors.torch import load_file
 
             self.extra.load_state_dict(load_file(str(path), device=str(self.device)))
+
+
+SET_VALUED = ("target_modules", "exclude_modules")
+"""Fields of a LoRA config that peft holds as sets and writes in the set's order, which differs
+from process to process (string hashing is salted per process)."""
+
+
+def canonical_adapter_config(path: Path) -> None:
+    """Rewrite the ``adapter_config.json`` peft just saved canonically: keys sorted, the lists
+    of :data:`SET_VALUED` sorted, so that the same adapter gives the same bytes (and content
+    identity) whichever process saved it."""
+    config = json.loads(path.read_text())
+    for key in SET_VALUED:
+        value = config.get(key)
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            config[key] = sorted(value)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))  # as peft writes it
 
 
 def lora_config(cfg: FinetuneConfig) -> Any:

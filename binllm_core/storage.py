@@ -256,6 +256,13 @@ def read_published(
 
 
 # ---- identity ----------------------------------------------------------------------------------
+RUN_LINEAGE = ("adapter", "scored_at")
+"""Lineage columns whose values differ from run to run for the same content: ``scored_at`` (when
+the scoring call started) and ``adapter`` (where the adapter lay: a path under the version folder
+of the finetune output that trained it). :func:`content_identity` leaves them out of a Parquet
+file's hash; ``adapter_hash``, ``model`` and ``run_name`` (the same for the same inputs) count."""
+
+
 def file_digest(fs: fsspec.AbstractFileSystem, path: str) -> str:
     digest = hashlib.sha256()
     with fs.open(path, "rb") as fh:
@@ -264,18 +271,66 @@ def file_digest(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return digest.hexdigest()
 
 
+def parquet_digest(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The digest of a Parquet file: of its bytes, or, for a file holding a column of
+    :data:`RUN_LINEAGE`, of the encoded bytes of its other columns (each column chunk as written,
+    nothing decoded: only the footer and those byte ranges are read), with their names, types and
+    the row counts of the row groups."""
+    with fs.open(path, "rb") as fh:
+        meta = pq.read_metadata(fh)
+    schema = meta.schema
+    lineage = [
+        i
+        for i in range(meta.num_columns)
+        if any(_in_column(schema.column(i).path, name) for name in RUN_LINEAGE)
+    ]
+    if not lineage:
+        return file_digest(fs, path)
+    kept = [i for i in range(meta.num_columns) if i not in lineage]
+    digest = hashlib.sha256(b"parquet columns\n")
+    for i in kept:
+        column = schema.column(i)
+        digest.update(f"{column.path}\t{column.physical_type}\t{column.logical_type}\n".encode())
+    with fs.open(path, "rb") as fh:
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            digest.update(f"rows {group.num_rows}\n".encode())
+            for i in kept:
+                chunk = group.column(i)
+                start = chunk.data_page_offset
+                if chunk.has_dictionary_page and chunk.dictionary_page_offset is not None:
+                    start = min(start, chunk.dictionary_page_offset)
+                fh.seek(start)
+                left = chunk.total_compressed_size
+                while left > 0:
+                    block = fh.read(min(left, 2**22))
+                    if not block:
+                        raise StageError(f"{to_uri(fs, path)} ends inside a column chunk")
+                    digest.update(block)
+                    left -= len(block)
+    return digest.hexdigest()
+
+
+def _in_column(path: str, name: str) -> bool:
+    """Whether the Parquet leaf ``path`` (dotted) belongs to the top-level column ``name``."""
+    return path == name or path.startswith(name + ".")
+
+
 def content_identity(fs: fsspec.AbstractFileSystem, folder: str) -> str:
     """16 hex of SHA-256 over what ``folder`` holds, independent of where it lies.
 
     Parquet files count by folder (a table, or a partition of one) and content, not by name
-    (Ray names its files with a random write id); other files (adapters, reports) by relative
-    path and content. The same data written again gives the same identity."""
+    (Ray names its files with a random write id), the columns of :data:`RUN_LINEAGE` left out
+    (:func:`parquet_digest`); other files (adapters, reports) by relative path and content. The
+    same data written again gives the same identity."""
     entries = []
     base = folder.rstrip("/") + "/"
     for f in sorted(fs.find(folder)):
         rel = f[len(base) :] if f.startswith(base) else f
-        key = rel.rpartition("/")[0] + "/*.parquet" if rel.endswith(".parquet") else rel
-        entries.append(f"{key}\t{file_digest(fs, f)}")
+        if rel.endswith(".parquet"):
+            entries.append(f"{rel.rpartition('/')[0]}/*.parquet\t{parquet_digest(fs, f)}")
+        else:
+            entries.append(f"{rel}\t{file_digest(fs, f)}")
     return hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()[:16]
 
 

@@ -63,11 +63,14 @@ CANDIDATES_SCHEMA = pa.schema(
 sampled protocol, every item ranked) or ``serve`` (``binllm recommend``); ``hamming`` is null for
 a popularity list."""
 SAMPLE_COLUMNS = ["sample_id", "uid", "iid", "label", "split", "timestamp", "history"]
+ROWS_PER_FILE = 1_000_000
+"""Rows per file of ``candidates`` (the last file holds the rest)."""
 
 
 class UserRetriever:
     """Callable class for ``map_batches``: a batch of users (split, uid, exclude, seen,
-    sampled_positive) -> their candidate rows (:data:`CANDIDATES_SCHEMA`)."""
+    sampled_positive) -> their candidate rows (:data:`CANDIDATES_SCHEMA`), user by user in the
+    batch's order (each user's list, then its sampled pool)."""
 
     def __init__(
         self,
@@ -108,7 +111,8 @@ class UserRetriever:
             self.catalog.positions(np.asarray(e, np.int64)) for e in _lists(batch, "exclude")
         ]
         known = np.array([u < len(self.known) and self.known[u] for u in users], bool)
-        rows: list[pa.Table] = []
+        # (user's position in the batch, 0 = its list / 1 = its sampled pool, rows)
+        lists: list[tuple[int, int, pa.Table]] = []
         coded = np.flatnonzero(known)
         if len(coded):
             found = self.search.search(
@@ -119,15 +123,19 @@ class UserRetriever:
             )
             for j, i in enumerate(coded):
                 top = (found.items[j], found.distances[j], found.ties[j])
-                rows.append(self._rows(who[i], *top, "hamming"))
+                lists.append((int(i), 0, self._rows(who[i], *top, "hamming")))
         for i in np.flatnonzero(~known):
-            rows.append(self._rows(who[i], self._popular(exclude[i]), None, None, "popularity"))
+            popular = self._rows(who[i], self._popular(exclude[i]), None, None, "popularity")
+            lists.append((int(i), 0, popular))
         if self.cfg.sampled_negatives and "sampled_positive" in batch.column_names:
             targets = batch["sampled_positive"].to_pylist()
             seen = _lists(batch, "seen")
             for i in coded:
                 if targets[i] is not None:
-                    rows.append(self._sampled(who[i], targets[i], seen[i]))
+                    lists.append((int(i), 1, self._sampled(who[i], targets[i], seen[i])))
+        # User by user in the batch's order, so that the candidates of all batches together come
+        # out in the users' order, whatever the batches (retrieve.batch_users) were.
+        rows = [table for _, _, table in sorted(lists, key=lambda x: x[:2])]
         return pa.concat_tables(rows) if rows else CANDIDATES_SCHEMA.empty_table()
 
     def _popular(self, exclude: np.ndarray) -> np.ndarray:
@@ -270,6 +278,13 @@ def retrieve(users: pa.Table, kwargs: dict[str, Any], cfg: RetrieveConfig) -> ra
     )
 
 
+def in_files(candidates: ray.data.Dataset) -> ray.data.Dataset:
+    """``candidates`` (in users' order: Ray Data preserves order) cut into blocks of exactly
+    :data:`ROWS_PER_FILE` rows but the last, one file each: the same lists make the same files,
+    and so the same output identity, whatever ``batch_users`` and ``num_actors`` were."""
+    return candidates.repartition(target_num_rows_per_block=ROWS_PER_FILE, strict=True)
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.cfg.retrieve
     samples = pl.from_arrow(ctx.read_table("samples", "samples", columns=SAMPLE_COLUMNS))
@@ -282,7 +297,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         )
     kwargs = retriever_kwargs(ctx, cfg, samples)
     candidates = retrieve(users.to_arrow(), kwargs, cfg).materialize()
-    ctx.write_dataset(candidates, "candidates")
+    ctx.write_dataset(in_files(candidates), "candidates")
     ctx.write_table(users.drop("seen").to_arrow(), "users")
     per_split = {}
     for (split,), part in users.group_by(["split"], maintain_order=True):
