@@ -35,9 +35,9 @@ def prompts_of(cfg: RunConfig) -> tuple[Any, Any]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from binllm_core.llm.tuning import EvalSet, TaskRows
     from binllm_core.storage import read_output
-    from binllm_core.tuning import EvalSet, TaskRows
-    from pipelines.finetune import _subsample, train_sample_ids
+    from pipelines.stages.finetune import _subsample, train_sample_ids
 
     table_ = read_output(f"{cfg.output_root}/{cfg.run_name}/render", "prompts")
     table_ = table_.filter(pc.equal(table_["mode"], "text"))
@@ -55,9 +55,9 @@ def prompts_of(cfg: RunConfig) -> tuple[Any, Any]:
 def fit(cfg: RunConfig, head: str, train: Any, valid: Any, steps: int, every: int) -> dict:
     import torch
 
-    from binllm_core.recommender import LLMRecommender
-    from binllm_core.scoring import Scorer
-    from binllm_core.tuning import fit_plain
+    from binllm_core.llm.recommender import LLMRecommender
+    from binllm_core.llm.scoring import Scorer
+    from binllm_core.llm.tuning import fit_plain
 
     ft = dataclasses.replace(cfg.finetune, eval_every=every, patience=10**6)
     step = dataclasses.replace(ft.step1, max_steps=steps)
@@ -95,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from pipelines.registry import run_pipeline
+    from pipelines.runtime.registry import run_pipeline
 
     torch.set_num_threads(args.threads)
     stem = Path(args.config).stem

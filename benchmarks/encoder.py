@@ -4,8 +4,8 @@ Runs ingest + samples once (``configs/ml100k.yaml``, the shared ML-100K files), 
 
 * the ``encode`` stage (1 Ray Train worker) with the MF backbone and with LightGCN: valid/test
   AUC and UAUC of the binary codes and of the float (continuous) model trained beside them;
-* the same MF training as a plain single-process loop (:func:`binllm_core.encoder.fit`) on the
-  same samples: the same numbers (same seed, same order) and the wall time, as a ratio.
+* the same MF training as a plain single-process loop (:func:`binllm_core.encoder.training.fit`) on
+  the same samples: the same numbers (same seed, same order) and the wall time, as a ratio.
 
 Model selection uses the valid split only; test numbers are reported, never used.
 
@@ -25,10 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ROOT, SHARED, measured, save, table  # noqa: E402
 from binllm_core.config import load_config  # noqa: E402
-from binllm_core.encoder import BINARY, FLOAT, fit, split_samples  # noqa: E402
-from pipelines import encode  # noqa: E402
-from pipelines.registry import run_pipeline  # noqa: E402
-from pipelines.stage import Stage, StageContext, run_stage  # noqa: E402
+from binllm_core.encoder.data import split_samples
+from binllm_core.encoder.model import BINARY, FLOAT
+from binllm_core.encoder.training import fit
+from pipelines.runtime.registry import run_pipeline
+from pipelines.runtime.stage import Stage, StageContext, run_stage
+from pipelines.stages import encode
 
 ENCODE = Stage("encode", encode.run, ("encoder",), ("samples",))
 REFERENCE = (

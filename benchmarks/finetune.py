@@ -5,7 +5,7 @@ With the shared SmolLM2-135M (GGUF) on MovieLens 100K and the quality config's s
 as whole prefix groups), from a fresh LoRA:
 
 1. builds (or reuses) the run's ingest -> samples -> encode -> render outputs;
-2. trains ``--steps`` optimizer steps with :func:`binllm_core.tuning.fit_plain` twice, each in a
+2. trains ``--steps`` optimizer steps with :func:`binllm_core.llm.tuning.fit_plain` twice, each in a
    process of its own, on the same train samples, the same number of sequences and the same
    200 valid_small prompts, evaluated every ``--eval-every`` steps:
    * whole prompts: random micro-batches, each prompt run whole (the plain peft loop);
@@ -72,10 +72,10 @@ def samples(cfg: Any) -> tuple[Any, Any]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from binllm_core.prompts import templates_from_config
+    from binllm_core.llm.tuning import EvalSet, TaskRows
+    from binllm_core.prompts.templates import templates_from_config
     from binllm_core.storage import read_output
-    from binllm_core.tuning import EvalSet, TaskRows
-    from pipelines.finetune import _subsample, prefix_groups, train_sample_ids
+    from pipelines.stages.finetune import _subsample, prefix_groups, train_sample_ids
 
     prompts = read_output(f"{cfg.output_root}/{cfg.run_name}/render", "prompts")
     prompts = prompts.filter(pc.equal(prompts["mode"], "binary"))
@@ -96,9 +96,9 @@ def arm(args: argparse.Namespace) -> None:
     """One plain-loop arm, in its own process: prints a JSON line with its numbers."""
     import torch
 
-    from binllm_core.prompts import templates_from_config
-    from binllm_core.recommender import LLMRecommender
-    from binllm_core.tuning import fit_plain
+    from binllm_core.llm.recommender import LLMRecommender
+    from binllm_core.llm.tuning import fit_plain
+    from binllm_core.prompts.templates import templates_from_config
 
     torch.set_num_threads(args.cpus)
     cfg = config(args, ARMS[args.arm])
@@ -141,7 +141,7 @@ def main() -> None:
     if not GGUF.exists() or not (ML100K / "ml-100k.inter").exists():
         sys.exit(f"needs {GGUF} and {ML100K}")
 
-    from pipelines.registry import run_pipeline
+    from pipelines.runtime.registry import run_pipeline
 
     cfg = config(args)
     run_pipeline(cfg, ["ingest", "samples", "encode", "render"], log=print)

@@ -1,6 +1,6 @@
 """GPU stages: every stage of ``configs/ml100k_gpu.yaml`` on this machine's GPUs, timed.
 
-Runs the config's stages one at a time through :func:`pipelines.registry.run_pipeline` (what
+Runs the config's stages one at a time through :func:`pipelines.runtime.registry.run_pipeline` (what
 ``binllm run`` calls), each with ``force`` (so nothing is skipped and no checkpoint is resumed),
 on a local Ray started beforehand (its start is timed apart), with the data and model given here
 (``--data``, ``--model``: the shared MovieLens 100K and SmolLM2-135M GGUF by default). Before
@@ -154,8 +154,8 @@ def detail(name: str, metrics: dict[str, Any]) -> dict[str, Any]:
 def run_stages(cfg: Any) -> tuple[list[dict[str, Any]], float]:
     """Every stage the config needs, one ``run_pipeline`` call each (forced), timed; and the
     seconds Ray took to start."""
-    from pipelines.registry import run_pipeline, select
-    from pipelines.runtime import ensure_ray
+    from pipelines.runtime.ray_helpers import ensure_ray
+    from pipelines.runtime.registry import run_pipeline, select
 
     started = time.perf_counter()
     ensure_ray()
@@ -198,7 +198,7 @@ def main() -> int:
             return refuse(f"{what} {path} is not there")
 
     from binllm_core.config import load_config
-    from binllm_core.llm import load_language_model
+    from binllm_core.llm.loading import load_language_model
 
     gpus = torch.cuda.device_count()
     sets = overrides(args, gpus)

@@ -6,9 +6,9 @@ Amazon-2018-shaped JSON folder (default 10M reviews, ``amazon_book`` protocol: 2
 filter, month split with December halves). Both sides do the same steps: parse the source, write
 ``interactions`` and ``items`` Parquet, apply the protocol and write ``samples``, and, up to
 ``--render-max`` interactions, render the text prompts with their token counts and write them.
-The plain side is one fresh Python process running ``binllm_core.protocol.build_samples`` on the
-whole frame and ``binllm_core.prompts.render_table`` on frames of 500k samples (the prompts of
-30M would not fit), writing them with one ``ParquetWriter``.
+The plain side is one fresh Python process running ``binllm_core.data.protocol.build_samples`` on
+the whole frame and ``binllm_core.prompts.render.render_table`` on frames of 500k samples (the
+prompts of 30M would not fit), writing them with one ``ParquetWriter``.
 
 Measured: interactions per second of wall time; the peak resident memory of the Ray driver (this
 process) and of the whole process tree (raylet, GCS, workers), each also above its idle level
@@ -49,7 +49,7 @@ BACKBONE = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 PLAIN_SCRIPT = """
 import sys, polars as pl, pyarrow as pa, pyarrow.parquet as pq
 from binllm_core.config import load_config
-from binllm_core.protocol import build_samples
+from binllm_core.data.protocol import build_samples
 src, out, fmt, config, render, backbone = sys.argv[1:7]
 CHUNK = 500_000
 if fmt == "ml_csv":
@@ -82,8 +82,8 @@ cfg = load_config(config, [f"model.backbone={backbone}", "prompts.modes=[text]"]
 result = build_samples(inter, cfg.protocol, items["item"])
 result.samples.write_parquet(f"{out}/samples.parquet")
 if render == "1":
-    from binllm_core.llm import load_tokenizer
-    from binllm_core.token_lengths import TokenLengths
+    from binllm_core.llm.loading import load_tokenizer
+    from binllm_core.prompts.token_lengths import TokenLengths
     from binllm_core.prompts import (SAMPLE_COLUMNS, lookups_from_tables, render_table,
                                      templates_from_config)
     lookups = lookups_from_tables(items.select("item", "title").to_arrow(),
@@ -128,7 +128,7 @@ def run_plain(src: Path, out: Path, fmt: str, config: str, render: bool) -> dict
 def run_ray(src: Path, out: Path, fmt: str, config: str, render: bool) -> dict[str, float]:
     """Stages ingest + samples (+ render) through the pipeline (Ray already started)."""
     from binllm_core.config import load_config
-    from pipelines.registry import run_pipeline
+    from pipelines.runtime.registry import run_pipeline
 
     cfg = load_config(
         config,
@@ -228,7 +228,7 @@ def main() -> None:
 
     import ray
 
-    from pipelines.runtime import ensure_ray
+    from pipelines.runtime.ray_helpers import ensure_ray
 
     results_path = RESULTS / f"{args.name}.json"
     done: dict[str, Any] = {}
@@ -330,7 +330,8 @@ def _save(
             "now' where the `--before` run has the case: before = this script run on a checkout of "
             f"{before.get('commit', '?').split('+')[0]}, before the data stages streamed (samples "
             "built in one polars pass in the driver). Render counts tokens with SmolLM2's "
-            "tokenizer (each distinct word once, `binllm_core/token_lengths.py`, on both sides); "
+            "tokenizer (each distinct word once, `binllm_core/prompts/token_lengths.py`, on both "
+            "sides); "
             "it runs on the rows whose stages name it (`--render-max`), and a size run with and "
             "without it shows render's share. 'not run': the plain side was skipped for that case "
             "(`--plain-max`, to save time; a later run fills it in).",

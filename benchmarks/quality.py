@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, SHARED, save, table  # noqa: E402
 from binllm_core.config import RunConfig, load_config, to_dict  # noqa: E402
-from binllm_core.metrics import score_report  # noqa: E402
+from binllm_core.evaluation.metrics import score_report
 from binllm_core.storage import read_output  # noqa: E402
 
 SHARED_STAGES = ("ingest", "samples", "encode", "render")
@@ -88,7 +88,7 @@ def run_variant(
     config: str, sets: list[str], root: Path, name: str, base: Path | None,
     stages: list[str] | None = None,
 ) -> tuple[RunConfig, dict[str, Any], dict[str, float]]:
-    from pipelines.registry import run_pipeline
+    from pipelines.runtime.registry import run_pipeline
 
     cfg = load_config(config, [*sets, f"output_root={root}", f"run_name={name}"])
     if base is not None:
@@ -210,8 +210,14 @@ RANKING_COLUMNS = (("ndcg", 5), ("ndcg", 10), ("ndcg", 20), ("recall", 5), ("rec
 def choose_tie_rule(root: Path, name: str, cfg: RunConfig) -> dict[str, float]:
     """Codes-only NDCG@10 on valid_small for each tie rule (the test split is never read)."""
     from binllm_core.codes import id_table
-    from binllm_core.ranking import ranking_metrics
-    from binllm_core.retrieval import TIE_BREAKS, Catalog, backend, tie_score, users_for_splits
+    from binllm_core.ranking.metrics import ranking_metrics
+    from binllm_core.ranking.retrieval import (
+        TIE_BREAKS,
+        Catalog,
+        backend,
+        tie_score,
+        users_for_splits,
+    )
 
     run = root / name
     samples = pl.from_arrow(read_output(str(run / "samples"), "samples"))
@@ -239,7 +245,7 @@ def choose_tie_rule(root: Path, name: str, cfg: RunConfig) -> dict[str, float]:
 def ranking_table(args: argparse.Namespace, shared: list[str], root: Path, stem: str) -> None:
     """One two-step run (step 2 at the rate the quality table chose, when it has run) through
     retrieve, rerank and evaluate; its ranking table goes to BENCHMARKS.md."""
-    from pipelines.registry import run_pipeline
+    from pipelines.runtime.registry import run_pipeline
 
     chosen = RESULTS / f"quality-{stem}.json"
     lr = None
@@ -320,7 +326,7 @@ def aux_table(args: argparse.Namespace, root: Path, stem: str) -> None:
     every step's sequences, the same steps x batch), on its ingest, samples, encode and retrieve
     outputs: pointwise AUC/UAUC on the same test users and NDCG/Recall on the same candidates,
     next to the ranking run's own rows (read from its folder, not re-run)."""
-    from pipelines.registry import run_pipeline
+    from pipelines.runtime.registry import run_pipeline
 
     before = json.loads((RESULTS / f"quality-ranking-{stem}.json").read_text())
     plain_name, name = f"{stem}-ranking", f"{stem}-aux"

@@ -42,8 +42,8 @@ def catalog_data(size: int, users: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 def one(method: str, size: int, users: int, top_n: int) -> dict[str, float]:
     """One measurement (in the child process): build, then search every user; seconds."""
-    from binllm_core.ranking import top_by_score
-    from binllm_core.retrieval import Catalog, backend, tie_score
+    from binllm_core.ranking.lists import top_by_score
+    from binllm_core.ranking.retrieval import Catalog, backend, tie_score
 
     data = catalog_data(size, users)
     excluded = list(data["excluded"])

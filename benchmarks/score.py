@@ -16,7 +16,7 @@ a float32 Hugging Face folder; CPU), the same fresh LoRA (q, v; r 8) and batch s
 
 * plain: one process, ``PeftModel`` unmerged, ``torch.no_grad``, whole prompts in their given
   order, left padding to the longest of each batch, full logits;
-* stage, whole prompts: :func:`pipelines.score.score_dataset` on a local Ray (one actor of two
+* stage, whole prompts: :func:`pipelines.ops.scoring.score_dataset` on a local Ray (one actor of two
   threads, merged LoRA, ``inference_mode``, batches ordered by length), ``share_prefix=false``;
 * stage, shared prefix: the same with ``share_prefix=true``.
 
@@ -71,7 +71,7 @@ def hf_folder(gguf: Path, folder: Path) -> Path:
 
 
 def fresh_adapter(cfg: RunConfig, folder: Path) -> str:
-    from binllm_core.recommender import LLMRecommender
+    from binllm_core.llm.recommender import LLMRecommender
 
     LLMRecommender.load(cfg.model, finetune=cfg.finetune, trainable=True).save(folder)
     return str(folder)
@@ -82,7 +82,7 @@ def plain_loop(cfg: RunConfig, adapter: str, prompts: list[str], batch_size: int
     import torch
     from peft import PeftModel
 
-    from binllm_core.llm import load_language_model
+    from binllm_core.llm.loading import load_language_model
 
     torch.set_num_threads(int(cfg.score.cpus_per_actor))
     lm = load_language_model(cfg.model)
@@ -106,7 +106,7 @@ def plain_loop(cfg: RunConfig, adapter: str, prompts: list[str], batch_size: int
 def stage(cfg: RunConfig, adapter: str, prompts: list[str]) -> np.ndarray:
     import ray
 
-    from pipelines.score import score_dataset
+    from pipelines.ops.scoring import score_dataset
 
     ds = ray.data.from_arrow(pa.table({"i": np.arange(len(prompts)), "prompt": prompts}))
     ds = ds.repartition(4)
@@ -123,7 +123,7 @@ def base_run(root: Path) -> RunConfig:
     """The run the workloads come from (ingest .. render, every prompt mode); finished stages
     are skipped."""
     from binllm_core.codes import TEXT_AND_CODE_MODES as MODES
-    from pipelines.registry import run_pipeline
+    from pipelines.runtime.registry import run_pipeline
 
     cfg = load_config(CONFIG, [
         f"data.uri={SHARED / 'data' / 'ml-100k'}", f"model.backbone={GGUF}",
@@ -151,8 +151,8 @@ def rerank_workload(
     cfg: RunConfig, run: Path, mode: str, users: int, candidates: int, seed: int = 7
 ) -> pl.DataFrame:
     """(uid, prompt) of ``candidates`` random items for each of ``users`` random users."""
-    from binllm_core.candidates import build_lookups, render_candidates, with_row_numbers
-    from binllm_core.prompts import templates_from_config
+    from binllm_core.prompts.templates import templates_from_config
+    from binllm_core.prompts.user_pairs import build_lookups, render_candidates, with_row_numbers
     from binllm_core.storage import read_output
 
     def read(stage: str, name: str) -> pa.Table:
@@ -180,9 +180,9 @@ def computed_tokens(model: Path, prompts: list[str], cfg: RunConfig) -> dict[str
     from transformers import AutoConfig
 
     from binllm_core.config import ModelConfig
-    from binllm_core.llm import load_tokenizer
-    from binllm_core.prefix_sharing import group_by_prefix, tokenize_with_prefix
-    from binllm_core.prompts import templates_from_config
+    from binllm_core.llm.loading import load_tokenizer
+    from binllm_core.llm.prefix_sharing import group_by_prefix, tokenize_with_prefix
+    from binllm_core.prompts.templates import templates_from_config
 
     tokenizer = load_tokenizer(ModelConfig(backbone=str(model)))
     cut = templates_from_config(cfg.prompts).prefix_cut()
@@ -225,7 +225,7 @@ def main() -> None:
     import ray
 
     from binllm_core.storage import read_manifest, resolve
-    from pipelines.runtime import ensure_ray
+    from pipelines.runtime.ray_helpers import ensure_ray
 
     root = Path(args.output_root).resolve()
     cfg = base_run(root)

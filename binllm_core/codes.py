@@ -141,7 +141,7 @@ TEXT_AND_CODE_MODES: tuple[str, ...] = ("text", *CODE_MODES)
 (what ``prompts.modes`` renders by default)."""
 MODES: tuple[str, ...] = (*TEXT_AND_CODE_MODES, "soft")
 """Every prompt mode: those in words, and ``soft`` (titles, and soft tokens where the codes
-would be: :mod:`binllm_core.soft`)."""
+would be: :mod:`binllm_core.llm.soft`)."""
 CODE_COLUMNS: list[str] = [f.column for f in CODE_FORMATS.values()]
 """The text columns of the ``codes`` table, one per format."""
 

@@ -294,7 +294,7 @@ class EncoderConfig(Section):
 
 
 AUX_TASKS = ("mim", "bpr")
-"""Auxiliary tasks in words (:mod:`binllm_core.aux_tasks`)."""
+"""Auxiliary tasks in words (:mod:`binllm_core.prompts.aux_rows`)."""
 AUX_PLACEHOLDERS = ("<ItemTitleList>", "<UserID>", "<CandidateA>", "<CandidateB>")
 
 
@@ -386,7 +386,7 @@ class PromptConfig(Section):
     """Prompt modes to render: ``text`` (no codes), one per code format (``binary``,
     ``dotdec``: codes in the user and target item slots; default: these and ``text``), and
     ``soft`` (the code template with soft tokens in those slots, whose projected embeddings the
-    LLM reads: :mod:`binllm_core.soft`). One output row per sample and mode."""
+    LLM reads: :mod:`binllm_core.llm.soft`). One output row per sample and mode."""
     history_len: int = 10
     """How many of the latest positive titles (quoted, comma-joined) fill ``<ItemTitleList>``."""
     empty_history: str = ""
@@ -508,7 +508,7 @@ class FinetuneConfig(Section):
     alone (the TALLRec / BinLLM-TO ablation); ``collm``: step 1 on text, step 2 on ``soft``
     prompts training the projector alone (LoRA frozen), as CoLLM; ``rsllm``: step 1 on text,
     step 2 on ``soft`` prompts training projector and LoRA with ``soft``'s contrastive terms
-    (RSLLM-style). The steps of each are :data:`pipelines.finetune.STRATEGIES`."""
+    (RSLLM-style). The steps of each are :data:`binllm_core.llm.strategies.STRATEGIES`."""
     code_mode: str = "binary"
     """Prompt mode of the code-bearing step of ``two_step``/``one_step``: a code format
     (``binary``, ``dotdec``; :data:`binllm_core.codes.CODE_FORMATS`) or ``soft``."""
@@ -544,7 +544,7 @@ class FinetuneConfig(Section):
     batch_by_prefix: bool = False
     """Build micro-batches from whole groups of prompts with the same user and history, so
     that each group's shared prefix runs forward and backward once
-    (:mod:`binllm_core.prefix_sharing`), and draw a ``max_train_samples`` subset as whole
+    (:mod:`binllm_core.llm.prefix_sharing`), and draw a ``max_train_samples`` subset as whole
     groups. Off by default: on ml-100k it trained 1.33x more sequences/s but reached a lower
     valid AUC at an equal number of sequences (0.553 against 0.578 after 320; BENCHMARKS.md,
     Fine-tuning), the batches being less varied. Either way, prompts of a micro-batch that
@@ -687,7 +687,7 @@ class ScoreConfig(Section):
     """Longest prompt in tokens; longer prompts lose their beginning (the answer cue stays)."""
     share_prefix: bool = True
     """Score the prompts that share a user prefix (same user, same history) with one prefix
-    pass and a copy of its key/value cache per prompt (:mod:`binllm_core.prefix_sharing`);
+    pass and a copy of its key/value cache per prompt (:mod:`binllm_core.llm.prefix_sharing`);
     scores equal those of whole prompts (float32 differences ~1e-5). False: every prompt whole."""
     max_restarts: int = resource(3)
     """How often a scoring actor that died is restarted (its unfinished batches are retried)."""
@@ -721,7 +721,7 @@ class ScoreConfig(Section):
 @dataclass
 class RetrieveConfig(Section):
     """Stage ``retrieve``: each user's top-N items by Hamming distance between the codes
-    (:mod:`binllm_core.retrieval`), and the sampled protocol's pools."""
+    (:mod:`binllm_core.ranking.retrieval`), and the sampled protocol's pools."""
 
     top_n: int = 100
     """Candidates per user (ranked by Hamming distance, then the tie rule); 0 turns the

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from binllm_core.errors import StageError
-from binllm_core.faults import fault_point
+from binllm_core.io.faults import fault_point
 
 MANIFEST = "_manifest.json"
 LAYOUT = 2

@@ -24,7 +24,7 @@ from binllm_core.errors import (
 )
 
 if TYPE_CHECKING:
-    from pipelines.console import Console
+    from pipelines.runtime.console import Console
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,7 +167,7 @@ def run_command(args: argparse.Namespace) -> None:
         raise ConfigError("no config given", todo="write binllm run configs/ml100k.yaml")
     cfg = load_config(path, args.overrides)
     # imports Ray: config known good
-    from pipelines.registry import preflight, run_folder, run_pipeline
+    from pipelines.runtime.registry import preflight, run_folder, run_pipeline
 
     if args.dry_run:
         print_status(cfg)
@@ -186,16 +186,16 @@ def run_command(args: argparse.Namespace) -> None:
 
 def _console(cfg: Any, command: str, args: argparse.Namespace) -> Console:
     """The command's console: Ray's lines into ``{run}/_logs/``, binllm's on the terminal."""
-    from pipelines.console import Console
-    from pipelines.registry import run_folder
+    from pipelines.runtime.console import Console
+    from pipelines.runtime.registry import run_folder
 
     fs, run = run_folder(cfg)
     return Console(fs, run, command, args.verbose, args.argv)
 
 
 def print_status(cfg: Any) -> None:
-    from binllm_core.lock import describe
-    from pipelines.registry import pipeline_status, run_folder, run_lock
+    from binllm_core.io.lock import describe
+    from pipelines.runtime.registry import pipeline_status, run_folder, run_lock
 
     fs, run = run_folder(cfg)
     print(f"[binllm] run {run}")
@@ -207,15 +207,15 @@ def print_status(cfg: Any) -> None:
 
 
 def status_command(args: argparse.Namespace) -> None:
-    from pipelines.runs import open_run
+    from pipelines.runtime.runs import open_run
 
     print_status(open_run(args.run, args.overrides, trained=False))
 
 
 def score_command(args: argparse.Namespace) -> None:
-    from pipelines.pair_scoring import score_candidates
-    from pipelines.runs import open_run
-    from pipelines.runtime import surface_user_errors
+    from pipelines.pairs import score_candidates
+    from pipelines.runtime.ray_helpers import surface_user_errors
+    from pipelines.runtime.runs import open_run
 
     cfg = open_run(args.run, args.overrides)
     with _console(cfg, "score", args), surface_user_errors():
@@ -224,8 +224,8 @@ def score_command(args: argparse.Namespace) -> None:
 
 def nightly_command(args: argparse.Namespace) -> None:
     from pipelines.nightly import run_nightly
-    from pipelines.runs import open_run
-    from pipelines.runtime import surface_user_errors
+    from pipelines.runtime.ray_helpers import surface_user_errors
+    from pipelines.runtime.runs import open_run
 
     if bool(args.candidates) == bool(args.topk):
         raise ConfigError(
@@ -250,8 +250,8 @@ def nightly_command(args: argparse.Namespace) -> None:
 
 def recommend_command(args: argparse.Namespace) -> None:
     from pipelines.recommend import recommend
-    from pipelines.runs import open_run
-    from pipelines.runtime import surface_user_errors
+    from pipelines.runtime.ray_helpers import surface_user_errors
+    from pipelines.runtime.runs import open_run
 
     cfg = open_run(args.run, args.overrides)
     with _console(cfg, "recommend", args), surface_user_errors():
@@ -259,7 +259,7 @@ def recommend_command(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines import console
+    from pipelines.runtime import console
 
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)

@@ -2,7 +2,7 @@
 
 Scores every row of a Parquet table of (user, item) source ids with a trained run (its config
 file or its folder) and writes Parquet plus a manifest; see
-:func:`pipelines.pair_scoring.score_candidates`.
+:func:`pipelines.pairs.score_candidates`.
 """
 
 from __future__ import annotations

@@ -17,20 +17,20 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from binllm_core.candidates import distinct_pairs
 from binllm_core.config import RunConfig
 from binllm_core.errors import ConfigError, StageError
+from binllm_core.prompts.user_pairs import distinct_pairs
 from binllm_core.storage import LAYOUT, join, read_manifest, read_published, to_uri
-from pipelines.pair_scoring import (
+from pipelines.pairs import (
     CANDIDATE_SCORES_SCHEMA,
     CARRY_COLUMNS,
     manifest_base,
     read_pairs,
     score_pairs,
 )
-from pipelines.publish import publishing, write_dataset
-from pipelines.registry import check_command
-from pipelines.stage import StageContext
+from pipelines.runtime.publish import publishing, write_dataset
+from pipelines.runtime.registry import check_command
+from pipelines.runtime.stage import StageContext
 
 NIGHTLY = "nightly"
 

@@ -3,16 +3,16 @@
 For each user (a Parquet table with a string column ``user`` of source ids, or every user of the
 run) the steps of stages ``retrieve`` and ``rerank`` run on the user's whole known past: the
 ``rerank.top_n`` items nearest to the user's code that the user never interacted with
-(:class:`pipelines.retrieve.UserRetriever`), each rendered with the user's latest positives as
-history and scored in ``score.candidate_mode`` (:func:`pipelines.rerank.rerank`), the first ``k``
-kept. A user the encoder never saw has no code: by ``score.unknown`` they get the most popular
+(:class:`pipelines.ops.retrieval.UserRetriever`), each rendered with the user's latest positives as
+history and scored in ``score.candidate_mode`` (:func:`pipelines.ops.reranking.rerank`), the first
+``k`` kept. A user the encoder never saw has no code: by ``score.unknown`` they get the most popular
 items they have not seen, scored with text prompts and flagged ``cold`` (``text``), are left out
 and counted (``skip``), or stop the job naming them (``error``).
 
-Outputs are published whole (:mod:`pipelines.publish`): ``{run}/recommendations/{name}/`` (or
-``--output``), and for the nightly job ``{run}/recommendations/date=YYYY-MM-DD/``, where the same
-date again replaces the partition whole. Table ``recommendations``:
-:data:`pipelines.rerank.RECOMMENDATIONS_SCHEMA` (protocol ``serve``, empty split).
+Outputs are published whole (:mod:`pipelines.runtime.publish`): ``{run}/recommendations/{name}/``
+(or ``--output``), and for the nightly job ``{run}/recommendations/date=YYYY-MM-DD/``, where the
+same date again replaces the partition whole. Table ``recommendations``:
+:data:`pipelines.ops.reranking.RECOMMENDATIONS_SCHEMA` (protocol ``serve``, empty split).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from binllm_core.candidates import check_ids
 from binllm_core.config import RunConfig
 from binllm_core.errors import ConfigError, DataError, StageError
+from binllm_core.prompts.user_pairs import check_ids
 from binllm_core.storage import (
     join,
     parquet_files,
@@ -39,14 +39,14 @@ from binllm_core.storage import (
     to_uri,
 )
 from pipelines.nightly import parse_date
-from pipelines.pair_scoring import candidate_mode, manifest_base, manifest_or_none
-from pipelines.publish import publishing, write_dataset
-from pipelines.registry import check_command
-from pipelines.rerank import RECOMMENDATIONS_SCHEMA, rerank
-from pipelines.retrieve import SERVE, retrieve, retriever_kwargs
-from pipelines.runs import input_stem, load_lookups, output_target
-from pipelines.score import NONE, adapter_plan
-from pipelines.stage import StageContext
+from pipelines.ops.reranking import RECOMMENDATIONS_SCHEMA, rerank
+from pipelines.ops.retrieval import SERVE, retrieve, retriever_kwargs
+from pipelines.ops.scoring import NONE, adapter_plan
+from pipelines.pairs import candidate_mode, manifest_base, manifest_or_none
+from pipelines.runtime.publish import publishing, write_dataset
+from pipelines.runtime.registry import check_command
+from pipelines.runtime.runs import input_stem, load_lookups, output_target
+from pipelines.runtime.stage import StageContext
 
 RECOMMENDATIONS = "recommendations"
 
@@ -84,7 +84,7 @@ def recommend_lists(
 ) -> tuple[Any, dict[str, Any]]:
     """The top-``k`` lists (a materialized dataset) and counts for ``users`` (None: every user
     of the run)."""
-    from pipelines.runtime import ensure_ray
+    from pipelines.runtime.ray_helpers import ensure_ray
 
     check_k(cfg, k)
     ensure_ray()

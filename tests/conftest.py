@@ -26,7 +26,7 @@ def ray_session():
     """A real local Ray, started once (starting Ray costs seconds on 2 cores)."""
     import ray
 
-    from pipelines.runtime import ensure_ray
+    from pipelines.runtime.ray_helpers import ensure_ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

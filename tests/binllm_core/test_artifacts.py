@@ -1,4 +1,4 @@
-"""Model files from anywhere (:mod:`binllm_core.artifacts`): fetched once per node and version
+"""Model files from anywhere (:mod:`binllm_core.io.artifacts`): fetched once per node and version
 from a real S3 API (moto's server) and a local web server, concurrent fetches that download
 once, one-line errors; a backbone and an adapter at a URI checked where they lie and loaded; a
 GGUF converted once per node that scores as the GGUF does."""
@@ -20,7 +20,9 @@ import pytest
 import s3fs
 import torch
 
-from binllm_core.artifacts import (
+from binllm_core.config import ModelConfig
+from binllm_core.errors import ConfigError
+from binllm_core.io.artifacts import (
     build_once,
     cache_key,
     fetch,
@@ -29,10 +31,8 @@ from binllm_core.artifacts import (
     stat_identity,
     version,
 )
-from binllm_core.config import ModelConfig
-from binllm_core.errors import ConfigError
-from binllm_core.lineage import model_identity
-from binllm_core.llm import (
+from binllm_core.io.lineage import model_identity
+from binllm_core.llm.loading import (
     TINY_VOCAB,
     check_backbone,
     fetch_adapter,
@@ -42,8 +42,8 @@ from binllm_core.llm import (
     tiny_model,
     tiny_tokenizer,
 )
-from binllm_core.recommender import LLMRecommender
-from binllm_core.scoring import Scorer
+from binllm_core.llm.recommender import LLMRecommender
+from binllm_core.llm.scoring import Scorer
 from tests.conftest import SMOLLM_GGUF
 
 PROMPTS = [
@@ -355,7 +355,7 @@ def test_a_model_folder_on_s3_loads_as_the_model(tmp_path: Path, s3_bucket) -> N
 def test_an_adapter_on_s3_is_checked_there_and_scores_as_the_local_one(
     tmp_path: Path, s3_bucket, downloads
 ) -> None:
-    from pipelines.score import PromptScorer, adapter_hash
+    from pipelines.ops.scoring import PromptScorer, adapter_hash
 
     bucket, options = s3_bucket
     tiny = ModelConfig(backbone="tiny", cache_dir=str(tmp_path / "c"))
@@ -403,7 +403,7 @@ def test_a_gguf_is_converted_once_and_scores_as_the_gguf(tmp_path: Path, monkeyp
         pytest.skip(f"shared SmolLM2 GGUF not found at {SMOLLM_GGUF}")
     from transformers import AutoModelForCausalLM
 
-    from binllm_core import llm
+    from binllm_core.llm import loading as llm
 
     cfg = ModelConfig(backbone=str(SMOLLM_GGUF), cache_dir=str(tmp_path / "c"))
     from_gguf = load_tokenizer(cfg)  # no converted folder yet: read from the GGUF

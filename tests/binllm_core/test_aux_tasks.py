@@ -10,8 +10,6 @@ import polars as pl
 import pytest
 import torch
 
-from binllm_core.aux_tasks import LETTERS, AuxTemplates, build_rows, render_rows, repeated_rows
-from binllm_core.batches import pad_left, tokenize, with_targets
 from binllm_core.config import (
     AuxConfig,
     ConfigError,
@@ -21,10 +19,18 @@ from binllm_core.config import (
     TuneStepConfig,
     load_config,
 )
-from binllm_core.objectives import Examples
-from binllm_core.prompts import Lookups
-from binllm_core.recommender import LLMRecommender
-from binllm_core.tuning import TaskRows, TuningRun, interleave, micro_batches, shuffled_batches
+from binllm_core.llm.batches import pad_left, tokenize, with_targets
+from binllm_core.llm.objectives import Examples
+from binllm_core.llm.recommender import LLMRecommender
+from binllm_core.llm.tuning import TaskRows, TuningRun, interleave, micro_batches, shuffled_batches
+from binllm_core.prompts.aux_rows import (
+    LETTERS,
+    AuxTemplates,
+    build_rows,
+    render_rows,
+    repeated_rows,
+)
+from binllm_core.prompts.render import Lookups
 
 N_USERS, N_ITEMS = 30, 80
 TINY = ModelConfig(backbone="tiny")

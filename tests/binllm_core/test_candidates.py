@@ -5,7 +5,10 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from binllm_core.candidates import (
+from binllm_core.config import PromptConfig
+from binllm_core.errors import DataError
+from binllm_core.prompts.templates import templates_from_config
+from binllm_core.prompts.user_pairs import (
     build_lookups,
     check_pairs,
     distinct_pairs,
@@ -13,9 +16,6 @@ from binllm_core.candidates import (
     summary,
     with_row_numbers,
 )
-from binllm_core.config import PromptConfig
-from binllm_core.errors import DataError
-from binllm_core.prompts import templates_from_config
 
 TEMPLATES = templates_from_config(PromptConfig())
 

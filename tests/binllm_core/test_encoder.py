@@ -10,17 +10,9 @@ import pytest
 import torch
 
 from binllm_core.config import EncoderConfig
-from binllm_core.encoder import (
-    BINARY,
-    FLOAT,
-    EncoderTraining,
-    beta_at,
-    fit,
-    normalized_adjacency,
-    sign_ste,
-    split_samples,
-    train_graph,
-)
+from binllm_core.encoder.data import normalized_adjacency, split_samples, train_graph
+from binllm_core.encoder.model import BINARY, FLOAT, sign_ste
+from binllm_core.encoder.training import EncoderTraining, beta_at, fit
 from binllm_core.errors import ConfigError
 
 PLANTED = EncoderConfig(

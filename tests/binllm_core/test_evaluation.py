@@ -1,4 +1,5 @@
-"""Evaluation report: metric rows use binllm_core.metrics, ROC points, PNG and Markdown."""
+"""Evaluation report: metric rows use binllm_core.evaluation.metrics, ROC points, PNG and
+Markdown."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from binllm_core import metrics
-from binllm_core.evaluation import (
+from binllm_core.evaluation import metrics
+from binllm_core.evaluation.report import (
     METRICS_SCHEMA,
     codes_metrics,
     llm_metrics,

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from binllm_core.errors import DataError
-from binllm_core.formats import (
+from binllm_core.data.formats import (
     INTERACTIONS,
     dedupe_items,
     detect,
     parse_interactions,
     parse_items,
 )
-from binllm_core.sources import first_line, lines_before, list_source, plan_chunks, read_chunk
+from binllm_core.data.sources import first_line, lines_before, list_source, plan_chunks, read_chunk
+from binllm_core.errors import DataError
 from tests.conftest import FIXTURES
 
 FORMATS = FIXTURES / "formats"
@@ -271,7 +271,7 @@ def test_json_read_at_once_gives_what_line_by_line_gives(monkeypatch) -> None:
     chunks with each kind of odd line (then it falls back)."""
     import random
 
-    import binllm_core.formats as formats
+    import binllm_core.data.formats as formats
 
     rng = random.Random(3)
     good = [GOOD_JSON % (k, k % 7, k % 5 + 1, 1500000000 + k) for k in range(40)]

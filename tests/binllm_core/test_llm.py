@@ -9,14 +9,13 @@ import pyarrow as pa
 import pytest
 import torch
 
-from binllm_core.batches import collate
 from binllm_core.config import FinetuneConfig, ModelConfig, PromptConfig, TuneStepConfig
 from binllm_core.errors import ConfigError
-from binllm_core.llm import answer_token_id, load_tokenizer, resolve_source
-from binllm_core.prompts import Lookups, render_table, templates_from_config
-from binllm_core.recommender import LLMRecommender
-from binllm_core.scoring import Scorer
-from binllm_core.tuning import (
+from binllm_core.llm.batches import collate
+from binllm_core.llm.loading import answer_token_id, load_tokenizer, resolve_source
+from binllm_core.llm.recommender import LLMRecommender
+from binllm_core.llm.scoring import Scorer
+from binllm_core.llm.tuning import (
     EvalSet,
     Schedule,
     TaskRows,
@@ -24,6 +23,8 @@ from binllm_core.tuning import (
     fit_plain,
     shuffled_batches,
 )
+from binllm_core.prompts.render import Lookups, render_table
+from binllm_core.prompts.templates import templates_from_config
 from tests.binllm_core.test_prompts import SAMPLE_SCHEMA
 from tests.conftest import SMOLLM_GGUF
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from binllm_core.lock import LockedError, WriterLock, _rewrite
+from binllm_core.io.lock import LockedError, WriterLock, _rewrite
 from binllm_core.storage import resolve
 
 

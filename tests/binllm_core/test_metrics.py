@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from binllm_core.metrics import auc, score_report, uauc
+from binllm_core.evaluation.metrics import auc, score_report, uauc
 
 
 def brute_auc(labels: np.ndarray, scores: np.ndarray) -> float:

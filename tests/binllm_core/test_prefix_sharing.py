@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from binllm_core.batches import PromptBatch, collate
 from binllm_core.config import FinetuneConfig, ModelConfig, PromptConfig
-from binllm_core.prefix_sharing import SharedPrefixBatch, group_by_prefix, tokenize_with_prefix
-from binllm_core.prompts import prompt_of, templates_from_config
-from binllm_core.recommender import LLMRecommender
-from binllm_core.scoring import Scorer
-from binllm_core.tuning import TaskRows, prefix_grouped_batches
+from binllm_core.llm.batches import PromptBatch, collate
+from binllm_core.llm.prefix_sharing import SharedPrefixBatch, group_by_prefix, tokenize_with_prefix
+from binllm_core.llm.recommender import LLMRecommender
+from binllm_core.llm.scoring import Scorer
+from binllm_core.llm.tuning import TaskRows, prefix_grouped_batches
+from binllm_core.prompts.render import prompt_of
+from binllm_core.prompts.templates import templates_from_config
 from tests.conftest import SMOLLM_GGUF
 
 TEMPLATES = templates_from_config(PromptConfig())

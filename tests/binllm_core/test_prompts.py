@@ -7,13 +7,8 @@ import pytest
 
 from binllm_core.config import PromptConfig
 from binllm_core.errors import ConfigError, DataError
-from binllm_core.prompts import (
-    PROMPT_SCHEMA,
-    Lookups,
-    lookups_from_tables,
-    render_table,
-    templates_from_config,
-)
+from binllm_core.prompts.render import PROMPT_SCHEMA, Lookups, lookups_from_tables, render_table
+from binllm_core.prompts.templates import templates_from_config
 
 SAMPLE_SCHEMA = pa.schema(
     [

@@ -11,8 +11,7 @@ import polars as pl
 import pytest
 
 from binllm_core.config import ProtocolConfig, load_config
-from binllm_core.errors import ConfigError, DataError, StageError
-from binllm_core.protocol import (
+from binllm_core.data.protocol import (
     SAMPLES_SCHEMA,
     InProcess,
     build_samples,
@@ -21,6 +20,7 @@ from binllm_core.protocol import (
     prepare,
     run_protocol,
 )
+from binllm_core.errors import ConfigError, DataError, StageError
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,8 @@ import pytest
 
 from binllm_core.config import load_config
 from binllm_core.errors import ConfigError
-from binllm_core.ranking import ranking_metrics, top_by_score, user_metrics
+from binllm_core.ranking.lists import top_by_score
+from binllm_core.ranking.metrics import ranking_metrics, user_metrics
 
 
 def test_metrics_of_one_list_by_hand():

@@ -7,7 +7,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from binllm_core.retrieval import (
+from binllm_core.ranking.retrieval import (
     BACKENDS,
     TIE_BREAKS,
     Catalog,

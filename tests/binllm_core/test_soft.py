@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from binllm_core.batches import collate
 from binllm_core.config import (
     FinetuneConfig,
     ModelConfig,
@@ -19,13 +18,14 @@ from binllm_core.config import (
     load_config,
 )
 from binllm_core.errors import ConfigError, DataError
-from binllm_core.metrics import auc
-from binllm_core.objectives import REC, SoftContrastive
-from binllm_core.prompts import templates_from_config
-from binllm_core.recommender import LLMRecommender
-from binllm_core.scoring import Scorer
-from binllm_core.soft import ITEM_TOKEN, USER_TOKEN, EntityVectors, info_nce
-from binllm_core.tuning import TaskRows, fit_plain, shuffled_batches, with_curriculum
+from binllm_core.evaluation.metrics import auc
+from binllm_core.llm.batches import collate
+from binllm_core.llm.objectives import REC, SoftContrastive
+from binllm_core.llm.recommender import LLMRecommender
+from binllm_core.llm.scoring import Scorer
+from binllm_core.llm.soft import ITEM_TOKEN, USER_TOKEN, EntityVectors, info_nce
+from binllm_core.llm.tuning import TaskRows, fit_plain, shuffled_batches, with_curriculum
+from binllm_core.prompts.templates import templates_from_config
 
 N_USERS, N_ITEMS, DIM = 20, 40, 8
 RNG = np.random.default_rng(0)
@@ -187,7 +187,7 @@ def test_config_rules_of_soft_steps() -> None:
     with pytest.raises(ConfigError, match="score.modes has soft, and no finetune step trains"):
         load_config("configs/tiny.yaml", ["prompts.modes=[text,soft]", "score.modes=[soft]"])
     # Candidates (binllm score, nightly, recommend) are rendered in the last step's mode.
-    from pipelines.pair_scoring import candidate_mode
+    from pipelines.pairs import candidate_mode
 
     collm = load_config(
         "configs/tiny.yaml", ["finetune.strategy=collm", "prompts.modes=[text,soft]"]

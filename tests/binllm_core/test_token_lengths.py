@@ -8,9 +8,9 @@ import random
 import pytest
 
 from binllm_core.config import ModelConfig
-from binllm_core.llm import load_tokenizer
-from binllm_core.soft import ITEM_TOKEN, USER_TOKEN
-from binllm_core.token_lengths import WHITE_SPACE, TokenLengths
+from binllm_core.llm.loading import load_tokenizer
+from binllm_core.llm.soft import ITEM_TOKEN, USER_TOKEN
+from binllm_core.prompts.token_lengths import WHITE_SPACE, TokenLengths
 from tests.conftest import SMOLLM_GGUF
 
 needs_smollm = pytest.mark.skipif(
@@ -69,7 +69,7 @@ def test_byte_level_bpe_is_counted_by_chunk_and_stays_exact() -> None:
     texts = HARD_TEXTS + _random_texts(500, seed=11)
     expected = _called(tokenizer, texts)
     assert lengths(texts) == expected and lengths(texts) == expected
-    import binllm_core.token_lengths as module
+    import binllm_core.prompts.token_lengths as module
 
     limit, module.MAX_CHUNKS = module.MAX_CHUNKS, 8
     try:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from binllm_core.errors import ConfigError
-from binllm_core.truncation import count_truncated
+from binllm_core.prompts.truncation import count_truncated
 
 
 def test_prompts_longer_than_max_length_are_counted():

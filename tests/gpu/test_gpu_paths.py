@@ -8,7 +8,7 @@ Run on a machine with CUDA (skipped without one, with the reason)::
   GPU (Ray Train, NCCL) and the scoring/re-ranking actors holding ``score.num_gpus=1``;
 * LoRA merge on the GPU: the same scores before and after ``merge_adapter()``;
 * CPU against GPU: the same adapter and prompts through the scoring actor's class
-  (:class:`pipelines.score.PromptScorer`), on CPU float32 and on the GPU.
+  (:class:`pipelines.ops.scoring.PromptScorer`), on CPU float32 and on the GPU.
 
 The tolerances are stated in each test's docstring. Every score here is the answer score of
 ``model.answer_score: yes_minus_no`` (the ``Yes`` logit less the ``No`` logit). The tiny
@@ -29,9 +29,9 @@ import pytest
 import torch
 
 from binllm_core.config import FinetuneConfig, ModelConfig, PromptConfig
-from binllm_core.prompts import templates_from_config
-from binllm_core.recommender import LLMRecommender
-from binllm_core.scoring import Scorer
+from binllm_core.llm.recommender import LLMRecommender
+from binllm_core.llm.scoring import Scorer
+from binllm_core.prompts.templates import templates_from_config
 from binllm_core.storage import MANIFEST, read_output
 from tests.binllm_core.test_prefix_sharing import user_prompts
 from tests.pipelines.test_score import lineage
@@ -124,7 +124,7 @@ def test_tiny_run_on_the_gpu_writes_finite_scores_and_records_the_gpu_settings(
     import ray
 
     from jobs.cli import main
-    from pipelines.registry import STAGES
+    from pipelines.runtime.registry import STAGES
 
     assert ray.cluster_resources().get("GPU", 0) >= 1, "Ray sees no GPU: the actors would wait"
     sets = [f"output_root={tmp_path / 'runs'}", f"data.uri={TINY_DATA}", *GPU_RUN]
@@ -206,7 +206,7 @@ def test_gpu_scoring_actor_agrees_with_cpu_float32(
     ``score`` stage runs). The answer scores (Yes-No logits) agree within 1e-3 absolute for
     float32 on the GPU, 5e-2 for bfloat16; P(Yes) within a quarter of that (the sigmoid's
     slope is at most 1/4); the adapter moves some CPU score by at least 5x the tolerance."""
-    from pipelines.score import PromptScorer
+    from pipelines.ops.scoring import PromptScorer
 
     cut = templates_from_config(PromptConfig()).prefix_cut()
     args = {"lineage": lineage(), "batch_size": 8, "max_length": 512}

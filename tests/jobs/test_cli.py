@@ -213,7 +213,7 @@ def test_a_store_that_cannot_be_reached_is_one_line_naming_what_to_set(
 
 def test_status_shows_a_run_in_progress(tmp_path: Path, capsys: pytest.CaptureFixture):
     from binllm_core.config import load_config
-    from pipelines.registry import run_lock
+    from pipelines.runtime.registry import run_lock
 
     sets = ["--set", f"output_root={tmp_path}"]
     with run_lock(load_config("configs/tiny.yaml", sets[1:]), lambda _: None):

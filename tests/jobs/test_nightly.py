@@ -13,10 +13,10 @@ import pytest
 
 from binllm_core import storage
 from binllm_core.errors import DataError
-from binllm_core.lock import LockedError, WriterLock
+from binllm_core.io.lock import LockedError, WriterLock
 from binllm_core.storage import read_output
 from pipelines import nightly as scoring
-from pipelines.pair_scoring import CANDIDATE_SCORES_SCHEMA, score_candidates
+from pipelines.pairs import CANDIDATE_SCORES_SCHEMA, score_candidates
 from tests.jobs.fake_run import candidates, fake_run
 
 pytestmark = pytest.mark.slow  # scoring actor pools

@@ -12,8 +12,8 @@ import fsspec
 import pytest
 
 from jobs.cli import main
-from pipelines import console
-from pipelines.console import Console
+from pipelines.runtime import console
+from pipelines.runtime.console import Console
 
 LOCAL = fsspec.filesystem("file")
 
@@ -91,7 +91,7 @@ def test_an_unexpected_error_is_one_line_pointing_at_its_trace(tmp_path: Path, m
         console.current().ray_started()  # as ensure_ray does: the log exists from here on
         raise KeyError("no such column")
 
-    monkeypatch.setattr("pipelines.registry.run_pipeline", broken)
+    monkeypatch.setattr("pipelines.runtime.registry.run_pipeline", broken)
     assert main(["run", "configs/tiny.yaml", "--set", f"output_root={tmp_path}"]) == 1
     err = capsys.readouterr().err
     (log,) = (tmp_path / "tiny" / "_logs").glob("*.log")

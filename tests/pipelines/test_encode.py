@@ -11,10 +11,12 @@ import pytest
 
 from binllm_core.codes import from_binary, from_dotdec
 from binllm_core.config import EncoderConfig, RunConfig
-from binllm_core.encoder import BINARY, fit, split_samples
+from binllm_core.encoder.data import split_samples
+from binllm_core.encoder.model import BINARY
+from binllm_core.encoder.training import fit
 from binllm_core.storage import MANIFEST
-from pipelines import encode
-from pipelines.stage import Stage, StageContext, run_stage
+from pipelines.runtime.stage import Stage, StageContext, run_stage
+from pipelines.stages import encode
 from tests.binllm_core.test_encoder import planted_samples
 
 pytestmark = pytest.mark.slow  # Ray Train

@@ -10,11 +10,11 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from binllm_core import metrics
 from binllm_core.config import load_config
+from binllm_core.evaluation import metrics
 from binllm_core.storage import read_output
-from pipelines.registry import STAGES
-from pipelines.stage import run_stage
+from pipelines.runtime.registry import STAGES
+from pipelines.runtime.stage import run_stage
 from tests.jobs.fake_run import publish_stage
 
 

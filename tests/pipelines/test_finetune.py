@@ -14,16 +14,16 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from binllm_core.metrics import auc
-from binllm_core.prompts import templates_from_config
-from binllm_core.recommender import LLMRecommender
-from binllm_core.scoring import Scorer
-from binllm_core.soft import EntityVectors
+from binllm_core.evaluation.metrics import auc
+from binllm_core.llm.recommender import LLMRecommender
+from binllm_core.llm.scoring import Scorer
+from binllm_core.llm.soft import EntityVectors
+from binllm_core.llm.tuning import interleave
+from binllm_core.prompts.templates import templates_from_config
 from binllm_core.storage import MANIFEST, read_output
-from binllm_core.tuning import interleave
-from pipelines.finetune import FAULT_POINT, FINISHED, _prefix_groups, train_sample_ids
-from pipelines.render import prompt_index
-from pipelines.stage import StageContext, run_stage
+from pipelines.ops.prompt_selection import prompt_index
+from pipelines.runtime.stage import StageContext, run_stage
+from pipelines.stages.finetune import FAULT_POINT, FINISHED, _prefix_groups, train_sample_ids
 from tests.pipelines.test_render import fake_upstream, make_cfg, read_prompts, stage
 
 pytestmark = pytest.mark.slow  # Ray Train

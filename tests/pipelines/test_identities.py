@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from binllm_core.config import ModelConfig, RetrieveConfig
-from binllm_core.llm import ADAPTER_CONFIG
-from binllm_core.recommender import LLMRecommender
-from binllm_core.retrieval import Catalog
+from binllm_core.llm.loading import ADAPTER_CONFIG
+from binllm_core.llm.recommender import LLMRecommender
+from binllm_core.ranking.retrieval import Catalog
 from binllm_core.storage import (
     MANIFEST,
     RUN_LINEAGE,
@@ -25,8 +25,8 @@ from binllm_core.storage import (
     resolve,
 )
 from jobs.cli import main
-from pipelines.registry import STAGES
-from pipelines.retrieve import UserRetriever
+from pipelines.ops.retrieval import UserRetriever
+from pipelines.runtime.registry import STAGES
 
 
 # ---- the hashing rules (fast) ------------------------------------------------------------------

@@ -19,8 +19,8 @@ from binllm_core.config import DataConfig, RunConfig
 from binllm_core.errors import DataError, find_user_error
 from binllm_core.storage import MANIFEST, read_output
 from jobs.cli import main
-from pipelines.registry import STAGES
-from pipelines.stage import run_stage
+from pipelines.runtime.registry import STAGES
+from pipelines.runtime.stage import run_stage
 from tests.conftest import FIXTURES, free_port
 
 FORMATS = FIXTURES / "formats"

@@ -10,9 +10,9 @@ import fsspec
 import pytest
 import ray
 
-from pipelines import progress as progress_module
-from pipelines.console import Console
-from pipelines.progress import Tally, _Display, progress
+from pipelines.runtime import progress as progress_module
+from pipelines.runtime.console import Console
+from pipelines.runtime.progress import Tally, _Display, progress
 
 
 class Terminal(io.StringIO):

@@ -11,7 +11,7 @@ import ray
 
 from binllm_core.errors import StageError
 from binllm_core.storage import MANIFEST, Publication, read_output, resolve
-from pipelines.publish import write_dataset
+from pipelines.runtime.publish import write_dataset
 
 
 def _publication(target: Path) -> Publication:

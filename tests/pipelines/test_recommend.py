@@ -14,17 +14,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from binllm_core.candidates import render_candidates, with_row_numbers
 from binllm_core.errors import DataError
-from binllm_core.prompts import templates_from_config
-from binllm_core.recommender import LLMRecommender
-from binllm_core.scoring import Scorer
-from binllm_core.soft import EntityVectors
+from binllm_core.llm.recommender import LLMRecommender
+from binllm_core.llm.scoring import Scorer
+from binllm_core.llm.soft import EntityVectors
+from binllm_core.prompts.templates import templates_from_config
+from binllm_core.prompts.user_pairs import render_candidates, with_row_numbers
 from jobs.cli import main
-from pipelines.pair_scoring import read_pairs, score_pairs
+from pipelines.pairs import read_pairs, score_pairs
 from pipelines.recommend import read_recommendations, recommend
-from pipelines.runs import load_lookups
-from pipelines.stage import StageContext
+from pipelines.runtime.runs import load_lookups
+from pipelines.runtime.stage import StageContext
 from tests.jobs.fake_run import candidates, fake_run, publish_stage
 
 pytestmark = pytest.mark.slow  # retrieval and scoring actor pools

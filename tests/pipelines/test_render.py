@@ -12,11 +12,11 @@ import pytest
 
 from binllm_core.codes import embeddings_table
 from binllm_core.config import RunConfig, load_config
-from binllm_core.llm import load_tokenizer
+from binllm_core.llm.loading import load_tokenizer
 from binllm_core.storage import MANIFEST, read_output
-from pipelines import render
-from pipelines.registry import STAGES
-from pipelines.stage import Stage, StageContext, run_stage
+from pipelines.runtime.registry import STAGES
+from pipelines.runtime.stage import Stage, StageContext, run_stage
+from pipelines.stages import render
 from tests.conftest import SMOLLM_GGUF
 
 pytestmark = pytest.mark.slow  # the token-counting actor pool

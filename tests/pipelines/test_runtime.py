@@ -9,7 +9,7 @@ import pytest
 import ray
 
 from binllm_core.errors import ConfigError, DataError, find_user_error, raised_elsewhere
-from pipelines.runtime import surface_user_errors
+from pipelines.runtime.ray_helpers import surface_user_errors
 
 
 @ray.remote(max_retries=0)

@@ -10,8 +10,8 @@ import pytest
 from binllm_core.config import RunConfig, load_config
 from binllm_core.errors import StageError
 from binllm_core.storage import MANIFEST, read_output
-from pipelines import samples
-from pipelines.stage import Stage, StageContext, run_stage
+from pipelines.runtime.stage import Stage, StageContext, run_stage
+from pipelines.stages import samples
 
 SAMPLES = Stage("samples", samples.run, ("protocol",), ("ingest",))
 
@@ -145,7 +145,7 @@ def test_missing_column_is_a_data_error(ray_session, tmp_path: Path):
 
 
 def test_after_the_real_ingest_on_the_tiny_fixture(ray_session, tmp_path: Path):
-    from pipelines.registry import run_pipeline
+    from pipelines.runtime.registry import run_pipeline
 
     manifests = run_pipeline(make_cfg(tmp_path), ["ingest", "samples"], log=lambda _: None)
     metrics = manifests["samples"]["metrics"]

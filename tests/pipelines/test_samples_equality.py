@@ -19,8 +19,8 @@ import pytest
 from benchmarks.synthetic import amazon2018_json, movielens_csv
 from binllm_core.config import load_config
 from binllm_core.storage import read_output
-from pipelines import samples
-from pipelines.registry import run_pipeline
+from pipelines.runtime.registry import run_pipeline
+from pipelines.stages import samples
 from tests.conftest import FIXTURES, ML100K
 
 GOLDEN = json.loads((FIXTURES / "samples_golden.json").read_text())

@@ -13,9 +13,10 @@ import ray
 
 from binllm_core.config import ModelConfig, load_config
 from binllm_core.errors import StageError
-from binllm_core.recommender import LLMRecommender
-from binllm_core.scoring import Scorer
-from pipelines import score
+from binllm_core.llm.recommender import LLMRecommender
+from binllm_core.llm.scoring import Scorer
+from pipelines.ops import scoring
+from pipelines.stages import score
 
 WORDS = "A user has given high ratings to the following movies Yes No 0 1 2 3 4 5 6 7".split()
 
@@ -39,7 +40,7 @@ def lineage() -> dict:
 
 def test_length_sorted_scores_equal_plain_scores_in_order():
     texts = prompts(37)
-    scorer = score.PromptScorer(
+    scorer = scoring.PromptScorer(
         ModelConfig(backbone="tiny"), "", lineage(), batch_size=8, max_length=1024
     )
     got, lengths = scorer.logits(texts)
@@ -71,7 +72,7 @@ def test_merged_lora_adapter_scores_like_the_peft_model(tmp_path: Path):
     rec = random_adapter(tmp_path / "adapter")
     texts = prompts(10, seed=3)
     expected, _ = Scorer(rec, batch_size=4, max_length=1024).score(texts)
-    scorer = score.PromptScorer(
+    scorer = scoring.PromptScorer(
         ModelConfig(backbone="tiny"),
         str(tmp_path / "adapter"),
         lineage(),
@@ -84,14 +85,14 @@ def test_merged_lora_adapter_scores_like_the_peft_model(tmp_path: Path):
 
 def test_actor_sharing_user_prefixes_scores_like_whole_prompts(tmp_path: Path):
     from binllm_core.config import PromptConfig
-    from binllm_core.prompts import templates_from_config
+    from binllm_core.prompts.templates import templates_from_config
     from tests.binllm_core.test_prefix_sharing import user_prompts
 
     rec = random_adapter(tmp_path / "adapter")
     texts = user_prompts(seed=5)
     expected, _ = Scorer(rec, batch_size=4, max_length=1024).score(texts)
     cut = templates_from_config(PromptConfig()).prefix_cut()
-    scorer = score.PromptScorer(
+    scorer = scoring.PromptScorer(
         ModelConfig(backbone="tiny"),
         str(tmp_path / "adapter"),
         lineage(),
@@ -109,7 +110,7 @@ def test_actor_sharing_user_prefixes_scores_like_whole_prompts(tmp_path: Path):
 def test_killed_actor_is_replaced_and_every_row_is_scored_once(
     tmp_path: Path, ray_session, monkeypatch: pytest.MonkeyPatch
 ):
-    monkeypatch.setenv("BINLLM_TEST_FAULT", f"{score.FAULT_POINT}@3")
+    monkeypatch.setenv("BINLLM_TEST_FAULT", f"{scoring.FAULT_POINT}@3")
     cfg = load_config(
         "configs/tiny.yaml",
         [
@@ -122,7 +123,7 @@ def test_killed_actor_is_replaced_and_every_row_is_scored_once(
     n = 96
     ds = ray.data.from_arrow(pa.table({"sample_id": list(range(n)), "prompt": prompts(n)}))
     ds = ds.repartition(12)
-    out = score.score_dataset(ds, cfg, "", dt.datetime.now(dt.UTC)).materialize()
+    out = scoring.score_dataset(ds, cfg, "", dt.datetime.now(dt.UTC)).materialize()
     ids = sorted(out.to_pandas()["sample_id"].tolist())
     assert ids == list(range(n))
     markers = list(Path(__import__("tempfile").gettempdir()).glob("binllm-scorer-fault-*"))
@@ -146,20 +147,20 @@ def test_adapter_plan_defaults_and_overrides(tmp_path: Path):
 
     a1, a2 = "/runs/copy/finetune/v-1/adapters/step1", "/runs/copy/finetune/v-1/adapters/step2"
     assert score.default_modes(cfg, finetune) == ["text", "binary"]
-    assert score.adapter_plan(cfg, ["text", "binary", "dotdec"], finetune, locate) == {
+    assert scoring.adapter_plan(cfg, ["text", "binary", "dotdec"], finetune, locate) == {
         "text": a1,
         "binary": a2,
         "dotdec": a2,
     }
     cfg.score.adapters = {"text": "step2", "binary": "none", "dotdec": "s3://b/a"}
-    assert score.adapter_plan(cfg, ["text", "binary", "dotdec"], finetune, locate) == {
+    assert scoring.adapter_plan(cfg, ["text", "binary", "dotdec"], finetune, locate) == {
         "text": a2,
         "binary": "",
         "dotdec": "s3://b/a",
     }
     cfg.score.adapters = {}
     with pytest.raises(StageError, match="finetune has not finished"):
-        score.adapter_plan(cfg, ["text"], None, locate)
+        scoring.adapter_plan(cfg, ["text"], None, locate)
 
     # Step 2 alone from a step-1 adapter made elsewhere: text prompts (cold users) use that one.
     step2_only = load_config(
@@ -176,7 +177,7 @@ def test_adapter_plan_defaults_and_overrides(tmp_path: Path):
         "steps": {"step2": {"mode": "soft", "adapter": "finetune/v-1/adapters/step2"}},
         "final_adapter": "finetune/v-1/adapters/step2",
     }
-    assert score.adapter_plan(step2_only, ["soft", "text"], soft_only, locate) == {
+    assert scoring.adapter_plan(step2_only, ["soft", "text"], soft_only, locate) == {
         "soft": a2,
         "text": "/adapters/tallrec",
     }

@@ -11,7 +11,7 @@ import pytest
 from binllm_core.config import RunConfig, load_config
 from binllm_core.errors import StageError
 from binllm_core.storage import MANIFEST, read_output
-from pipelines.stage import Stage, StageContext, run_stage
+from pipelines.runtime.stage import Stage, StageContext, run_stage
 
 
 def make_cfg(tmp_path: Path, **overrides: str) -> RunConfig:

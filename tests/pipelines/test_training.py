@@ -6,7 +6,7 @@ import inspect
 
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-from pipelines.training import InterruptibleTrainer
+from pipelines.runtime.training import InterruptibleTrainer
 
 
 def test_ray_train_still_installs_its_sigint_handler_through_the_overridden_method() -> None:

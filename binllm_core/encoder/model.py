@@ -1,0 +1,139 @@
+"""The binarized collaborative encoder: a backbone (``mf``: two embedding tables; ``lightgcn``:
+the same tables propagated over the train interaction graph) followed, for a binary model, by
+``tanh(Linear(e))`` and a sign with a straight-through gradient. The score of a pair is the
+inner product of the two codes (binary model) or of the two embeddings (float model).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+BINARY, FLOAT = "binary", "continuous"
+
+
+# ---- model -----------------------------------------------------------------------------------
+class SignSTE(torch.autograd.Function):
+    """``+1`` where the input is >= 0, else ``-1``; the gradient passes through unchanged."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def sign_ste(x: torch.Tensor) -> torch.Tensor:
+    return SignSTE.apply(x)
+
+
+class Backbone(nn.Module):
+    """User and item embedding tables (N(0,1) init, row 0 = padding), optionally LightGCN."""
+
+    def __init__(
+        self, user_num: int, item_num: int, dim: int, adjacency: torch.Tensor | None, layers: int
+    ) -> None:
+        super().__init__()
+        self.user_emb = nn.Embedding(user_num, dim, padding_idx=0)
+        self.item_emb = nn.Embedding(item_num, dim, padding_idx=0)
+        # A plain attribute, not a buffer: it is rebuilt from the samples, never checkpointed.
+        self.adjacency = adjacency
+        self.layers = layers
+
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embedding of every user and every item (propagated for LightGCN)."""
+        if self.adjacency is None:
+            return self.user_emb.weight, self.item_emb.weight
+        x = torch.cat([self.user_emb.weight, self.item_emb.weight])
+        total = x
+        for _ in range(self.layers):
+            x = torch.sparse.mm(self.adjacency, x)
+            total = total + x
+        mean = total / (self.layers + 1)
+        return mean[: self.user_emb.num_embeddings], mean[self.user_emb.num_embeddings :]
+
+
+class CollabModel(nn.Module):
+    """A backbone scored by inner products: of ±1 codes (binary) or of embeddings (float)."""
+
+    def __init__(self, backbone: Backbone, dim: int, binary: bool, shared_projection: bool) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.binary = binary
+        if binary:
+            self.proj_u = nn.Linear(dim, dim)
+            self.proj_i = self.proj_u if shared_projection else nn.Linear(dim, dim)
+
+    def forward(
+        self,
+        users: torch.Tensor,
+        items: torch.Tensor,
+        beta: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Logits of the pairs; in training mode a binary model mixes codes by ``beta``."""
+        user_table, item_table = self.backbone.tables()
+        eu, ei = user_table[users], item_table[items]
+        if not self.binary:
+            return (eu * ei).sum(-1)
+        ou = self._codes(torch.tanh(self.proj_u(eu)), beta, generator)
+        oi = self._codes(torch.tanh(self.proj_i(ei)), beta, generator)
+        return (ou * oi).sum(-1)
+
+    def _codes(
+        self, z: torch.Tensor, beta: float, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        if not self.training:
+            return sign_ste(z)
+        if beta <= 0.0:
+            return z
+        draw = torch.rand(z.shape, generator=generator).to(z.device)
+        return torch.where(draw > beta, z, sign_ste(z))
+
+    @torch.no_grad()
+    def relaxed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The vectors the codes are the signs of: ``tanh(proj(e))``, or ``e`` for a float model."""
+        user_table, item_table = self.backbone.tables()
+        if self.binary:
+            return torch.tanh(self.proj_u(user_table)), torch.tanh(self.proj_i(item_table))
+        return user_table, item_table
+
+    @torch.no_grad()
+    def signs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """±1 codes of every user and item: ``sign(tanh(proj(e)))``, or ``sign(e)`` for a float
+        model (its codes are then a plain sign binarization of the embeddings)."""
+        user_table, item_table = self.relaxed()
+        return SignSTE.apply(user_table), SignSTE.apply(item_table)
+
+    @torch.no_grad()
+    def predict(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Evaluation scores: code inner products (binary) or embedding inner products."""
+        if self.binary:
+            user_table, item_table = self.signs()
+        else:
+            user_table, item_table = self.backbone.tables()
+        u = torch.from_numpy(users).to(user_table.device)
+        i = torch.from_numpy(items).to(item_table.device)
+        return (user_table[u] * item_table[i]).sum(-1).cpu().numpy()
+
+
+class EncoderSet(nn.Module):
+    """The models trained in one pass: ``binary`` (when configured) and ``continuous``."""
+
+    def __init__(self, models: dict[str, CollabModel]) -> None:
+        super().__init__()
+        self.models = nn.ModuleDict(models)
+
+    def forward(
+        self,
+        users: torch.Tensor,
+        items: torch.Tensor,
+        beta: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        return {name: m(users, items, beta, generator) for name, m in self.models.items()}

@@ -1,0 +1,312 @@
+"""Training the encoder: one loop body every caller drives.
+
+The loss is BCE-with-logits. Training mixes continuous and binary codes element-wise (``o = z``
+if ``rand > beta`` else ``sign(z)``), with ``beta`` rising by ``beta_step`` every 2 epochs up to
+1. Evaluation always uses the binary codes. By default the binary model and the float baseline
+on the same backbone are trained side by side in one pass over the data
+(:class:`EncoderTraining`), so a stage gets both from one run; early stopping and the checkpoint
+that counts follow the *primary* model (the binary one, or the float one when ``binary`` is
+off).
+
+:class:`EncoderTraining` is the loop body: the Ray Train worker drives it epoch by epoch with
+checkpoints, and :func:`fit` is the same loop in one process (benchmarks, tests).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+from binllm_core.config import EncoderConfig, to_dict
+from binllm_core.encoder.data import Rows, normalized_adjacency, train_graph
+from binllm_core.encoder.model import BINARY, FLOAT, Backbone, CollabModel, EncoderSet
+from binllm_core.errors import StageError
+from binllm_core.evaluation.metrics import score_report
+from binllm_core.storage import jsonable
+
+WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE = (
+    "model.safetensors",
+    "optimizer.safetensors",
+    "state.json",
+)
+
+
+def beta_at(epoch: int, beta_step: float) -> float:
+    """Chance that a code element is binary during ``epoch`` (0-based).
+
+    The official loop raises beta after every epoch with ``epoch % 2 == 0``, so epoch 0 trains
+    with 0, epochs 1-2 with one step, 3-4 with two, ...; capped at 1 (fully binary).
+    """
+    return min(1.0, beta_step * ((epoch + 1) // 2))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def check_config(cfg: EncoderConfig) -> None:
+    """The encoder's rules (:meth:`EncoderConfig.check`, also run when a config is loaded), for
+    a config built in code; a bad value is a one-line :class:`ConfigError`."""
+    cfg.check("encoder")
+
+
+# ---- training --------------------------------------------------------------------------------
+class EncoderTraining:
+    """Models, optimizer and the early-stopping state of one encoder training run.
+
+    Drive it with :meth:`train_epoch` then :meth:`validate` per epoch until :attr:`finished`;
+    :meth:`save` / :meth:`load` write and read a checkpoint folder (safetensors + JSON) that
+    resumes the run exactly: every epoch draws its shuffle and its code mix from a generator
+    seeded by ``(seed, epoch, rank)``, not from a running random state.
+    """
+
+    def __init__(
+        self,
+        cfg: EncoderConfig,
+        user_num: int,
+        item_num: int,
+        graph: tuple[np.ndarray, np.ndarray] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        check_config(cfg)
+        self.cfg = cfg
+        self.user_num, self.item_num = user_num, item_num
+        self.device = torch.device(device)
+        seed_everything(cfg.seed)
+        adjacency = None
+        if cfg.backbone == "lightgcn":
+            if graph is None:
+                raise StageError("the lightgcn backbone needs the train graph")
+            adjacency = normalized_adjacency(user_num, item_num, *graph).to(self.device)
+        names = [BINARY, FLOAT] if cfg.binary else [FLOAT]
+        self.models = EncoderSet(
+            {
+                name: CollabModel(
+                    Backbone(user_num, item_num, cfg.dim, adjacency, cfg.lightgcn_layers),
+                    cfg.dim,
+                    binary=name == BINARY,
+                    shared_projection=cfg.shared_projection,
+                )
+                for name in names
+            }
+        ).to(self.device)
+        if cfg.float_init_std != 1.0:
+            backbone = self.models.models[FLOAT].backbone
+            with torch.no_grad():
+                for table in (backbone.user_emb.weight, backbone.item_emb.weight):
+                    table.normal_(0.0, cfg.float_init_std)
+                    table[0] = 0.0  # padding
+        self.primary = names[0]
+        groups = []
+        for name, model in self.models.models.items():
+            lr, wd = (
+                (cfg.lr, cfg.weight_decay)
+                if name == BINARY
+                else (cfg.float_lr, cfg.float_weight_decay)
+            )
+            groups.append({"params": list(model.parameters()), "lr": lr, "weight_decay": wd})
+        self.optimizer = torch.optim.Adam(groups)
+        self.forward_module: nn.Module = self.models
+        self.epoch = -1  # last finished epoch
+        self.best: dict[str, dict[str, Any]] = {}
+        self.history: list[dict[str, Any]] = []
+        self.resumed_at: list[int] = []
+        """Epochs at which the run went on from a checkpoint (after a failure or a re-run)."""
+        self.finished = False
+
+    # ---- one epoch ---------------------------------------------------------------------------
+    def epoch_generator(self, epoch: int, rank: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch * 1_009 + rank)
+
+    def train_epoch(self, rows: Rows, rank: int = 0, world_size: int = 1) -> float:
+        """One pass over ``rows`` (this worker's shard) in batches of ``batch_size / world``.
+
+        Shards must have equal lengths across workers (DDP steps in lockstep).
+        """
+        epoch = self.epoch + 1
+        beta = beta_at(epoch, self.cfg.beta_step)
+        gen = self.epoch_generator(epoch, rank)
+        order = torch.randperm(len(rows), generator=gen)
+        users = torch.from_numpy(rows.users)[order].to(self.device)
+        items = torch.from_numpy(rows.items)[order].to(self.device)
+        labels = torch.from_numpy(rows.labels)[order].to(self.device)
+        batch = max(1, self.cfg.batch_size // world_size)
+        started = time.perf_counter()
+        self.models.train()
+        total, steps = 0.0, 0
+        for start in range(0, len(rows), batch):
+            sl = slice(start, start + batch)
+            logits = self.forward_module(users[sl], items[sl], beta, gen)
+            loss = sum(F.binary_cross_entropy_with_logits(x, labels[sl]) for x in logits.values())
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += float(loss.detach())
+            steps += 1
+        self.epoch = epoch
+        seconds = round(time.perf_counter() - started, 4)
+        record = {"epoch": epoch, "beta": beta, "loss": total / max(steps, 1), "seconds": seconds}
+        self.history.append(record)
+        return total / max(steps, 1)
+
+    def validate(self, valid: Rows, test: Rows | None = None) -> bool:
+        """Score the epoch on ``valid``; on a model's best valid AUC so far also on ``test``.
+
+        Returns whether the primary model improved (its weights are the ones to keep). Sets
+        :attr:`finished` when every model has gone ``patience`` epochs without a better valid
+        AUC, or at ``max_epochs``.
+        """
+        self.models.eval()
+        improved = False
+        record = self.history[-1]
+        for name, model in self.models.models.items():
+            report = evaluate(model, valid)
+            record[f"{name}_valid_auc"] = report["auc"]
+            best = self.best.get(name)
+            if best is None or _gt(report["auc"], best["valid"]["auc"]):
+                test_report = evaluate(model, test) if test is not None else {}
+                self.best[name] = {"epoch": self.epoch, "valid": report, "test": test_report}
+                improved |= name == self.primary
+        # Each model has its own patience; the run ends when none of them improves any more.
+        since_best = min(self.epoch - best["epoch"] for best in self.best.values())
+        if since_best >= self.cfg.patience or self.epoch + 1 >= self.cfg.max_epochs:
+            self.finished = True
+        return improved
+
+    @property
+    def valid_auc(self) -> float:
+        """Valid AUC of the primary model at the last epoch."""
+        return self.history[-1][f"{self.primary}_valid_auc"]
+
+    @property
+    def best_epoch(self) -> int:
+        return self.best[self.primary]["epoch"]
+
+    def signs(self) -> tuple[np.ndarray, np.ndarray]:
+        """±1 codes (numpy float32) of every user and item id from the primary model."""
+        self.models.eval()
+        users, items = self.models.models[self.primary].signs()
+        return users.cpu().numpy(), items.cpu().numpy()
+
+    def vectors(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Continuous (user, item) tables by id: ``relaxed``, the primary model's pre-sign
+        vectors; ``float``, the embeddings of the continuous model (the same for a float-only
+        encoder)."""
+        self.models.eval()
+        out = {}
+        for name, model in (("relaxed", self.primary), ("float", FLOAT)):
+            users, items = self.models.models[model].relaxed()
+            out[name] = (users.detach().cpu().numpy(), items.detach().cpu().numpy())
+        return out
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.models.state_dict().items()}
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        self.models.load_state_dict(weights)
+
+    def save(self, folder: str | Path) -> None:
+        """Write weights, optimizer state and the run state into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(self.weights(), str(folder / WEIGHTS_FILE))
+        opt = self.optimizer.state_dict()
+        flat = {
+            f"{idx}.{key}": value.detach().cpu().reshape(value.shape).clone()
+            for idx, state in opt["state"].items()
+            for key, value in state.items()
+        }
+        save_file(flat, str(folder / OPTIMIZER_FILE))
+        state = {
+            "config": to_dict(self.cfg),
+            "user_num": self.user_num,
+            "item_num": self.item_num,
+            "epoch": self.epoch,
+            "finished": self.finished,
+            "best": self.best,
+            "history": self.history,
+            "resumed_at": self.resumed_at,
+            "param_groups": opt["param_groups"],
+        }
+        (folder / STATE_FILE).write_text(json.dumps(jsonable(state), indent=1))
+
+    def load(self, folder: str | Path, weights_only: bool = False) -> None:
+        """Restore a checkpoint written by :meth:`save` (only the weights if ``weights_only``)."""
+        folder = Path(folder)
+        state = read_state(folder)
+        if (state["user_num"], state["item_num"]) != (self.user_num, self.item_num):
+            raise StageError(
+                f"checkpoint {folder} was trained for {state['user_num']} users and "
+                f"{state['item_num']} items, the samples have {self.user_num} and {self.item_num}",
+                todo="run the encode stage with --force or a new output_root",
+            )
+        self.load_weights(load_file(str(folder / WEIGHTS_FILE), device=str(self.device)))
+        if weights_only:
+            return
+        flat = load_file(str(folder / OPTIMIZER_FILE), device=str(self.device))
+        opt_state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in flat.items():
+            idx, name = key.split(".", 1)
+            opt_state.setdefault(int(idx), {})[name] = value
+        for entry in opt_state.values():
+            if "step" in entry:
+                entry["step"] = entry["step"].cpu()
+        self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+        self.epoch, self.finished = state["epoch"], state["finished"]
+        self.best, self.history = state["best"], state["history"]
+        self.resumed_at = state["resumed_at"]
+
+
+def read_state(folder: str | Path) -> dict[str, Any]:
+    """The JSON run state of a checkpoint folder."""
+    return json.loads((Path(folder) / STATE_FILE).read_text())
+
+
+def evaluate(model: CollabModel, rows: Rows) -> dict[str, float]:
+    """AUC/UAUC overall, warm and cold of a model's evaluation scores on ``rows``."""
+    scores = model.predict(rows.users, rows.items)
+    warm = rows.warm if rows.warm is not None else np.zeros(len(rows), bool)
+    not_cold = rows.not_cold if rows.not_cold is not None else np.ones(len(rows), bool)
+    return score_report(rows.users, rows.labels, scores, warm, not_cold)
+
+
+def fit(
+    cfg: EncoderConfig,
+    data: dict[str, Rows],
+    user_num: int,
+    item_num: int,
+    log: Callable[[dict[str, Any]], None] | None = None,
+) -> EncoderTraining:
+    """The whole training in this process; returns it with the best primary weights loaded."""
+    graph = train_graph(data["train"]) if cfg.backbone == "lightgcn" else None
+    training = EncoderTraining(cfg, user_num, item_num, graph)
+    best_weights = training.weights()
+    while not training.finished:
+        training.train_epoch(data["train"])
+        if training.validate(data["valid"], data.get("test")):
+            best_weights = training.weights()
+        if log is not None:
+            log(training.history[-1])
+    training.load_weights(best_weights)
+    return training
+
+
+def _gt(a: float | None, b: float | None) -> bool:
+    """``a > b`` where an undefined AUC (nan, or null read back from JSON) loses to any number."""
+    if a is None or math.isnan(a):
+        return False
+    return b is None or math.isnan(b) or a > b

@@ -1,0 +1,305 @@
+"""The evaluation report: AUC/UAUC per split and prompt mode, overall / warm / cold, next to the
+encoder's codes-only AUC; as a table, ``metrics.json``, ``report.md`` and ROC curves (PNG).
+
+Every AUC and UAUC comes from :mod:`binllm_core.evaluation.metrics` (the official definitions);
+this module only groups rows, draws the curves and writes the text.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from binllm_core.evaluation.metrics import score_report
+
+METRIC_KEYS = ("auc", "uauc", "warm_auc", "warm_uauc", "cold_auc", "cold_uauc")
+
+METRICS_SCHEMA = pa.schema(
+    [
+        ("split", pa.string()),
+        ("scorer", pa.string()),
+        ("mode", pa.string()),
+        ("adapter", pa.string()),
+        ("rows", pa.int64()),
+        ("positives", pa.int64()),
+        ("warm_rows", pa.int64()),
+        ("cold_rows", pa.int64()),
+        *[(k, pa.float64()) for k in METRIC_KEYS],
+    ]
+)
+"""One row per split and scorer: ``scorer`` is ``llm`` (a prompt mode with its adapter) or
+``codes`` (the encoder's code inner products, from the encode manifest); AUCs are null where
+undefined (one class only); row counts are null for the codes rows (the encoder scores every
+sample of the split)."""
+
+
+def _nan_to_none(value: float | None) -> float | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return float(value)
+
+
+def llm_metrics(scores: pa.Table) -> list[dict[str, Any]]:
+    """Metric rows of a ``scores`` table (sample_id, split, mode, uid, label, warm, not_cold,
+    logit_yes, adapter), one per (split, mode), in split then mode order of appearance."""
+    frame = pl.from_arrow(
+        scores.select(["split", "mode", "uid", "label", "warm", "not_cold", "logit_yes", "adapter"])
+    )
+    rows = []
+    for (split, mode), part in frame.group_by(["split", "mode"], maintain_order=True):
+        labels = part["label"].to_numpy().astype(np.int64)
+        warm = part["warm"].to_numpy().astype(bool)
+        not_cold = part["not_cold"].to_numpy().astype(bool)
+        report = score_report(
+            part["uid"].to_numpy(), labels, part["logit_yes"].to_numpy(), warm, not_cold
+        )
+        rows.append(
+            {
+                "split": split,
+                "scorer": "llm",
+                "mode": mode,
+                "adapter": part["adapter"][0],
+                "rows": part.height,
+                "positives": int(labels.sum()),
+                "warm_rows": int(warm.sum()),
+                "cold_rows": int((~not_cold).sum()),
+                **{k: _nan_to_none(report[k]) for k in METRIC_KEYS},
+            }
+        )
+    return rows
+
+
+def codes_metrics(encode_metrics: Mapping[str, Any], splits: Sequence[str]) -> list[dict[str, Any]]:
+    """Codes-only rows from the encode manifest's ``metrics.codes.{split}`` (AUC of the inner
+    products of the binary codes, computed by the encode stage on all samples of the split)."""
+    codes = encode_metrics.get("codes", {})
+    rows = []
+    for split in splits:
+        found = codes.get(split)
+        if not isinstance(found, Mapping):
+            continue
+        rows.append(
+            {
+                "split": split,
+                "scorer": "codes",
+                "mode": "codes",
+                "adapter": None,
+                "rows": None,
+                "positives": None,
+                "warm_rows": None,
+                "cold_rows": None,
+                **{k: _nan_to_none(found.get(k)) for k in METRIC_KEYS},
+            }
+        )
+    return rows
+
+
+def metrics_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist([dict(r) for r in rows], schema=METRICS_SCHEMA)
+
+
+def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """False and true positive rates at every distinct threshold (for plotting), from (0, 0)."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return np.array([0.0, 1.0]), np.array([0.0, 1.0])
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], labels[order]
+    last_of_tie = np.r_[s[1:] != s[:-1], True]
+    tp = np.cumsum(y)[last_of_tie]
+    fp = np.cumsum(~y)[last_of_tie]
+    return np.r_[0.0, fp / n_neg], np.r_[0.0, tp / n_pos]
+
+
+def roc_png(curves: Sequence[tuple[str, np.ndarray, np.ndarray]], title: str) -> bytes:
+    """A PNG of ROC curves ``(label, fpr, tpr)`` with the chance diagonal (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 5), dpi=100)
+    ax = fig.subplots()
+    for label, fpr, tpr in curves:
+        ax.plot(fpr, tpr, label=label)  # straight segments: ties count half, as in the AUC
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8, label="chance")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="false positive rate", ylabel="true positive rate")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def roc_curves(scores: pa.Table, split: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """One curve per prompt mode of ``split`` (label: mode, overall AUC in the legend)."""
+    from binllm_core.evaluation.metrics import auc
+
+    frame = pl.from_arrow(scores.select(["split", "mode", "label", "logit_yes"]))
+    frame = frame.filter(pl.col("split") == split)
+    curves = []
+    for (mode,), part in frame.group_by(["mode"], maintain_order=True):
+        y, s = part["label"].to_numpy(), part["logit_yes"].to_numpy()
+        value = auc(y, s)
+        fpr, tpr = roc_points(y, s)
+        curves.append((f"{mode} (AUC {_fmt(value)})", fpr, tpr))
+    return curves
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def report_markdown(
+    rows: Sequence[Mapping[str, Any]],
+    run_name: str,
+    warm_more_than: int,
+    images: Mapping[str, str],
+    notes: Sequence[str] = (),
+) -> str:
+    """``report.md``: definitions, one table per split, the ROC image of each split."""
+    lines = [
+        f"# Evaluation of run `{run_name}`",
+        "",
+        "Scores are the logit of the answer token `Yes` at the last prompt position. "
+        "**AUC** is the area under the ROC curve over all rows (ties count half). **UAUC** is the "
+        "unweighted mean of per-user AUCs over users with at least two rows and both labels.",
+        "",
+        f"- **warm**: the user and the item each have more than {warm_more_than} train "
+        "interactions (`warm`).",
+        "- **cold**: the user or the item does not occur in train (`not not_cold`). Warm and cold "
+        "do not partition the rows: a row can be neither.",
+        "- **codes** rows: the encoder alone (inner product of the user and item binary codes), "
+        "from the encode manifest, computed on every sample of the split.",
+        *[f"- {n}" for n in notes],
+        "",
+    ]
+    header = ["scorer", "mode", "rows", "warm rows", "cold rows", *METRIC_KEYS]
+    splits = list(dict.fromkeys(r["split"] for r in rows))
+    for split in splits:
+        lines += [f"## {split}", ""]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        for r in rows:
+            if r["split"] != split:
+                continue
+            cells = [r["scorer"], r["mode"], r["rows"], r["warm_rows"], r["cold_rows"]]
+            cells += [r[k] for k in METRIC_KEYS]
+            lines.append("| " + " | ".join(_fmt(c) if c is not None else "–" for c in cells) + " |")
+        adapters = {r["mode"]: r["adapter"] for r in rows if r["split"] == split and r["adapter"]}
+        if adapters:
+            lines += ["", "Adapters: " + "; ".join(f"{m}: `{a}`" for m, a in adapters.items())]
+        if split in images:
+            lines += ["", f"![ROC curves, {split}]({images[split]})"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+RANKING_COLUMNS = (
+    ("ndcg", 5),
+    ("ndcg", 10),
+    ("ndcg", 20),
+    ("recall", 5),
+    ("recall", 10),
+    ("recall", 20),
+    ("hr", 10),
+    ("mrr", 10),
+)
+"""The columns of the report's ranking tables: (metric, K)."""
+
+
+def ranking_markdown(
+    rows: Sequence[Mapping[str, Any]],
+    images: Mapping[tuple[str, str], str],
+    negatives: int,
+) -> list[str]:
+    """The report's ranking section: per protocol and split, one row per method, mode and user
+    set, with the metrics of :data:`RANKING_COLUMNS`; the retriever's Recall@N; the curves."""
+    if not rows:
+        return []
+    lines = [
+        "## Ranking",
+        "",
+        "Per user, the held-out positives of the split against a ranked list. **full**: the whole "
+        "catalog without the user's excluded items (`retrieve.exclude`); **sampled**: the user's "
+        f"first positive of the split among {negatives} random items the user never "
+        "interacted with (fewer where the user has not that many unseen items). "
+        "`codes`: Hamming distance of the binary codes (ties: `retrieve.tie_break`, then id); "
+        "`float`: the continuous encoder's inner products; `popularity`: train positives; "
+        "`codes+llm`: the codes' first `rerank.top_n` candidates re-ranked by the LLM's answer "
+        "score. Users **all**: every evaluated user (a positive the retriever missed counts as a "
+        "miss); **retrieved**: users whose positive is among the re-ranked candidates (what "
+        "LlamaRec reports). Recall, NDCG, HR and MRR as in `binllm_core/ranking/metrics.py`.",
+        "",
+    ]
+    header = ["method", "mode", "users", "n", *[f"{m.upper()}@{k}" for m, k in RANKING_COLUMNS]]
+    groups = list(dict.fromkeys((r["protocol"], r["split"]) for r in rows))
+    for protocol, split in groups:
+        part = [r for r in rows if r["protocol"] == protocol and r["split"] == split]
+        lines += [f"### {split}, {protocol} ranking", ""]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        keys = list(dict.fromkeys((r["method"], r["mode"], r["users"]) for r in part))
+        for method, mode, users in keys:
+            mine = {
+                r["k"]: r
+                for r in part
+                if (r["method"], r["mode"], r["users"]) == (method, mode, users)
+            }
+            n = next(iter(mine.values()))["n_users"]
+            cells = [method, mode, users, f"{n:,}"]
+            cells += [_fmt(mine[k][m]) if k in mine else "–" for m, k in RANKING_COLUMNS]
+            lines.append("| " + " | ".join(cells) + " |")
+        recall = {
+            r["k"]: r["recall"]
+            for r in part
+            if r["method"] == "codes" and r["users"] == "all" and r["k"] >= 20
+        }
+        if protocol == "full" and recall:
+            lines += [
+                "",
+                "Retriever (codes) "
+                + ", ".join(f"Recall@{k} {_fmt(v)}" for k, v in sorted(recall.items())),
+            ]
+        if (protocol, split) in images:
+            lines += ["", f"![ranking curves, {split}, {protocol}]({images[protocol, split]})"]
+        lines.append("")
+    return lines
+
+
+def ranking_png(curves: Sequence[tuple[str, str, np.ndarray, np.ndarray]], title: str) -> bytes:
+    """Two panels: NDCG@K and Recall@K against K, one line per ``(panel, label, ks, values)``
+    (panel ``ndcg`` or ``recall``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), dpi=100)
+    axes = dict(zip(("ndcg", "recall"), fig.subplots(1, 2), strict=True))
+    for panel, label, ks, values in curves:
+        axes[panel].plot(ks, values, label=label)
+    for panel, ax in axes.items():
+        ax.set(xlabel="K (list length)", ylabel=f"{panel.upper()}@K")
+        ax.set_xlim(left=1)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

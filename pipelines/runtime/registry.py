@@ -1,0 +1,290 @@
+"""The stages in pipeline order, what each reads, and running or inspecting a selection."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from binllm_core.codes import CODE_MODES
+from binllm_core.config import RunConfig
+from binllm_core.errors import ConfigError, StageError
+from binllm_core.io.lineage import folder_identity, model_identity, source_identity
+from binllm_core.io.lock import LOCK, WriterLock
+from binllm_core.llm.loading import check_backbone
+from binllm_core.llm.soft import SOFT
+from binllm_core.storage import check_store, is_local, join, resolve, to_uri
+from pipelines.runtime.console import LOGS
+from pipelines.runtime.shared_paths import LocalPath, check_shared, run_paths
+from pipelines.runtime.stage import Stage, StageContext, run_stage, stage_state, stale_chain
+from pipelines.stages import (
+    encode,
+    evaluate,
+    finetune,
+    ingest,
+    render,
+    rerank,
+    retrieve,
+    samples,
+    score,
+)
+
+OTHER_OUTPUTS = ("pairs", "nightly", "recommendations", LOCK, LOGS)
+"""Entries of a run folder that binllm writes besides the stage folders."""
+
+
+def codes_needed(cfg: RunConfig) -> bool:
+    """A run needs the encoder only when it renders prompts with codes (or soft tokens)."""
+    return any(m in (*CODE_MODES, SOFT) for m in cfg.prompts.modes)
+
+
+def _with_codes(cfg: RunConfig, *names: str) -> tuple[str, ...]:
+    return (*names, "encode") if codes_needed(cfg) else names
+
+
+def retrieve_needed(cfg: RunConfig) -> bool:
+    """Candidates come from the codes: a run retrieves when it trains an encoder."""
+    return codes_needed(cfg) and cfg.retrieve.top_n > 0
+
+
+def rerank_needed(cfg: RunConfig) -> bool:
+    return retrieve_needed(cfg) and cfg.rerank.top_n > 0
+
+
+def _evaluate_reads(cfg: RunConfig) -> tuple[str, ...]:
+    names = _with_codes(cfg, "score")
+    if retrieve_needed(cfg):
+        names = (*names, "samples", "retrieve")
+    if rerank_needed(cfg):
+        names = (*names, "rerank")
+    return names
+
+
+def _model(cfg: RunConfig) -> dict[str, Any]:
+    return {"model": model_identity(cfg.model)}
+
+
+def _finetune_inputs(cfg: RunConfig) -> dict[str, Any]:
+    inputs = _model(cfg)
+    if cfg.finetune.init_adapter:
+        inputs["init_adapter"] = folder_identity(
+            cfg.finetune.init_adapter, cfg.output_storage_options
+        )
+    return inputs
+
+
+def _reads_embeddings(cfg: RunConfig) -> bool:
+    """Soft steps and soft scoring read ``encode/embeddings`` besides the rendered prompts
+    (whose soft prompts hold placeholders, not the vectors)."""
+    return bool(cfg.finetune.soft_step) or SOFT in cfg.score.modes
+
+
+def _finetune_reads(cfg: RunConfig) -> tuple[str, ...]:
+    return ("render", "encode") if _reads_embeddings(cfg) else ("render",)
+
+
+def _score_reads(cfg: RunConfig) -> tuple[str, ...]:
+    return ("render", "finetune", "encode") if _reads_embeddings(cfg) else ("render", "finetune")
+
+
+def _score_inputs(cfg: RunConfig) -> dict[str, Any]:
+    inputs = _model(cfg)
+    steps = {step.name for step in finetune.plan(cfg.finetune)}
+    for mode, choice in sorted(cfg.score.adapters.items()):
+        if choice and choice != score.NONE and choice not in steps:
+            inputs[f"adapter_{mode}"] = folder_identity(choice, cfg.output_storage_options)
+    return inputs
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("ingest", ingest.run, ("data",), inputs=lambda c: {"source": source_identity(c.data)}),
+    Stage("samples", samples.run, ("protocol",), lambda c: ("ingest",)),
+    Stage("encode", encode.run, ("encoder",), lambda c: ("samples",), needed=codes_needed),
+    Stage(
+        "retrieve",
+        retrieve.run,
+        ("retrieve",),
+        lambda c: ("samples", "encode"),
+        needed=retrieve_needed,
+    ),
+    Stage(
+        "render",
+        render.run,
+        ("prompts", "model"),
+        lambda c: _with_codes(c, "samples", "ingest"),
+        inputs=_model,
+    ),
+    Stage("finetune", finetune.run, ("finetune", "model"), _finetune_reads, _finetune_inputs),
+    Stage("score", score.run, ("score", "model"), _score_reads, _score_inputs),
+    Stage(
+        "rerank",
+        rerank.run,
+        ("rerank", "score", "prompts", "model"),
+        lambda c: ("ingest", "samples", "encode", "retrieve", "finetune"),
+        _score_inputs,
+        needed=rerank_needed,
+    ),
+    Stage("evaluate", evaluate.run, ("protocol", "rerank"), _evaluate_reads),
+)
+
+
+STAGE_NAMES = frozenset(s.name for s in STAGES)
+
+
+def select(names: list[str] | None, cfg: RunConfig | None = None) -> list[Stage]:
+    """The named stages in pipeline order; without names, every stage the config needs."""
+    by_name = {s.name: s for s in STAGES}
+    if not names:
+        return [s for s in STAGES if cfg is None or s.needed(cfg)]
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ConfigError(f"unknown stage {unknown[0]}", todo=f"choose among: {', '.join(by_name)}")
+    return [s for s in STAGES if s.name in names]
+
+
+def run_folder(cfg: RunConfig) -> tuple[Any, str]:
+    fs, root = resolve(cfg.output_root, cfg.output_storage_options)
+    return fs, join(root, cfg.run_name)
+
+
+def check_run_folder(cfg: RunConfig) -> None:
+    """The run folder must be new, empty, or binllm's own: binllm never writes into (or prunes
+    in) a folder of someone else's files."""
+    fs, path = run_folder(cfg)
+    if not fs.exists(path):
+        return
+    if fs.isfile(path):
+        raise StageError(f"the run folder {to_uri(fs, path)} is a file", todo="choose run_name")
+    names = {e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=False)}
+    ours = {s.name for s in STAGES} | set(OTHER_OUTPUTS)
+    if names and not names & ours:
+        raise StageError(
+            f"the run folder {to_uri(fs, path)} holds files binllm did not write "
+            f"({sorted(names)[0]}, ...)",
+            todo="choose another run_name or output_root",
+        )
+
+
+def run_lock(cfg: RunConfig, log: Callable[[str], None] = print) -> WriterLock:
+    """The lock that makes one ``binllm run`` at a time write this run."""
+    fs, path = run_folder(cfg)
+    return WriterLock(fs, join(path, LOCK), f"run {to_uri(fs, path)}", log)
+
+
+def preflight(cfg: RunConfig, names: list[str] | None = None) -> list[Stage]:
+    """The checks made before anything is written or Ray starts: the stage names, the run
+    folder (new, empty or binllm's), the model files when a stage uses them; the stages."""
+    stages = select(names, cfg)
+    check_rendered_modes(cfg)
+    fs, root = resolve(cfg.output_root, cfg.output_storage_options)
+    check_store(fs, root, "output_root", "output_storage_options")
+    check_run_folder(cfg)
+    if any("model" in stage.sections for stage in stages):
+        check_backbone(cfg.model)
+    return stages
+
+
+def check_rendered_modes(cfg: RunConfig) -> None:
+    """Every prompt mode a finetune step trains on is one render writes: found before ingest,
+    not at finetune after the stages before it ran."""
+    for step in finetune.plan(cfg.finetune):
+        if step.mode not in cfg.prompts.modes:
+            raise ConfigError(
+                f"finetune.strategy {cfg.finetune.strategy} trains {step.name} on {step.mode} "
+                f"prompts, which prompts.modes {cfg.prompts.modes} does not render",
+                todo=f"add {step.mode} to prompts.modes, or choose another finetune.strategy "
+                "or finetune.code_mode",
+            )
+
+
+def run_pipeline(
+    cfg: RunConfig,
+    names: list[str] | None = None,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, dict[str, Any]]:
+    """Run the selected stages in order on Ray, holding the run's lock; each stage's manifest."""
+    from pipelines.runtime.ray_helpers import ensure_ray
+
+    stages = preflight(cfg, names)
+    manifests = {}
+    with run_lock(cfg, log):
+        ensure_ray()
+        check_shared(run_paths(cfg, [s.name for s in stages]))
+        for stage in stages:
+            check_fresh_reads(cfg, stage)
+            log(f"[binllm] {stage.name}: running")
+            manifest = run_stage(cfg, stage, force=force)
+            if manifest["skipped"]:
+                log(f"[binllm] {stage.name}: {manifest['why']}")
+            else:
+                tables = manifest.get("tables", {}).items()
+                # Folders that are not Parquet tables (adapters, report) have no schema.
+                rows = ", ".join(f"{t}={v['rows']:,}" for t, v in tables if v["schema"])
+                seconds = manifest["wall_time_s"]
+                log(
+                    f"[binllm] {stage.name}: done in {seconds:.1f}s ({manifest['why']})  {rows}"
+                    f"  output {manifest['identity'][:8]}"
+                )
+            manifests[stage.name] = manifest
+    return manifests
+
+
+def check_fresh_reads(cfg: RunConfig, stage: Stage) -> None:
+    """Refuse, in one line, to run ``stage`` on outputs made from other upstream outputs than
+    the run now holds (``--stages encode,score`` would score new codes with an adapter trained on
+    the old ones); name the stages to redo in between."""
+    check_fresh(cfg, stage.reads(cfg), f"stage {stage.name}", stage.name)
+
+
+def check_fresh(cfg: RunConfig, reads: tuple[str, ...], who: str, through: str) -> None:
+    """The outputs ``who`` reads (``reads`` and their upstreams) were made from what the run
+    holds now, or one line naming the stale one and the stages to redo, up to ``through``."""
+    found = stale_chain(StageContext.open(cfg, through), reads, STAGE_NAMES)
+    if found is None:
+        return
+    stale, why = found
+    names = [s.name for s in STAGES if s.needed(cfg)]
+    redo = names[names.index(stale) : names.index(through) + 1] if stale in names else [stale]
+    raise StageError(
+        f"{who} would read stale outputs: {why}",
+        todo=f"redo them first: binllm run CONFIG --stages {','.join(redo)} (or run every stage)",
+    )
+
+
+def check_command(cfg: RunConfig, fs: Any, target: str, who: str) -> None:
+    """What a scoring command (``score``, ``recommend``, ``nightly``) checks before it writes
+    anything: the adapters and the prompts' codes it reads are current, and, with Ray started,
+    the paths it uses (the run, the model, ``score.adapters``, the output folder ``target`` of
+    ``fs``) are the same on every node."""
+    from pipelines.runtime.ray_helpers import ensure_ray
+
+    check_store(fs, target, "--output", "output_storage_options")
+    reads = tuple(s for s in ("finetune", "render", "encode") if s != "encode" or codes_needed(cfg))
+    check_fresh(cfg, reads, who, "finetune")
+    ensure_ray()
+    paths = run_paths(cfg, ["score"])
+    if is_local(fs):
+        paths.append(LocalPath("--output", target, writes=True))
+    check_shared(paths)
+
+
+def pipeline_status(cfg: RunConfig) -> list[dict[str, str]]:
+    """Per stage: ``done`` / ``stale`` / ``missing`` / ``not needed`` and why; runs nothing."""
+    states: dict[str, str] = {}
+    rows = []
+    for stage in STAGES:
+        if not stage.needed(cfg):
+            rows.append({"stage": stage.name, "state": "not needed", "why": _unneeded(stage)})
+            continue
+        row = stage_state(cfg, stage, states)
+        states[stage.name] = row["state"]
+        rows.append(row)
+    return rows
+
+
+def _unneeded(stage: Stage) -> str:
+    if stage.name == "encode":
+        return "prompts.modes has no code mode (a text-only run)"
+    if stage.name in ("retrieve", "rerank"):
+        return "retrieve.top_n or rerank.top_n is 0, or a text-only run (no codes to retrieve by)"
+    return "not needed by this config"
