@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.builders import free_port, s3_options
+
 # Ray Train's controller polls its workers every 2 s by default, so each of the tests' short
 # TorchTrainer runs spent ~8 s waiting on polls (a no-op 2-worker fit here: 20 s at 2 s, 12 s at
 # 0.25 s). Set before any Ray starts, so that every process inherits it: Ray's workers, the
@@ -42,14 +44,6 @@ def ml100k_dir() -> Path:
     return ML100K
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server() -> str:
     """A real S3 API (moto's server mode) on a free local port; its endpoint URL."""
@@ -60,10 +54,6 @@ def s3_server() -> str:
     server.start()
     yield f"http://127.0.0.1:{port}"
     server.stop()
-
-
-def s3_options(endpoint: str) -> dict:
-    return {"endpoint_url": endpoint, "key": "x", "secret": "x"}
 
 
 @pytest.fixture

@@ -33,8 +33,7 @@ from binllm_core.llm.recommender import LLMRecommender
 from binllm_core.llm.scoring import Scorer
 from binllm_core.prompts.templates import templates_from_config
 from binllm_core.storage import MANIFEST, read_output
-from tests.binllm_core.test_prefix_sharing import user_prompts
-from tests.pipelines.test_score import lineage
+from tests.builders import lineage, user_prompts
 
 pytestmark = [
     pytest.mark.gpu,

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from tests.conftest import free_port
+from tests.builders import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 VENV = Path(sys.prefix)

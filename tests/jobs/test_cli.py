@@ -13,7 +13,7 @@ import pytest
 from binllm_core.errors import DataError, find_user_error
 from jobs.cli import main
 from pipelines.recommend import read_users
-from tests.jobs.fake_run import publish_stage
+from tests.builders import publish_stage
 
 
 def test_unknown_key_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture):
@@ -179,7 +179,7 @@ def test_an_output_root_in_a_bucket_that_does_not_exist_is_refused_not_created(
 ):
     import s3fs
 
-    from tests.conftest import s3_options
+    from tests.builders import s3_options
 
     options = s3_options(s3_server)
     sets = [f"--set=output_storage_options.{k}={v}" for k, v in options.items()]
@@ -193,7 +193,7 @@ def test_an_output_root_in_a_bucket_that_does_not_exist_is_refused_not_created(
 def test_a_store_that_cannot_be_reached_is_one_line_naming_what_to_set(
     capsys: pytest.CaptureFixture,
 ):
-    from tests.conftest import free_port
+    from tests.builders import free_port
 
     sets = [
         "--set=output_root=s3://bucket/runs",

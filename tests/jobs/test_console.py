@@ -1,7 +1,7 @@
 """What a person sees running ``binllm`` in a terminal or a CI log: binllm's lines, Ray's in the
 run's log file, one line for an error whose trace is in that file, and Ctrl-C stopping a real
 run mid-stage with nothing committed after it. (``-v`` and the console's own mechanics:
-tests/pipelines/test_console.py.)"""
+tests/pipelines/runtime/test_console.py.)"""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from binllm_core.storage import MANIFEST, read_output
-from tests.conftest import free_port
+from tests.builders import free_port
 from tests.jobs.cluster import FAST, REPO, start_head, stop_groups, submit, wait_for_dashboard
 
 pytestmark = pytest.mark.slow  # a Ray head and job submission

@@ -17,7 +17,7 @@ from binllm_core.io.lock import LockedError, WriterLock
 from binllm_core.storage import read_output
 from pipelines import nightly as scoring
 from pipelines.pairs import CANDIDATE_SCORES_SCHEMA, score_candidates
-from tests.jobs.fake_run import candidates, fake_run
+from tests.builders import candidates, fake_run
 
 pytestmark = pytest.mark.slow  # scoring actor pools
 

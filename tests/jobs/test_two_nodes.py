@@ -29,7 +29,8 @@ import polars as pl
 import pytest
 
 from binllm_core.storage import MANIFEST, read_output, resolve
-from tests.conftest import FIXTURES, free_port, s3_options
+from tests.builders import free_port, s3_options
+from tests.conftest import FIXTURES
 from tests.jobs.cluster import (
     FAST,
     HOSTNAME,

@@ -25,7 +25,7 @@ from pipelines.pairs import read_pairs, score_pairs
 from pipelines.recommend import read_recommendations, recommend
 from pipelines.runtime.runs import load_lookups
 from pipelines.runtime.stage import StageContext
-from tests.jobs.fake_run import candidates, fake_run, publish_stage
+from tests.builders import candidates, fake_run, publish_stage
 
 pytestmark = pytest.mark.slow  # retrieval and scoring actor pools
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
@@ -14,6 +13,7 @@ from binllm_core.encoder.data import normalized_adjacency, split_samples, train_
 from binllm_core.encoder.model import BINARY, FLOAT, sign_ste
 from binllm_core.encoder.training import EncoderTraining, beta_at, fit
 from binllm_core.errors import ConfigError
+from tests.builders import planted_samples
 
 PLANTED = EncoderConfig(
     dim=16,
@@ -27,46 +27,6 @@ PLANTED = EncoderConfig(
     beta_step=0.1,
     seed=7,
 )
-
-
-def planted_samples(
-    users: int = 100, items: int = 60, groups: int = 4, per_user: int = 40, seed: int = 0
-) -> pa.Table:
-    """A ``samples`` table where a user likes exactly the items of its own group (2% noise).
-
-    Rows are split at random 80/10/10; the last 2 users appear only in valid/test (cold rows).
-    ``user_num = users + 1`` and ``item_num = items + 1`` (ids are 1-based).
-    """
-    rng = np.random.default_rng(seed)
-    user_group = rng.integers(0, groups, users + 1)
-    item_group = rng.integers(0, groups, items + 1)
-    rows = []
-    for u in range(1, users + 1):
-        for i in rng.choice(np.arange(1, items + 1), per_user, replace=False):
-            label = int(user_group[u] == item_group[i]) ^ int(rng.random() < 0.02)
-            split = rng.choice(["train", "valid", "test"], p=[0.8, 0.1, 0.1])
-            if u > users - 2:
-                split = "valid" if rng.random() < 0.5 else "test"
-            rows.append((u, int(i), label, str(split)))
-    uid, iid, label, split = (np.array(c) for c in zip(*rows, strict=True))
-    train = split == "train"
-    user_count = np.bincount(uid[train], minlength=users + 1)
-    item_count = np.bincount(iid[train], minlength=items + 1)
-    n = len(uid)
-    return pa.table(
-        {
-            "sample_id": pa.array(np.arange(n), pa.int64()),
-            "uid": pa.array(uid, pa.int32()),
-            "iid": pa.array(iid, pa.int32()),
-            "label": pa.array(label, pa.int8()),
-            "timestamp": pa.array(np.arange(n) * 60, pa.int64()),
-            "split": pa.array(split, pa.string()),
-            "valid_small": pa.array((split == "valid") & (np.arange(n) % 2 == 0)),
-            "history": pa.array([[0]] * n, pa.list_(pa.int32())),
-            "not_cold": pa.array((user_count[uid] > 0) & (item_count[iid] > 0)),
-            "warm": pa.array((user_count[uid] > 3) & (item_count[iid] > 3)),
-        }
-    )
 
 
 def test_sign_forward_and_straight_through_gradient_reaches_embeddings() -> None:

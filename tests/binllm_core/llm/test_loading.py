@@ -25,7 +25,7 @@ from binllm_core.llm.tuning import (
 )
 from binllm_core.prompts.render import Lookups, render_table
 from binllm_core.prompts.templates import templates_from_config
-from tests.binllm_core.test_prompts import SAMPLE_SCHEMA
+from tests.builders import SAMPLE_SCHEMA
 from tests.conftest import SMOLLM_GGUF
 
 TINY = ModelConfig(backbone="tiny")

@@ -15,7 +15,7 @@ from binllm_core.evaluation import metrics
 from binllm_core.storage import read_output
 from pipelines.runtime.registry import STAGES
 from pipelines.runtime.stage import run_stage
-from tests.jobs.fake_run import publish_stage
+from tests.builders import publish_stage
 
 
 def fake(run: Path, stage: str, metrics_: dict, tables: dict[str, pa.Table]) -> None:

@@ -7,41 +7,20 @@ import numpy as np
 import pytest
 import torch
 
-from binllm_core.config import FinetuneConfig, ModelConfig, PromptConfig
+from binllm_core.config import FinetuneConfig, ModelConfig
 from binllm_core.llm.batches import PromptBatch, collate
 from binllm_core.llm.prefix_sharing import SharedPrefixBatch, group_by_prefix, tokenize_with_prefix
 from binllm_core.llm.recommender import LLMRecommender
 from binllm_core.llm.scoring import Scorer
 from binllm_core.llm.tuning import TaskRows, prefix_grouped_batches
 from binllm_core.prompts.render import prompt_of
-from binllm_core.prompts.templates import templates_from_config
+from tests.builders import TEMPLATES, user_prompts
 from tests.conftest import SMOLLM_GGUF
 
-TEMPLATES = templates_from_config(PromptConfig())
 CUT = TEMPLATES.prefix_cut()
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def user_prompts(seed: int = 0, users: int = 6, mode: str = "binary") -> list[str]:
-    """Prompts of several users, each with one to six items, one user with two histories, and
-    the users' rows shuffled together."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for user in range(users):
-        histories = 2 if user == 0 else 1
-        code = "".join(rng.choice(list("01"), 16))
-        for _ in range(histories):
-            titles = [f'"movie {rng.integers(100)} ({1950 + rng.integers(50)})"' for _ in range(3)]
-            history = ", ".join(titles[: rng.integers(0, 4)]) or "none"
-            for _ in range(rng.integers(1, 7)):
-                item_code = "".join(rng.choice(list("01"), 16))
-                target = f"book {rng.integers(500)} of {rng.integers(9)}"
-                codes = None if mode == "text" else (code, item_code)
-                out.append(prompt_of(TEMPLATES, mode, history, target, codes))
-    rng.shuffle(out)
-    return out
 
 
 def tiny(adapter: bool = True, dropout: float = 0.05) -> LLMRecommender:

@@ -9,20 +9,7 @@ from binllm_core.config import PromptConfig
 from binllm_core.errors import ConfigError, DataError
 from binllm_core.prompts.render import PROMPT_SCHEMA, Lookups, lookups_from_tables, render_table
 from binllm_core.prompts.templates import templates_from_config
-
-SAMPLE_SCHEMA = pa.schema(
-    [
-        ("sample_id", pa.int64()),
-        ("split", pa.string()),
-        ("valid_small", pa.bool_()),
-        ("uid", pa.int32()),
-        ("iid", pa.int32()),
-        ("label", pa.int8()),
-        ("not_cold", pa.bool_()),
-        ("warm", pa.bool_()),
-        ("history", pa.list_(pa.int32())),
-    ]
-)
+from tests.builders import SAMPLE_SCHEMA
 
 LOOKUPS = Lookups(
     titles={1: "Star Wars (1977)", 2: "Blade Runner (1982)", 3: "Deconstructing Harry (1997)"},

@@ -17,6 +17,7 @@ from binllm_core.llm.recommender import LLMRecommender
 from binllm_core.llm.scoring import Scorer
 from pipelines.ops import scoring
 from pipelines.stages import score
+from tests.builders import lineage
 
 WORDS = "A user has given high ratings to the following movies Yes No 0 1 2 3 4 5 6 7".split()
 
@@ -26,16 +27,6 @@ def prompts(n: int, seed: int = 0) -> list[str]:
     return [
         " ".join(rng.choice(WORDS, size=int(rng.integers(3, 40)))) + "\n#Answer:" for _ in range(n)
     ]
-
-
-def lineage() -> dict:
-    return {
-        "model": "tiny",
-        "adapter": "none",
-        "adapter_hash": "none",
-        "run_name": "t",
-        "scored_at": dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
-    }
 
 
 def test_length_sorted_scores_equal_plain_scores_in_order():
@@ -86,7 +77,7 @@ def test_merged_lora_adapter_scores_like_the_peft_model(tmp_path: Path):
 def test_actor_sharing_user_prefixes_scores_like_whole_prompts(tmp_path: Path):
     from binllm_core.config import PromptConfig
     from binllm_core.prompts.templates import templates_from_config
-    from tests.binllm_core.test_prefix_sharing import user_prompts
+    from tests.builders import user_prompts
 
     rec = random_adapter(tmp_path / "adapter")
     texts = user_prompts(seed=5)

@@ -17,7 +17,7 @@ from binllm_core.encoder.training import fit
 from binllm_core.storage import MANIFEST
 from pipelines.runtime.stage import Stage, StageContext, run_stage
 from pipelines.stages import encode
-from tests.binllm_core.test_encoder import planted_samples
+from tests.builders import planted_samples
 
 pytestmark = pytest.mark.slow  # Ray Train
 

@@ -21,7 +21,8 @@ from binllm_core.storage import MANIFEST, read_output
 from jobs.cli import main
 from pipelines.runtime.registry import STAGES
 from pipelines.runtime.stage import run_stage
-from tests.conftest import FIXTURES, free_port
+from tests.builders import free_port
+from tests.conftest import FIXTURES
 
 FORMATS = FIXTURES / "formats"
 STAGE = next(s for s in STAGES if s.name == "ingest")

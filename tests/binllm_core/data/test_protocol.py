@@ -22,7 +22,7 @@ from binllm_core.data.protocol import (
 )
 from binllm_core.errors import ConfigError, DataError, StageError
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def utc(text: str) -> int:

@@ -24,7 +24,7 @@ from binllm_core.storage import MANIFEST, read_output
 from pipelines.ops.prompt_selection import prompt_index
 from pipelines.runtime.stage import StageContext, run_stage
 from pipelines.stages.finetune import FAULT_POINT, FINISHED, _prefix_groups, train_sample_ids
-from tests.pipelines.test_render import fake_upstream, make_cfg, read_prompts, stage
+from tests.builders import fake_upstream, make_cfg, read_prompts, stage
 
 pytestmark = pytest.mark.slow  # Ray Train
 
