@@ -63,7 +63,7 @@ def fit(cfg: RunConfig, head: str, train: Any, valid: Any, steps: int, every: in
     step = dataclasses.replace(ft.step1, max_steps=steps)
     model = dataclasses.replace(cfg.model, answer_score=head)
     torch.manual_seed(ft.seed)  # the fresh adapter fit_plain starts from
-    fresh = LLMRecommender.load(model, finetune=ft, trainable=True)
+    fresh = LLMRecommender.from_backbone(model, finetune=ft, trainable=True)
     start = torch.as_tensor(
         Scorer(fresh, ft.eval_batch_size, ft.max_length).score(valid.prompts)[0]
     ).float()
@@ -72,7 +72,7 @@ def fit(cfg: RunConfig, head: str, train: Any, valid: Any, steps: int, every: in
             start, torch.as_tensor(valid.labels).float()
         )
     )
-    result = fit_plain(LLMRecommender.load(model), train, step, ft, valid=valid).state
+    result = fit_plain(LLMRecommender.from_backbone(model), train, step, ft, valid=valid).state
     return {
         "answer_score": head,
         "start_mean_score": float(start.mean()),

@@ -43,8 +43,8 @@ ARMS = {"whole": False, "shared": True}
 
 
 def config(args: argparse.Namespace, batch_by_prefix: bool = True) -> Any:
-    from binllm_core.codes import TEXT_AND_CODE_MODES as MODES
     from binllm_core.config import load_config
+    from binllm_core.modes import TEXT_AND_CODE_MODES as MODES
 
     return load_config(
         CONFIG,
@@ -103,7 +103,7 @@ def arm(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.cpus)
     cfg = config(args, ARMS[args.arm])
     train, valid = samples(cfg)
-    recommender = LLMRecommender.load(cfg.model)
+    recommender = LLMRecommender.from_backbone(cfg.model)
     cut = templates_from_config(cfg.prompts).prefix_cut()
     grouped = ARMS[args.arm]  # the whole-prompt arm is the plain loop: no prefix cut at all
     run = fit_plain(recommender, train, cfg.finetune.step2, cfg.finetune, valid,

@@ -73,7 +73,7 @@ def hf_folder(gguf: Path, folder: Path) -> Path:
 def fresh_adapter(cfg: RunConfig, folder: Path) -> str:
     from binllm_core.llm.recommender import LLMRecommender
 
-    LLMRecommender.load(cfg.model, finetune=cfg.finetune, trainable=True).save(folder)
+    LLMRecommender.from_backbone(cfg.model, finetune=cfg.finetune, trainable=True).save(folder)
     return str(folder)
 
 
@@ -122,7 +122,7 @@ CONFIG = "configs/quality_ml100k.yaml"
 def base_run(root: Path) -> RunConfig:
     """The run the workloads come from (ingest .. render, every prompt mode); finished stages
     are skipped."""
-    from binllm_core.codes import TEXT_AND_CODE_MODES as MODES
+    from binllm_core.modes import TEXT_AND_CODE_MODES as MODES
     from pipelines.runtime.registry import run_pipeline
 
     cfg = load_config(CONFIG, [
@@ -180,7 +180,7 @@ def computed_tokens(model: Path, prompts: list[str], cfg: RunConfig) -> dict[str
     from transformers import AutoConfig
 
     from binllm_core.config import ModelConfig
-    from binllm_core.llm.loading import load_tokenizer
+    from binllm_core.llm.backbone import load_tokenizer
     from binllm_core.llm.prefix_sharing import group_by_prefix, tokenize_with_prefix
     from binllm_core.prompts.templates import templates_from_config
 

@@ -134,14 +134,6 @@ CODE_FORMATS: dict[str, CodeFormat] = {
         CodeFormat("hex", to_hex, from_hex, dim_multiple=4),
     )
 }
-CODE_MODES: tuple[str, ...] = tuple(CODE_FORMATS)
-"""Prompt modes that hold codes."""
-TEXT_AND_CODE_MODES: tuple[str, ...] = ("text", *CODE_MODES)
-"""Prompt modes written in words alone: titles only, or titles and codes in one of the formats
-(what ``prompts.modes`` renders by default)."""
-MODES: tuple[str, ...] = (*TEXT_AND_CODE_MODES, "soft")
-"""Every prompt mode: those in words, and ``soft`` (titles, and soft tokens where the codes
-would be: :mod:`binllm_core.llm.soft`)."""
 CODE_COLUMNS: list[str] = [f.column for f in CODE_FORMATS.values()]
 """The text columns of the ``codes`` table, one per format."""
 

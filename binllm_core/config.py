@@ -23,8 +23,9 @@ from typing import Any, Literal
 
 import yaml
 
-from binllm_core.codes import CODE_FORMATS, MODES, TEXT_AND_CODE_MODES
+from binllm_core.codes import CODE_FORMATS
 from binllm_core.errors import ConfigError
+from binllm_core.modes import MODES, TEXT_AND_CODE_MODES
 
 
 def resource(default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
@@ -380,11 +381,13 @@ class PromptConfig(Section):
     """Own template for ``text`` prompts (replaces the built-in one when not empty), with the
     placeholders ``<ItemTitleList>`` and ``<TargetItemTitle>``."""
     code_template: str = ""
-    """Own template for ``binary``/``dotdec`` prompts (replaces the built-in one when not empty):
+    """Own template for prompts with codes (every code format and ``soft``; replaces the
+    built-in one when not empty):
     ``<ItemTitleList>``, ``<UserID>``, ``<TargetItemTitle>``, ``<TargetItemID>``."""
     modes: list[str] = field(default_factory=lambda: list(TEXT_AND_CODE_MODES))
-    """Prompt modes to render: ``text`` (no codes), one per code format (``binary``,
-    ``dotdec``: codes in the user and target item slots; default: these and ``text``), and
+    """Prompt modes to render (:data:`binllm_core.modes.MODES`): ``text`` (no codes), one per
+    code format (``binary``, ``dotdec``, ``hex``: codes in the user and target item slots;
+    default: these and ``text``), and
     ``soft`` (the code template with soft tokens in those slots, whose projected embeddings the
     LLM reads: :mod:`binllm_core.llm.soft`). One output row per sample and mode."""
     history_len: int = 10

@@ -23,7 +23,7 @@ from binllm_core.errors import DataError, StageError
 from binllm_core.llm.strategies import plan
 from binllm_core.prompts.templates import Templates, templates_from_config
 from binllm_core.prompts.user_pairs import (
-    CANDIDATE_SCHEMA,
+    PAIR_PROMPTS_SCHEMA,
     check_pairs,
     render_candidates,
     summary,
@@ -48,7 +48,7 @@ from pipelines.runtime.stage import StageContext, package_versions, plain_config
 PROMPT_COLUMNS = ("prompt", "soft_ids")
 """What the scorer reads of a rendered candidate and leaves out of its scores."""
 CANDIDATE_SCORES_SCHEMA = pa.schema(
-    [f for f in CANDIDATE_SCHEMA if f.name not in PROMPT_COLUMNS]
+    [f for f in PAIR_PROMPTS_SCHEMA if f.name not in PROMPT_COLUMNS]
     + SCORE_FIELDS
     + [("carried", pa.bool_())]
 )
@@ -133,7 +133,7 @@ def score_pairs(
     )
     meta = to_arrow(
         rendered.drop_columns(list(PROMPT_COLUMNS)),
-        pa.schema([f for f in CANDIDATE_SCHEMA if f.name not in PROMPT_COLUMNS]),
+        pa.schema([f for f in PAIR_PROMPTS_SCHEMA if f.name not in PROMPT_COLUMNS]),
     )
     stats = summary(meta, pairs.num_rows)
     scored_at = now_utc()

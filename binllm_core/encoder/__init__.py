@@ -1,0 +1,1 @@
+"""The binarized collaborative encoder: its data, model and training loop."""

@@ -1,0 +1,1 @@
+"""AUC/UAUC as the official evaluation computes them, and the evaluation report."""

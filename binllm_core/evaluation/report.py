@@ -163,18 +163,27 @@ def _fmt(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+SCORE_DEFINITIONS = {
+    "yes_logit": "logit of the answer token Yes at the last prompt position",
+    "yes_minus_no": "logit of the answer token Yes minus that of No at the last prompt position",
+}
+"""What an LLM row's score is, per ``model.answer_score`` (the ``logit_yes`` column holds it)."""
+
+
 def report_markdown(
     rows: Sequence[Mapping[str, Any]],
     run_name: str,
     warm_more_than: int,
     images: Mapping[str, str],
     notes: Sequence[str] = (),
+    answer_score: str = "yes_logit",
 ) -> str:
     """``report.md``: definitions, one table per split, the ROC image of each split."""
+    score = SCORE_DEFINITIONS[answer_score].replace(" Yes", " `Yes`").replace(" No ", " `No` ")
     lines = [
         f"# Evaluation of run `{run_name}`",
         "",
-        "Scores are the logit of the answer token `Yes` at the last prompt position. "
+        f"Scores are the {score}. "
         "**AUC** is the area under the ROC curve over all rows (ties count half). **UAUC** is the "
         "unweighted mean of per-user AUCs over users with at least two rows and both labels.",
         "",

@@ -1,0 +1,1 @@
+"""Files outside the tables: model artifacts, the writer lock, lineage identities, fault points."""

@@ -38,8 +38,6 @@ if TYPE_CHECKING:
     from binllm_core.llm.recommender import AnswerModel
 
 REC = "rec"
-LETTERS = ("A", "B")
-"""The two choices of a ``bpr`` prompt, in order; the answer is one of them after a space."""
 
 
 @dataclass(frozen=True)

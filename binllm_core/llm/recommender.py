@@ -29,17 +29,11 @@ import torch
 
 from binllm_core.config import FinetuneConfig, ModelConfig
 from binllm_core.errors import ConfigError
+from binllm_core.llm.backbone import ADAPTER_CONFIG, answer_token_id
 from binllm_core.llm.batches import Batch, TargetBatch
-from binllm_core.llm.loading import (
-    ADAPTER_CONFIG,
-    AnswerScore,
-    LanguageModel,
-    answer_token_id,
-    load_language_model,
-)
-from binllm_core.llm.objectives import LETTERS, OBJECTIVES, REC, Objective
+from binllm_core.llm.loading import AnswerScore, LanguageModel, load_language_model
+from binllm_core.llm.objectives import OBJECTIVES, REC, Objective
 from binllm_core.llm.soft import (
-    SOFT,
     SOFT_SPEC,
     EntityVectors,
     SoftSpec,
@@ -47,6 +41,8 @@ from binllm_core.llm.soft import (
     soft_token_ids,
     title_vectors,
 )
+from binllm_core.modes import SOFT
+from binllm_core.prompts.aux_rows import LETTERS
 
 EXTRA_MODULES = "extra_modules.safetensors"
 """Where :meth:`LLMRecommender.save` writes the extra trainable modules, next to the adapter."""
@@ -64,7 +60,8 @@ class AnswerModel(torch.nn.Module):
         self.extra = torch.nn.ModuleDict()
         self.answer = answer
         self.letters = letters
-        """Token ids of the two choices of a ``bpr`` prompt (:data:`objectives.LETTERS`)."""
+        """Token ids of the two choices of a ``bpr`` prompt
+        (:data:`binllm_core.prompts.aux_rows.LETTERS`)."""
         self.config = net.config
         """The base LM's config (the layer kinds of a key/value cache)."""
         self.objectives: dict[str, Objective] = dict(OBJECTIVES)
@@ -107,7 +104,7 @@ class LLMRecommender:
 
     # ---- building --------------------------------------------------------------------------
     @classmethod
-    def load(
+    def from_backbone(
         cls,
         model: ModelConfig,
         adapter: str = "",
@@ -120,6 +117,23 @@ class LLMRecommender:
         rec = cls(load_language_model(model, device))
         if adapter or trainable:
             rec.attach_adapter(adapter, finetune or FinetuneConfig(), trainable)
+        return rec
+
+    @classmethod
+    def from_saved(
+        cls,
+        model: ModelConfig,
+        folder: str | Path,
+        vectors: EntityVectors | None = None,
+        device: torch.device | str = "cpu",
+    ) -> LLMRecommender:
+        """The inverse of :meth:`save`: the backbone of ``model`` on ``device`` with what the
+        local ``folder`` holds (the adapter, the extra modules and, over the encoder's
+        ``vectors``, the projector of a soft step), frozen."""
+        rec = cls(load_language_model(model, device))
+        rec.attach_adapter(str(folder), trainable=False)
+        if vectors is not None:
+            rec.load_soft(folder, vectors)
         return rec
 
     def attach_adapter(

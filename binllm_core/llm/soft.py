@@ -34,11 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from binllm_core.errors import ConfigError, DataError
+from binllm_core.modes import ITEM_TOKEN, USER_TOKEN
 
-SOFT = "soft"
-"""The prompt mode whose user and item slots hold soft tokens."""
-USER_TOKEN = "<|user_emb|>"
-ITEM_TOKEN = "<|item_emb|>"
 SOFT_SPEC = "soft.json"
 """Next to a saved adapter: the shape of its projector (:class:`SoftSpec`)."""
 
@@ -57,15 +54,6 @@ def _llara(dim: int, hidden: int) -> torch.nn.Module:
 
 PROJECTORS: dict[str, Callable[[int, int], torch.nn.Module]] = {"collm": _collm, "llara": _llara}
 """Projector name -> a module from (vector dim, LM hidden size); a new shape is an entry here."""
-
-
-def add_soft_tokens(tokenizer: Any) -> tuple[int, int]:
-    """Add the two placeholder tokens (special: never split, never merged with the text around
-    them) if the tokenizer lacks them; their ids (user, item)."""
-    missing = [t for t in (USER_TOKEN, ITEM_TOKEN) if t not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_tokens(missing, special_tokens=True)
-    return tokenizer.convert_tokens_to_ids(USER_TOKEN), tokenizer.convert_tokens_to_ids(ITEM_TOKEN)
 
 
 def soft_token_ids(tokenizer: Any) -> tuple[int, int]:

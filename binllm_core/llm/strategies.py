@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from binllm_core.config import FinetuneConfig, TuneStepConfig
-from binllm_core.llm.soft import SOFT
+from binllm_core.modes import SOFT
 
 
 @dataclass(frozen=True)

@@ -29,12 +29,16 @@ from typing import Any
 import torch
 
 from binllm_core.config import FinetuneConfig, TuneStepConfig
+from binllm_core.errors import ConfigError
 from binllm_core.evaluation.metrics import auc, uauc
 from binllm_core.llm.batches import Batch, TargetBatch
-from binllm_core.llm.objectives import OBJECTIVES, REC, Examples
+from binllm_core.llm.objectives import OBJECTIVES, REC, Examples, SoftContrastive
 from binllm_core.llm.prefix_sharing import PrefixCut
 from binllm_core.llm.recommender import LLMRecommender
 from binllm_core.llm.scoring import Scorer
+from binllm_core.llm.soft import EntityVectors
+from binllm_core.llm.strategies import TuneStep
+from binllm_core.modes import MODES
 
 STATE = "state.json"
 OPTIMIZER = "optimizer.pt"
@@ -465,6 +469,63 @@ def _batches(
 
 
 # ---- the plain single-process driver -----------------------------------------------------------
+def prepare(
+    rec: LLMRecommender,
+    step: TuneStep,
+    cfg: FinetuneConfig,
+    vectors: EntityVectors | None = None,
+    titles: dict[int, str] | None = None,
+) -> bool:
+    """Set ``rec`` up for the strategy's ``step``, before any adapter is attached (a saved
+    adapter's projector weights then load into the fresh projector): a soft step gets a fresh
+    projector of ``finetune.soft.projector`` over the encoder's ``vectors`` (seeded, so every
+    worker starts from the same weights; ``titles`` feed the item-title term), a contrastive
+    step (rsllm) the contrastive objective. Whether the step's micro-batches follow the
+    curriculum of :func:`with_curriculum`. The Ray Train worker and :func:`fit_plain` both call
+    this, so a strategy's step runs the same in both."""
+    soft = cfg.soft
+    if MODES[step.mode].soft:
+        if vectors is None:
+            raise ConfigError(f"tuning step {step.name} is soft: it needs the encoder's vectors")
+        torch.manual_seed(cfg.seed)  # a fresh projector's initial weights
+        rec.attach_soft(vectors, soft.projector, titles, soft.vectors)
+    if step.contrastive:
+        rec.model.objectives[REC] = SoftContrastive(
+            soft.user_item_weight, soft.item_title_weight, soft.temperature
+        )
+    return MODES[step.mode].soft and soft.curriculum
+
+
+def fit_step(
+    recommender: LLMRecommender,
+    step: TuneStep,
+    cfg: FinetuneConfig,
+    train: TaskRows,
+    valid: EvalSet | None = None,
+    vectors: EntityVectors | None = None,
+    titles: dict[int, str] | None = None,
+    start_from: str = "",
+    prefix_cut: PrefixCut | None = None,
+    aux: Mapping[str, TaskRows] | None = None,
+) -> TuningRun:
+    """One step of a strategy (:func:`binllm_core.llm.strategies.plan`) in this process, set up
+    by :func:`prepare` as the Ray Train worker sets it up: :func:`fit_plain` with the step's
+    budget, adapter training and curriculum."""
+    curriculum = prepare(recommender, step, cfg, vectors, titles)
+    return fit_plain(
+        recommender,
+        train,
+        step.cfg,
+        cfg,
+        valid,
+        start_from,
+        prefix_cut,
+        aux,
+        step.train_lora,
+        curriculum,
+    )
+
+
 def fit_plain(
     recommender: LLMRecommender,
     train: TaskRows,

@@ -28,8 +28,12 @@ import polars as pl
 import pyarrow as pa
 
 from binllm_core.config import AUX_PLACEHOLDERS, AUX_TASKS, AuxConfig, PromptConfig
-from binllm_core.llm.objectives import LETTERS
+from binllm_core.modes import MODES
 from binllm_core.prompts.render import Lookups, code_of
+
+LETTERS = ("A", "B")
+"""The two choices of a ``bpr`` prompt, in order; the answer is one of them after a space."""
+
 
 AUX_SCHEMA = pa.schema(
     [
@@ -80,7 +84,7 @@ class UserTrain:
 
 
 @dataclass(frozen=True)
-class Catalog:
+class NegativePool:
     """The items a ``bpr`` negative is drawn from (those rated in train: each has a title and a
     code), one per key (title, or id), with their keys."""
 
@@ -116,7 +120,7 @@ class AuxRow:
 
 def train_users(
     samples: pl.DataFrame, titles: Mapping[int, str] | None = None
-) -> tuple[list[UserTrain], Catalog]:
+) -> tuple[list[UserTrain], NegativePool]:
     """Every user with a train sample (by uid) and the negatives' catalog. Only
     ``split == "train"`` rows are read; liked items are ordered by time, then sample id. Items
     are told apart by ``titles`` when given (two items can share a title): a liked title is
@@ -136,11 +140,11 @@ def train_users(
     catalog: dict[Hashable, int] = {}
     for iid in np.sort(train["iid"].unique().to_numpy()).tolist():
         catalog.setdefault(key(iid), iid)
-    return out, Catalog(np.asarray(list(catalog.values())), list(catalog))
+    return out, NegativePool(np.asarray(list(catalog.values())), list(catalog))
 
 
 def mim_rows(
-    user: UserTrain, catalog: Catalog, cfg: AuxConfig, rng: np.random.Generator
+    user: UserTrain, catalog: NegativePool, cfg: AuxConfig, rng: np.random.Generator
 ) -> Iterator[AuxRow]:
     """Windows of consecutive liked items with ``mask_fraction`` of them (at least one, never
     all) hidden (``catalog`` unused: every builder has one signature)."""
@@ -153,7 +157,7 @@ def mim_rows(
 
 
 def bpr_rows(
-    user: UserTrain, catalog: Catalog, cfg: AuxConfig, rng: np.random.Generator
+    user: UserTrain, catalog: NegativePool, cfg: AuxConfig, rng: np.random.Generator
 ) -> Iterator[AuxRow]:
     """A liked item after at least one other (the ``history_len`` before it are shown) against a
     catalog item the user never rated in train (none when the user rated them all)."""
@@ -168,7 +172,7 @@ def bpr_rows(
         yield AuxRow("bpr", user.uid, listed, [], user.liked[at], int(catalog.iids[pick]))
 
 
-Builder = Callable[[UserTrain, Catalog, AuxConfig, np.random.Generator], Iterator[AuxRow]]
+Builder = Callable[[UserTrain, NegativePool, AuxConfig, np.random.Generator], Iterator[AuxRow]]
 BUILDERS: dict[str, Builder] = {"mim": mim_rows, "bpr": bpr_rows}
 """Task -> its rows for one user; a new task is an entry here and one in
 :data:`binllm_core.llm.objectives.OBJECTIVES`."""
@@ -240,7 +244,7 @@ def render_rows(
     """One prompt per row and mode (``aux_id`` = the row's index, the same in every mode)."""
     out: dict[str, list] = {n: [] for n in AUX_SCHEMA.names}
     for mode in modes:
-        codes = mode != "text"
+        codes = MODES[mode].has_codes
         item = _item_writer(lookups, mode, templates.mask_word)
         for aux_id, row in enumerate(rows):
             masked = set(row.mask_at)
@@ -282,7 +286,7 @@ def fill(question: str, values: Mapping[str, str]) -> str:
 def _item_writer(lookups: Lookups, mode: str, mask_word: str) -> Callable[[int | None], str]:
     """An item -> its quoted title, with its code in brackets in a code mode; ``None`` -> the
     mask word."""
-    codes = lookups.item_codes.get(mode) if mode != "text" else None
+    codes = lookups.item_codes.get(mode) if MODES[mode].has_codes else None
 
     def write(iid: int | None) -> str:
         if iid is None:

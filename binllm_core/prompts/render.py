@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from binllm_core.codes import CODE_FORMATS, CODE_MODES
+from binllm_core.codes import CODE_FORMATS
 from binllm_core.errors import DataError
-from binllm_core.llm.soft import ITEM_TOKEN, SOFT, USER_TOKEN
+from binllm_core.modes import CODE_MODES, ITEM_TOKEN, MODES, SOFT, USER_TOKEN
 from binllm_core.prompts.templates import Templates, fill, title_list
 
 PROMPT_SCHEMA = pa.schema(
@@ -74,7 +74,7 @@ def check_codes(
     uids: Sequence[int], iids: Sequence[int], lookups: Lookups, modes: Sequence[str]
 ) -> None:
     """Fail in one line when a sample's user or item has no code (before any rendering)."""
-    for mode in (m for m in modes if m != "text"):
+    for mode in (m for m in modes if MODES[m].has_codes):
         for what, ids, codes in (
             ("user uid", uids, lookups.user_codes[mode]),
             ("item iid", iids, lookups.item_codes[mode]),
@@ -119,7 +119,7 @@ def render_table(
             ) from None
         for mode in modes:
             codes = None
-            if mode != "text":
+            if MODES[mode].has_codes:
                 codes = (
                     code_of(lookups.user_codes[mode], uid, "user uid", mode),
                     code_of(lookups.item_codes[mode], iid, "item iid", mode),
@@ -128,7 +128,7 @@ def render_table(
                 out[name].append(cols[name][row])
             out["mode"].append(mode)
             out["prompt"].append(prompt_of(templates, mode, history[markers[mode]], target, codes))
-            soft = templates.soft_ids(past, history_len, uid, iid) if mode == SOFT else None
+            soft = templates.soft_ids(past, history_len, uid, iid) if MODES[mode].soft else None
             out["soft_ids"].append(soft)
     return pa.table(out, schema=PROMPT_SCHEMA)
 
@@ -143,7 +143,7 @@ def prompt_of(
     """One prompt: the mode's template with the history's title list, the target's title and,
     in a code mode, the (user, item) codes. Every prompt binllm renders is made here."""
     values = {"<ItemTitleList>": history, "<TargetItemTitle>": f'"{target_title}"'}
-    if mode != "text":
+    if MODES[mode].has_codes:
         assert codes is not None, f"{mode} prompts need the user and item codes"
         values["<UserID>"], values["<TargetItemID>"] = codes
     return fill(templates.for_mode(mode), values)
@@ -165,7 +165,7 @@ def prompt_with_soft(
     marker = templates.history_marker(mode)
     shown = title_list(history, titles, limit, templates.empty_history, marker)
     prompt = prompt_of(templates, mode, shown, target_title, codes)
-    return prompt, templates.soft_ids(history, limit, uid, iid) if mode == SOFT else None
+    return prompt, templates.soft_ids(history, limit, uid, iid) if MODES[mode].soft else None
 
 
 def code_of(codes: Mapping[int, str], key: int, what: str, mode: str) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from binllm_core.config import PLACEHOLDERS, PromptConfig
-from binllm_core.llm.soft import ITEM_TOKEN, SOFT
+from binllm_core.modes import ITEM_TOKEN, MODES
 
 _CUE = ' Answer with "Yes" or "No". \\n#Answer:'
 PAPER_TEXT = (
@@ -57,11 +57,11 @@ class Templates:
     """``soft`` prompts carry an item soft token after each history title."""
 
     def for_mode(self, mode: str) -> str:
-        return self.text if mode == "text" else self.code
+        return self.code if MODES[mode].has_codes else self.text
 
     def history_marker(self, mode: str) -> str:
         """What follows each history title in ``mode``'s prompts (empty: nothing)."""
-        return ITEM_TOKEN if mode == SOFT and self.soft_history else ""
+        return ITEM_TOKEN if MODES[mode].soft and self.soft_history else ""
 
     def soft_ids(self, history: Sequence[int], limit: int, uid: int, iid: int) -> list[int]:
         """The ids of a soft prompt's soft tokens in order of appearance: the shown history's

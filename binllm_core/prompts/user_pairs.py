@@ -22,12 +22,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from binllm_core.errors import DataError
+from binllm_core.modes import MODES
 from binllm_core.prompts.render import Lookups, lookups_from_tables, prompt_with_soft
 from binllm_core.prompts.templates import Templates
 
 UNKNOWN_POLICIES = ("text", "skip", "error")
 
-CANDIDATE_SCHEMA = pa.schema(
+PAIR_PROMPTS_SCHEMA = pa.schema(
     [
         ("row", pa.int64()),
         ("user", pa.string()),
@@ -193,12 +194,12 @@ def render_candidates(
     rows = pairs["row"].to_pylist()
     users, items = pairs["user"].to_pylist(), pairs["item"].to_pylist()
     labels = pairs["label"].to_pylist()
-    needs_code = mode != "text"
+    needs_code = MODES[mode].has_codes
     user_codes = lookups.prompt.user_codes.get(mode, {}) if needs_code else {}
     item_codes = lookups.prompt.item_codes.get(mode, {}) if needs_code else {}
     all_user_codes = _any_codes(lookups.prompt.user_codes)
     all_item_codes = _any_codes(lookups.prompt.item_codes)
-    out: dict[str, list] = {n: [] for n in CANDIDATE_SCHEMA.names}
+    out: dict[str, list] = {n: [] for n in PAIR_PROMPTS_SCHEMA.names}
     for row, user, item, label in zip(rows, users, items, labels, strict=True):
         uid, iid = lookups.uid_of.get(user, 0), lookups.iid_of.get(item, 0)
         user_known = uid != 0 and uid in all_user_codes
@@ -216,7 +217,7 @@ def render_candidates(
                     "set score.unknown=text to score it with the text prompt, or skip",
                 )
             row_mode = "text"
-        codes = (user_codes[uid], item_codes[iid]) if row_mode != "text" else None
+        codes = (user_codes[uid], item_codes[iid]) if MODES[row_mode].has_codes else None
         prompt, soft = prompt_with_soft(
             templates,
             row_mode,
@@ -242,7 +243,7 @@ def render_candidates(
             ("soft_ids", soft),
         ):
             out[name].append(value)
-    return pa.table(out, schema=CANDIDATE_SCHEMA)
+    return pa.table(out, schema=PAIR_PROMPTS_SCHEMA)
 
 
 def _title(lookups: RunLookups, item: str, iid: int) -> str:

@@ -1,0 +1,1 @@
+"""Top-K lists: Hamming retrieval, ranking metrics, the evaluated lists."""

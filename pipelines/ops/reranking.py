@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import ray
 
 from binllm_core.config import RunConfig
+from binllm_core.modes import MODES
 from binllm_core.prompts.render import prompt_with_soft
 from binllm_core.prompts.templates import Templates, templates_from_config
 from binllm_core.prompts.user_pairs import RunLookups
@@ -80,9 +81,9 @@ def render_lists(
     modes, titles, colds, prompts, softs = [], [], [], [], []
     for split, uid, iid in zip(splits, users, items, strict=True):
         title = prompt_lookups.titles.get(iid, str(iid))
-        cold = uid not in user_codes if mode != "text" else False
+        cold = uid not in user_codes if MODES[mode].has_codes else False
         row_mode = "text" if cold else mode
-        codes = (user_codes[uid], item_codes[iid]) if row_mode != "text" else None
+        codes = (user_codes[uid], item_codes[iid]) if MODES[row_mode].has_codes else None
         prompt, soft = prompt_with_soft(
             templates,
             row_mode,

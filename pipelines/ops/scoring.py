@@ -52,13 +52,22 @@ from binllm_core.config import (
 from binllm_core.errors import ConfigError, StageError
 from binllm_core.io.artifacts import exists
 from binllm_core.io.faults import Fault, armed
-from binllm_core.llm.loading import ADAPTER_CONFIG, fetch_adapter, is_adapter
+from binllm_core.llm.backbone import ADAPTER_CONFIG, fetch_adapter, is_adapter
 from binllm_core.llm.prefix_sharing import PrefixCut
 from binllm_core.llm.soft import SOFT_SPEC, EntityVectors, SoftSpec
 from binllm_core.prompts.templates import templates_from_config
 from binllm_core.storage import content_identity, join, resolve
 from pipelines.runtime.progress import Reporter, progress
 from pipelines.runtime.stage import StageContext
+
+
+def default_modes(cfg: RunConfig, finetune: Mapping[str, Any] | None) -> list[str]:
+    if cfg.score.modes:  # checked against the modes when the config was loaded
+        return list(cfg.score.modes)
+    if finetune is None:
+        return list(cfg.prompts.modes)
+    return list(dict.fromkeys(s["mode"] for s in finetune.get("steps", {}).values()))
+
 
 FAULT_POINT = "scorer-batch"
 OPTIONS = "output_storage_options"
@@ -120,13 +129,12 @@ class PromptScorer:
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         if device == "cpu":
             torch.set_num_threads(max(1, threads))
-        self.recommender = LLMRecommender.load(model_cfg, device=device)
         if adapter:  # a remote one fetched once per node into the model cache
             folder = fetch_adapter(model_cfg, adapter, storage_options, OPTIONS)
-            self.recommender.attach_adapter(folder, trainable=False)
-            if soft is not None:
-                self.recommender.load_soft(folder, soft)
+            self.recommender = LLMRecommender.from_saved(model_cfg, folder, soft, device)
             self.recommender.merge_adapter()
+        else:
+            self.recommender = LLMRecommender.from_backbone(model_cfg, device=device)
         self.recommender.train(False)  # a bare backbone too: no dropout when scoring
         self.scorer = Scorer(self.recommender, batch_size, max_length, sort_by_length, prefix_cut)
         self.lineage = lineage

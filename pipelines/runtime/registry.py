@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from binllm_core.codes import CODE_MODES
 from binllm_core.config import RunConfig
 from binllm_core.errors import ConfigError, StageError
 from binllm_core.io.lineage import folder_identity, model_identity, source_identity
 from binllm_core.io.lock import LOCK, WriterLock
-from binllm_core.llm.loading import check_backbone
-from binllm_core.llm.soft import SOFT
+from binllm_core.llm.backbone import check_backbone
+from binllm_core.modes import MODES, SOFT
 from binllm_core.storage import check_store, is_local, join, resolve, to_uri
 from pipelines.runtime.console import LOGS
 from pipelines.runtime.shared_paths import LocalPath, check_shared, run_paths
@@ -34,7 +33,7 @@ OTHER_OUTPUTS = ("pairs", "nightly", "recommendations", LOCK, LOGS)
 
 def codes_needed(cfg: RunConfig) -> bool:
     """A run needs the encoder only when it renders prompts with codes (or soft tokens)."""
-    return any(m in (*CODE_MODES, SOFT) for m in cfg.prompts.modes)
+    return any(MODES[m].has_codes for m in cfg.prompts.modes)
 
 
 def _with_codes(cfg: RunConfig, *names: str) -> tuple[str, ...]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from binllm_core.codes import CODE_MODES
 from binllm_core.config import (
     RunConfig,
     anchor_paths,
@@ -17,14 +16,11 @@ from binllm_core.config import (
     load_config,
 )
 from binllm_core.errors import ConfigError
-from binllm_core.llm.loading import check_backbone
-from binllm_core.llm.soft import SOFT
+from binllm_core.llm.backbone import check_backbone
+from binllm_core.modes import MODES
 from binllm_core.prompts.user_pairs import RunLookups, build_lookups
 from binllm_core.storage import LAYOUT, check_store, join, read_manifest, resolve, to_uri
 from pipelines.runtime.stage import StageContext
-
-RUN_STAGES = ("ingest", "samples", "encode", "retrieve", "render", "finetune", "score", "rerank")
-"""Stages whose manifests hold the config sections a scoring run needs."""
 
 
 def open_run(ref: str, overrides: list[str] | None = None, trained: bool = True) -> RunConfig:
@@ -53,9 +49,11 @@ def open_run(ref: str, overrides: list[str] | None = None, trained: bool = True)
             f"{ref} is neither a YAML config nor a run folder with a finished render stage",
             todo="give configs/NAME.yaml or {output_root}/{run_name}",
         )
+    from pipelines.runtime.registry import STAGES  # the registry imports the stages, they this
+
     raw: dict[str, Any] = {}
-    for stage in RUN_STAGES:
-        manifest = read_manifest(fs, f"{path}/{stage}")
+    for stage in STAGES:  # each manifest holds the config sections its stage ran with
+        manifest = read_manifest(fs, f"{path}/{stage.name}")
         if manifest is not None:
             raw.update(manifest.get("config", {}))
     parent, _, name = path.rpartition("/")
@@ -74,7 +72,7 @@ def _rendered(fs: Any, render_path: str) -> bool:
 def load_lookups(ctx: StageContext, mode: str) -> RunLookups:
     """Titles, id maps, histories and codes of the run (read once, on the driver)."""
     codes = None
-    if mode in (*CODE_MODES, SOFT):  # soft: the entities with codes have embeddings
+    if MODES[mode].has_codes:  # soft: the entities with codes have embeddings
         codes = ctx.read_table("encode", "codes", columns=["entity", "id", "bits"])
     return build_lookups(
         ctx.read_table("ingest", "items", columns=["item", "title"]),

@@ -56,7 +56,7 @@ from pipelines.runtime.training import InterruptibleTrainer
 
 FAULT_POINT = "encode-epoch"
 FAULT_MARKER = "_fault_injected"
-SAMPLE_COLUMNS = ["sample_id", "uid", "iid", "label", "split", "warm", "not_cold"]
+_SAMPLES_READ = ["sample_id", "uid", "iid", "label", "split", "warm", "not_cold"]
 EVAL_COLUMNS = ["sample_id", "uid", "iid", "label", "warm", "not_cold"]
 
 
@@ -172,7 +172,7 @@ def _datasets(ctx: StageContext, cfg: EncoderConfig) -> dict[str, ray.data.Datas
     """The samples the workers read, by split (and LightGCN's ``graph`` of train positives),
     materialized now: before the workers hold their CPUs (on a small machine they can take every
     CPU and leave none for read tasks). These narrow columns are small."""
-    samples = ctx.read_dataset("samples", "samples").select_columns(SAMPLE_COLUMNS)
+    samples = ctx.read_dataset("samples", "samples").select_columns(_SAMPLES_READ)
     datasets = {
         "train": samples.filter(expr="split == 'train'").select_columns(EVAL_COLUMNS[:4]),
         "valid": samples.filter(expr="split == 'valid'").select_columns(EVAL_COLUMNS),

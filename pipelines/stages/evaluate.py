@@ -29,6 +29,7 @@ import pyarrow as pa
 from binllm_core.codes import id_table
 from binllm_core.errors import StageError
 from binllm_core.evaluation.report import (
+    SCORE_DEFINITIONS,
     codes_metrics,
     llm_metrics,
     metrics_table,
@@ -77,7 +78,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "(score.max_rows); the codes rows cover every sample."
         )
     warm_more_than = ctx.cfg.protocol.warm_more_than
-    report = report_markdown(rows, ctx.cfg.run_name, warm_more_than, images, notes)
+    answer_score = ctx.cfg.model.answer_score
+    report = report_markdown(rows, ctx.cfg.run_name, warm_more_than, images, notes, answer_score)
     ranking: list[dict[str, Any]] = []
     if "retrieve" in ctx.upstream:
         ranking = _ranking(ctx, folder)
@@ -90,7 +92,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             + "\n"
         )
     definitions = {
-        "score": "logit of the answer token Yes at the last prompt position",
+        "score": SCORE_DEFINITIONS[answer_score],
         "auc": "area under the ROC curve over all rows, ties count half",
         "uauc": "unweighted mean of per-user AUC over users with >= 2 rows and both labels",
         "warm": f"user and item each have more than {warm_more_than} train interactions",

@@ -45,11 +45,11 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from binllm_core.config import AUX_TASKS, FinetuneConfig, TuneStepConfig
 from binllm_core.errors import StageError
 from binllm_core.io.faults import armed
-from binllm_core.llm.loading import fetch_adapter, is_adapter
-from binllm_core.llm.objectives import REC, SoftContrastive
+from binllm_core.llm.backbone import fetch_adapter, is_adapter
+from binllm_core.llm.objectives import REC
 from binllm_core.llm.prefix_sharing import PrefixCut
 from binllm_core.llm.recommender import LLMRecommender
-from binllm_core.llm.soft import SOFT, EntityVectors
+from binllm_core.llm.soft import EntityVectors
 from binllm_core.llm.strategies import STRATEGIES, TuneStep, plan
 from binllm_core.llm.tuning import (
     STATE,
@@ -58,8 +58,10 @@ from binllm_core.llm.tuning import (
     TuningRun,
     micro_batches,
     planned_steps,
+    prepare,
     with_curriculum,
 )
+from binllm_core.modes import MODES
 from binllm_core.prompts.render import lookups_from_tables
 from binllm_core.prompts.templates import templates_from_config
 from binllm_core.prompts.truncation import count_truncated
@@ -286,7 +288,7 @@ def train_sample_ids(index: pa.Table, cfg: FinetuneConfig, groups: pa.Table | No
 def _rows(ctx: StageContext, mode: str, split: str, ids: np.ndarray) -> ray.data.Dataset:
     """The ``ids`` of one partition of the rendered prompts (only that slice is read)."""
     keep = pa.array(ids, pa.int64())
-    columns = ["sample_id", *EVAL_COLUMNS, *(["soft_ids"] if mode == SOFT else [])]
+    columns = ["sample_id", *EVAL_COLUMNS, *(["soft_ids"] if MODES[mode].soft else [])]
 
     def select(batch: pa.Table) -> pa.Table:
         return batch.filter(pc.is_in(batch["sample_id"], keep)).select(columns)
@@ -309,7 +311,7 @@ def _trainer(
     reporter: Reporter,
 ) -> TorchTrainer:
     train = _rows(ctx, step.mode, "train", train_ids)
-    if step.mode == SOFT and cfg.soft.curriculum:  # each soft prompt with its text version
+    if MODES[step.mode].soft and cfg.soft.curriculum:  # each soft prompt with its text version
         plain = _rows(ctx, "text", "train", train_ids).select_columns(["sample_id", "prompt"])
         plain = plain.rename_columns({"prompt": "plain"})
         train = train.join(plain, "inner", num_partitions=1, on=("sample_id",))
@@ -369,7 +371,7 @@ class SoftInputs:
 
 
 def _soft_inputs(ctx: StageContext, step: TuneStep) -> SoftInputs | None:
-    if step.mode != SOFT:
+    if not MODES[step.mode].soft:
         return None
     soft = ctx.cfg.finetune.soft
     vectors = EntityVectors.from_table(ctx.read_table("encode", "embeddings"), soft.vectors)
@@ -459,16 +461,10 @@ def train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     step: TuneStep = config["tune_step"]
-    rec = LLMRecommender.load(config["model"], device=device)
+    rec = LLMRecommender.from_backbone(config["model"], device=device)
     soft: SoftInputs | None = config["soft"]
-    if soft is not None:  # before the adapter: a checkpoint's projector weights load into it
-        torch.manual_seed(ft.seed)  # a fresh projector's initial weights
-        rec.attach_soft(soft.vectors, ft.soft.projector, soft.titles, ft.soft.vectors)
-    if step.contrastive:
-        s = ft.soft
-        rec.model.objectives[REC] = SoftContrastive(
-            s.user_item_weight, s.item_title_weight, s.temperature
-        )
+    vectors, titles = (soft.vectors, soft.titles) if soft is not None else (None, None)
+    curriculum = prepare(rec, step, ft, vectors, titles)  # before the checkpoint's adapter
     run = TuningRun(
         rec, ft, step_cfg, config["n_train"], rank, world, config["prefix_cut"], step.train_lora
     )
@@ -486,7 +482,6 @@ def train_loop(config: dict[str, Any]) -> None:
         run.setup()
     # The fixed vectors are buffers, the same on every worker: nothing to broadcast each pass.
     # Under a curriculum, a micro-batch of text prompts leaves the projector out.
-    curriculum = step.mode == SOFT and ft.soft.curriculum
     rec.forward_net = ray.train.torch.prepare_model(
         rec.model,
         parallel_strategy_kwargs={

@@ -28,8 +28,8 @@ import ray
 
 from binllm_core.config import ModelConfig
 from binllm_core.errors import StageError
-from binllm_core.llm.loading import load_tokenizer
-from binllm_core.llm.soft import SOFT
+from binllm_core.llm.backbone import load_tokenizer
+from binllm_core.modes import MODES
 from binllm_core.prompts.aux_rows import AuxTemplates, build_rows, render_rows, repeated_rows
 from binllm_core.prompts.render import (
     SAMPLE_COLUMNS,
@@ -57,7 +57,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     items = ctx.read_table("ingest", "items", columns=["item", "title"])
     item_map = ctx.read_table("samples", "item_map", columns=["item", "iid"])
     codes = None
-    if any(m != "text" for m in modes):
+    if any(MODES[m].has_codes for m in modes):
         codes = ctx.read_table("encode", "codes", columns=["entity", "id", "bits"])
     lookups = lookups_from_tables(items, item_map, codes)
     if codes is not None:  # every mapped user and item has samples: the maps hold their ids
@@ -171,7 +171,7 @@ def _write_aux(ctx: StageContext, lookups: Lookups, modes: list[str]) -> dict[st
 def _in_words(modes: list[str]) -> list[str]:
     """The modes aux rows are written in: every rendered one but ``soft`` (aux rows carry no
     soft ids)."""
-    return [m for m in modes if m != SOFT]
+    return [m for m in modes if not MODES[m].soft]
 
 
 def _render(

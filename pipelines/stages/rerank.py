@@ -12,10 +12,9 @@ import pyarrow.compute as pc
 
 from pipelines.ops.reranking import histories_of, rerank
 from pipelines.ops.retrieval import CANDIDATES_SCHEMA
-from pipelines.ops.scoring import adapter_plan
+from pipelines.ops.scoring import adapter_plan, default_modes
 from pipelines.runtime.runs import load_lookups
 from pipelines.runtime.stage import StageContext
-from pipelines.stages.score import default_modes
 
 
 def run(ctx: StageContext) -> dict[str, Any]:

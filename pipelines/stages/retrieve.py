@@ -18,12 +18,12 @@ from binllm_core.ranking.retrieval import (
 from pipelines.ops.retrieval import in_files, retrieve, retriever_kwargs
 from pipelines.runtime.stage import StageContext
 
-SAMPLE_COLUMNS = ["sample_id", "uid", "iid", "label", "split", "timestamp", "history"]
+_SAMPLES_READ = ["sample_id", "uid", "iid", "label", "split", "timestamp", "history"]
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.cfg.retrieve
-    samples = pl.from_arrow(ctx.read_table("samples", "samples", columns=SAMPLE_COLUMNS))
+    samples = pl.from_arrow(ctx.read_table("samples", "samples", columns=_SAMPLES_READ))
     users = users_for_splits(samples, cfg.splits, cfg.exclude, cfg.max_users, cfg.seed)
     if users.height == 0:
         raise StageError(

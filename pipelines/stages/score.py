@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -16,13 +15,20 @@ import pyarrow.compute as pc
 import ray
 
 from binllm_core.config import (
-    RunConfig,
     ScoreConfig,
 )
 from binllm_core.errors import StageError
 from binllm_core.prompts.truncation import count_truncated
 from pipelines.ops.prompt_selection import prompt_index, rendered_modes
-from pipelines.ops.scoring import NONE, adapter_plan, model_id, now_utc, score_now, whole_groups
+from pipelines.ops.scoring import (
+    NONE,
+    adapter_plan,
+    default_modes,
+    model_id,
+    now_utc,
+    score_now,
+    whole_groups,
+)
 from pipelines.runtime.stage import StageContext
 
 STAGE_INPUT = [
@@ -37,14 +43,6 @@ STAGE_INPUT = [
     "prompt",
     "soft_ids",
 ]
-
-
-def default_modes(cfg: RunConfig, finetune: Mapping[str, Any] | None) -> list[str]:
-    if cfg.score.modes:  # checked against the modes when the config was loaded
-        return list(cfg.score.modes)
-    if finetune is None:
-        return list(cfg.prompts.modes)
-    return list(dict.fromkeys(s["mode"] for s in finetune.get("steps", {}).values()))
 
 
 # ---- stage ``score`` ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import pytest
 
 from binllm_core import codes
 from binllm_core.errors import DataError
+from binllm_core.modes import MODES
 
 
 def test_known_example() -> None:
@@ -66,7 +67,13 @@ def test_codes_table() -> None:
 def test_every_format_of_the_registry_round_trips_and_makes_a_mode_and_a_column() -> None:
     bits = np.random.default_rng(1).integers(0, 2, size=(5, 32)).astype(np.uint8)
     table = codes.codes_table(np.where(bits, 1, -1), np.where(bits, 1, -1))
-    assert codes.MODES == ("text", *codes.CODE_FORMATS, "soft")
+    assert tuple(MODES) == ("text", *codes.CODE_FORMATS, "soft")
+    assert [MODES[name].code_format for name in codes.CODE_FORMATS] == list(codes.CODE_FORMATS)
+    assert [m.template for m in MODES.values()] == [
+        "text",
+        *["code"] * len(codes.CODE_FORMATS),
+        "code",
+    ]
     for name, fmt in codes.CODE_FORMATS.items():
         assert fmt.name == name and 32 % fmt.dim_multiple == 0
         np.testing.assert_array_equal(fmt.from_text(fmt.to_text(bits)), bits)

@@ -67,7 +67,7 @@ def random_adapter(dtype: str, device: str) -> LLMRecommender:
     (q/v, r 8, alpha 16) whose B matrices are random instead of zero (so that it moves the
     scores); both drawn from seeded CPU generators, so every device gets the same adapter."""
     torch.manual_seed(ADAPTER_SEED)  # the A matrices (peft draws them on the CPU)
-    rec = LLMRecommender.load(
+    rec = LLMRecommender.from_backbone(
         model_cfg(dtype), finetune=FinetuneConfig(), trainable=True, device=device
     )
     generator = torch.Generator().manual_seed(ADAPTER_SEED)

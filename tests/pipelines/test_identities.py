@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from binllm_core.config import ModelConfig, RetrieveConfig
-from binllm_core.llm.loading import ADAPTER_CONFIG
+from binllm_core.llm.backbone import ADAPTER_CONFIG
 from binllm_core.llm.recommender import LLMRecommender
 from binllm_core.ranking.retrieval import Catalog
 from binllm_core.storage import (
@@ -105,7 +105,7 @@ def test_a_published_scores_manifest_changes_only_with_its_content(tmp_path: Pat
 def test_a_saved_adapter_config_is_canonical(tmp_path: Path):
     """peft holds ``target_modules`` as a set and writes it in the set's order, which changes
     with each process's string hashing: whatever the order, the saved bytes are the same."""
-    rec = LLMRecommender.load(ModelConfig(backbone="tiny"), trainable=True)
+    rec = LLMRecommender.from_backbone(ModelConfig(backbone="tiny"), trainable=True)
     texts = []
     for order in (["q_proj", "v_proj"], ["v_proj", "q_proj"]):
         rec.net.peft_config["default"].target_modules = order  # as a set may iterate

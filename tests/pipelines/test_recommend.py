@@ -107,7 +107,7 @@ def test_soft_candidates_score_with_the_projector_and_cold_ones_in_text(
     ctx = StageContext.open(cfg, "score")
     vectors = EntityVectors.from_table(ctx.read_table("encode", "embeddings"), "float")
     torch.manual_seed(0)
-    rec = LLMRecommender.load(cfg.model, trainable=True)
+    rec = LLMRecommender.from_backbone(cfg.model, trainable=True)
     rec.attach_soft(vectors, "collm")  # a fresh projector: the scores depend on the vectors
     rec.save(adapter)
 

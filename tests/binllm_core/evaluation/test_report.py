@@ -88,3 +88,6 @@ def test_png_and_markdown():
     assert "more than 3 train interactions" in text and "not not_cold" in text
     assert "| llm | text |" in text and "| codes | codes |" in text and "0.6100" in text
     assert "![ROC curves, test](roc_test.png)" in text and "a note" in text
+    assert "Scores are the logit of the answer token `Yes` at the last prompt position." in text
+    odds = report_markdown(rows, "r", 3, {}, answer_score="yes_minus_no")
+    assert "logit of the answer token `Yes` minus that of `No` at the last" in odds

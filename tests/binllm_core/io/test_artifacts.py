@@ -32,16 +32,15 @@ from binllm_core.io.artifacts import (
     version,
 )
 from binllm_core.io.lineage import model_identity
-from binllm_core.llm.loading import (
+from binllm_core.llm.backbone import (
     TINY_VOCAB,
     check_backbone,
     fetch_adapter,
     is_adapter,
-    load_language_model,
     load_tokenizer,
-    tiny_model,
     tiny_tokenizer,
 )
+from binllm_core.llm.loading import load_language_model, tiny_model
 from binllm_core.llm.recommender import LLMRecommender
 from binllm_core.llm.scoring import Scorer
 from tests.conftest import SMOLLM_GGUF
@@ -345,7 +344,7 @@ def test_a_model_folder_on_s3_loads_as_the_model(tmp_path: Path, s3_bucket) -> N
     fetched = list((tmp_path / "c" / "fetched").iterdir())
     assert len([p for p in fetched if p.is_dir()]) == 1  # model and tokenizer: one download
     assert load_tokenizer(cfg).get_vocab() == remote.tokenizer.get_vocab()
-    tiny = LLMRecommender.load(ModelConfig(backbone="tiny"))
+    tiny = LLMRecommender.from_backbone(ModelConfig(backbone="tiny"))
     assert remote.tokenizer.get_vocab() == tiny.tokenizer.get_vocab()
     torch.testing.assert_close(scores(remote), scores(tiny), rtol=0, atol=1e-6)
     assert len(model_identity(cfg)) == 16
@@ -360,7 +359,7 @@ def test_an_adapter_on_s3_is_checked_there_and_scores_as_the_local_one(
     bucket, options = s3_bucket
     tiny = ModelConfig(backbone="tiny", cache_dir=str(tmp_path / "c"))
     torch.manual_seed(0)
-    trained = LLMRecommender.load(tiny, trainable=True)
+    trained = LLMRecommender.from_backbone(tiny, trainable=True)
     for p in trained.net.parameters():  # LoRA's B starts at 0: make the adapter count
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.5)

@@ -11,8 +11,8 @@ import torch
 
 from binllm_core.config import FinetuneConfig, ModelConfig, PromptConfig, TuneStepConfig
 from binllm_core.errors import ConfigError
+from binllm_core.llm.backbone import answer_token_id, load_tokenizer, resolve_source
 from binllm_core.llm.batches import collate
-from binllm_core.llm.loading import answer_token_id, load_tokenizer, resolve_source
 from binllm_core.llm.recommender import LLMRecommender
 from binllm_core.llm.scoring import Scorer
 from binllm_core.llm.tuning import (
@@ -53,7 +53,7 @@ def scores(rec: LLMRecommender, prompts: list[str], batch_size: int = 32) -> tor
 
 
 def test_tiny_backbone_is_deterministic_and_left_padded() -> None:
-    first, second = LLMRecommender.load(TINY), LLMRecommender.load(TINY)
+    first, second = LLMRecommender.from_backbone(TINY), LLMRecommender.from_backbone(TINY)
     assert first.tokenizer.padding_side == "left" and first.tokenizer.pad_token == "<pad>"
     assert first.tokenizer.convert_ids_to_tokens([first.lm.yes_id]) == ["Yes"]
     prompts = ['#Question: a b c? Answer with "Yes" or "No".\n#Answer:', "movie 0 1 1 0 . 3"]
@@ -67,8 +67,8 @@ def test_tiny_backbone_is_deterministic_and_left_padded() -> None:
 
 
 def test_yes_minus_no_score_is_the_log_odds_of_the_two_answers() -> None:
-    raw = LLMRecommender.load(TINY)
-    odds = LLMRecommender.load(ModelConfig(backbone="tiny", answer_score="yes_minus_no"))
+    raw = LLMRecommender.from_backbone(TINY)
+    odds = LLMRecommender.from_backbone(ModelConfig(backbone="tiny", answer_score="yes_minus_no"))
     answer = odds.lm.answer
     assert odds.tokenizer.convert_ids_to_tokens([answer.no_id]) == ["No"]
     prompts = ['#Question: a b c? Answer with "Yes" or "No".\n#Answer:', "movie 0 1 1 0 . 3"]
@@ -139,7 +139,7 @@ def test_codes_reach_the_model_and_a_saved_adapter_scores_the_same(tmp_path) -> 
     results = {}
     for mode in ("text", "binary"):
         train, valid = code_only_task(mode)
-        rec = LLMRecommender.load(TINY)
+        rec = LLMRecommender.from_backbone(TINY)
         results[mode] = fit_plain(rec, train, step, cfg, valid).state
     assert results["binary"].best > 0.9, results["binary"].evals
     assert results["text"].best < 0.65, results["text"].evals
@@ -149,7 +149,7 @@ def test_codes_reach_the_model_and_a_saved_adapter_scores_the_same(tmp_path) -> 
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert not list((tmp_path / "adapter").glob("*.bin"))
     before = scores(rec, valid.prompts[:32])
-    reloaded = LLMRecommender.load(TINY, adapter=str(tmp_path / "adapter"))
+    reloaded = LLMRecommender.from_saved(TINY, tmp_path / "adapter")
     torch.testing.assert_close(scores(reloaded, valid.prompts[:32]), before)
     reloaded.merge_adapter()  # folded into the base for inference: the same scores
     torch.testing.assert_close(scores(reloaded, valid.prompts[:32]), before, atol=1e-4, rtol=0)
@@ -168,16 +168,16 @@ def test_a_run_resumed_from_its_checkpoint_continues_exactly(tmp_path) -> None:
             if run.due_for_eval:
                 run.evaluate(valid)
 
-    whole = TuningRun(LLMRecommender.load(TINY), cfg, step, len(train))
+    whole = TuningRun(LLMRecommender.from_backbone(TINY), cfg, step, len(train))
     whole.setup()
     drive(whole, shuffled_batches(train, 8, cfg.seed), 10)
 
-    first = TuningRun(LLMRecommender.load(TINY), cfg, step, len(train))
+    first = TuningRun(LLMRecommender.from_backbone(TINY), cfg, step, len(train))
     first.setup()
     stream = shuffled_batches(train, 8, cfg.seed)
     drive(first, stream, 6)
     first.save_checkpoint(tmp_path / "ckpt")
-    resumed = TuningRun(LLMRecommender.load(TINY), cfg, step, len(train))
+    resumed = TuningRun(LLMRecommender.from_backbone(TINY), cfg, step, len(train))
     resumed.setup(resume=str(tmp_path / "ckpt"))
     assert resumed.state.step == 6 and resumed.state.restarts == 1
     drive(resumed, stream, 10)  # the same data stream goes on

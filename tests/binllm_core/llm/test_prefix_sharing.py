@@ -26,7 +26,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def tiny(adapter: bool = True, dropout: float = 0.05) -> LLMRecommender:
     torch.manual_seed(0)
     cfg = FinetuneConfig(lora_dropout=dropout)
-    rec = LLMRecommender.load(ModelConfig(backbone="tiny"), finetune=cfg, trainable=adapter)
+    rec = LLMRecommender.from_backbone(
+        ModelConfig(backbone="tiny"), finetune=cfg, trainable=adapter
+    )
     if adapter:  # a LoRA whose B is not zero, so that the adapter changes the scores
         with torch.no_grad():
             for name, p in rec.net.named_parameters():
@@ -83,7 +85,7 @@ def test_shared_scores_equal_whole_prompt_scores(batch_size: int, mode: str) -> 
 def test_bfloat16_takes_the_same_path() -> None:
     """What a GPU run uses (``model.dtype: auto`` is bfloat16 on CUDA), here on the CPU."""
     torch.manual_seed(0)
-    rec = LLMRecommender.load(ModelConfig(backbone="tiny", dtype="bfloat16"))
+    rec = LLMRecommender.from_backbone(ModelConfig(backbone="tiny", dtype="bfloat16"))
     prompts = user_prompts(seed=6)
     whole, _ = Scorer(rec, 4, 512).score(prompts)
     scorer = Scorer(rec, 4, 512, prefix_cut=CUT)
@@ -163,7 +165,7 @@ def test_grouped_micro_batches_keep_a_users_prompts_together() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not SMOLLM_GGUF.exists(), reason=f"shared model not found at {SMOLLM_GGUF}")
 def test_shared_scores_equal_whole_with_smollm() -> None:
-    rec = LLMRecommender.load(ModelConfig(backbone=str(SMOLLM_GGUF)), trainable=True)
+    rec = LLMRecommender.from_backbone(ModelConfig(backbone=str(SMOLLM_GGUF)), trainable=True)
     prompts = user_prompts(seed=4, users=3)
     whole, _ = Scorer(rec, 8, 1024).score(prompts)
     shared, _ = Scorer(rec, 8, 1024, prefix_cut=CUT).score(prompts)

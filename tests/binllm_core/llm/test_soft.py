@@ -4,6 +4,7 @@ projector alone; RSLLM's contrastive terms; the config's rules for soft steps.""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,16 @@ from binllm_core.llm.batches import collate
 from binllm_core.llm.objectives import REC, SoftContrastive
 from binllm_core.llm.recommender import LLMRecommender
 from binllm_core.llm.scoring import Scorer
-from binllm_core.llm.soft import ITEM_TOKEN, USER_TOKEN, EntityVectors, info_nce
-from binllm_core.llm.tuning import TaskRows, fit_plain, shuffled_batches, with_curriculum
+from binllm_core.llm.soft import EntityVectors, info_nce
+from binllm_core.llm.strategies import plan
+from binllm_core.llm.tuning import (
+    TaskRows,
+    fit_plain,
+    fit_step,
+    shuffled_batches,
+    with_curriculum,
+)
+from binllm_core.modes import ITEM_TOKEN, USER_TOKEN
 from binllm_core.prompts.templates import templates_from_config
 
 N_USERS, N_ITEMS, DIM = 20, 40, 8
@@ -50,7 +59,7 @@ def rows(n: int, seed: int, soft: bool = True) -> TaskRows:
 
 def tuned(soft: bool, train_lora: bool = True, steps: int = 60) -> LLMRecommender:
     torch.manual_seed(0)
-    rec = LLMRecommender.load(ModelConfig(backbone="tiny"))
+    rec = LLMRecommender.from_backbone(ModelConfig(backbone="tiny"))
     if soft:
         rec.attach_soft(VECTORS, "collm")
     cfg = FinetuneConfig(eval_every=1000, max_length=64, lora_dropout=0.0)
@@ -78,8 +87,7 @@ def test_a_label_only_the_embeddings_carry_is_learned_through_soft_tokens_not_te
     assert {"adapter_model.safetensors", "extra_modules.safetensors", "soft.json"} <= {
         p.name for p in (tmp_path / "adapter").iterdir()
     }
-    fresh = LLMRecommender.load(ModelConfig(backbone="tiny"), adapter=str(tmp_path / "adapter"))
-    fresh.load_soft(tmp_path / "adapter", VECTORS)
+    fresh = LLMRecommender.from_saved(ModelConfig(backbone="tiny"), tmp_path / "adapter", VECTORS)
     fresh.merge_adapter()
     again, _ = Scorer(fresh, 32, 64).score(valid.prompts, valid.soft)
     np.testing.assert_allclose(again, scores, atol=1e-4)
@@ -92,7 +100,7 @@ def test_collm_step_trains_the_projector_and_leaves_the_adapter_as_it_was() -> N
     assert lora and all(not p.requires_grad and not p.abs().sum() for p in lora.values())
     projector = rec.model.soft.projector
     assert all(p.requires_grad for p in projector.parameters())
-    fresh = LLMRecommender.load(ModelConfig(backbone="tiny"))
+    fresh = LLMRecommender.from_backbone(ModelConfig(backbone="tiny"))
     torch.manual_seed(0)
     fresh.attach_soft(VECTORS, "collm")
     moved = [
@@ -105,7 +113,7 @@ def test_collm_step_trains_the_projector_and_leaves_the_adapter_as_it_was() -> N
 
 
 def test_placeholders_and_soft_ids_must_agree_in_one_line() -> None:
-    rec = LLMRecommender.load(ModelConfig(backbone="tiny"))
+    rec = LLMRecommender.from_backbone(ModelConfig(backbone="tiny"))
     rec.attach_soft(VECTORS, "llara")
     scorer = Scorer(rec, 4, 64)
     lacking = f"#Question: user {USER_TOKEN} movie ? #Answer:"  # no item soft token
@@ -122,16 +130,16 @@ def test_placeholders_and_soft_ids_must_agree_in_one_line() -> None:
 
 
 def test_soft_prompts_need_an_adapter_with_a_projector(tmp_path: Path) -> None:
-    rec = LLMRecommender.load(ModelConfig(backbone="tiny"), trainable=True)
+    rec = LLMRecommender.from_backbone(ModelConfig(backbone="tiny"), trainable=True)
     rec.save(tmp_path / "text")
     with pytest.raises(ConfigError, match="has no projector") as err:
-        LLMRecommender.load(ModelConfig(backbone="tiny")).load_soft(tmp_path / "text", VECTORS)
+        LLMRecommender.from_saved(ModelConfig(backbone="tiny"), tmp_path / "text", VECTORS)
     assert "\n" not in str(err.value)
 
 
 def test_contrastive_terms_join_the_loss_and_reach_the_projector() -> None:
     torch.manual_seed(0)
-    rec = LLMRecommender.load(ModelConfig(backbone="tiny"), trainable=True)
+    rec = LLMRecommender.from_backbone(ModelConfig(backbone="tiny"), trainable=True)
     titles = {i: f"movie {i % 7}" for i in range(1, N_ITEMS + 1)}
     rec.attach_soft(VECTORS, "collm", titles)
     batch_rows = rows(16, 3)
@@ -210,9 +218,32 @@ def test_curriculum_moves_from_text_to_soft_prompts() -> None:
     mixed = [p == SOFT_PROMPT for _ in range(20) for p in next(stream).prompts]
     assert 0.35 < sum(mixed) / len(mixed) < 0.65
     # A batch mixing both kinds runs (text rows carry no soft ids), contrastive terms included.
-    rec = LLMRecommender.load(ModelConfig(backbone="tiny"), trainable=True)
+    rec = LLMRecommender.from_backbone(ModelConfig(backbone="tiny"), trainable=True)
     rec.attach_soft(VECTORS, "collm", {i: f"movie {i}" for i in range(1, N_ITEMS + 1)})
     rec.model.objectives[REC] = SoftContrastive(1.0, 1.0, 0.1)
     examples = next(stream)
     batch = collate(rec.tokenizer, examples.prompts, examples.labels, 64, None, examples.soft)
     assert torch.isfinite(rec.loss(batch))
+
+
+@pytest.mark.parametrize("strategy", ["collm", "rsllm"])
+def test_a_soft_strategy_step_runs_in_one_process_as_the_ray_worker_sets_it_up(strategy) -> None:
+    """fit_step prepares the step as the finetune stage's workers do (a fresh projector; the
+    contrastive objective for rsllm; the adapter frozen for collm) and learns what only the
+    vectors carry."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    cfg = FinetuneConfig(strategy=strategy, eval_every=1000, max_length=64, lora_dropout=0.0)
+    budget = TuneStepConfig(lr=1e-2, warmup_steps=2, batch_size=16, max_steps=60)
+    step = replace(plan(cfg)[-1], cfg=budget)
+    titles = {i: f"movie {i % 7}" for i in range(1, N_ITEMS + 1)}
+    rec = LLMRecommender.from_backbone(ModelConfig(backbone="tiny"))
+    run = fit_step(rec, step, cfg, rows(256, 1), vectors=VECTORS, titles=titles)
+    contrastive = isinstance(rec.model.objectives[REC], SoftContrastive)
+    assert contrastive == (strategy == "rsllm")
+    lora = [p for n, p in rec.net.named_parameters() if "lora_" in n]
+    assert lora and all(p.requires_grad == (strategy == "rsllm") for p in lora)
+    valid = rows(128, 2)
+    scores, _ = Scorer(rec, 32, 64).score(valid.prompts, valid.soft)
+    assert auc(valid.labels, scores.tolist()) > 0.8
+    run.close()

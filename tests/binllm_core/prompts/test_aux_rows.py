@@ -153,7 +153,7 @@ def test_interleaving_gives_each_task_its_share_evenly() -> None:
 
 
 def test_answer_loss_covers_the_answer_tokens_only(one_thread) -> None:
-    rec = LLMRecommender.load(TINY)
+    rec = LLMRecommender.from_backbone(TINY)
     tok = rec.tokenizer
     batch = with_targets(tok, ["a b c", "a"], [" 1 2", " 3"], max_length=4)
     # The longer answer keeps both tokens and the prompt loses its start; pads are -100.
@@ -200,7 +200,7 @@ def test_a_tiny_model_learns_the_bpr_answer_from_the_titles(one_thread) -> None:
         return out
 
     train, held_out = rows(800), rows(100)
-    rec = LLMRecommender.load(TINY)
+    rec = LLMRecommender.from_backbone(TINY)
     cfg = FinetuneConfig(max_length=256, seed=0)
     step = TuneStepConfig(lr=1e-2, min_lr=1e-4, warmup_steps=10, batch_size=16, max_steps=150)
     run = TuningRun(rec, cfg, step, len(train))

@@ -8,8 +8,8 @@ import random
 import pytest
 
 from binllm_core.config import ModelConfig
-from binllm_core.llm.loading import load_tokenizer
-from binllm_core.llm.soft import ITEM_TOKEN, USER_TOKEN
+from binllm_core.llm.backbone import load_tokenizer
+from binllm_core.modes import ITEM_TOKEN, USER_TOKEN
 from binllm_core.prompts.token_lengths import WHITE_SPACE, TokenLengths
 from tests.conftest import SMOLLM_GGUF
 

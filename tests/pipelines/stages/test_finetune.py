@@ -84,11 +84,10 @@ def test_two_steps_on_two_workers_survive_a_failure(
     prompts = read_prompts(tmp_path)
     valid = prompts.filter(pc.and_(pc.equal(prompts["mode"], "soft"), prompts["valid_small"]))
     torch.set_num_threads(1)
-    rec = LLMRecommender.load(cfg.model, adapter=str(adapters / "step2"))
     vectors = EntityVectors.from_table(
         read_output(str(tmp_path / "t" / "encode"), "embeddings"), "relaxed"
     )
-    rec.load_soft(adapters / "step2", vectors)
+    rec = LLMRecommender.from_saved(cfg.model, adapters / "step2", vectors)
     scores, _ = Scorer(rec, 64, 256).score(
         valid["prompt"].to_pylist(), valid["soft_ids"].to_pylist()
     )

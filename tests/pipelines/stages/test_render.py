@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from binllm_core.llm.loading import load_tokenizer
+from binllm_core.llm.backbone import load_tokenizer
 from binllm_core.storage import MANIFEST
 from pipelines.runtime.stage import StageContext, run_stage
 from pipelines.stages import render

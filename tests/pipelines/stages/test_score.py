@@ -35,7 +35,7 @@ def test_length_sorted_scores_equal_plain_scores_in_order():
         ModelConfig(backbone="tiny"), "", lineage(), batch_size=8, max_length=1024
     )
     got, lengths = scorer.logits(texts)
-    rec = LLMRecommender.load(ModelConfig(backbone="tiny"))
+    rec = LLMRecommender.from_backbone(ModelConfig(backbone="tiny"))
     plain, _ = Scorer(rec, batch_size=8, max_length=1024, sort_by_length=False).score(texts)
     np.testing.assert_allclose(got, plain, atol=1e-4)
     out = scorer(pa.table({"sample_id": list(range(37)), "prompt": texts}))
@@ -50,7 +50,7 @@ def random_adapter(folder: Path) -> LLMRecommender:
     """The tiny model with a random (not zero-initialised) LoRA, saved in ``folder``."""
     from peft import LoraConfig, get_peft_model
 
-    rec = LLMRecommender.load(ModelConfig(backbone="tiny"))
+    rec = LLMRecommender.from_backbone(ModelConfig(backbone="tiny"))
     config = LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
     )
@@ -137,7 +137,7 @@ def test_adapter_plan_defaults_and_overrides(tmp_path: Path):
         return f"/runs/copy/{path}"
 
     a1, a2 = "/runs/copy/finetune/v-1/adapters/step1", "/runs/copy/finetune/v-1/adapters/step2"
-    assert score.default_modes(cfg, finetune) == ["text", "binary"]
+    assert scoring.default_modes(cfg, finetune) == ["text", "binary"]
     assert scoring.adapter_plan(cfg, ["text", "binary", "dotdec"], finetune, locate) == {
         "text": a1,
         "binary": a2,
