@@ -5,6 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
+from binllm_core.config import load_config
 from binllm_core.data.formats import FORMATS as REGISTRY
 from binllm_core.data.formats import (
     INTERACTIONS,
@@ -14,7 +15,7 @@ from binllm_core.data.formats import (
     parse_items,
 )
 from binllm_core.data.sources import first_line, lines_before, list_source, plan_chunks, read_chunk
-from binllm_core.errors import DataError
+from binllm_core.errors import ConfigError, DataError
 from tests.conftest import FIXTURES
 
 FORMATS = FIXTURES / "formats"
@@ -325,3 +326,12 @@ def test_every_registered_format_reads_its_fixture(fmt: str) -> None:
     assert {"item", "title", "row"} <= set(items.column_names)
     assert items.num_rows > 0 and rejects.num_rows == 0
 
+
+def test_an_unknown_format_is_refused_at_load_naming_the_known_ones() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/ml100k.yaml", ["data.format=parquet"])
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"data.format = 'parquet' is not one of: auto, {', '.join(REGISTRY)}" in message
+    for fmt in ["auto", *REGISTRY]:
+        assert load_config("configs/ml100k.yaml", [f"data.format={fmt}"]).data.format == fmt
