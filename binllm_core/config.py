@@ -71,8 +71,8 @@ class DataConfig(Section):
     ``http(s)://`` or ``s3://``."""
     format: str = "auto"
     """Source layout. ``auto`` detects it from the file names; an explicit value overrides it:
-    a name in :data:`binllm_core.data.formats.FORMATS` (ml100k, ml1m, ml_csv, amazon2018,
-    amazon2023, recbole; each family's module says what its files look like)."""
+    a name in the registry :data:`binllm_core.data.formats.FORMATS` (the README's table lists
+    them; each format family's module says what its files look like)."""
     name: str = ""
     """Which dataset to take when the URI holds several: the RecBole atomic-file stem, or the
     Amazon review file stem (e.g. ``Books_5``). Empty: the only one there."""
