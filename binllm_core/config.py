@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from binllm_core.codes import CODE_FORMATS
+from binllm_core.data.formats import FORMATS
 from binllm_core.errors import ConfigError
 from binllm_core.modes import MODES, TEXT_AND_CODE_MODES
 
@@ -34,7 +35,6 @@ def resource(default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISS
     return field(default=default, default_factory=factory, metadata={"resource": True})
 
 
-SourceFormat = Literal["auto", "ml100k", "ml1m", "ml_csv", "amazon2018", "amazon2023", "recbole"]
 SplitKind = Literal["per_user", "global", "months", "months_then_halves"]
 Split = Literal["train", "valid", "test"]
 
@@ -70,10 +70,10 @@ class DataConfig(Section):
     uri: str = ""
     """fsspec URI of the source: a folder, a data file or the official ``.zip``; a local path,
     ``http(s)://`` or ``s3://``."""
-    format: SourceFormat = "auto"
+    format: str = "auto"
     """Source layout. ``auto`` detects it from the file names; an explicit value overrides it:
-    ml100k (u.data + u.item), ml1m (ratings.dat + movies.dat, also ML-10M), ml_csv (ratings.csv +
-    movies.csv: latest/20M/25M/32M), amazon2018, amazon2023, recbole (NAME.inter + NAME.item)."""
+    a name in the registry :data:`binllm_core.data.formats.FORMATS` (the README's table lists
+    them; each format family's module says what its files look like)."""
     name: str = ""
     """Which dataset to take when the URI holds several: the RecBole atomic-file stem, or the
     Amazon review file stem (e.g. ``Books_5``). Empty: the only one there."""
@@ -89,6 +89,9 @@ class DataConfig(Section):
     identity: Literal["stat", "content"] = resource("stat")
     """How ingest tells whether the source changed: ``stat`` by each file's name, size and
     modification time (ETag on S3/HTTP); ``content`` by a SHA-256 of its bytes (reads them)."""
+
+    def check(self, key: str, where: str = "") -> None:
+        _check_format(self.format, f"{key}.format", where)
 
 
 @dataclass
@@ -927,6 +930,13 @@ def _signs(
             if not (value >= 0 if zero else value > 0):
                 dotted = f"{key}.{name}" if key else name
                 raise ConfigError(f"{dotted} = {value} must be {'>=' if zero else '>'} 0", where)
+
+
+def _check_format(fmt: str, key: str, where: str) -> None:
+    """``auto`` or a name of :data:`FORMATS`."""
+    if fmt != "auto" and fmt not in FORMATS:
+        choices = ", ".join(("auto", *FORMATS))
+        raise ConfigError(f"config key {key} = {fmt!r} is not one of: {choices}", where)
 
 
 def _check_modes(modes: list[str], key: str, where: str) -> None:

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 import ray
 
 from binllm_core.data.formats import (
+    FORMATS,
     REJECTS,
     Layout,
     dedupe_items,
@@ -34,9 +35,6 @@ from binllm_core.data.sources import (
 from binllm_core.errors import BinllmError, DataError
 from pipelines.runtime.ray_helpers import surface_user_errors
 from pipelines.runtime.stage import StageContext
-
-HEADER_FORMATS = ("ml_csv", "recbole")
-"""Formats whose interaction file starts with a header that every byte range needs."""
 
 _PYARROW = {"batch_format": "pyarrow", "batch_size": None, "zero_copy_batch": True}
 
@@ -120,7 +118,7 @@ def _parse_chunk(chunk: Chunk, kind: str, fmt: str, skip_bad: bool) -> pa.Table:
     if kind == "items":
         good, rejects = parse_items(fmt, data, label=label, skip_bad=skip_bad)
     else:
-        header = first_line(chunk.file) if fmt in HEADER_FORMATS and chunk.start else None
+        header = first_line(chunk.file) if FORMATS[fmt].header and chunk.start else None
         good, rejects = parse_interactions(
             fmt,
             data,

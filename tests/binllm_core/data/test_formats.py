@@ -5,6 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
+from binllm_core.config import load_config
+from binllm_core.data.formats import FORMATS as REGISTRY
 from binllm_core.data.formats import (
     INTERACTIONS,
     dedupe_items,
@@ -13,7 +15,7 @@ from binllm_core.data.formats import (
     parse_items,
 )
 from binllm_core.data.sources import first_line, lines_before, list_source, plan_chunks, read_chunk
-from binllm_core.errors import DataError
+from binllm_core.errors import ConfigError, DataError
 from tests.conftest import FIXTURES
 
 FORMATS = FIXTURES / "formats"
@@ -271,7 +273,7 @@ def test_json_read_at_once_gives_what_line_by_line_gives(monkeypatch) -> None:
     chunks with each kind of odd line (then it falls back)."""
     import random
 
-    import binllm_core.data.formats as formats
+    import binllm_core.data.formats.jsonl as formats
 
     rng = random.Random(3)
     good = [GOOD_JSON % (k, k % 7, k % 5 + 1, 1500000000 + k) for k in range(40)]
@@ -295,3 +297,41 @@ def test_json_read_at_once_gives_what_line_by_line_gives(monkeypatch) -> None:
                 outcome[name] = str(err)
         assert outcome["fast"] == outcome["line by line"], lines
     assert taken[:2] == [True, True] and not all(taken)  # both paths were taken
+
+
+@pytest.mark.parametrize("fmt", list(REGISTRY))
+def test_every_registered_format_reads_its_fixture(fmt: str) -> None:
+    """Each entry of the registry, on its fixture folder ``tests/fixtures/formats/<name>``: it is
+    detected (also when named), parses without rejects, and parsing its interaction file in two
+    byte ranges (the second given the header line when the format has one) gives the same rows."""
+    folder = FORMATS / fmt
+    files = sorted(p.name for p in folder.iterdir())
+    layout = detect(files)
+    assert layout.format == fmt and detect(files, fmt) == layout
+    data = (folder / layout.interactions).read_bytes()
+    whole, rejects = parse(fmt, data)
+    assert whole.schema == INTERACTIONS and whole.num_rows > 1 and rejects.num_rows == 0
+    cut = data.index(b"\n", len(data) // 2) + 1
+    header = data[: data.index(b"\n") + 1].decode() if REGISTRY[fmt].header else None
+    halves = [
+        parse_interactions(
+            fmt, piece, offset=at, header=head, label="f", skip_bad=False, lines_before=lambda: 0
+        )[0]
+        for piece, at, head in ((data[:cut], 0, None), (data[cut:], cut, header))
+    ]
+    assert pa.concat_tables(halves).equals(whole)
+    items, rejects = parse_items(
+        fmt, (folder / layout.items).read_bytes(), label="i", skip_bad=False
+    )
+    assert {"item", "title", "row"} <= set(items.column_names)
+    assert items.num_rows > 0 and rejects.num_rows == 0
+
+
+def test_an_unknown_format_is_refused_at_load_naming_the_known_ones() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/ml100k.yaml", ["data.format=parquet"])
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"data.format = 'parquet' is not one of: auto, {', '.join(REGISTRY)}" in message
+    for fmt in ["auto", *REGISTRY]:
+        assert load_config("configs/ml100k.yaml", [f"data.format={fmt}"]).data.format == fmt
