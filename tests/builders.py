@@ -287,18 +287,7 @@ def fake_run(tmp_path: Path, *overrides: str) -> RunConfig:
         }
         for k in range(60)
     ]
-    samples = pa.Table.from_pylist(rows).cast(
-        pa.schema(
-            [
-                ("sample_id", pa.int64()),
-                ("uid", pa.int32()),
-                ("iid", pa.int32()),
-                ("label", pa.int8()),
-                ("timestamp", pa.int64()),
-                ("split", pa.string()),
-            ]
-        )
-    )
+    samples = pa.Table.from_pylist(rows).cast(pa.schema(list(SAMPLES_SCHEMA)[:6]))
     publish_stage(
         run,
         "samples",
