@@ -101,7 +101,7 @@ def test_every_projector_maps_vectors_to_the_hidden_size_and_learns(name: str) -
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert projector(x).shape == (32, 24) and float(loss) < first
+    assert projector(x).shape == (32, 24) and float(loss.detach()) < first
 
 
 PROMPTS = [f"a user liked {t}. will they like it? #Answer:" for t in ("x", "yy", "z z", "w")]
