@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, SHARED, save, table  # noqa: E402
 from binllm_core.config import RunConfig, load_config, to_dict  # noqa: E402
 from binllm_core.evaluation.metrics import score_report
+from binllm_core.evaluation.report import RANKING_COLUMNS  # noqa: E402
 from binllm_core.storage import read_output  # noqa: E402
 
 SHARED_STAGES = ("ingest", "samples", "encode", "render")
@@ -203,10 +204,6 @@ def fmt(value: Any, digits: int = 4) -> str:
 
 
 # ---- the ranking table ------------------------------------------------------------------------
-RANKING_COLUMNS = (("ndcg", 5), ("ndcg", 10), ("ndcg", 20), ("recall", 5), ("recall", 10),
-                   ("recall", 20), ("hr", 10), ("mrr", 10))
-
-
 def choose_tie_rule(root: Path, name: str, cfg: RunConfig) -> dict[str, float]:
     """Codes-only NDCG@10 on valid_small for each tie rule (the test split is never read)."""
     from binllm_core.codes import id_table

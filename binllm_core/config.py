@@ -27,6 +27,7 @@ from binllm_core.codes import CODE_FORMATS
 from binllm_core.data.formats import FORMATS
 from binllm_core.errors import ConfigError
 from binllm_core.modes import MODES, TEXT_AND_CODE_MODES
+from binllm_core.ranking.retrieval import BACKENDS
 
 
 def resource(default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
@@ -214,6 +215,16 @@ class ModelConfig(Section):
             )
 
 
+ENCODER_BACKBONES = ("mf", "lightgcn")
+"""The names of :data:`binllm_core.encoder.model.BACKBONES`, kept here so that loading a config
+needs no torch (``tests/test_registries.py`` checks they are the registry's keys)."""
+SOFT_PROJECTORS = ("collm", "llara")
+"""The names of :data:`binllm_core.llm.soft.PROJECTORS` (torch-free, checked like
+:data:`ENCODER_BACKBONES`)."""
+FINETUNE_STRATEGIES = ("two_step", "one_step", "text_only", "collm", "rsllm")
+"""The names of :data:`binllm_core.llm.strategies.STRATEGIES` (torch-free, checked like
+:data:`ENCODER_BACKBONES`)."""
+
 MAX_CODE_BITS = 1024
 """The longest code: a binary code is one token per bit in every prompt that holds it."""
 
@@ -222,8 +233,9 @@ MAX_CODE_BITS = 1024
 class EncoderConfig(Section):
     """The binarized collaborative encoder (MF or LightGCN -> Linear -> tanh -> sign)."""
 
-    backbone: Literal["mf", "lightgcn"] = "mf"
-    """Collaborative backbone producing the continuous embeddings."""
+    backbone: str = "mf"
+    """Collaborative backbone producing the continuous embeddings: ``mf`` or ``lightgcn``
+    (:data:`binllm_core.encoder.model.BACKBONES`)."""
     dim: int = 32
     """Embedding and code length in bits (a multiple of 8, at most :data:`MAX_CODE_BITS`)."""
     lightgcn_layers: int = 2
@@ -268,6 +280,7 @@ class EncoderConfig(Section):
     """Seed of the initialisation, the shuffling and the binary/continuous mix."""
 
     def check(self, key: str, where: str = "") -> None:
+        _check_name(self.backbone, ENCODER_BACKBONES, f"{key}.backbone", where)
         multiple = math.lcm(*(f.dim_multiple for f in CODE_FORMATS.values()))
         if self.dim <= 0 or self.dim % multiple:
             needs = [
@@ -477,9 +490,9 @@ class SoftConfig(Section):
     """The encoder's ``embeddings`` column the projector reads: ``float`` (the continuous
     MF/LightGCN embeddings, CoLLM's input) or ``relaxed`` (tanh(proj(e)), the vectors BinLLM's
     codes are the signs of: the same information without binarization)."""
-    projector: Literal["collm", "llara"] = "collm"
+    projector: str = "collm"
     """``collm``: Linear(d, 10d) -> ReLU -> Linear(10d, hidden); ``llara``: Linear(d, hidden)
-    -> GELU -> Linear(hidden, hidden)."""
+    -> GELU -> Linear(hidden, hidden) (:data:`binllm_core.llm.soft.PROJECTORS`)."""
     user_item_weight: float = 0.1
     """``rsllm`` only: weight of InfoNCE between the LLM's last hidden state at the user's soft
     token and at the target item's, over the batch's positive samples (in-batch negatives)."""
@@ -495,6 +508,7 @@ class SoftConfig(Section):
     prompts). Needs ``text`` in ``prompts.modes``."""
 
     def check(self, key: str, where: str = "") -> None:
+        _check_name(self.projector, SOFT_PROJECTORS, f"{key}.projector", where)
         _signs(
             self,
             key,
@@ -508,7 +522,7 @@ class SoftConfig(Section):
 class FinetuneConfig(Section):
     """LoRA fine-tuning of the backbone on prompts (stage ``finetune``, Ray Train)."""
 
-    strategy: Literal["two_step", "one_step", "text_only", "collm", "rsllm"] = "two_step"
+    strategy: str = "two_step"
     """``two_step``: step 1 on ``text`` prompts, step 2 from that adapter on code prompts;
     ``one_step``: code prompts from a fresh adapter (intuitive tuning); ``text_only``: step 1
     alone (the TALLRec / BinLLM-TO ablation); ``collm``: step 1 on text, step 2 on ``soft``
@@ -596,6 +610,7 @@ class FinetuneConfig(Section):
         return ""
 
     def check(self, key: str, where: str = "") -> None:
+        _check_name(self.strategy, FINETUNE_STRATEGIES, f"{key}.strategy", where)
         if self.code_mode not in (*CODE_FORMATS, "soft"):
             raise ConfigError(
                 f"{key}.code_mode = {self.code_mode!r} is not a code format",
@@ -751,9 +766,9 @@ class RetrieveConfig(Section):
     items the user never interacted with; 0 leaves it out."""
     seed: int = 2024
     """Seed of ``max_users`` and of the sampled negatives."""
-    backend: Literal["numpy", "faiss"] = resource("numpy")
+    backend: str = resource("numpy")
     """``numpy`` (exact scan) or ``faiss`` (``IndexBinaryFlat``, needs faiss-cpu); both return
-    the same lists."""
+    the same lists (:data:`binllm_core.ranking.retrieval.BACKENDS`)."""
     batch_users: int = resource(512)
     """Users per Ray Data batch."""
     num_actors: int = resource(1)
@@ -762,6 +777,7 @@ class RetrieveConfig(Section):
     """CPU cores reserved per retrieval actor (also faiss's thread count)."""
 
     def check(self, key: str, where: str = "") -> None:
+        _check_name(self.backend, tuple(BACKENDS), f"{key}.backend", where)
         if self.top_n and not self.splits:
             raise ConfigError(f"{key}.splits is empty", where, "choose among: train, valid, test")
         twice = [s for i, s in enumerate(self.splits) if s in self.splits[:i]]
@@ -937,6 +953,14 @@ def _check_format(fmt: str, key: str, where: str) -> None:
     if fmt != "auto" and fmt not in FORMATS:
         choices = ", ".join(("auto", *FORMATS))
         raise ConfigError(f"config key {key} = {fmt!r} is not one of: {choices}", where)
+
+
+def _check_name(name: str, known: tuple[str, ...], key: str, where: str) -> None:
+    """``name`` one of a registry's ``known`` names."""
+    if name not in known:
+        raise ConfigError(
+            f"{key} = {name!r} is not known", where, f"choose among: {', '.join(known)}"
+        )
 
 
 def _check_modes(modes: list[str], key: str, where: str) -> None:

@@ -1,16 +1,19 @@
-"""The binarized collaborative encoder: a backbone (``mf``: two embedding tables; ``lightgcn``:
-the same tables propagated over the train interaction graph) followed, for a binary model, by
-``tanh(Linear(e))`` and a sign with a straight-through gradient. The score of a pair is the
-inner product of the two codes (binary model) or of the two embeddings (float model).
+"""The binarized collaborative encoder: a backbone (:data:`BACKBONES`; ``mf``: two embedding
+tables; ``lightgcn``: the same tables propagated over the train interaction graph) followed, for
+a binary model, by ``tanh(Linear(e))`` and a sign with a straight-through gradient. The score of
+a pair is the inner product of the two codes (binary model) or of the two embeddings (float
+model).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
+
+from binllm_core.config import EncoderConfig
 
 BINARY, FLOAT = "binary", "continuous"
 
@@ -33,22 +36,41 @@ def sign_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 class Backbone(nn.Module):
-    """User and item embedding tables (N(0,1) init, row 0 = padding), optionally LightGCN."""
+    """The ``mf`` backbone: user and item embedding tables (N(0,1) init, row 0 = padding).
+
+    A backbone gives the embedding of every user and item (:meth:`tables`); its parameters are
+    the two tables, so a checkpoint loads into any backbone.
+    """
+
+    needs_graph: ClassVar[bool] = False
+    """Whether it is built with the normalized train interaction graph (the train positives)."""
 
     def __init__(
-        self, user_num: int, item_num: int, dim: int, adjacency: torch.Tensor | None, layers: int
+        self, user_num: int, item_num: int, cfg: EncoderConfig, adjacency: torch.Tensor | None
     ) -> None:
         super().__init__()
-        self.user_emb = nn.Embedding(user_num, dim, padding_idx=0)
-        self.item_emb = nn.Embedding(item_num, dim, padding_idx=0)
-        # A plain attribute, not a buffer: it is rebuilt from the samples, never checkpointed.
-        self.adjacency = adjacency
-        self.layers = layers
+        self.user_emb = nn.Embedding(user_num, cfg.dim, padding_idx=0)
+        self.item_emb = nn.Embedding(item_num, cfg.dim, padding_idx=0)
 
     def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The embedding of every user and every item (propagated for LightGCN)."""
-        if self.adjacency is None:
-            return self.user_emb.weight, self.item_emb.weight
+        """The embedding of every user and every item."""
+        return self.user_emb.weight, self.item_emb.weight
+
+
+class LightGCN(Backbone):
+    """The same tables propagated ``lightgcn_layers`` times over the train graph, averaged."""
+
+    needs_graph = True
+
+    def __init__(
+        self, user_num: int, item_num: int, cfg: EncoderConfig, adjacency: torch.Tensor | None
+    ) -> None:
+        super().__init__(user_num, item_num, cfg, adjacency)
+        # A plain attribute, not a buffer: it is rebuilt from the samples, never checkpointed.
+        self.adjacency = adjacency
+        self.layers = cfg.lightgcn_layers
+
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.cat([self.user_emb.weight, self.item_emb.weight])
         total = x
         for _ in range(self.layers):
@@ -56,6 +78,13 @@ class Backbone(nn.Module):
             total = total + x
         mean = total / (self.layers + 1)
         return mean[: self.user_emb.num_embeddings], mean[self.user_emb.num_embeddings :]
+
+
+BACKBONES: dict[str, type[Backbone]] = {"mf": Backbone, "lightgcn": LightGCN}
+"""``encoder.backbone`` -> its class, built from (users, items, the encoder config, the
+normalized train graph when its ``needs_graph``, else None). A new backbone is its class and an
+entry here, and its name in :data:`binllm_core.config.ENCODER_BACKBONES` (config stays
+torch-free; a test checks the two agree)."""
 
 
 class CollabModel(nn.Module):

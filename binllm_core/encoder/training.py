@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from binllm_core.config import EncoderConfig, to_dict
 from binllm_core.encoder.data import Rows, normalized_adjacency, train_graph
-from binllm_core.encoder.model import BINARY, FLOAT, Backbone, CollabModel, EncoderSet
+from binllm_core.encoder.model import BACKBONES, BINARY, FLOAT, CollabModel, EncoderSet
 from binllm_core.errors import StageError
 from binllm_core.evaluation.metrics import score_report
 from binllm_core.storage import jsonable
@@ -63,6 +63,11 @@ def check_config(cfg: EncoderConfig) -> None:
     cfg.check("encoder")
 
 
+def needs_graph(cfg: EncoderConfig) -> bool:
+    """Whether the configured backbone is built with the train graph (the train positives)."""
+    return BACKBONES[cfg.backbone].needs_graph
+
+
 # ---- training --------------------------------------------------------------------------------
 class EncoderTraining:
     """Models, optimizer and the early-stopping state of one encoder training run.
@@ -86,16 +91,17 @@ class EncoderTraining:
         self.user_num, self.item_num = user_num, item_num
         self.device = torch.device(device)
         seed_everything(cfg.seed)
+        backbone = BACKBONES[cfg.backbone]
         adjacency = None
-        if cfg.backbone == "lightgcn":
+        if backbone.needs_graph:
             if graph is None:
-                raise StageError("the lightgcn backbone needs the train graph")
+                raise StageError(f"the {cfg.backbone} backbone needs the train graph")
             adjacency = normalized_adjacency(user_num, item_num, *graph).to(self.device)
         names = [BINARY, FLOAT] if cfg.binary else [FLOAT]
         self.models = EncoderSet(
             {
                 name: CollabModel(
-                    Backbone(user_num, item_num, cfg.dim, adjacency, cfg.lightgcn_layers),
+                    backbone(user_num, item_num, cfg, adjacency),
                     cfg.dim,
                     binary=name == BINARY,
                     shared_projection=cfg.shared_projection,
@@ -292,7 +298,7 @@ def fit(
     log: Callable[[dict[str, Any]], None] | None = None,
 ) -> EncoderTraining:
     """The whole training in this process; returns it with the best primary weights loaded."""
-    graph = train_graph(data["train"]) if cfg.backbone == "lightgcn" else None
+    graph = train_graph(data["train"]) if needs_graph(cfg) else None
     training = EncoderTraining(cfg, user_num, item_num, graph)
     best_weights = training.weights()
     while not training.finished:

@@ -17,6 +17,7 @@ import polars as pl
 import pyarrow as pa
 
 from binllm_core.evaluation.metrics import score_report
+from binllm_core.ranking.metrics import HEADLINE, METRICS
 
 METRIC_KEYS = ("auc", "uauc", "warm_auc", "warm_uauc", "cold_auc", "cold_uauc")
 
@@ -217,17 +218,13 @@ def report_markdown(
     return "\n".join(lines)
 
 
-RANKING_COLUMNS = (
-    ("ndcg", 5),
-    ("ndcg", 10),
-    ("ndcg", 20),
-    ("recall", 5),
-    ("recall", 10),
-    ("recall", 20),
-    ("hr", 10),
-    ("mrr", 10),
+RANKING_COLUMNS = tuple(
+    (name, k)
+    for name in sorted(METRICS, key=lambda name: name != HEADLINE)
+    for k in METRICS[name].report_ks
 )
-"""The columns of the report's ranking tables: (metric, K)."""
+"""The columns of the report's ranking tables, (metric, K): each metric of
+:data:`~binllm_core.ranking.metrics.METRICS` at its ``report_ks``, the headline metric first."""
 
 
 def ranking_markdown(
@@ -251,7 +248,8 @@ def ranking_markdown(
         "`codes+llm`: the codes' first `rerank.top_n` candidates re-ranked by the LLM's answer "
         "score. Users **all**: every evaluated user (a positive the retriever missed counts as a "
         "miss); **retrieved**: users whose positive is among the re-ranked candidates (what "
-        "LlamaRec reports). Recall, NDCG, HR and MRR as in `binllm_core/ranking/metrics.py`.",
+        "LlamaRec reports). "
+        f"{_and([m.label for m in METRICS.values()])} as in `binllm_core/ranking/metrics.py`.",
         "",
     ]
     header = ["method", "mode", "users", "n", *[f"{m.upper()}@{k}" for m, k in RANKING_COLUMNS]]
@@ -312,3 +310,8 @@ def ranking_png(curves: Sequence[tuple[str, str, np.ndarray, np.ndarray]], title
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def _and(words: Sequence[str]) -> str:
+    """``a, b and c``."""
+    return f"{', '.join(words[:-1])} and {words[-1]}" if len(words) > 1 else "".join(words)

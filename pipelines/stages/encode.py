@@ -6,8 +6,9 @@ of, and the ``float`` baseline's embedding; :func:`embeddings_table`), from the 
 
 A ``TorchTrainer`` runs :func:`train_loop` on ``encoder.num_workers`` workers (DDP; gloo on CPU).
 The ``samples`` table feeds it as Ray datasets: ``train`` is split across the workers, ``valid``
-and ``test`` (and, for LightGCN, the ``graph`` of train positives) reach every worker whole, so
-each worker computes the same validation AUC and the workers stop together.
+and ``test`` (and, for a backbone that ``needs_graph`` such as LightGCN, the ``graph`` of train
+positives) reach every worker whole, so each worker computes the same validation AUC and the
+workers stop together.
 
 Rank 0 reports a checkpoint whenever the binary valid AUC improves, every
 ``encoder.checkpoint_every`` epochs and at the end (each report costs Ray Train about 2 s, so not
@@ -45,7 +46,7 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, S
 from binllm_core.codes import codes_table, embeddings_table, signs_from_bits
 from binllm_core.config import EncoderConfig, to_dict
 from binllm_core.encoder.data import Rows, train_graph
-from binllm_core.encoder.training import EncoderTraining, check_config, read_state
+from binllm_core.encoder.training import EncoderTraining, check_config, needs_graph, read_state
 from binllm_core.errors import StageError
 from binllm_core.evaluation.metrics import score_report
 from binllm_core.io.faults import armed
@@ -88,9 +89,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         result.best_checkpoints, key=lambda cm: (cm[1]["valid_auc"], -cm[1]["epoch"])
     )
 
-    graph = None
-    if cfg.backbone == "lightgcn":
-        graph = train_graph(_rows(datasets["graph"]))
+    graph = train_graph(_rows(datasets["graph"])) if needs_graph(cfg) else None
     training = EncoderTraining(cfg, user_num, item_num, graph)
     with best_checkpoint.as_directory() as folder:
         training.load(folder, weights_only=True)
@@ -169,16 +168,17 @@ def code_report(codes: pa.Table, rows: Rows) -> dict[str, float]:
 
 
 def _datasets(ctx: StageContext, cfg: EncoderConfig) -> dict[str, ray.data.Dataset]:
-    """The samples the workers read, by split (and LightGCN's ``graph`` of train positives),
-    materialized now: before the workers hold their CPUs (on a small machine they can take every
-    CPU and leave none for read tasks). These narrow columns are small."""
+    """The samples the workers read, by split (and, for a backbone that ``needs_graph``, the
+    ``graph`` of train positives), materialized now: before the workers hold their CPUs (on a
+    small machine they can take every CPU and leave none for read tasks). These narrow columns
+    are small."""
     samples = ctx.read_dataset("samples", "samples").select_columns(_SAMPLES_READ)
     datasets = {
         "train": samples.filter(expr="split == 'train'").select_columns(EVAL_COLUMNS[:4]),
         "valid": samples.filter(expr="split == 'valid'").select_columns(EVAL_COLUMNS),
         "test": samples.filter(expr="split == 'test'").select_columns(EVAL_COLUMNS),
     }
-    if cfg.backbone == "lightgcn":
+    if needs_graph(cfg):
         positives = samples.filter(expr="split == 'train' and label == 1")
         datasets["graph"] = positives.select_columns(EVAL_COLUMNS[:4])
     return {k: ds.materialize() for k, ds in datasets.items()}
@@ -233,7 +233,7 @@ def train_loop(config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     train = _shard_rows("train")
     valid, test = _shard_rows("valid"), _shard_rows("test")
-    graph = train_graph(_shard_rows("graph")) if cfg.backbone == "lightgcn" else None
+    graph = train_graph(_shard_rows("graph")) if needs_graph(cfg) else None
     training = EncoderTraining(
         cfg, config["user_num"], config["item_num"], graph, ray.train.torch.get_device()
     )
