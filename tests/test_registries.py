@@ -30,6 +30,7 @@ from binllm_core.llm.objectives import OBJECTIVES, Examples
 from binllm_core.llm.recommender import LLMRecommender
 from binllm_core.llm.soft import PROJECTORS
 from binllm_core.llm.strategies import STRATEGIES, plan
+from binllm_core.modes import MODES
 from binllm_core.ranking.metrics import METRICS, RANKING_KEYS, user_metrics
 from binllm_core.ranking.retrieval import BACKENDS, Catalog, backend, tie_score
 from tests.builders import planted_samples
@@ -117,7 +118,7 @@ OBJECTIVE_EXAMPLES = {
 def test_every_objective_gives_a_loss_that_training_lowers(task: str) -> None:
     assert task in OBJECTIVE_EXAMPLES, f"add examples of {task} to this test"
     torch.manual_seed(0)
-    rec = LLMRecommender.load(ModelConfig(backbone="tiny"))
+    rec = LLMRecommender.from_backbone(ModelConfig(backbone="tiny"))
     examples = OBJECTIVE_EXAMPLES[task]
     batch = OBJECTIVES[task].collate(rec.tokenizer, examples, 64, None)
     optimizer = torch.optim.Adam(rec.net.parameters(), lr=1e-3)
@@ -149,7 +150,7 @@ def test_every_code_format_round_trips(name: str) -> None:
     fmt = codes.CODE_FORMATS[name]
     bits = np.random.default_rng(1).integers(0, 2, (5, 32)).astype(np.uint8)
     np.testing.assert_array_equal(fmt.from_text(fmt.to_text(bits)), bits)
-    assert name in codes.MODES
+    assert name in MODES and MODES[name].code_format == name
 
 
 @pytest.mark.parametrize(
