@@ -132,8 +132,7 @@ class UserRetriever:
             for i in coded:
                 if targets[i] is not None:
                     lists.append((int(i), 1, self._sampled(who[i], targets[i], seen[i])))
-        # User by user in the batch's order, so that the candidates of all batches together come
-        # out in the users' order, whatever the batches (retrieve.batch_users) were.
+        # User by user in the batch's order.
         rows = [table for _, _, table in sorted(lists, key=lambda x: x[:2])]
         return pa.concat_tables(rows) if rows else CANDIDATES_SCHEMA.empty_table()
 
@@ -277,8 +276,15 @@ def retrieve(users: pa.Table, kwargs: dict[str, Any], cfg: RetrieveConfig) -> ra
     )
 
 
-def in_files(candidates: ray.data.Dataset) -> ray.data.Dataset:
-    """``candidates`` (in users' order: Ray Data preserves order) cut into blocks of exactly
-    :data:`ROWS_PER_FILE` rows but the last, one file each: the same lists make the same files,
-    and so the same output identity, whatever ``batch_users`` and ``num_actors`` were."""
-    return candidates.repartition(target_num_rows_per_block=ROWS_PER_FILE, strict=True)
+FILE_ORDER = ["split", "uid", "protocol", "rank"]
+"""The order of the rows of ``candidates``: each user's list, then its sampled pool, users by
+split and id."""
+
+
+def in_order(candidates: ray.data.Dataset) -> ray.data.Dataset:
+    """``candidates`` sorted by :data:`FILE_ORDER`, to be written in files of
+    :data:`ROWS_PER_FILE` rows: the same lists make the same files, and so the same output
+    identity, whatever ``batch_users`` and ``num_actors`` were. The sort is explicit: in whole
+    pipeline runs, with ``preserve_order`` set, one user's list was seen at the end of the file
+    and the rows split over two files at a place that differed run to run."""
+    return candidates.sort(FILE_ORDER)

@@ -38,13 +38,21 @@ def write_dataset(
     table: str,
     part: Mapping[str, str] | None = None,
     schema: pa.Schema | None = None,
+    rows_per_file: int | None = None,
 ) -> None:
     """``ds`` as ``table`` (or its partition ``part``) of the new version; an empty dataset as
     an empty, typed file: of ``schema`` when given (a dataset mapped from no rows has lost its
-    own), else of the dataset's."""
+    own), else of the dataset's. With ``rows_per_file``, files of that many rows but the last,
+    one row group each, whatever the dataset's blocks were (so the same rows in the same order
+    make the same files)."""
     path = partition_path(publication.table_path(table), part)
     fs = publication.fs
-    sink = CountingParquetSink(path, filesystem=arrow_filesystem(fs))
+    sink = CountingParquetSink(
+        path,
+        filesystem=arrow_filesystem(fs),
+        min_rows_per_file=rows_per_file,
+        max_rows_per_file=rows_per_file,
+    )
     ds.write_datasink(sink)
     publication.produced(table, sink.rows, sink.hosts)
     if not sink.rows and not parquet_files(fs, path):

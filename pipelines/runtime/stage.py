@@ -137,11 +137,16 @@ class StageContext:
         return self.publication.table_path(name)
 
     def write_dataset(
-        self, ds: ray.data.Dataset, table: str, part: Mapping[str, str] | None = None
+        self,
+        ds: ray.data.Dataset,
+        table: str,
+        part: Mapping[str, str] | None = None,
+        rows_per_file: int | None = None,
     ) -> None:
-        """Write a Ray dataset as this stage's ``table``, or as its partition ``part``."""
+        """Write a Ray dataset as this stage's ``table``, or as its partition ``part`` (in files
+        of ``rows_per_file`` rows but the last, each one row group, when given)."""
         assert self.publication is not None, "the stage is not running"
-        write_dataset(self.publication, ds, table, part)
+        write_dataset(self.publication, ds, table, part, rows_per_file=rows_per_file)
 
     def write_table(self, data: pa.Table, table: str) -> None:
         """Write an Arrow table from this process as this stage's ``table``."""

@@ -1,8 +1,8 @@
 """Stage ``retrieve`` (Ray Data, batches of users): each user's top-N items by Hamming distance,
 with :func:`pipelines.ops.retrieval.retrieve` over the users of ``retrieve.splits`` (or a seeded
 ``max_users`` of them). Tables ``candidates`` and ``users`` (see :mod:`pipelines.ops.retrieval`),
-``candidates`` in the users' order in files of :data:`~pipelines.ops.retrieval.ROWS_PER_FILE`
-rows.
+``candidates`` sorted by split, user, protocol and rank, in files of
+:data:`~pipelines.ops.retrieval.ROWS_PER_FILE` rows.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from binllm_core.errors import StageError
 from binllm_core.ranking.retrieval import (
     users_for_splits,
 )
-from pipelines.ops.retrieval import in_files, retrieve, retriever_kwargs
+from pipelines.ops.retrieval import ROWS_PER_FILE, in_order, retrieve, retriever_kwargs
 from pipelines.runtime.stage import StageContext
 
 _SAMPLES_READ = ["sample_id", "uid", "iid", "label", "split", "timestamp", "history"]
@@ -33,7 +33,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         )
     kwargs = retriever_kwargs(ctx, cfg, samples)
     candidates = retrieve(users.to_arrow(), kwargs, cfg).materialize()
-    ctx.write_dataset(in_files(candidates), "candidates")
+    ctx.write_dataset(in_order(candidates), "candidates", rows_per_file=ROWS_PER_FILE)
     ctx.write_table(users.drop("seen").to_arrow(), "users")
     per_split = {}
     for (split,), part in users.group_by(["split"], maintain_order=True):
