@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from binllm_core.config import load_config
 from binllm_core.errors import (
     ConfigError,
     find_user_error,
@@ -24,28 +26,28 @@ from binllm_core.errors import (
 )
 
 if TYPE_CHECKING:
+    from binllm_core.config import RunConfig
     from pipelines.runtime.console import Console
+
+
+@dataclass(frozen=True)
+class Command:
+    """A ``binllm`` command: its line in ``binllm --help``, its flags, and what it runs.
+
+    Both functions live here, not in the command's module under ``pipelines/``: those import
+    Ray and Arrow, and ``binllm CMD --help`` (or a usage error) must answer without them. ``run``
+    imports the work when it runs."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], None]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="binllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run pipeline stages on a local Ray or on RAY_ADDRESS")
-    add_run_arguments(run)
-    status = sub.add_parser(
-        "status", help="per stage of a run: done, stale or missing, and why (runs nothing)"
-    )
-    _add_run_ref(status, positional=True)
-    score = sub.add_parser("score", help="score a table of (user, item) pairs with a trained run")
-    add_score_arguments(score)
-    nightly = sub.add_parser(
-        "nightly", help="score the night's candidates into RUN/nightly/date=DATE/"
-    )
-    add_nightly_arguments(nightly)
-    recommend = sub.add_parser(
-        "recommend", help="top-K items per user: codes retrieve, the LLM re-ranks"
-    )
-    add_recommend_arguments(recommend)
+    for name, command in COMMANDS.items():
+        command.add_arguments(sub.add_parser(name, help=command.help))
     return parser
 
 
@@ -75,35 +77,6 @@ def _add_run_ref(parser: argparse.ArgumentParser, positional: bool = False) -> N
     )
 
 
-def add_score_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_run_ref(parser)
-    _add_verbose(parser)
-    parser.add_argument(
-        "--input",
-        required=True,
-        help="Parquet file or folder with string columns user and item (source ids)",
-    )
-    parser.add_argument(
-        "--output",
-        default="",
-        help="output folder URI: new, empty, or an earlier binllm score output "
-        "(default: {run}/pairs/{input name})",
-    )
-
-
-def add_recommend_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_run_ref(parser)
-    _add_verbose(parser)
-    _add_users(parser)
-    parser.add_argument("--k", type=int, default=10, help="items per user (default 10)")
-    parser.add_argument(
-        "--output",
-        default="",
-        help="output folder URI: new, empty, or an earlier binllm recommend output "
-        "(default: {run}/recommendations/{users name, or all})",
-    )
-
-
 def _add_users(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--users",
@@ -113,29 +86,28 @@ def _add_users(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_nightly_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_run_ref(parser)
-    _add_verbose(parser)
-    parser.add_argument(
-        "--candidates",
-        default="",
-        help="Parquet file or folder of (user, item) candidates to score",
-    )
-    parser.add_argument(
-        "--topk",
-        type=int,
-        default=0,
-        help="instead of candidates: the top K items per user into RUN/recommendations/date=DATE/",
-    )
-    _add_users(parser)
-    parser.add_argument("--date", default="", help="partition date YYYY-MM-DD (default: today)")
-    parser.add_argument(
-        "--incremental",
-        action="store_true",
-        help="carry over pairs already scored with the same model and adapter",
-    )
+def _console(cfg: Any, args: argparse.Namespace) -> Console:
+    """The command's console: Ray's lines into ``{run}/_logs/``, binllm's on the terminal."""
+    from pipelines.runtime.console import Console
+    from pipelines.runtime.runs import run_folder
+
+    fs, run = run_folder(cfg)
+    return Console(fs, run, args.command, args.verbose, args.argv)
 
 
+@contextmanager
+def _trained_run(args: argparse.Namespace) -> Iterator[RunConfig]:
+    """The trained run ``--run`` names (checked before anything starts), with the command's
+    console, and errors of Ray's workers shown as the user errors they are."""
+    from pipelines.runtime.ray_helpers import surface_user_errors
+    from pipelines.runtime.runs import open_run
+
+    cfg = open_run(args.run, args.overrides)
+    with _console(cfg, args), surface_user_errors():
+        yield cfg
+
+
+# ---- binllm run --------------------------------------------------------------------------------
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="YAML config, e.g. configs/ml100k.yaml")
     parser.add_argument("--config", dest="config_option", help="the same, as an option")
@@ -162,40 +134,40 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace) -> None:
+    from binllm_core.config import load_config
+
     path = args.config or args.config_option
     if not path:
         raise ConfigError("no config given", todo="write binllm run configs/ml100k.yaml")
     cfg = load_config(path, args.overrides)
     # imports Ray: config known good
-    from pipelines.runtime.registry import preflight, run_folder, run_pipeline
+    from pipelines.runtime.registry import preflight, run_pipeline
 
     if args.dry_run:
         print_status(cfg)
         return
     names = [s.strip() for s in args.stages.split(",") if s.strip()]
     preflight(cfg, names)  # before the log goes into the run folder
-    with _console(cfg, "run", args):
+    with _console(cfg, args):
         manifests = run_pipeline(cfg, names, force=args.force)
     report = manifests.get("evaluate", {}).get("metrics", {}).get("report")
     if report:
         from binllm_core.storage import join, to_uri
+        from pipelines.runtime.runs import run_folder
 
         fs, run = run_folder(cfg)
         print(f"[binllm] report: {to_uri(fs, join(run, report))}")
 
 
-def _console(cfg: Any, command: str, args: argparse.Namespace) -> Console:
-    """The command's console: Ray's lines into ``{run}/_logs/``, binllm's on the terminal."""
-    from pipelines.runtime.console import Console
-    from pipelines.runtime.registry import run_folder
-
-    fs, run = run_folder(cfg)
-    return Console(fs, run, command, args.verbose, args.argv)
+# ---- binllm status -----------------------------------------------------------------------------
+def add_status_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_run_ref(parser, positional=True)
 
 
 def print_status(cfg: Any) -> None:
     from binllm_core.io.lock import describe
-    from pipelines.runtime.registry import pipeline_status, run_folder, run_lock
+    from pipelines.runtime.registry import pipeline_status, run_lock
+    from pipelines.runtime.runs import run_folder
 
     fs, run = run_folder(cfg)
     print(f"[binllm] run {run}")
@@ -212,21 +184,55 @@ def status_command(args: argparse.Namespace) -> None:
     print_status(open_run(args.run, args.overrides, trained=False))
 
 
+# ---- binllm score ------------------------------------------------------------------------------
+def add_score_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_run_ref(parser)
+    _add_verbose(parser)
+    parser.add_argument(
+        "--input",
+        required=True,
+        help="Parquet file or folder with string columns user and item (source ids)",
+    )
+    parser.add_argument(
+        "--output",
+        default="",
+        help="output folder URI: new, empty, or an earlier binllm score output "
+        "(default: {run}/pairs/{input name})",
+    )
+
+
 def score_command(args: argparse.Namespace) -> None:
     from pipelines.pairs import score_candidates
-    from pipelines.runtime.ray_helpers import surface_user_errors
-    from pipelines.runtime.runs import open_run
 
-    cfg = open_run(args.run, args.overrides)
-    with _console(cfg, "score", args), surface_user_errors():
+    with _trained_run(args) as cfg:
         score_candidates(cfg, args.input, args.output)
 
 
-def nightly_command(args: argparse.Namespace) -> None:
-    from pipelines.nightly import run_nightly
-    from pipelines.runtime.ray_helpers import surface_user_errors
-    from pipelines.runtime.runs import open_run
+# ---- binllm nightly ----------------------------------------------------------------------------
+def add_nightly_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_run_ref(parser)
+    _add_verbose(parser)
+    parser.add_argument(
+        "--candidates",
+        default="",
+        help="Parquet file or folder of (user, item) candidates to score",
+    )
+    parser.add_argument(
+        "--topk",
+        type=int,
+        default=0,
+        help="instead of candidates: the top K items per user into RUN/recommendations/date=DATE/",
+    )
+    _add_users(parser)
+    parser.add_argument("--date", default="", help="partition date YYYY-MM-DD (default: today)")
+    parser.add_argument(
+        "--incremental",
+        action="store_true",
+        help="carry over pairs already scored with the same model and adapter",
+    )
 
+
+def nightly_command(args: argparse.Namespace) -> None:
     if bool(args.candidates) == bool(args.topk):
         raise ConfigError(
             "nightly needs either --candidates PAIRS or --topk K", todo="give exactly one"
@@ -238,43 +244,73 @@ def nightly_command(args: argparse.Namespace) -> None:
             "--incremental carries over scored candidates; --topk makes new lists",
             todo="drop --incremental",
         )
-    cfg = open_run(args.run, args.overrides)
-    with _console(cfg, "nightly", args), surface_user_errors():
+    with _trained_run(args) as cfg:
         if args.topk:
             from pipelines.recommend import nightly_topk
 
             nightly_topk(cfg, args.topk, args.users, args.date)
         else:
+            from pipelines.nightly import run_nightly
+
             run_nightly(cfg, args.candidates, args.date, args.incremental)
+
+
+# ---- binllm recommend --------------------------------------------------------------------------
+def add_recommend_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_run_ref(parser)
+    _add_verbose(parser)
+    _add_users(parser)
+    parser.add_argument("--k", type=int, default=10, help="items per user (default 10)")
+    parser.add_argument(
+        "--output",
+        default="",
+        help="output folder URI: new, empty, or an earlier binllm recommend output "
+        "(default: {run}/recommendations/{users name, or all})",
+    )
 
 
 def recommend_command(args: argparse.Namespace) -> None:
     from pipelines.recommend import recommend
-    from pipelines.runtime.ray_helpers import surface_user_errors
-    from pipelines.runtime.runs import open_run
 
-    cfg = open_run(args.run, args.overrides)
-    with _console(cfg, "recommend", args), surface_user_errors():
+    with _trained_run(args) as cfg:
         recommend(cfg, args.users, args.k, args.output)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pipelines.runtime import console
+COMMANDS: dict[str, Command] = {
+    "run": Command(
+        "run pipeline stages on a local Ray or on RAY_ADDRESS", add_run_arguments, run_command
+    ),
+    "status": Command(
+        "per stage of a run: done, stale or missing, and why (runs nothing)",
+        add_status_arguments,
+        status_command,
+    ),
+    "score": Command(
+        "score a table of (user, item) pairs with a trained run", add_score_arguments, score_command
+    ),
+    "nightly": Command(
+        "score the night's candidates into RUN/nightly/date=DATE/",
+        add_nightly_arguments,
+        nightly_command,
+    ),
+    "recommend": Command(
+        "top-K items per user: codes retrieve, the LLM re-ranks",
+        add_recommend_arguments,
+        recommend_command,
+    ),
+}
+"""The ``binllm`` commands, in ``binllm --help`` order; ``python -m jobs.score`` (and the other
+``jobs`` modules) run their entry here."""
 
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    from pipelines.runtime import console  # after parsing: --help and usage errors stay light
+
     console.forget_error()
     try:
-        if args.command == "run":
-            run_command(args)
-        elif args.command == "status":
-            status_command(args)
-        elif args.command == "score":
-            score_command(args)
-        elif args.command == "nightly":
-            nightly_command(args)
-        elif args.command == "recommend":
-            recommend_command(args)
+        COMMANDS[args.command].run(args)
     except KeyboardInterrupt:
         print(
             "binllm: interrupted: what was running published nothing; every output published "

@@ -16,21 +16,15 @@ from typing import Any
 
 import polars as pl
 import pyarrow as pa
+import ray
 
 from binllm_core.config import RunConfig
 from binllm_core.errors import ConfigError, StageError
 from binllm_core.prompts.user_pairs import distinct_pairs
 from binllm_core.storage import LAYOUT, join, read_manifest, read_published, to_uri
-from pipelines.pairs import (
-    CANDIDATE_SCORES_SCHEMA,
-    CARRY_COLUMNS,
-    manifest_base,
-    read_pairs,
-    score_pairs,
-)
-from pipelines.runtime.publish import publishing, write_dataset
-from pipelines.runtime.registry import check_command
-from pipelines.runtime.stage import StageContext
+from pipelines.pairs import CANDIDATE_SCORES_SCHEMA, CARRY_COLUMNS, read_pairs, score_pairs
+from pipelines.runtime.outputs import publish_command
+from pipelines.runtime.runs import run_folder
 
 NIGHTLY = "nightly"
 
@@ -51,8 +45,8 @@ def parse_date(date: str) -> str:
 
 
 def nightly_root(cfg: RunConfig) -> tuple[Any, str]:
-    ctx = StageContext.open(cfg, "score")
-    return ctx.fs, join(ctx.run_path, NIGHTLY)
+    fs, run = run_folder(cfg)
+    return fs, join(run, NIGHTLY)
 
 
 def run_nightly(
@@ -70,9 +64,8 @@ def run_nightly(
     date = parse_date(date)
     pairs = distinct_pairs(read_pairs(candidates_uri, cfg.output_storage_options))
     fs, root = nightly_root(cfg)
-    target = join(root, f"date={date}")
-    check_command(cfg, fs, target, "scoring with this run")
-    with publishing(fs, target, NIGHTLY, [], log) as publication:
+
+    def produce() -> tuple[ray.data.Dataset, dict[str, Any]]:
         carry = previous_scores(fs, root) if incremental else None
         log(
             f"[binllm] nightly {date}: {pairs.num_rows:,} distinct candidates from {candidates_uri}"
@@ -82,23 +75,26 @@ def run_nightly(
                 else ""
             )
         )
-        out, stats = score_pairs(cfg, pairs, candidates_uri, carry)
-        write_dataset(publication, out, "scores", schema=CANDIDATE_SCORES_SCHEMA)
-        manifest = {
-            "date": date,
-            "candidates": candidates_uri,
-            "incremental": incremental,
-            **manifest_base(cfg),
-            "metrics": stats,
-            "path": to_uri(fs, target),
-        }
-        manifest = publication.publish(manifest, keep=cfg.keep_versions)
+        return score_pairs(cfg, pairs, candidates_uri, carry)
+
+    manifest = publish_command(
+        cfg,
+        kind=NIGHTLY,
+        name=f"date={date}",
+        who="scoring with this run",
+        produce=produce,
+        table="scores",
+        schema=CANDIDATE_SCORES_SCHEMA,
+        fields={"date": date, "candidates": candidates_uri, "incremental": incremental},
+        log=log,
+    )
+    stats = manifest["metrics"]
     log(
         f"[binllm] nightly {date}: {stats['rendered_rows']:,} rows "
         f"({stats['carried_rows']:,} carried, {stats['cold_rows']:,} cold, "
-        f"{stats['skipped_rows']:,} skipped) -> {to_uri(fs, target)}"
+        f"{stats['skipped_rows']:,} skipped) -> {manifest['output']}"
     )
-    return {**manifest, "output": to_uri(fs, target)}
+    return manifest
 
 
 def committed_partitions(fs: Any, root: str) -> list[str]:

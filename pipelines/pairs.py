@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from binllm_core.config import RunConfig, config_hash
+from binllm_core.config import RunConfig
 from binllm_core.errors import DataError, StageError
 from binllm_core.llm.strategies import plan
 from binllm_core.prompts.templates import Templates, templates_from_config
@@ -29,7 +29,7 @@ from binllm_core.prompts.user_pairs import (
     summary,
     with_row_numbers,
 )
-from binllm_core.storage import parquet_files, read_parquet, resolve, to_uri
+from binllm_core.storage import parquet_files, read_parquet, resolve
 from pipelines.ops.scoring import (
     NONE,
     SCORE_FIELDS,
@@ -39,11 +39,10 @@ from pipelines.ops.scoring import (
     now_utc,
     score_now,
 )
-from pipelines.runtime.publish import publishing, write_dataset
+from pipelines.runtime.outputs import publish_command
 from pipelines.runtime.ray_helpers import to_arrow
-from pipelines.runtime.registry import check_command
-from pipelines.runtime.runs import input_stem, load_lookups, output_target
-from pipelines.runtime.stage import StageContext, package_versions, plain_config
+from pipelines.runtime.runs import input_stem, load_lookups
+from pipelines.runtime.stage import StageContext
 
 PROMPT_COLUMNS = ("prompt", "soft_ids")
 """What the scorer reads of a rendered candidate and leaves out of its scores."""
@@ -213,15 +212,6 @@ def _carried(meta: pa.Table, carry: pl.DataFrame, model: str, hashes: dict[str, 
     return joined.to_arrow().select(CANDIDATE_SCORES_SCHEMA.names).cast(CANDIDATE_SCORES_SCHEMA)
 
 
-def manifest_base(cfg: RunConfig) -> dict[str, Any]:
-    return {
-        "run_name": cfg.run_name,
-        "config_hash": config_hash(cfg.score, cfg.model, cfg.prompts),
-        "config": {"score": plain_config(cfg.score), "model": plain_config(cfg.model)},
-        "packages": package_versions(),
-    }
-
-
 # ---- ``binllm score`` / ``python -m jobs.score`` ----------------------------------------------
 def score_candidates(
     cfg: RunConfig, input_uri: str, output_uri: str = "", log: Any = print
@@ -232,19 +222,26 @@ def score_candidates(
     The output must be new, empty, or an earlier ``binllm score`` output (then its new version
     replaces it whole); the run folder and its ancestors are refused."""
     pairs = read_pairs(input_uri, cfg.output_storage_options)
-    stem = input_stem(input_uri, "candidates")
-    fs, target, protected = output_target(cfg, output_uri, PAIRS, stem)
-    check_command(cfg, fs, target, "scoring with this run")
-    with publishing(fs, target, PAIRS, protected, log) as publication:
+
+    def produce() -> tuple[ray.data.Dataset, dict[str, Any]]:
         log(f"[binllm] score: {pairs.num_rows:,} candidates from {input_uri}")
-        out, stats = score_pairs(cfg, pairs, input_uri)
-        write_dataset(publication, out, "scores", schema=CANDIDATE_SCORES_SCHEMA)
-        manifest = {"input": input_uri, **manifest_base(cfg), "metrics": stats}
-        manifest = publication.publish(
-            {**manifest, "path": to_uri(fs, target)}, keep=cfg.keep_versions
-        )
+        return score_pairs(cfg, pairs, input_uri)
+
+    manifest = publish_command(
+        cfg,
+        kind=PAIRS,
+        name=input_stem(input_uri, "candidates"),
+        who="scoring with this run",
+        produce=produce,
+        table="scores",
+        schema=CANDIDATE_SCORES_SCHEMA,
+        fields={"input": input_uri},
+        output_uri=output_uri,
+        log=log,
+    )
+    stats = manifest["metrics"]
     log(
         f"[binllm] score: {stats['rendered_rows']:,} rows ({stats['cold_rows']:,} cold, "
-        f"{stats['skipped_rows']:,} skipped) -> {manifest['path']}"
+        f"{stats['skipped_rows']:,} skipped) -> {manifest['output']}"
     )
-    return {**manifest, "output": manifest["path"]}
+    return manifest

@@ -42,10 +42,9 @@ from pipelines.nightly import parse_date
 from pipelines.ops.reranking import RECOMMENDATIONS_SCHEMA, rerank
 from pipelines.ops.retrieval import SERVE, retrieve, retriever_kwargs
 from pipelines.ops.scoring import NONE, adapter_plan
-from pipelines.pairs import candidate_mode, manifest_base, manifest_or_none
-from pipelines.runtime.publish import publishing, write_dataset
-from pipelines.runtime.registry import check_command
-from pipelines.runtime.runs import input_stem, load_lookups, output_target
+from pipelines.pairs import candidate_mode, manifest_or_none
+from pipelines.runtime.outputs import publish_command
+from pipelines.runtime.runs import input_stem, load_lookups, run_folder
 from pipelines.runtime.stage import StageContext
 
 RECOMMENDATIONS = "recommendations"
@@ -167,23 +166,15 @@ def recommend(
     """``binllm recommend``: publish the top-``k`` lists of the users in ``users_uri`` (empty:
     every user of the run) to ``output_uri`` (default ``{run}/recommendations/{name}``)."""
     check_k(cfg, k)
-    users = read_users(users_uri, cfg.output_storage_options) if users_uri else None
     name = input_stem(users_uri, "users") if users_uri else "all"
-    fs, target, protected = output_target(cfg, output_uri, RECOMMENDATIONS, name)
-    check_command(cfg, fs, target, "top-K lists with this run")
-    with publishing(fs, target, RECOMMENDATIONS, protected, log) as publication:
-        log(f"[binllm] recommend: top {k} for {len(users) if users else 'every'} user(s)")
-        out, stats = recommend_lists(cfg, users, k, users_uri or "all users")
-        write_dataset(publication, out, RECOMMENDATIONS, schema=RECOMMENDATIONS_SCHEMA)
-        manifest = {"users": users_uri or "all", **manifest_base(cfg), "metrics": stats}
-        manifest = publication.publish(
-            {**manifest, "path": to_uri(fs, target)}, keep=cfg.keep_versions
-        )
+    manifest = publish_lists(cfg, k, users_uri, name, "recommend", {}, output_uri, log)
+    stats = manifest["metrics"]
     log(
         f"[binllm] recommend: {stats['rows']:,} rows for {stats['users']:,} users "
-        f"({stats['cold_users']:,} cold, {stats['skipped_users']:,} skipped) -> {manifest['path']}"
+        f"({stats['cold_users']:,} cold, {stats['skipped_users']:,} skipped) -> "
+        f"{manifest['output']}"
     )
-    return {**manifest, "output": manifest["path"]}
+    return manifest
 
 
 def nightly_topk(
@@ -193,31 +184,50 @@ def nightly_topk(
     ``{run}/recommendations/date=YYYY-MM-DD/`` (a re-run of the date replaces it whole)."""
     check_k(cfg, k)
     date = parse_date(date)
+    label = f"nightly {date}"
+    manifest = publish_lists(cfg, k, users_uri, f"date={date}", label, {"date": date}, log=log)
+    log(f"[binllm] {label}: {manifest['metrics']['rows']:,} rows -> {manifest['output']}")
+    return manifest
+
+
+def publish_lists(
+    cfg: RunConfig,
+    k: int,
+    users_uri: str,
+    name: str,
+    label: str,
+    fields: dict[str, Any],
+    output_uri: str = "",
+    log: Any = print,
+) -> dict[str, Any]:
+    """Publish the top-``k`` lists of the users in ``users_uri`` (empty: every user of the run)
+    to ``output_uri``, else ``{run}/recommendations/{name}``; ``label`` names the command in its
+    log line, ``fields`` go into the manifest before ``users``."""
     users = read_users(users_uri, cfg.output_storage_options) if users_uri else None
-    ctx = StageContext.open(cfg, "score")
-    target = join(ctx.run_path, RECOMMENDATIONS, f"date={date}")
-    check_command(cfg, ctx.fs, target, "top-K lists with this run")
-    with publishing(ctx.fs, target, RECOMMENDATIONS, [], log) as publication:
-        log(f"[binllm] nightly {date}: top {k} for {len(users) if users else 'every'} user(s)")
-        out, stats = recommend_lists(cfg, users, k, users_uri or "all users")
-        write_dataset(publication, out, RECOMMENDATIONS, schema=RECOMMENDATIONS_SCHEMA)
-        manifest = {
-            "date": date,
-            "users": users_uri or "all",
-            **manifest_base(cfg),
-            "metrics": stats,
-            "path": to_uri(ctx.fs, target),
-        }
-        manifest = publication.publish(manifest, keep=cfg.keep_versions)
-    log(f"[binllm] nightly {date}: {stats['rows']:,} rows -> {to_uri(ctx.fs, target)}")
-    return {**manifest, "output": to_uri(ctx.fs, target)}
+
+    def produce() -> tuple[ray.data.Dataset, dict[str, Any]]:
+        log(f"[binllm] {label}: top {k} for {len(users) if users else 'every'} user(s)")
+        return recommend_lists(cfg, users, k, users_uri or "all users")
+
+    return publish_command(
+        cfg,
+        kind=RECOMMENDATIONS,
+        name=name,
+        who="top-K lists with this run",
+        produce=produce,
+        table=RECOMMENDATIONS,
+        schema=RECOMMENDATIONS_SCHEMA,
+        fields={**fields, "users": users_uri or "all"},
+        output_uri=output_uri,
+        log=log,
+    )
 
 
 def read_recommendations(cfg: RunConfig, name: str) -> pa.Table:
     """A published recommendations output of the run (``all``, a users-file name, or
     ``date=YYYY-MM-DD``), its current version."""
-    ctx = StageContext.open(cfg, "score")
-    folder = join(ctx.run_path, RECOMMENDATIONS, name)
-    if read_manifest(ctx.fs, folder) is None:
-        raise StageError(f"no published recommendations {name}", to_uri(ctx.fs, folder))
-    return read_published(ctx.fs, folder, RECOMMENDATIONS)
+    fs, run = run_folder(cfg)
+    folder = join(run, RECOMMENDATIONS, name)
+    if read_manifest(fs, folder) is None:
+        raise StageError(f"no published recommendations {name}", to_uri(fs, folder))
+    return read_published(fs, folder, RECOMMENDATIONS)

@@ -11,9 +11,10 @@ from binllm_core.io.lineage import folder_identity, model_identity, source_ident
 from binllm_core.io.lock import LOCK, WriterLock
 from binllm_core.llm.backbone import check_backbone
 from binllm_core.modes import MODES, SOFT
-from binllm_core.storage import check_store, is_local, join, resolve, to_uri
+from binllm_core.storage import check_store, join, resolve, to_uri
 from pipelines.runtime.console import LOGS
-from pipelines.runtime.shared_paths import LocalPath, check_shared, run_paths
+from pipelines.runtime.runs import run_folder
+from pipelines.runtime.shared_paths import check_shared, run_paths
 from pipelines.runtime.stage import Stage, StageContext, run_stage, stage_state, stale_chain
 from pipelines.stages import (
     encode,
@@ -140,11 +141,6 @@ def select(names: list[str] | None, cfg: RunConfig | None = None) -> list[Stage]
     return [s for s in STAGES if s.name in names]
 
 
-def run_folder(cfg: RunConfig) -> tuple[Any, str]:
-    fs, root = resolve(cfg.output_root, cfg.output_storage_options)
-    return fs, join(root, cfg.run_name)
-
-
 def check_run_folder(cfg: RunConfig) -> None:
     """The run folder must be new, empty, or binllm's own: binllm never writes into (or prunes
     in) a folder of someone else's files."""
@@ -248,23 +244,6 @@ def check_fresh(cfg: RunConfig, reads: tuple[str, ...], who: str, through: str) 
         f"{who} would read stale outputs: {why}",
         todo=f"redo them first: binllm run CONFIG --stages {','.join(redo)} (or run every stage)",
     )
-
-
-def check_command(cfg: RunConfig, fs: Any, target: str, who: str) -> None:
-    """What a scoring command (``score``, ``recommend``, ``nightly``) checks before it writes
-    anything: the adapters and the prompts' codes it reads are current, and, with Ray started,
-    the paths it uses (the run, the model, ``score.adapters``, the output folder ``target`` of
-    ``fs``) are the same on every node."""
-    from pipelines.runtime.ray_helpers import ensure_ray
-
-    check_store(fs, target, "--output", "output_storage_options")
-    reads = tuple(s for s in ("finetune", "render", "encode") if s != "encode" or codes_needed(cfg))
-    check_fresh(cfg, reads, who, "finetune")
-    ensure_ray()
-    paths = run_paths(cfg, ["score"])
-    if is_local(fs):
-        paths.append(LocalPath("--output", target, writes=True))
-    check_shared(paths)
 
 
 def pipeline_status(cfg: RunConfig) -> list[dict[str, str]]:

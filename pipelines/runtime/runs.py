@@ -64,6 +64,12 @@ def open_run(ref: str, overrides: list[str] | None = None, trained: bool = True)
     return cfg
 
 
+def run_folder(cfg: RunConfig) -> tuple[Any, str]:
+    """The run's filesystem and folder ``{output_root}/{run_name}``."""
+    fs, root = resolve(cfg.output_root, cfg.output_storage_options)
+    return fs, join(root, cfg.run_name)
+
+
 def _rendered(fs: Any, render_path: str) -> bool:
     manifest = read_manifest(fs, render_path)
     return manifest is not None and manifest.get("layout") == LAYOUT
@@ -84,17 +90,6 @@ def load_lookups(ctx: StageContext, mode: str) -> RunLookups:
         ),
         ctx.cfg.prompts.history_len,
     )
-
-
-def output_target(cfg: RunConfig, output_uri: str, folder: str, name: str) -> tuple[Any, str, list]:
-    """Where an output that is not a stage goes (``binllm score``, ``binllm recommend``):
-    ``output_uri``, else ``{run}/{folder}/{name}``; with the folders it must never replace
-    (the run and its ancestors, where they share a filesystem)."""
-    ctx = StageContext.open(cfg, "score")
-    if not output_uri:
-        return ctx.fs, join(ctx.run_path, folder, name), [ctx.run_path]
-    fs, target = resolve(output_uri, cfg.output_storage_options)
-    return fs, target, [] if type(fs) is not type(ctx.fs) else [ctx.run_path]
 
 
 def input_stem(uri: str, default: str) -> str:

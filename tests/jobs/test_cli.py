@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -11,9 +12,23 @@ import pyarrow.parquet as pq
 import pytest
 
 from binllm_core.errors import DataError, find_user_error
-from jobs.cli import main
+from jobs.cli import COMMANDS, main
 from pipelines.recommend import read_users
 from tests.builders import publish_stage
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_its_help(command: str, capsys: pytest.CaptureFixture):
+    """``binllm CMD --help`` answers for every command of the table, and ``binllm --help`` lists
+    it with its help line."""
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: binllm {command} ")
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    assert COMMANDS[command].help in " ".join(capsys.readouterr().out.split())
 
 
 def test_unknown_key_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture):
@@ -106,7 +121,7 @@ def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys: pytest.CaptureFixtu
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("jobs.cli.run_command", interrupted)
+    monkeypatch.setitem(COMMANDS, "run", replace(COMMANDS["run"], run=interrupted))
     assert main(["run", "configs/tiny.yaml"]) == 130
     err = capsys.readouterr().err
     assert err.startswith("binllm: interrupted") and err.count("\n") == 1
@@ -239,7 +254,7 @@ def test_a_store_that_stops_answering_mid_run_is_one_line(
         except EndpointConnectionError as err:
             raise RuntimeError("task failed") from err
 
-    monkeypatch.setattr("jobs.cli.run_command", lost)
+    monkeypatch.setitem(COMMANDS, "run", replace(COMMANDS["run"], run=lost))
     assert main(["run", "configs/tiny.yaml"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("binllm: error: the storage stopped answering (EndpointConnectionError")

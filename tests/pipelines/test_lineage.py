@@ -21,7 +21,8 @@ from binllm_core.config import load_config
 from binllm_core.io.lock import WriterLock
 from binllm_core.storage import MANIFEST, content_identity, read_output, resolve
 from jobs.cli import main
-from pipelines.runtime.registry import LOCK, STAGES, pipeline_status, run_folder
+from pipelines.runtime.registry import LOCK, STAGES, pipeline_status
+from pipelines.runtime.runs import run_folder
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = REPO / "tests" / "fixtures" / "tiny"
