@@ -9,7 +9,8 @@ file descriptor 2. While a :class:`Console` is open, both go to
 for a handler on that file, Python warnings are logged there too, and once Ray has started, when
 the process's stderr is a real file descriptor (a terminal, a pipe; not a test's captured
 stream), descriptor 2 itself points at the file while ``sys.stderr`` keeps writing to the
-terminal. Closing the console undoes each of these, whatever happens on the way.
+terminal. What Ray's driver prints itself (the raylet's warnings) goes to the file as well.
+Closing the console undoes each of these, whatever happens on the way.
 
 The file is made on its first record (a command refused before Ray starts leaves none); a run
 folder on object storage gets it when the console closes (it is written locally meanwhile, and
@@ -82,6 +83,7 @@ class Console:
         self._handler: _LogFile | None = None
         self._undo = ExitStack()
         self._redirected = False
+        self._routed_prints = False
         self._closers: list[Callable[[], None]] = []
 
     @property
@@ -121,6 +123,7 @@ class Console:
         if self._handler.stream is None:
             logging.getLogger("binllm").info("Ray is up")
         self.route_ray_logs()
+        self._route_driver_prints()
         if not self.verbose and not self._redirected:
             self._redirect_descriptor()
 
@@ -186,6 +189,37 @@ class Console:
             for handler in consoles:
                 logger.removeHandler(handler)
                 self._undo.callback(logger.addHandler, handler)
+
+    def _route_driver_prints(self) -> None:
+        """Send what Ray's driver prints itself into the log file (and, with ``verbose``, also
+        where it went): the raylet's warnings ("(raylet) WARNING: 8 PYTHON worker processes
+        have been started…", under load) and, with ``log_to_driver``, the workers' lines. A
+        thread of the driver writes them to ``sys.stdout`` / ``sys.stderr`` through
+        ``print_to_stdstream``, no logger; the name is Ray's private one, so a Ray without it
+        is left as it is."""
+        if self._routed_prints:
+            return
+        from ray._private import worker
+
+        original = getattr(worker, "print_to_stdstream", None)
+        if original is None:
+            return
+        log = logging.getLogger("binllm.ray")
+
+        def to_log(data: dict[str, Any], ignore_prefix: bool) -> None:
+            for line in data.get("lines") or []:
+                log.info("(%s) %s", data.get("pid"), line)
+            if self.verbose:
+                original(data, ignore_prefix)
+
+        worker.print_to_stdstream = to_log
+        self._routed_prints = True
+
+        def restore() -> None:
+            worker.print_to_stdstream = original
+            self._routed_prints = False
+
+        self._undo.callback(restore)
 
     def _attach(self, logger: logging.Logger, handler: logging.Handler) -> None:
         logger.addHandler(handler)
