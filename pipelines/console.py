@@ -137,18 +137,23 @@ class Console:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
+        interrupted = False
         try:
             if error is not None:
                 self.record_error(error)
             for closer in reversed(self._closers):
                 try:
                     closer()
+                except KeyboardInterrupt:  # every closer still runs; raised at the end
+                    interrupted = True
                 except Exception as err:  # noqa: BLE001 - a display must not mask the run's end
                     logging.getLogger("binllm").warning("closing the console: %s", err)
         finally:
             self._undo.close()  # every undo step runs, even if one fails
             if not self.local and self.path.exists():
                 self._upload()
+        if interrupted and not isinstance(error, KeyboardInterrupt):
+            raise KeyboardInterrupt
 
     def record_error(self, error: BaseException) -> None:
         """The whole trace of what stopped the command, into the log file: always for an

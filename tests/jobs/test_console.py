@@ -126,3 +126,42 @@ def test_ctrl_c_stops_a_real_run_mid_stage_and_commits_nothing_after(tmp_path: P
     )
     states = {row.split()[0]: row.split()[1] for row in status.stdout.splitlines()[1:]}
     assert states["render"] == "done" and states["finetune"] == "missing", status.stdout
+
+
+def interrupt_when(tmp_path: Path, args: list[str], said: str, timeout: int = 300) -> tuple:
+    """Run ``binllm ARGS`` in a process group of its own and send SIGINT to the whole group,
+    as a terminal's Ctrl-C does (Ray's processes are in it too), once stdout or stderr holds
+    ``said``; its exit code, stdout and stderr."""
+    command = [sys.executable, "-m", "jobs.cli", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    out_path, err_path = tmp_path / "out.txt", tmp_path / "err.txt"
+    with out_path.open("w") as out_file, err_path.open("w") as err_file:
+        child = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=out_file, stderr=err_file, start_new_session=True
+        )
+        deadline = time.time() + timeout
+        while said not in out_path.read_text() + err_path.read_text():
+            assert child.poll() is None and time.time() < deadline, err_path.read_text()
+            time.sleep(0.02)
+        os.killpg(child.pid, signal.SIGINT)
+        child.wait(timeout=180)
+    return child.returncode, out_path.read_text(), err_path.read_text()
+
+
+def assert_one_interrupted_line(code: int, out: str, err: str) -> None:
+    assert code == 130, err
+    lines = [line for line in (out + err).splitlines() if line.strip()]
+    assert lines[-1].startswith("binllm: interrupted: "), lines
+    assert all(line.startswith(("[binllm] ", "binllm: ")) for line in lines), lines
+    assert "Traceback" not in out + err and err.count("binllm: ") == 1
+
+
+def test_ctrl_c_while_ray_stops_after_the_last_stage_is_130_and_one_line(tmp_path: Path):
+    """Ray is stopped by the command, while its lines still go to the log: a Ctrl-C then
+    (before: Ray's atexit shutdown printed "Exception ignored in atexit callback" and its trace,
+    and the exit code was 0) is 130 and the one line; the stage it follows stays published."""
+    args = ["run", "configs/tiny.yaml", "--stages", "ingest", "--set", f"output_root={tmp_path}"]
+    assert_one_interrupted_line(*interrupt_when(tmp_path, args, "[binllm] ingest: done"))
+    status = binllm("status", "configs/tiny.yaml", "--set", f"output_root={tmp_path}")
+    states = {row.split()[0]: row.split()[1] for row in status.stdout.splitlines()[1:]}
+    assert states["ingest"] == "done", status.stdout
