@@ -264,11 +264,19 @@ class Console:
 
     def _upload(self) -> None:
         """Copy the local log into the run folder on object storage (best effort: a log that
-        cannot be copied is left where it is, and said so)."""
+        cannot be copied is left where it is, and said so: by the command's error line, which
+        names it, when the store is down and the trace of that is in the log)."""
         try:
             self.fs.makedirs(self.target.rsplit("/", 1)[0], exist_ok=True)
             self.fs.put_file(str(self.path), self.target)
         except Exception as err:  # noqa: BLE001 - the command's own outcome comes first
+            global _error_log
+            from binllm_core.errors import store_error
+
+            if _error_log == self.where:  # the trace of the command's error is in this log
+                _error_log = str(self.path)
+                if store_error(err) is not None:
+                    return  # the store is down: the command's one line says so, and where
             print(
                 f"[binllm] the log stays at {self.path}: copying it to {self.uri} failed ({err})",
                 file=sys.stderr,
