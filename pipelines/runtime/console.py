@@ -9,7 +9,8 @@ file descriptor 2. While a :class:`Console` is open, both go to
 for a handler on that file, Python warnings are logged there too, and once Ray has started, when
 the process's stderr is a real file descriptor (a terminal, a pipe; not a test's captured
 stream), descriptor 2 itself points at the file while ``sys.stderr`` keeps writing to the
-terminal. Closing the console undoes each of these, whatever happens on the way.
+terminal. What Ray's driver prints itself (the raylet's warnings) goes to the file as well.
+Closing the console undoes each of these, whatever happens on the way.
 
 The file is made on its first record (a command refused before Ray starts leaves none); a run
 folder on object storage gets it when the console closes (it is written locally meanwhile, and
@@ -82,6 +83,7 @@ class Console:
         self._handler: _LogFile | None = None
         self._undo = ExitStack()
         self._redirected = False
+        self._routed_prints = False
         self._closers: list[Callable[[], None]] = []
 
     @property
@@ -121,6 +123,7 @@ class Console:
         if self._handler.stream is None:
             logging.getLogger("binllm").info("Ray is up")
         self.route_ray_logs()
+        self._route_driver_prints()
         if not self.verbose and not self._redirected:
             self._redirect_descriptor()
 
@@ -134,18 +137,23 @@ class Console:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
+        interrupted = False
         try:
             if error is not None:
                 self.record_error(error)
             for closer in reversed(self._closers):
                 try:
                     closer()
+                except KeyboardInterrupt:  # every closer still runs; raised at the end
+                    interrupted = True
                 except Exception as err:  # noqa: BLE001 - a display must not mask the run's end
                     logging.getLogger("binllm").warning("closing the console: %s", err)
         finally:
             self._undo.close()  # every undo step runs, even if one fails
             if not self.local and self.path.exists():
                 self._upload()
+        if interrupted and not isinstance(error, KeyboardInterrupt):
+            raise KeyboardInterrupt
 
     def record_error(self, error: BaseException) -> None:
         """The whole trace of what stopped the command, into the log file: always for an
@@ -187,6 +195,37 @@ class Console:
                 logger.removeHandler(handler)
                 self._undo.callback(logger.addHandler, handler)
 
+    def _route_driver_prints(self) -> None:
+        """Send what Ray's driver prints itself into the log file (and, with ``verbose``, also
+        where it went): the raylet's warnings ("(raylet) WARNING: 8 PYTHON worker processes
+        have been started…", under load) and, with ``log_to_driver``, the workers' lines. A
+        thread of the driver writes them to ``sys.stdout`` / ``sys.stderr`` through
+        ``print_to_stdstream``, no logger; the name is Ray's private one, so a Ray without it
+        is left as it is."""
+        if self._routed_prints:
+            return
+        from ray._private import worker
+
+        original = getattr(worker, "print_to_stdstream", None)
+        if original is None:
+            return
+        log = logging.getLogger("binllm.ray")
+
+        def to_log(data: dict[str, Any], ignore_prefix: bool) -> None:
+            for line in data.get("lines") or []:
+                log.info("(%s) %s", data.get("pid"), line)
+            if self.verbose:
+                original(data, ignore_prefix)
+
+        worker.print_to_stdstream = to_log
+        self._routed_prints = True
+
+        def restore() -> None:
+            worker.print_to_stdstream = original
+            self._routed_prints = False
+
+        self._undo.callback(restore)
+
     def _attach(self, logger: logging.Logger, handler: logging.Handler) -> None:
         logger.addHandler(handler)
         self._undo.callback(logger.removeHandler, handler)
@@ -225,11 +264,19 @@ class Console:
 
     def _upload(self) -> None:
         """Copy the local log into the run folder on object storage (best effort: a log that
-        cannot be copied is left where it is, and said so)."""
+        cannot be copied is left where it is, and said so: by the command's error line, which
+        names it, when the store is down and the trace of that is in the log)."""
         try:
             self.fs.makedirs(self.target.rsplit("/", 1)[0], exist_ok=True)
             self.fs.put_file(str(self.path), self.target)
         except Exception as err:  # noqa: BLE001 - the command's own outcome comes first
+            global _error_log
+            from binllm_core.errors import store_error
+
+            if _error_log == self.where:  # the trace of the command's error is in this log
+                _error_log = str(self.path)
+                if store_error(err) is not None:
+                    return  # the store is down: the command's one line says so, and where
             print(
                 f"[binllm] the log stays at {self.path}: copying it to {self.uri} failed ({err})",
                 file=sys.stderr,

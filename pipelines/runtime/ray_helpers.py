@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -23,7 +25,10 @@ def ensure_ray() -> None:
         address = os.environ.get("RAY_ADDRESS") or None
         # Workers' own prints reach the terminal only with ``binllm -v``.
         verbose = shown is not None and shown.verbose
-        ray.init(address=address, log_to_driver=verbose, include_dashboard=False)
+        with sigint_deferred():
+            ray.init(address=address, log_to_driver=verbose, include_dashboard=False)
+            if shown is not None:
+                shown.on_close(stop_ray)  # the command started Ray: it stops it
     if shown is not None:
         shown.ray_started()
     ctx = ray.data.DataContext.get_current()
@@ -31,6 +36,39 @@ def ensure_ray() -> None:
     ctx.enable_progress_bars = False
     # Re-raise a task's own exception rather than a generic wrapper around it.
     ctx.raise_original_map_exception = True
+
+
+def stop_ray() -> None:
+    """Stop Ray while the console still sends its lines to the log file, whole: a Ctrl-C
+    meanwhile is raised once it is stopped (see :func:`sigint_deferred`)."""
+    with sigint_deferred():
+        ray.shutdown()
+
+
+@contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C until the block is done, then raise it as ``KeyboardInterrupt``.
+
+    For ``ray.init`` and ``ray.shutdown``, which must not stop halfway: a core worker
+    interrupted while it is being made crashes the process at exit (SIGSEGV, after binllm's
+    line), and an interrupted shutdown prints Ray's trace ("Exception ignored in atexit
+    callback") and exits with code 0. Only where Python's own handler is in place (the main
+    thread, nobody else's handler).
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 @contextmanager

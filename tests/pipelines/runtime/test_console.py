@@ -125,3 +125,32 @@ def test_a_log_file_on_a_full_disk_is_one_line_not_one_per_record(
     err = capsys.readouterr().err
     assert err.count("cannot be written") == 1 and "No space left on device" in err
     assert "Logging error" not in err and err.count("\n") == 1
+
+
+def test_the_raylets_warnings_go_to_the_file_not_the_terminal(tmp_path: Path, ray_session, capsys):
+    """The raylet's warnings ("(raylet) WARNING: 8 PYTHON worker processes have been
+    started…", under load) reach the driver as errors that a thread of Ray's prints to
+    ``sys.stdout`` through no logger: they go to the log file, and back to stdout after."""
+    import time
+
+    import ray
+    from ray._private.utils import publish_error_to_driver
+
+    from pipelines.runtime.ray_helpers import ensure_ray
+
+    gcs = ray._private.worker.global_worker.gcs_client
+    line = "WARNING: 8 PYTHON worker processes have been started (binllm test)"
+    with Console(LOCAL, str(tmp_path / "run"), "run") as shown:
+        ensure_ray()
+        publish_error_to_driver("binllm_test", line, gcs_client=gcs)
+        deadline = time.time() + 20
+        while line not in shown.path.read_text() and time.time() < deadline:
+            time.sleep(0.1)
+    assert f"(raylet) {line}" in shown.path.read_text()
+    said = capsys.readouterr()
+    assert line not in said.out + said.err
+    publish_error_to_driver("binllm_test", "after the console", gcs_client=gcs)
+    deadline = time.time() + 20
+    while "after the console" not in capsys.readouterr().out and time.time() < deadline:
+        time.sleep(0.1)
+    assert time.time() < deadline  # Ray's own printing is put back

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import time
 
 import pytest
 import ray
 
 from binllm_core.errors import ConfigError, DataError, find_user_error, raised_elsewhere
-from pipelines.runtime.ray_helpers import surface_user_errors
+from pipelines.runtime.ray_helpers import sigint_deferred, surface_user_errors
 
 
 @ray.remote(max_retries=0)
@@ -47,3 +49,17 @@ def test_a_ray_train_workers_error_is_found_behind_the_group_error():
     found = find_user_error(_WorkerGroupError({0: RuntimeError("other"), 1: inner}))
     assert found is inner
     assert raised_elsewhere(found) == f" (raised on host {socket.gethostname()})"
+
+
+def test_a_ctrl_c_while_ray_starts_or_stops_is_raised_once_it_is_done():
+    """``ray.init`` and ``ray.shutdown`` run whole (an interrupted core worker crashed the
+    process at exit with SIGSEGV; an interrupted shutdown printed Ray's trace and exited 0):
+    the Ctrl-C is raised after the block, and Python's handler is back."""
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with sigint_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+            done.append(True)
+    assert done == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
