@@ -15,7 +15,7 @@ import ray
 from binllm_core.config import RunConfig, config_hash
 from binllm_core.storage import check_store, is_local, join, resolve, to_uri
 from pipelines.runtime.publish import publishing, write_dataset
-from pipelines.runtime.registry import check_fresh, codes_needed
+from pipelines.runtime.registry import check_fresh, codes_needed, score_paths
 from pipelines.runtime.runs import run_folder
 from pipelines.runtime.shared_paths import LocalPath, check_shared, run_paths
 from pipelines.runtime.stage import package_versions, plain_config
@@ -42,7 +42,7 @@ def check_command(cfg: RunConfig, fs: Any, target: str, who: str) -> None:
     reads = tuple(s for s in ("finetune", "render", "encode") if s != "encode" or codes_needed(cfg))
     check_fresh(cfg, reads, who, "finetune")
     ensure_ray()
-    paths = run_paths(cfg, ["score"])
+    paths = run_paths(cfg, [score_paths])
     if is_local(fs):
         paths.append(LocalPath("--output", target, writes=True))
     check_shared(paths)

@@ -5,16 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from binllm_core.config import RunConfig
+from binllm_core.config import NO_ADAPTER, STEP_NAMES, RunConfig
 from binllm_core.errors import ConfigError, StageError
 from binllm_core.io.lineage import folder_identity, model_identity, source_identity
 from binllm_core.io.lock import LOCK, WriterLock
 from binllm_core.llm.backbone import check_backbone
+from binllm_core.llm.strategies import plan
 from binllm_core.modes import MODES, SOFT
 from binllm_core.storage import check_store, join, resolve, to_uri
 from pipelines.runtime.console import LOGS
 from pipelines.runtime.runs import run_folder
-from pipelines.runtime.shared_paths import check_shared, run_paths
+from pipelines.runtime.shared_paths import LocalPath, check_shared, run_paths
 from pipelines.runtime.stage import Stage, StageContext, run_stage, stage_state, stale_chain
 from pipelines.stages import (
     encode,
@@ -88,15 +89,45 @@ def _score_reads(cfg: RunConfig) -> tuple[str, ...]:
 
 def _score_inputs(cfg: RunConfig) -> dict[str, Any]:
     inputs = _model(cfg)
-    steps = {step.name for step in finetune.plan(cfg.finetune)}
+    steps = {step.name for step in plan(cfg.finetune)}
     for mode, choice in sorted(cfg.score.adapters.items()):
-        if choice and choice != score.NONE and choice not in steps:
+        if choice and choice != NO_ADAPTER and choice not in steps:
             inputs[f"adapter_{mode}"] = folder_identity(choice, cfg.output_storage_options)
     return inputs
 
 
+def _source_paths(cfg: RunConfig) -> list[LocalPath]:
+    return [LocalPath("data.uri", cfg.data.uri)]
+
+
+def _model_paths(cfg: RunConfig) -> list[LocalPath]:
+    return [LocalPath("model.backbone", cfg.model.backbone)]
+
+
+def _finetune_paths(cfg: RunConfig) -> list[LocalPath]:
+    init = cfg.finetune.init_adapter
+    return _model_paths(cfg) + ([LocalPath("finetune.init_adapter", init)] if init else [])
+
+
+def score_paths(cfg: RunConfig) -> list[LocalPath]:
+    """The backbone and the adapter folders ``score.adapters`` names (a step name or ``none``
+    is not a path): what scoring reads from outside the run, in the stages and the commands."""
+    adapters = [
+        LocalPath(f"score.adapters.{mode}", choice)
+        for mode, choice in sorted(cfg.score.adapters.items())
+        if choice not in (*STEP_NAMES, NO_ADAPTER)
+    ]
+    return _model_paths(cfg) + adapters
+
+
 STAGES: tuple[Stage, ...] = (
-    Stage("ingest", ingest.run, ("data",), inputs=lambda c: {"source": source_identity(c.data)}),
+    Stage(
+        "ingest",
+        ingest.run,
+        ("data",),
+        inputs=lambda c: {"source": source_identity(c.data)},
+        paths=_source_paths,
+    ),
     Stage("samples", samples.run, ("protocol",), lambda c: ("ingest",)),
     Stage("encode", encode.run, ("encoder",), lambda c: ("samples",), needed=codes_needed),
     Stage(
@@ -112,9 +143,17 @@ STAGES: tuple[Stage, ...] = (
         ("prompts", "model"),
         lambda c: _with_codes(c, "samples", "ingest"),
         inputs=_model,
+        paths=_model_paths,
     ),
-    Stage("finetune", finetune.run, ("finetune", "model"), _finetune_reads, _finetune_inputs),
-    Stage("score", score.run, ("score", "model"), _score_reads, _score_inputs),
+    Stage(
+        "finetune",
+        finetune.run,
+        ("finetune", "model"),
+        _finetune_reads,
+        _finetune_inputs,
+        paths=_finetune_paths,
+    ),
+    Stage("score", score.run, ("score", "model"), _score_reads, _score_inputs, paths=score_paths),
     Stage(
         "rerank",
         rerank.run,
@@ -122,6 +161,7 @@ STAGES: tuple[Stage, ...] = (
         lambda c: ("ingest", "samples", "encode", "retrieve", "finetune"),
         _score_inputs,
         needed=rerank_needed,
+        paths=score_paths,
     ),
     Stage("evaluate", evaluate.run, ("protocol", "rerank"), _evaluate_reads),
 )
@@ -181,7 +221,7 @@ def preflight(cfg: RunConfig, names: list[str] | None = None) -> list[Stage]:
 def check_rendered_modes(cfg: RunConfig) -> None:
     """Every prompt mode a finetune step trains on is one render writes: found before ingest,
     not at finetune after the stages before it ran."""
-    for step in finetune.plan(cfg.finetune):
+    for step in plan(cfg.finetune):
         if step.mode not in cfg.prompts.modes:
             raise ConfigError(
                 f"finetune.strategy {cfg.finetune.strategy} trains {step.name} on {step.mode} "
@@ -204,7 +244,7 @@ def run_pipeline(
     manifests = {}
     with run_lock(cfg, log):
         ensure_ray()
-        check_shared(run_paths(cfg, [s.name for s in stages]))
+        check_shared(run_paths(cfg, [s.paths for s in stages]))
         for stage in stages:
             check_fresh_reads(cfg, stage)
             log(f"[binllm] {stage.name}: running")

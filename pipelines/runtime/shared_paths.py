@@ -22,13 +22,14 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from binllm_core.config import STEP_NAMES, RunConfig, is_local_path
+from binllm_core.config import RunConfig, is_local_path
 from binllm_core.errors import StageError
 
 MARKER = ".binllm-shared-"
@@ -48,20 +49,15 @@ class LocalPath:
     writes: bool = False
 
 
-def run_paths(cfg: RunConfig, stages: list[str]) -> list[LocalPath]:
-    """The local paths the named stages (or commands: ``score``) read and write."""
-    found = [LocalPath("output_root", cfg.output_root, writes=True)]
-    if "ingest" in stages:
-        found.append(LocalPath("data.uri", cfg.data.uri))
-    if {"render", "finetune", "score", "rerank"} & set(stages):
-        found.append(LocalPath("model.backbone", cfg.model.backbone))
-    if "finetune" in stages and cfg.finetune.init_adapter:
-        found.append(LocalPath("finetune.init_adapter", cfg.finetune.init_adapter))
-    if {"score", "rerank"} & set(stages):
-        for mode, choice in sorted(cfg.score.adapters.items()):
-            if choice not in (*STEP_NAMES, "none"):
-                found.append(LocalPath(f"score.adapters.{mode}", choice))
-    return [p for p in found if _on_disk(p.path)]
+def run_paths(
+    cfg: RunConfig, readers: Iterable[Callable[[RunConfig], list[LocalPath]]]
+) -> list[LocalPath]:
+    """The local paths a run writes (``output_root``) and those ``readers`` (each stage's
+    :attr:`~pipelines.runtime.stage.Stage.paths`) read, once each."""
+    found = {"output_root": LocalPath("output_root", cfg.output_root, writes=True)}
+    for paths in readers:
+        found.update((p.key, p) for p in paths(cfg))
+    return [p for p in found.values() if _on_disk(p.path)]
 
 
 def _on_disk(value: str) -> bool:

@@ -40,6 +40,7 @@ from binllm_core.storage import (
     to_uri,
 )
 from pipelines.runtime.publish import write_dataset
+from pipelines.runtime.shared_paths import LocalPath
 
 PACKAGES = ("binllm", "ray", "torch", "transformers", "peft", "pyarrow", "polars", "fsspec")
 CHECKPOINTS = "checkpoints"
@@ -167,6 +168,10 @@ def _no_inputs(cfg: RunConfig) -> dict[str, Any]:
     return {}
 
 
+def _no_paths(cfg: RunConfig) -> list[LocalPath]:
+    return []
+
+
 def _always(cfg: RunConfig) -> bool:
     return True
 
@@ -175,7 +180,7 @@ def _always(cfg: RunConfig) -> bool:
 class Stage:
     """A named stage: its function, the config sections it depends on, the stages it reads
     (a function of the config: a text-only run reads no codes), the identities of what it reads
-    from outside the run, and whether the config needs it at all."""
+    from outside the run, whether the config needs it at all, and the paths it reads."""
 
     name: str
     fn: StageFn
@@ -183,6 +188,9 @@ class Stage:
     upstream: Upstream | tuple[str, ...] = _none
     inputs: Inputs = _no_inputs
     needed: Callable[[RunConfig], bool] = _always
+    paths: Callable[[RunConfig], list[LocalPath]] = _no_paths
+    """The paths it reads from outside the run, with the config keys that give them (on a
+    cluster, a local one must be the same on every node)."""
 
     def reads(self, cfg: RunConfig) -> tuple[str, ...]:
         """The stages whose outputs this stage reads under ``cfg``."""
