@@ -26,6 +26,7 @@ import yaml
 from binllm_core.codes import CODE_FORMATS
 from binllm_core.data.formats import FORMATS
 from binllm_core.errors import ConfigError
+from binllm_core.llm.strategies import STRATEGIES
 from binllm_core.modes import MODES, TEXT_AND_CODE_MODES
 from binllm_core.ranking.retrieval import BACKENDS
 
@@ -220,9 +221,6 @@ ENCODER_BACKBONES = ("mf", "lightgcn")
 needs no torch (``tests/test_registries.py`` checks they are the registry's keys)."""
 SOFT_PROJECTORS = ("collm", "llara")
 """The names of :data:`binllm_core.llm.soft.PROJECTORS` (torch-free, checked like
-:data:`ENCODER_BACKBONES`)."""
-FINETUNE_STRATEGIES = ("two_step", "one_step", "text_only", "collm", "rsllm")
-"""The names of :data:`binllm_core.llm.strategies.STRATEGIES` (torch-free, checked like
 :data:`ENCODER_BACKBONES`)."""
 
 MAX_CODE_BITS = 1024
@@ -603,25 +601,23 @@ class FinetuneConfig(Section):
     @property
     def soft_step(self) -> str:
         """The tuning step that trains on soft prompts (``""``: none)."""
-        if self.strategy in ("collm", "rsllm"):
-            return "step2"
-        if self.code_mode == "soft" and self.strategy != "text_only":
-            return "step1" if self.strategy == "one_step" else "step2"
-        return ""
+        steps = STRATEGIES[self.strategy](self) if self.strategy in STRATEGIES else []
+        return next((name for name, mode, *_ in steps if MODES[mode].soft), "")
 
     def check(self, key: str, where: str = "") -> None:
-        _check_name(self.strategy, FINETUNE_STRATEGIES, f"{key}.strategy", where)
+        _check_name(self.strategy, tuple(STRATEGIES), f"{key}.strategy", where)
         if self.code_mode not in (*CODE_FORMATS, "soft"):
             raise ConfigError(
                 f"{key}.code_mode = {self.code_mode!r} is not a code format",
                 where,
                 f"choose among: {', '.join(CODE_FORMATS)}, soft",
             )
-        if self.start_step == "step2" and self.strategy in ("one_step", "text_only"):
+        if self.start_step == "step2" and len(STRATEGIES[self.strategy](self)) == 1:
+            two = ", ".join(n for n, steps in STRATEGIES.items() if len(steps(self)) > 1)
             raise ConfigError(
                 f"{key}.start_step = step2, and {self.strategy} has one step only",
                 where,
-                "use a two-step strategy (two_step, collm, rsllm) or start_step step1",
+                f"use a two-step strategy ({two}) or start_step step1",
             )
         if self.start_step == "step2" and not self.init_adapter:
             raise ConfigError(

@@ -14,7 +14,6 @@ import torch
 from binllm_core import codes
 from binllm_core.config import (
     ENCODER_BACKBONES,
-    FINETUNE_STRATEGIES,
     SOFT_PROJECTORS,
     EncoderConfig,
     FinetuneConfig,
@@ -41,7 +40,6 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 def test_torch_free_name_lists_are_the_registries_keys() -> None:
     assert ENCODER_BACKBONES == tuple(BACKBONES)
     assert SOFT_PROJECTORS == tuple(PROJECTORS)
-    assert FINETUNE_STRATEGIES == tuple(STRATEGIES)
 
 
 @pytest.mark.parametrize("name", list(BACKBONES))

@@ -6,9 +6,12 @@ benchmarks read the same plan.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from binllm_core.config import FinetuneConfig, TuneStepConfig
 from binllm_core.modes import SOFT
+
+if TYPE_CHECKING:  # config checks strategy names against STRATEGIES: no import back at run time
+    from binllm_core.config import FinetuneConfig, TuneStepConfig
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,8 @@ STRATEGIES = {
     "rsllm": _rsllm,
 }
 """``finetune.strategy`` -> its steps as (name, prompt mode, budget, TuneStep options); each
-step starts from the one before it. A new strategy is an entry here."""
+step starts from the one before it. A new strategy is an entry here (``finetune.strategy`` is
+checked against it at load; the soft step and the one-step rule are read from the steps)."""
 
 
 def plan(cfg: FinetuneConfig) -> list[TuneStep]:
