@@ -282,9 +282,11 @@ split and id."""
 
 
 def in_order(candidates: ray.data.Dataset) -> ray.data.Dataset:
-    """``candidates`` sorted by :data:`FILE_ORDER`, to be written in files of
-    :data:`ROWS_PER_FILE` rows: the same lists make the same files, and so the same output
-    identity, whatever ``batch_users`` and ``num_actors`` were. The sort is explicit: in whole
-    pipeline runs, with ``preserve_order`` set, one user's list was seen at the end of the file
-    and the rows split over two files at a place that differed run to run."""
-    return candidates.sort(FILE_ORDER)
+    """``candidates`` sorted by :data:`FILE_ORDER` in blocks of :data:`ROWS_PER_FILE` rows but
+    the last (write them with as many rows per file): the same lists make the same files, and
+    so the same output identity, whatever ``batch_users`` and ``num_actors`` were. The sort is
+    explicit: in whole pipeline runs, with ``preserve_order`` set, one user's list was seen at
+    the end of the file; and the sort's blocks are joined before the write, which otherwise
+    wrote them as two files split where the sort's sampled bounds fell."""
+    ordered = candidates.sort(FILE_ORDER).materialize()
+    return ordered.repartition(target_num_rows_per_block=ROWS_PER_FILE, strict=True)
