@@ -216,6 +216,9 @@ class ModelConfig(Section):
             )
 
 
+ENCODER_OBJECTIVES = ("rated", "implicit", "mixed")
+"""The names of :data:`binllm_core.encoder.objectives.OBJECTIVES` (torch-free, as
+:data:`ENCODER_BACKBONES`)."""
 ENCODER_BACKBONES = ("mf", "lightgcn")
 """The names of :data:`binllm_core.encoder.model.BACKBONES`, kept here so that loading a config
 needs no torch (``tests/test_registries.py`` checks they are the registry's keys)."""
@@ -276,9 +279,37 @@ class EncoderConfig(Section):
     the last one (a Ray Train report costs about 2 s, so not every epoch)."""
     seed: int = 2023
     """Seed of the initialisation, the shuffling and the binary/continuous mix."""
+    objective: str = "rated"
+    """What the codes learn (:data:`binllm_core.encoder.objectives.OBJECTIVES`): ``rated`` (the
+    paper's like-vs-dislike BCE on rated samples; the best epoch by valid AUC), ``implicit``
+    (liked items against ``negatives`` catalog items the user never rated; the best epoch by
+    valid NDCG@10 of the Hamming lists) or ``mixed`` (both, ``implicit_weight`` of the first)."""
+    negatives: int = 4
+    """Catalog items drawn per liked train item by the ``implicit`` and ``mixed`` objectives."""
+    implicit_loss: Literal["bpr", "bce"] = "bpr"
+    """The implicit loss: ``bpr`` (liked above each drawn item) or ``bce`` (liked 1, drawn 0)."""
+    hard_negatives: bool = False
+    """The first drawn item of a liked item is one of the user's rated dislikes, where the user
+    has any (implicit and mixed objectives)."""
+    implicit_weight: float = 0.5
+    """The ``mixed`` objective's weight of the implicit loss (the rated one has the rest)."""
 
     def check(self, key: str, where: str = "") -> None:
         _check_name(self.backbone, ENCODER_BACKBONES, f"{key}.backbone", where)
+        _check_name(self.objective, ENCODER_OBJECTIVES, f"{key}.objective", where)
+        if self.objective != "rated" and self.negatives < 1:
+            raise ConfigError(
+                f"{key}.negatives = {self.negatives}: the {self.objective} objective draws at "
+                "least one catalog item per liked item",
+                where,
+                f"set {key}.negatives to 1 or more (4 to 8 are usual)",
+            )
+        if not 0.0 < self.implicit_weight < 1.0:
+            raise ConfigError(
+                f"{key}.implicit_weight = {self.implicit_weight} is not between 0 and 1",
+                where,
+                "use the rated or the implicit objective for 0 or 1",
+            )
         multiple = math.lcm(*(f.dim_multiple for f in CODE_FORMATS.values()))
         if self.dim <= 0 or self.dim % multiple:
             needs = [

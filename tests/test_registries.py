@@ -14,6 +14,7 @@ import torch
 from binllm_core import codes
 from binllm_core.config import (
     ENCODER_BACKBONES,
+    ENCODER_OBJECTIVES,
     SOFT_PROJECTORS,
     EncoderConfig,
     FinetuneConfig,
@@ -23,6 +24,7 @@ from binllm_core.config import (
 )
 from binllm_core.encoder.data import split_samples
 from binllm_core.encoder.model import BACKBONES
+from binllm_core.encoder.objectives import OBJECTIVES as ENCODER_OBJECTIVE_REGISTRY
 from binllm_core.encoder.training import fit
 from binllm_core.errors import ConfigError
 from binllm_core.llm.objectives import OBJECTIVES, Examples
@@ -39,6 +41,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 def test_torch_free_name_lists_are_the_registries_keys() -> None:
     assert ENCODER_BACKBONES == tuple(BACKBONES)
+    assert ENCODER_OBJECTIVES == tuple(ENCODER_OBJECTIVE_REGISTRY)
     assert SOFT_PROJECTORS == tuple(PROJECTORS)
 
 
@@ -53,6 +56,19 @@ def test_every_backbone_learns_planted_groups(name: str) -> None:
     users, items = training.signs()
     assert users.shape == (101, 16) and items.shape == (61, 16)
     assert set(np.unique(users)) <= {-1.0, 1.0}
+
+
+@pytest.mark.parametrize("name", list(ENCODER_OBJECTIVE_REGISTRY))
+def test_every_encoder_objective_lowers_its_loss_and_keeps_the_epoch_it_serves(name: str) -> None:
+    cfg = EncoderConfig(
+        objective=name, dim=16, lr=3e-2, float_lr=3e-2, batch_size=256, max_epochs=4, seed=7
+    )
+    training = fit(cfg, split_samples(planted_samples()), 101, 61)
+    losses = [h["loss"] for h in training.history]
+    assert losses[-1] < losses[0]
+    served = ENCODER_OBJECTIVE_REGISTRY[name].serves
+    scores = [h[f"binary_valid_{served}"] for h in training.history]
+    assert training.best["binary"]["epoch"] == scores.index(max(scores))
 
 
 # Hits at ranks 2 and 4 of a list of 5; 2 positives (3 and 7), one of them (7) at rank 4.

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.nn import functional as F
 
 from binllm_core.config import EncoderConfig, to_dict
 from binllm_core.encoder.data import Rows, normalized_adjacency, train_graph
 from binllm_core.encoder.model import BACKBONES, BINARY, FLOAT, CollabModel, EncoderSet
+from binllm_core.encoder.objectives import NDCG, OBJECTIVES, Seen, list_ndcg
 from binllm_core.errors import StageError
 from binllm_core.evaluation.metrics import score_report
 from binllm_core.storage import jsonable
@@ -63,6 +63,12 @@ def check_config(cfg: EncoderConfig) -> None:
     cfg.check("encoder")
 
 
+def needs_seen(cfg: EncoderConfig) -> bool:
+    """Whether the configured objective reads every train row (its negatives, its lists)."""
+    objective = OBJECTIVES[cfg.objective]
+    return objective.implicit or objective.serves == NDCG
+
+
 def needs_graph(cfg: EncoderConfig) -> bool:
     """Whether the configured backbone is built with the train graph (the train positives)."""
     return BACKBONES[cfg.backbone].needs_graph
@@ -85,9 +91,21 @@ class EncoderTraining:
         item_num: int,
         graph: tuple[np.ndarray, np.ndarray] | None = None,
         device: torch.device | str = "cpu",
+        seen: Rows | None = None,
     ) -> None:
+        """``seen``: every train row (all workers'), which the implicit objectives draw their
+        negatives around and leave out of the valid lists; needed by those objectives."""
         check_config(cfg)
         self.cfg = cfg
+        self.objective = OBJECTIVES[cfg.objective]
+        self.seen: Seen | None = None
+        self.popularity = np.zeros(item_num, np.int64)
+        if needs_seen(cfg):
+            if seen is None:
+                raise StageError(f"the {cfg.objective} objective needs every train row")
+            self.seen = Seen.of(seen, user_num, item_num)
+            liked = seen.items[seen.labels > 0.5]
+            self.popularity = np.bincount(liked, minlength=item_num)[:item_num]
         self.user_num, self.item_num = user_num, item_num
         self.device = torch.device(device)
         seed_everything(cfg.seed)
@@ -145,18 +163,16 @@ class EncoderTraining:
         epoch = self.epoch + 1
         beta = beta_at(epoch, self.cfg.beta_step)
         gen = self.epoch_generator(epoch, rank)
-        order = torch.randperm(len(rows), generator=gen)
-        users = torch.from_numpy(rows.users)[order].to(self.device)
-        items = torch.from_numpy(rows.items)[order].to(self.device)
-        labels = torch.from_numpy(rows.labels)[order].to(self.device)
-        batch = max(1, self.cfg.batch_size // world_size)
+        rng = np.random.default_rng([self.cfg.seed, epoch, rank])
+        batch_size = max(1, self.cfg.batch_size // world_size)
         started = time.perf_counter()
         self.models.train()
         total, steps = 0.0, 0
-        for start in range(0, len(rows), batch):
-            sl = slice(start, start + batch)
-            logits = self.forward_module(users[sl], items[sl], beta, gen)
-            loss = sum(F.binary_cross_entropy_with_logits(x, labels[sl]) for x in logits.values())
+        for batch in self.objective.batches(rows, self.cfg, batch_size, gen, rng, self.seen):
+            batch.users, batch.items = batch.users.to(self.device), batch.items.to(self.device)
+            batch.labels = batch.labels.to(self.device)
+            logits = self.forward_module(batch.users, batch.items, beta, gen)
+            loss = sum(self.objective.loss(x, batch, self.cfg) for x in logits.values())
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -169,20 +185,25 @@ class EncoderTraining:
         return total / max(steps, 1)
 
     def validate(self, valid: Rows, test: Rows | None = None) -> bool:
-        """Score the epoch on ``valid``; on a model's best valid AUC so far also on ``test``.
+        """Score the epoch on ``valid``; on a model's best valid score so far also on ``test``.
+        The score is the one the objective's codes serve: AUC, or NDCG@10 of the lists.
 
         Returns whether the primary model improved (its weights are the ones to keep). Sets
         :attr:`finished` when every model has gone ``patience`` epochs without a better valid
-        AUC, or at ``max_epochs``.
+        score, or at ``max_epochs``.
         """
         self.models.eval()
         improved = False
         record = self.history[-1]
+        served = self.objective.serves
         for name, model in self.models.models.items():
             report = evaluate(model, valid)
+            if served == NDCG:
+                report[NDCG] = self.list_ndcg(model, valid)
+                record[f"{name}_valid_{NDCG}"] = report[NDCG]
             record[f"{name}_valid_auc"] = report["auc"]
             best = self.best.get(name)
-            if best is None or _gt(report["auc"], best["valid"]["auc"]):
+            if best is None or _gt(report[served], best["valid"][served]):
                 test_report = evaluate(model, test) if test is not None else {}
                 self.best[name] = {"epoch": self.epoch, "valid": report, "test": test_report}
                 improved |= name == self.primary
@@ -196,6 +217,18 @@ class EncoderTraining:
     def valid_auc(self) -> float:
         """Valid AUC of the primary model at the last epoch."""
         return self.history[-1][f"{self.primary}_valid_auc"]
+
+    @property
+    def valid_score(self) -> float:
+        """The primary model's valid score at the last epoch that its best epoch is chosen by:
+        AUC, or NDCG@10 of the lists."""
+        return self.history[-1][f"{self.primary}_valid_{self.objective.serves}"]
+
+    def list_ndcg(self, model: CollabModel, valid: Rows) -> float:
+        """NDCG@10 of ``model``'s valid lists: by its ±1 codes (binary) or embeddings (float)."""
+        assert self.seen is not None
+        users, items = model.signs() if model.binary else model.backbone.tables()
+        return list_ndcg(users.detach(), items.detach(), valid, self.seen, self.popularity)
 
     @property
     def best_epoch(self) -> int:
@@ -299,7 +332,7 @@ def fit(
 ) -> EncoderTraining:
     """The whole training in this process; returns it with the best primary weights loaded."""
     graph = train_graph(data["train"]) if needs_graph(cfg) else None
-    training = EncoderTraining(cfg, user_num, item_num, graph)
+    training = EncoderTraining(cfg, user_num, item_num, graph, seen=data["train"])
     best_weights = training.weights()
     while not training.finished:
         training.train_epoch(data["train"])

@@ -46,7 +46,13 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, S
 from binllm_core.codes import codes_table, embeddings_table, signs_from_bits
 from binllm_core.config import EncoderConfig, to_dict
 from binllm_core.encoder.data import Rows, train_graph
-from binllm_core.encoder.training import EncoderTraining, check_config, needs_graph, read_state
+from binllm_core.encoder.training import (
+    EncoderTraining,
+    check_config,
+    needs_graph,
+    needs_seen,
+    read_state,
+)
 from binllm_core.errors import StageError
 from binllm_core.evaluation.metrics import score_report
 from binllm_core.io.faults import armed
@@ -86,11 +92,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if not result.best_checkpoints or result.checkpoint is None:
         raise StageError("encoder training reported no checkpoint", ctx.uri(join(storage, name)))
     best_checkpoint, best_metrics = max(
-        result.best_checkpoints, key=lambda cm: (cm[1]["valid_auc"], -cm[1]["epoch"])
+        result.best_checkpoints, key=lambda cm: (cm[1]["valid_score"], -cm[1]["epoch"])
     )
 
     graph = train_graph(_rows(datasets["graph"])) if needs_graph(cfg) else None
-    training = EncoderTraining(cfg, user_num, item_num, graph)
+    seen = _rows(datasets["seen"]) if "seen" in datasets else None
+    training = EncoderTraining(cfg, user_num, item_num, graph, seen=seen)
     with best_checkpoint.as_directory() as folder:
         training.load(folder, weights_only=True)
     with result.checkpoint.as_directory() as folder:
@@ -106,6 +113,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "item_num": item_num,
             "dim": cfg.dim,
             "backbone": cfg.backbone,
+            "objective": cfg.objective,
+            "selected_by": training.objective.serves,
             "codes_from": training.primary,
             "codes": {
                 "valid": code_report(codes, _rows(datasets["valid"])),
@@ -169,7 +178,8 @@ def code_report(codes: pa.Table, rows: Rows) -> dict[str, float]:
 
 def _datasets(ctx: StageContext, cfg: EncoderConfig) -> dict[str, ray.data.Dataset]:
     """The samples the workers read, by split (and, for a backbone that ``needs_graph``, the
-    ``graph`` of train positives), materialized now: before the workers hold their CPUs (on a
+    ``graph`` of train positives; for an implicit objective, ``seen``: the whole train split,
+    unsplit), materialized now: before the workers hold their CPUs (on a
     small machine they can take every CPU and leave none for read tasks). These narrow columns
     are small."""
     samples = ctx.read_dataset("samples", "samples").select_columns(_SAMPLES_READ)
@@ -181,6 +191,8 @@ def _datasets(ctx: StageContext, cfg: EncoderConfig) -> dict[str, ray.data.Datas
     if needs_graph(cfg):
         positives = samples.filter(expr="split == 'train' and label == 1")
         datasets["graph"] = positives.select_columns(EVAL_COLUMNS[:4])
+    if needs_seen(cfg):  # every worker draws negatives around all of train, not its shard
+        datasets["seen"] = datasets["train"]
     return {k: ds.materialize() for k, ds in datasets.items()}
 
 
@@ -212,7 +224,7 @@ def _trainer(
         storage_filesystem=None if local else ctx.arrow_fs,
         failure_config=FailureConfig(max_failures=cfg.max_failures),
         checkpoint_config=CheckpointConfig(
-            num_to_keep=1, checkpoint_score_attribute="valid_auc", checkpoint_score_order="max"
+            num_to_keep=1, checkpoint_score_attribute="valid_score", checkpoint_score_order="max"
         ),
     )
     return InterruptibleTrainer(
@@ -234,8 +246,9 @@ def train_loop(config: dict[str, Any]) -> None:
     train = _shard_rows("train")
     valid, test = _shard_rows("valid"), _shard_rows("test")
     graph = train_graph(_shard_rows("graph")) if needs_graph(cfg) else None
+    seen = _shard_rows("seen") if needs_seen(cfg) else None
     training = EncoderTraining(
-        cfg, config["user_num"], config["item_num"], graph, ray.train.torch.get_device()
+        cfg, config["user_num"], config["item_num"], graph, ray.train.torch.get_device(), seen
     )
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -255,12 +268,13 @@ def train_loop(config: dict[str, Any]) -> None:
         periodic = (training.epoch + 1) % cfg.checkpoint_every == 0
         if not _agree(improved or periodic or training.finished, world):
             continue
-        auc = training.valid_auc
+        auc, score = training.valid_auc, training.valid_score
         metrics = {
             "epoch": training.epoch,
             "loss": loss,
             "beta": training.history[-1]["beta"],
             "valid_auc": auc if auc is not None and not math.isnan(auc) else 0.0,
+            "valid_score": score if score is not None and not math.isnan(score) else 0.0,
         }
         with tempfile.TemporaryDirectory() as folder:
             if rank == 0:
