@@ -239,6 +239,11 @@ class EncoderConfig(Section):
     (:data:`binllm_core.encoder.model.BACKBONES`)."""
     dim: int = 32
     """Embedding and code length in bits (a multiple of 8, at most :data:`MAX_CODE_BITS`)."""
+    prior_bits: int = 0
+    """Of the ``dim`` code bits, this many carry a learned item prior: a user's are always 1 and
+    an item's are learned per item, so the item's count of 1s among them adds to its inner
+    product with every user (what a float model keeps in an item vector's norm, mostly
+    popularity, which codes of equal length cannot hold). 0: every bit is projected."""
     lightgcn_layers: int = 2
     """Propagation layers K of the LightGCN backbone."""
     shared_projection: bool = False
@@ -257,6 +262,10 @@ class EncoderConfig(Section):
     float_init_std: float = 1.0
     """Standard deviation of the normal init of the float model's embeddings (the binary model
     keeps PyTorch's N(0, 1), as the official code)."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """Both models' learning rates per epoch: ``constant``, or ``cosine`` (a half cosine from
+    ``lr`` at the first epoch to 0 at ``max_epochs``: the binary codes' valid lists flip less
+    from epoch to epoch as it falls, so the kept epoch is less a lucky spike)."""
     batch_size: int = 2048
     """Training batch size (samples)."""
     max_epochs: int = 200
@@ -321,6 +330,13 @@ class EncoderConfig(Section):
                 f"{key}.dim = {self.dim} is not a positive multiple of {multiple}",
                 where,
                 "; ".join([*needs, f"use e.g. {4 * multiple} or {8 * multiple}"]),
+            )
+        if not 0 <= self.prior_bits < self.dim:
+            raise ConfigError(
+                f"{key}.prior_bits = {self.prior_bits} is not between 0 and {key}.dim - 1 "
+                f"({self.dim - 1})",
+                where,
+                f"keep most of the {self.dim} bits projected: e.g. {self.dim // 4}, or 0",
             )
         if self.dim > MAX_CODE_BITS:
             raise ConfigError(
@@ -855,7 +871,12 @@ class RunConfig(Section):
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     """Labelling and split protocol."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    """Binarized collaborative encoder."""
+    """Binarized collaborative encoder: the codes of the prompts (stage ``encode``)."""
+    retrieval_encoder: EncoderConfig | None = None
+    """A second encoder whose codes only retrieve (stage ``encode_retrieval``; the same fields
+    as ``encoder``, whose values it does not inherit): codes trained for the lists (e.g.
+    ``objective: implicit``) are worse prompt codes by pointwise AUC, so a run can hold both.
+    Empty: ``retrieve`` uses the prompts' codes."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Language model backbone."""
     prompts: PromptConfig = field(default_factory=PromptConfig)

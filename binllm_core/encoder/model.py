@@ -90,13 +90,29 @@ torch-free; a test checks the two agree)."""
 class CollabModel(nn.Module):
     """A backbone scored by inner products: of ±1 codes (binary) or of embeddings (float)."""
 
-    def __init__(self, backbone: Backbone, dim: int, binary: bool, shared_projection: bool) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        dim: int,
+        binary: bool,
+        shared_projection: bool,
+        prior_bits: int = 0,
+    ) -> None:
+        """``prior_bits`` (binary only) of the ``dim`` code bits carry a learned item prior: a
+        user's are always +1, an item's are its own ±1 (a table, not the projection), so each
+        item's count of +1 among them adds to every user's inner product. A Hamming distance
+        can then express what a float model holds in an item vector's norm (mostly its
+        popularity), which ±1 codes of one length cannot."""
         super().__init__()
         self.backbone = backbone
         self.binary = binary
+        self.prior_bits = prior_bits if binary else 0
         if binary:
-            self.proj_u = nn.Linear(dim, dim)
-            self.proj_i = self.proj_u if shared_projection else nn.Linear(dim, dim)
+            learned = dim - self.prior_bits
+            self.proj_u = nn.Linear(dim, learned)
+            self.proj_i = self.proj_u if shared_projection else nn.Linear(dim, learned)
+            if self.prior_bits:
+                self.item_prior = nn.Embedding(backbone.item_emb.num_embeddings, self.prior_bits)
 
     def forward(
         self,
@@ -110,9 +126,23 @@ class CollabModel(nn.Module):
         eu, ei = user_table[users], item_table[items]
         if not self.binary:
             return (eu * ei).sum(-1)
-        ou = self._codes(torch.tanh(self.proj_u(eu)), beta, generator)
-        oi = self._codes(torch.tanh(self.proj_i(ei)), beta, generator)
+        zu, zi = self._pre_sign(eu, ei, items)
+        ou = self._codes(zu, beta, generator)
+        oi = self._codes(zi, beta, generator)
         return (ou * oi).sum(-1)
+
+    def _pre_sign(
+        self, eu: torch.Tensor, ei: torch.Tensor, items: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``tanh(proj(e))`` of users and ``items``, with the prior bits (users': +1)."""
+        zu, zi = torch.tanh(self.proj_u(eu)), torch.tanh(self.proj_i(ei))
+        if not self.prior_bits:
+            return zu, zi
+        ones = torch.ones(*zu.shape[:-1], self.prior_bits, device=zu.device)
+        return (
+            torch.cat([zu, ones], -1),
+            torch.cat([zi, torch.tanh(self.item_prior(items))], -1),
+        )
 
     def _codes(
         self, z: torch.Tensor, beta: float, generator: torch.Generator | None
@@ -129,7 +159,8 @@ class CollabModel(nn.Module):
         """The vectors the codes are the signs of: ``tanh(proj(e))``, or ``e`` for a float model."""
         user_table, item_table = self.backbone.tables()
         if self.binary:
-            return torch.tanh(self.proj_u(user_table)), torch.tanh(self.proj_i(item_table))
+            every = torch.arange(item_table.shape[0], device=item_table.device)
+            return self._pre_sign(user_table, item_table, every)
         return user_table, item_table
 
     @torch.no_grad()

@@ -51,6 +51,15 @@ def beta_at(epoch: int, beta_step: float) -> float:
     return min(1.0, beta_step * ((epoch + 1) // 2))
 
 
+def lr_factor(epoch: int, cfg: EncoderConfig) -> float:
+    """The share of each learning rate used in ``epoch`` (0-based): 1 (``constant``), or a
+    half cosine from 1 at the first epoch to 0 at ``max_epochs`` (``cosine``). A function of
+    the epoch alone, so a resumed run continues the same schedule."""
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.max_epochs))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -123,6 +132,7 @@ class EncoderTraining:
                     cfg.dim,
                     binary=name == BINARY,
                     shared_projection=cfg.shared_projection,
+                    prior_bits=cfg.prior_bits,
                 )
                 for name in names
             }
@@ -143,6 +153,7 @@ class EncoderTraining:
             )
             groups.append({"params": list(model.parameters()), "lr": lr, "weight_decay": wd})
         self.optimizer = torch.optim.Adam(groups)
+        self.base_lrs = [group["lr"] for group in groups]
         self.forward_module: nn.Module = self.models
         self.epoch = -1  # last finished epoch
         self.best: dict[str, dict[str, Any]] = {}
@@ -165,6 +176,8 @@ class EncoderTraining:
         gen = self.epoch_generator(epoch, rank)
         rng = np.random.default_rng([self.cfg.seed, epoch, rank])
         batch_size = max(1, self.cfg.batch_size // world_size)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * lr_factor(epoch, self.cfg)
         started = time.perf_counter()
         self.models.train()
         total, steps = 0.0, 0

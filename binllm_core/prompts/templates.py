@@ -45,7 +45,6 @@ def _item_anchor(template: str) -> str:
     return head[max((m.end() for m in _PLACEHOLDER_RE.finditer(head)), default=0) :]
 
 
-
 @dataclass(frozen=True)
 class Templates:
     """The two templates a run uses and the text standing for an empty history."""
