@@ -40,7 +40,7 @@ from binllm_core.storage import (
 )
 from pipelines.nightly import parse_date
 from pipelines.ops.reranking import RECOMMENDATIONS_SCHEMA, rerank
-from pipelines.ops.retrieval import SERVE, retrieve, retriever_kwargs
+from pipelines.ops.retrieval import SERVE, codes_stage, retrieve, retriever_kwargs
 from pipelines.ops.scoring import NONE, adapter_plan
 from pipelines.pairs import candidate_mode, manifest_or_none
 from pipelines.runtime.outputs import publish_command
@@ -220,6 +220,7 @@ def publish_lists(
         fields={**fields, "users": users_uri or "all"},
         output_uri=output_uri,
         log=log,
+        reads=(codes_stage(cfg),),
     )
 
 

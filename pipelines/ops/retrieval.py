@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import ray
 
 from binllm_core.codes import id_table
-from binllm_core.config import RetrieveConfig
+from binllm_core.config import RetrieveConfig, RunConfig
 from binllm_core.errors import ConfigError, StageError
 from binllm_core.ranking.retrieval import (
     Catalog,
@@ -202,6 +202,12 @@ def _lists(batch: pa.Table, column: str) -> list[list[int]]:
     return [v or [] for v in batch[column].to_pylist()]
 
 
+def codes_stage(cfg: RunConfig) -> str:
+    """The stage whose codes the lists are retrieved by: ``encode_retrieval`` where the run sets
+    ``retrieval_encoder``, else ``encode`` (the prompts' codes)."""
+    return "encode" if cfg.retrieval_encoder is None else "encode_retrieval"
+
+
 def retriever_kwargs(ctx: StageContext, cfg: RetrieveConfig, samples: pl.DataFrame) -> dict:
     """What a :class:`UserRetriever` is built from: the run's codes, vectors, id maps and train
     popularity (tables bounded by the numbers of users and items)."""
@@ -213,19 +219,20 @@ def retriever_kwargs(ctx: StageContext, cfg: RetrieveConfig, samples: pl.DataFra
                 "retrieve.backend = faiss needs the faiss-cpu package",
                 todo="pip install faiss-cpu, or set retrieve.backend=numpy (same lists)",
             ) from None
-    codes = ctx.read_table("encode", "codes", columns=["entity", "id", "bits"])
-    tables = ctx.manifest_of("encode").get("tables", {})
+    encode = codes_stage(ctx.cfg)
+    codes = ctx.read_table(encode, "codes", columns=["entity", "id", "bits"])
+    tables = ctx.manifest_of(encode).get("tables", {})
     vectors = None
     if cfg.tie_break == "relaxed":
         if "embeddings" not in tables:
             raise StageError(
-                "retrieve.tie_break = relaxed needs the encode stage's embeddings table, which "
-                "this run's encode output predates",
-                ctx.uri(ctx.stage_path("encode")),
-                "run binllm run CONFIG --stages encode --force (same codes, one more table), "
+                f"retrieve.tie_break = relaxed needs the {encode} stage's embeddings table, "
+                f"which this run's {encode} output predates",
+                ctx.uri(ctx.stage_path(encode)),
+                f"run binllm run CONFIG --stages {encode} --force (same codes, one more table), "
                 "or set retrieve.tie_break=popularity",
             )
-        vectors = ctx.read_table("encode", "embeddings", columns=["entity", "id", "relaxed"])
+        vectors = ctx.read_table(encode, "embeddings", columns=["entity", "id", "relaxed"])
     item_bits = id_table(codes, "item", "bits")
     user_bits = id_table(codes, "user", "bits")
     item_map = ctx.read_table("samples", "item_map", columns=["item", "iid"])

@@ -32,15 +32,17 @@ def output_target(cfg: RunConfig, output_uri: str, folder: str, name: str) -> tu
     return out_fs, target, [] if type(out_fs) is not type(fs) else [run]
 
 
-def check_command(cfg: RunConfig, fs: Any, target: str, who: str) -> None:
+def check_command(
+    cfg: RunConfig, fs: Any, target: str, who: str, reads: tuple[str, ...] = ()
+) -> None:
     """What a scoring command checks before it writes anything: the adapters and the prompts'
     codes it reads are current, and, with Ray started, the paths it uses (the run, the model,
     ``score.adapters``, the output folder ``target`` of ``fs``) are the same on every node."""
     from pipelines.runtime.ray_helpers import ensure_ray
 
     check_store(fs, target, "--output", "output_storage_options")
-    reads = tuple(s for s in ("finetune", "render", "encode") if s != "encode" or codes_needed(cfg))
-    check_fresh(cfg, reads, who, "finetune")
+    scoring = ("finetune", "render", "encode") if codes_needed(cfg) else ("finetune", "render")
+    check_fresh(cfg, (*scoring, *reads), who, "finetune")
     ensure_ray()
     paths = run_paths(cfg, [score_paths])
     if is_local(fs):
@@ -71,6 +73,7 @@ def publish_command(
     fields: dict[str, Any],
     output_uri: str = "",
     log: Callable[[str], None] = print,
+    reads: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Publish what ``produce`` makes as the table ``table`` (``schema``) of a new version of
     ``output_uri``, else ``{run}/{kind}/{name}``; returns its manifest, with ``output``.
@@ -79,9 +82,10 @@ def publish_command(
     refusal) and the target locked before ``produce`` runs, so that a bad target, stale adapters
     or a second writer stop at once, not after the scoring. The manifest holds ``fields`` (what
     the command was given), :func:`manifest_base` and the counts ``produce`` returns as
-    ``metrics``."""
+    ``metrics``. ``reads``: stages the command reads besides those scoring reads (checked
+    fresh too)."""
     fs, target, protected = output_target(cfg, output_uri, kind, name)
-    check_command(cfg, fs, target, who)
+    check_command(cfg, fs, target, who, reads)
     with publishing(fs, target, kind, protected, log) as publication:
         out, stats = produce()
         write_dataset(publication, out, table, schema=schema)

@@ -13,6 +13,7 @@ from binllm_core.llm.backbone import check_backbone
 from binllm_core.llm.strategies import plan
 from binllm_core.modes import MODES, SOFT
 from binllm_core.storage import check_store, join, resolve, to_uri
+from pipelines.ops.retrieval import codes_stage
 from pipelines.runtime.console import LOGS
 from pipelines.runtime.runs import run_folder
 from pipelines.runtime.shared_paths import LocalPath, check_shared, run_paths
@@ -47,6 +48,11 @@ def retrieve_needed(cfg: RunConfig) -> bool:
     return codes_needed(cfg) and cfg.retrieve.top_n > 0
 
 
+def retrieval_encoder_needed(cfg: RunConfig) -> bool:
+    """A run trains codes for the lists alone when it retrieves and sets ``retrieval_encoder``."""
+    return retrieve_needed(cfg) and cfg.retrieval_encoder is not None
+
+
 def rerank_needed(cfg: RunConfig) -> bool:
     return retrieve_needed(cfg) and cfg.rerank.top_n > 0
 
@@ -54,7 +60,7 @@ def rerank_needed(cfg: RunConfig) -> bool:
 def _evaluate_reads(cfg: RunConfig) -> tuple[str, ...]:
     names = _with_codes(cfg, "score")
     if retrieve_needed(cfg):
-        names = (*names, "samples", "retrieve")
+        names = (*names, "samples", codes_stage(cfg), "retrieve")
     if rerank_needed(cfg):
         names = (*names, "rerank")
     return names
@@ -131,10 +137,17 @@ STAGES: tuple[Stage, ...] = (
     Stage("samples", samples.run, ("protocol",), lambda c: ("ingest",)),
     Stage("encode", encode.run, ("encoder",), lambda c: ("samples",), needed=codes_needed),
     Stage(
+        "encode_retrieval",
+        encode.run_retrieval,
+        ("retrieval_encoder",),
+        lambda c: ("samples",),
+        needed=retrieval_encoder_needed,
+    ),
+    Stage(
         "retrieve",
         retrieve.run,
         ("retrieve",),
-        lambda c: ("samples", "encode"),
+        lambda c: ("samples", codes_stage(c)),
         needed=retrieve_needed,
     ),
     Stage(
@@ -158,7 +171,9 @@ STAGES: tuple[Stage, ...] = (
         "rerank",
         rerank.run,
         ("rerank", "score", "prompts", "model"),
-        lambda c: ("ingest", "samples", "encode", "retrieve", "finetune"),
+        lambda c: tuple(
+            dict.fromkeys(("ingest", "samples", "encode", codes_stage(c), "retrieve", "finetune"))
+        ),
         _score_inputs,
         needed=rerank_needed,
         paths=score_paths,
@@ -303,6 +318,8 @@ def pipeline_status(cfg: RunConfig) -> list[dict[str, str]]:
 def _unneeded(stage: Stage) -> str:
     if stage.name == "encode":
         return "prompts.modes has no code mode (a text-only run)"
+    if stage.name == "encode_retrieval":
+        return "retrieval_encoder is empty (retrieve ranks by the prompts' codes), or no retrieve"
     if stage.name in ("retrieve", "rerank"):
         return "retrieve.top_n or rerank.top_n is 0, or a text-only run (no codes to retrieve by)"
     return "not needed by this config"

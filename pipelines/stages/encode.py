@@ -1,4 +1,6 @@
-"""Stage ``encode``: train the binarized collaborative encoder with Ray Train, export its codes.
+"""Stages ``encode`` and ``encode_retrieval``: train a binarized collaborative encoder with Ray
+Train (``encoder``: the prompts' codes; ``retrieval_encoder``: the codes ``retrieve`` ranks by,
+where a run sets it), export its codes.
 
 Tables: ``codes`` (bits and their text formats per user and item, :func:`codes_table`) and
 ``embeddings`` (per user and item the ``relaxed`` vector tanh(proj(e)) the codes are the signs
@@ -46,6 +48,7 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, S
 from binllm_core.codes import codes_table, embeddings_table, signs_from_bits
 from binllm_core.config import EncoderConfig, to_dict
 from binllm_core.encoder.data import Rows, train_graph
+from binllm_core.encoder.objectives import AUC, NDCG
 from binllm_core.encoder.training import (
     EncoderTraining,
     check_config,
@@ -61,6 +64,7 @@ from pipelines.runtime.progress import Reporter, progress
 from pipelines.runtime.stage import StageContext
 from pipelines.runtime.training import InterruptibleTrainer
 
+SERVED_LABELS = {AUC: "AUC", NDCG: "NDCG@10"}
 FAULT_POINT = "encode-epoch"
 FAULT_MARKER = "_fault_injected"
 _SAMPLES_READ = ["sample_id", "uid", "iid", "label", "split", "warm", "not_cold"]
@@ -68,7 +72,19 @@ EVAL_COLUMNS = ["sample_id", "uid", "iid", "label", "warm", "not_cold"]
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    cfg = ctx.cfg.encoder
+    """Stage ``encode``: the prompts' codes (``encoder``)."""
+    return train_and_export(ctx, ctx.cfg.encoder)
+
+
+def run_retrieval(ctx: StageContext) -> dict[str, Any]:
+    """Stage ``encode_retrieval``: the codes ``retrieve`` ranks by (``retrieval_encoder``)."""
+    assert ctx.cfg.retrieval_encoder is not None  # the stage is needed only then
+    return train_and_export(ctx, ctx.cfg.retrieval_encoder)
+
+
+def train_and_export(ctx: StageContext, cfg: EncoderConfig) -> dict[str, Any]:
+    """Train the encoder ``cfg`` on the run's samples; write its ``codes`` and ``embeddings``
+    into this stage's output."""
     check_config(cfg)
     samples_manifest = ctx.manifest_of("samples")
     user_num = int(samples_manifest["metrics"]["user_num"])
@@ -85,7 +101,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     name = f"encoder-{ctx.digest}"
     storage = ctx.scratch_path("checkpoints")
     started = time.time()
-    with progress("encode", cfg.max_epochs, "epoch", _describe_epoch) as reporter:
+    with progress(ctx.stage, cfg.max_epochs, "epoch", _describe_epoch) as reporter:
         trainer = _trainer(ctx, cfg, datasets, name, storage, user_num, item_num, reporter)
         result = trainer.fit()
     train_time = time.time() - started
@@ -148,10 +164,10 @@ def _rows(ds: ray.data.Dataset) -> Rows:
 
 def _describe_epoch(fields: dict[str, Any]) -> str:
     text = f"loss {fields['loss']:.4f}" if "loss" in fields else ""
-    if fields.get("valid_auc") is not None:
-        text += f", valid AUC {fields['valid_auc']:.4f}"
-    if fields.get("best_auc") is not None:
-        text += f" (best {fields['best_auc']:.4f})"
+    if fields.get("valid") is not None:
+        text += f", valid {fields['metric']} {fields['valid']:.4f}"
+    if fields.get("best") is not None:
+        text += f" (best {fields['best']:.4f})"
     return text
 
 
@@ -286,13 +302,16 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def _post_epoch(reporter: Reporter, training: EncoderTraining, loss: float) -> None:
-    auc = training.valid_auc
-    best = training.best.get(training.primary, {}).get("valid", {}).get("auc")
+    """The epoch's valid figure that the kept checkpoint is chosen by (AUC or NDCG@10)."""
+    served = training.objective.serves
+    score = training.valid_score
+    best = training.best.get(training.primary, {}).get("valid", {}).get(served)
     reporter.post(
         done=training.epoch + 1,
         loss=loss,
-        valid_auc=None if auc is None or math.isnan(auc) else auc,
-        best_auc=None if best is None or math.isnan(best) else best,
+        metric=SERVED_LABELS[served],
+        valid=None if score is None or math.isnan(score) else score,
+        best=None if best is None or math.isnan(best) else best,
     )
 
 

@@ -41,6 +41,7 @@ from binllm_core.evaluation.report import (
 )
 from binllm_core.ranking.lists import RANKING_SCHEMA, RankingInputs, ranked_lists, ranking_rows
 from binllm_core.storage import join
+from pipelines.ops.retrieval import codes_stage
 from pipelines.runtime.stage import StageContext
 
 COLUMNS = ["split", "mode", "uid", "label", "warm", "not_cold", "logit_yes", "adapter"]
@@ -148,8 +149,9 @@ def _ranking(ctx: StageContext, folder: str) -> list[dict[str, Any]]:
     train = samples.filter((pl.col("split") == "train") & (pl.col("label") == 1))
     popularity = np.bincount(train["iid"].to_numpy(), minlength=int(item_ids.max()) + 1)
     float_vectors = None
-    if "embeddings" in ctx.manifest_of("encode").get("tables", {}):
-        table = ctx.read_table("encode", "embeddings", columns=["entity", "id", "float"])
+    encode = codes_stage(ctx.cfg)  # the float model trained beside the retrieval codes
+    if "embeddings" in ctx.manifest_of(encode).get("tables", {}):
+        table = ctx.read_table(encode, "embeddings", columns=["entity", "id", "float"])
         float_vectors = (id_table(table, "user", "float"), id_table(table, "item", "float"))
     inputs = RankingInputs(
         users=users,

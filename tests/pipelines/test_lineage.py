@@ -183,6 +183,58 @@ def test_text_only_run_does_not_need_the_encoder(tmp_path: Path):
     assert "encode" in by_name["render"].reads(coded)
 
 
+@pytest.mark.slow  # two encoders through Ray Train
+@pytest.mark.usefixtures("ray_session")
+def test_a_retrieval_encoder_gives_retrieve_its_own_codes_and_leaves_the_prompts_alone(
+    tmp_path: Path, capsys
+):
+    src = source_copy(tmp_path)
+    own = [
+        "retrieval_encoder.objective=implicit",
+        "retrieval_encoder.dim=16",
+        "retrieval_encoder.prior_bits=4",
+        "retrieval_encoder.max_epochs=6",
+    ]
+    stages = ("--stages", "ingest,samples,encode,encode_retrieval,retrieve")
+    run(tmp_path, src, *stages, extra=tuple(own))
+    lists = manifest(tmp_path, "encode_retrieval")["metrics"]
+    assert lists["objective"] == "implicit" and lists["selected_by"] == "ndcg"
+    assert set(manifest(tmp_path, "retrieve")["inputs"]) == {"samples", "encode_retrieval"}
+
+    # The candidates are the retrieval codes' nearest items, not the prompt codes'.
+    run_root = tmp_path / "runs" / "tiny"
+    candidates = read_output(str(run_root / "retrieve"), "candidates")
+    full = candidates.filter(pc.equal(candidates["protocol"], "full")).to_pylist()
+
+    def distances(stage: str) -> list[list[int]]:
+        codes = read_output(str(run_root / stage), "codes").to_pylist()
+        bits = {(c["entity"], c["id"]): np.array(c["bits"]) for c in codes}
+        by_user: dict[int, list[int]] = {}
+        for row in sorted(full, key=lambda r: (r["uid"], r["rank"])):
+            far = int((bits["user", row["uid"]] != bits["item", row["iid"]]).sum())
+            by_user.setdefault(row["uid"], []).append(far)
+        return list(by_user.values())
+
+    assert all(d == sorted(d) for d in distances("encode_retrieval"))
+    assert not all(d == sorted(d) for d in distances("encode"))
+
+    # Another retrieval encoder redoes its codes and the lists, never the prompts' codes.
+    cfg = load_config(
+        "configs/tiny.yaml",
+        [f"output_root={tmp_path / 'runs'}", f"data.uri={src}", *own, "retrieval_encoder.seed=5"],
+    )
+    states = {row["stage"]: row for row in pipeline_status(cfg)}
+    assert states["encode"]["state"] == "done"
+    assert states["encode_retrieval"]["state"] == "stale"
+    assert "retrieval_encoder.seed" in states["encode_retrieval"]["why"]
+    assert states["retrieve"]["state"] == "stale"
+    # Without it, retrieve reads the prompts' codes and the stage is not needed.
+    plain = load_config("configs/tiny.yaml", [f"output_root={tmp_path / 'runs'}"])
+    plain_states = {row["stage"]: row for row in pipeline_status(plain)}
+    assert plain_states["encode_retrieval"]["state"] == "not needed"
+    assert "encode" in {s.name: s for s in STAGES}["retrieve"].reads(plain)
+
+
 @pytest.mark.usefixtures("ray_session")
 def test_second_run_stops_at_once_naming_the_holder_and_a_stale_lock_is_taken_over(
     tmp_path: Path, capsys
