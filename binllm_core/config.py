@@ -776,7 +776,8 @@ class RetrieveConfig(Section):
     ``retrieve`` and ``rerank`` stages off."""
     splits: list[Split] = field(default_factory=lambda: ["test"])
     """Splits whose users get candidates: every user with at least one positive in the split
-    (the ranking metrics are measured on those positives)."""
+    (the ranking metrics are measured on those positives; ``rerank.max_users`` picks the ones
+    the LLM re-ranks)."""
     exclude: list[Split] = field(default_factory=lambda: ["train", "valid"])
     """A user's interactions in these splits are never candidates for them; the split a list is
     made for is never excluded (its positives are what the list should find)."""
@@ -785,14 +786,11 @@ class RetrieveConfig(Section):
     the item's train positives; ``relaxed``, the inner product of the codes' pre-sign vectors
     tanh(proj(e)); ``id``, none. Chosen on ml-100k's valid_small (codes-only NDCG@10:
     popularity 0.0417, relaxed 0.0315, id 0.0321; ``benchmarks/quality.py``)."""
-    max_users: int = 0
-    """A seeded random subset of this many users per split (0: every user); every ranking row
-    of the evaluation is measured on the same users."""
     sampled_negatives: int = 99
     """The sampled protocol: each user's first positive of the split with this many random
     items the user never interacted with; 0 leaves it out."""
     seed: int = 2024
-    """Seed of ``max_users`` and of the sampled negatives."""
+    """Seed of the sampled negatives."""
     backend: str = resource("numpy")
     """``numpy`` (exact scan) or ``faiss`` (``IndexBinaryFlat``, needs faiss-cpu); both return
     the same lists (:data:`binllm_core.ranking.retrieval.BACKENDS`)."""
@@ -815,7 +813,7 @@ class RetrieveConfig(Section):
             key,
             where,
             positive="batch_users num_actors cpus_per_actor",
-            non_negative="top_n max_users sampled_negatives",
+            non_negative="top_n sampled_negatives",
         )
 
 
@@ -829,10 +827,16 @@ class RerankConfig(Section):
     modes: list[str] = field(default_factory=list)
     """Prompt modes to re-rank with; empty: the modes the finetune steps trained on (as
     ``score.modes``). Each mode uses the adapter ``score`` uses for it."""
+    max_users: int = 0
+    """Re-rank a seeded random subset of this many of each split's retrieved users (0: every
+    one). ``retrieve`` and the evaluation's non-LLM rows still cover every user; the
+    evaluation measures every method on this subset too (users ``reranked``)."""
+    seed: int = 2024
+    """Seed of the ``max_users`` subset."""
 
     def check(self, key: str, where: str = "") -> None:
         _check_modes(self.modes, f"{key}.modes", where)
-        _signs(self, key, where, non_negative="top_n")
+        _signs(self, key, where, non_negative="top_n max_users")
 
 
 @dataclass
@@ -1124,6 +1128,17 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
 
 
+MOVED = {
+    "retrieve.max_users": (
+        "rerank.max_users",
+        "retrieve now takes every user with a positive and the LLM re-ranks a seeded subset: "
+        "write max_users (and its seed) under rerank",
+    ),
+}
+"""Keys that moved to another section -> (where to, what to do): a config that still sets one
+is refused at load in one line naming the new key."""
+
+
 def build(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
     """Validate ``raw`` against dataclass ``cls`` and build it, recursively: the types and
     choices of its fields, then (inner sections first) each section's :meth:`Section.check`."""
@@ -1134,6 +1149,9 @@ def build(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
     unknown = sorted(set(raw) - known)
     if unknown:
         key = f"{prefix}{unknown[0]}"
+        if key in MOVED:
+            moved, why = MOVED[key]
+            raise ConfigError(f"config key {key} moved to {moved}", where, why)
         raise ConfigError(
             f"unknown config key {key}", where, f"known keys here: {', '.join(sorted(known))}"
         )

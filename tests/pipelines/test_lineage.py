@@ -378,7 +378,8 @@ def test_tiny_run_retrieves_reranks_and_reports_ranking(trained):
     users = pl.from_arrow(read_output(str(run_dir / "retrieve"), "users"))
     samples = pl.from_arrow(read_output(str(run_dir / "samples"), "samples"))
     items = samples["iid"].n_unique()
-    assert users.height == cfg.retrieve.max_users
+    tested = samples.filter((pl.col("split") == "test") & (pl.col("label") == 1))
+    assert users.height == tested["uid"].n_unique()  # every user with a test positive
     codes = read_output(str(run_dir / "encode"), "codes").sort_by(
         [("entity", "ascending"), ("id", "ascending")]
     )
@@ -400,6 +401,7 @@ def test_tiny_run_retrieves_reranks_and_reports_ranking(trained):
         assert pool.height == cfg.retrieve.sampled_negatives + 1
     recs = pl.from_arrow(read_output(str(run_dir / "rerank"), "recommendations"))
     assert recs["mode"].unique().to_list() == ["binary"]
+    assert recs["uid"].n_unique() == cfg.rerank.max_users < users.height  # a seeded subset
     for key, part in recs.group_by(["protocol", "split", "mode", "uid"]):
         assert sorted(part["rank"]) == list(range(1, rerank_n + 1)), key
         first = cands.filter(

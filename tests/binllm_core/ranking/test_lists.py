@@ -41,6 +41,19 @@ def test_top_by_score_breaks_ties_by_column_and_skips_exclusions():
     assert top_by_score(scores, 9, [np.array([0, 1, 2, 3, 4])])[0].tolist() == []
 
 
+def test_max_users_moved_from_retrieve_to_rerank_is_one_line_at_load(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny.yaml", ["retrieve.max_users=25"])
+    message = str(err.value)
+    assert message.startswith("config key retrieve.max_users moved to rerank.max_users at --set")
+    assert "\n" not in message
+    old = tmp_path / "old.yaml"
+    old.write_text("retrieve:\n  top_n: 50\n  max_users: 25\n")
+    with pytest.raises(ConfigError, match=f"moved to rerank.max_users at {old}; "):
+        load_config(old)
+    assert load_config("configs/tiny.yaml", ["rerank.max_users=3"]).rerank.max_users == 3
+
+
 def test_rerank_cannot_take_more_candidates_than_retrieved():
     with pytest.raises(ConfigError, match="rerank.top_n = 30 is more than"):
         load_config("configs/tiny.yaml", ["retrieve.top_n=20", "rerank.top_n=30"])
