@@ -840,6 +840,32 @@ class RerankConfig(Section):
 
 
 @dataclass
+class EvaluateConfig(Section):
+    """Stage ``evaluate``'s ranking figures: the time-aware popularity baseline and the
+    intervals of every figure."""
+
+    popularity_windows: list[int] = field(default_factory=lambda: [7, 30, 90, 180, 365])
+    """Windows W in days of the time-aware popularity baseline (the items most liked in the
+    last W days of train); the one of the best valid NDCG@10 is measured (the shortest of
+    equals). Never chosen on test."""
+    bootstrap: int = 1000
+    """Resamples of the users behind each ranking figure's 95 % interval (the same resamples
+    for every method of a user set); 0: no intervals."""
+    seed: int = 2024
+    """Seed of the bootstrap resamples."""
+
+    def check(self, key: str, where: str = "") -> None:
+        windows = self.popularity_windows
+        if not windows or any(w <= 0 for w in windows) or len(set(windows)) < len(windows):
+            raise ConfigError(
+                f"{key}.popularity_windows = {windows} must be distinct positive days",
+                where,
+                "write e.g. popularity_windows: [7, 30, 90, 180, 365]",
+            )
+        _signs(self, key, where, non_negative="bootstrap")
+
+
+@dataclass
 class RunConfig(Section):
     """A whole pipeline run: where outputs go and the configuration of each stage."""
 
@@ -872,6 +898,8 @@ class RunConfig(Section):
     """Hamming top-N candidates per user (stage ``retrieve``, ``binllm recommend``)."""
     rerank: RerankConfig = field(default_factory=RerankConfig)
     """LLM re-ranking of the candidates (stage ``rerank``, ``binllm recommend``)."""
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    """The ranking figures of stage ``evaluate``."""
 
     def check(self, key: str, where: str = "") -> None:
         """The rules between sections (each section checks its own fields when it is built)."""

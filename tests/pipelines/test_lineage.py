@@ -413,10 +413,12 @@ def test_tiny_run_retrieves_reranks_and_reports_ranking(trained):
         assert part.sort("rank")["score"].is_sorted(descending=True)
     ranking = pl.from_arrow(read_output(str(run_dir / "evaluate"), "ranking"))
     methods = set(ranking.select("protocol", "method").unique().iter_rows())
-    assert methods == {
-        (p, m) for p in ("full", "sampled") for m in ("codes", "float", "popularity", "codes+llm")
-    }
-    assert ranking.filter(pl.col("users") == "all")["n_users"].unique().to_list() == [len(users)]
+    baselines = ("codes", "float", "popularity", "recent_popularity")
+    assert methods == {(p, m) for p in ("full", "sampled") for m in (*baselines, "codes+llm")}
+    full_ = ranking.filter(pl.col("protocol") == "full")
+    assert full_.filter(pl.col("users") == "all")["n_users"].unique().to_list() == [len(users)]
+    reranked = full_.filter(pl.col("users") == "reranked")["n_users"].unique().to_list()
+    assert reranked == [cfg.rerank.max_users]
     report = next((run_dir / "evaluate").glob("v-*/report/report.md")).read_text()
     assert "## Ranking" in report and "ranking_test_full.png" in report
 
