@@ -52,11 +52,11 @@ QUICK = [
     "finetune.step2.warmup_steps=20",
     "finetune.max_valid_samples=1000",
     "score.max_rows=3000",
-    "retrieve.max_users=200",
+    "rerank.max_users=200",
 ]
 """The budgets ``--quick`` cuts: 150 optimizer steps per LoRA step (evaluated every 50 on 1000
 valid_small prompts), 30 encoder epochs, 3000 test samples scored per mode, 200 users
-retrieved and re-ranked."""
+re-ranked (every test user retrieved)."""
 
 
 def refuse(message: str) -> int:

@@ -17,9 +17,9 @@ budget per tuning step and fixed seeds; the test split is only scored, never use
 
 * the ranking table (also alone with ``--ranking-only``): one two-step run at that rate through
   ``retrieve`` (the tie rule chosen on valid_small by the codes' NDCG@10), ``rerank`` and
-  ``evaluate`` on the config's ``retrieve.max_users`` seeded test users: popularity, float MF,
-  the codes' Hamming lists and their LLM re-ranking (text and binary), full and sampled
-  protocols.
+  ``evaluate``: popularity, float MF and the codes' Hamming lists on every test user, and with
+  their LLM re-ranking (text and binary) on the config's ``rerank.max_users`` seeded test
+  users, full and sampled protocols.
 
 * the soft-token rows (also alone with ``--soft-only``): CoLLM (``collm``: projector only,
   LoRA frozen) and RSLLM-style (``rsllm``: projector and LoRA, contrastive terms), step 2
@@ -286,15 +286,16 @@ def ranking_table(args: argparse.Namespace, shared: list[str], root: Path, stem:
         f"{s1.max_steps} x {s1.batch_size} text prompts at lr {s1.lr}, step 2 {s2.max_steps} x "
         f"{s2.batch_size} binary prompts at lr {s2.lr:g}; the text rows re-rank with the step-1 "
         "adapter, the binary rows with the step-2 adapter. "
-        f"{cfg.retrieve.max_users or 'all'} seeded test users (retrieve.seed "
-        f"{cfg.retrieve.seed}) with a test "
-        f"positive; candidates: the {cfg.retrieve.top_n} nearest items by Hamming distance "
+        "Every test user with a test positive (the LLM: "
+        f"{cfg.rerank.max_users or 'all'} seeded ones, rerank.seed {cfg.rerank.seed}); "
+        f"candidates: the {cfg.retrieve.top_n} nearest items by Hamming distance "
         f"without the user's train and valid items, ties by `{rule}` (codes-only NDCG@10 on "
         "valid_small: " + ", ".join(f"{r} {v:.4f}" for r, v in ties.items()) + "), then id; "
         f"the LLM re-ranks the first {cfg.rerank.top_n}. **full**: the whole catalog; "
         "**sampled**: the first test positive among "
-        f"{cfg.retrieve.sampled_negatives} random unseen items. Users **all** / **retrieved** "
-        "(positive among the re-ranked candidates). Retriever (codes, full): " + retriever +
+        f"{cfg.retrieve.sampled_negatives} random unseen items. Users **all** / **reranked** / "
+        "**retrieved** (reranked, positive among the re-ranked candidates). "
+        "Retriever (codes, full): " + retriever +
         f". Re-ranking: {speed}. Whole run {(time.perf_counter() - started) / 60:.0f} min "
         "(stages already finished are skipped on a re-run).",
         "",
@@ -348,7 +349,8 @@ def aux_table(args: argparse.Namespace, root: Path, stem: str) -> None:
         step1 = Tuned(run, m)
         step2 = Tuned(run, m, step1, "step2")
         ranking = pl.from_arrow(read_output(str(root / run / "evaluate"), "ranking")).filter(
-            (pl.col("method") == "codes+llm") & (pl.col("users") == "all") & (pl.col("k") == 10))
+            (pl.col("method") == "codes+llm") & (pl.col("users") == "reranked")
+            & (pl.col("k") == 10))
         for tuned, mode, row_name in ((step1, "text", "TALLRec (text, step 1)"),
                                       (step2, "binary", "BinLLM binary, two-step")):
             row = llm_row(row_name + label, root, tuned, mode, m["render"], codes)
@@ -385,7 +387,7 @@ def aux_table(args: argparse.Namespace, root: Path, stem: str) -> None:
         f"{s1.batch_size} text, step 2 {s2.max_steps} x {s2.batch_size} binary at lr {s2.lr:g}), "
         "of which the aux tasks take half. Pointwise columns: the quality table's test users; "
         f"NDCG/Recall@10: the LLM re-ranking of the codes' top {cfg.rerank.top_n} for the "
-        f"{cfg.retrieve.max_users} seeded users, all users (**full**: whole catalog, **sampled**: "
+        f"{cfg.rerank.max_users} seeded users, all of them (**full**: whole catalog, **sampled**: "
         f"1 test positive + {cfg.retrieve.sampled_negatives} unseen). Aux prompt tokens (mean): "
         + ", ".join(f"{t} {m} {v['mean']:.0f}" for t, by in tokens.items() for m, v in by.items())
         + f". The aux run's render, finetune, score, rerank and evaluate took {minutes:.0f} min "

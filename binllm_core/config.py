@@ -792,7 +792,8 @@ class RetrieveConfig(Section):
     ``retrieve`` and ``rerank`` stages off."""
     splits: list[Split] = field(default_factory=lambda: ["test"])
     """Splits whose users get candidates: every user with at least one positive in the split
-    (the ranking metrics are measured on those positives)."""
+    (the ranking metrics are measured on those positives; ``rerank.max_users`` picks the ones
+    the LLM re-ranks)."""
     exclude: list[Split] = field(default_factory=lambda: ["train", "valid"])
     """A user's interactions in these splits are never candidates for them; the split a list is
     made for is never excluded (its positives are what the list should find)."""
@@ -801,14 +802,11 @@ class RetrieveConfig(Section):
     the item's train positives; ``relaxed``, the inner product of the codes' pre-sign vectors
     tanh(proj(e)); ``id``, none. Chosen on ml-100k's valid_small (codes-only NDCG@10:
     popularity 0.0417, relaxed 0.0315, id 0.0321; ``benchmarks/quality.py``)."""
-    max_users: int = 0
-    """A seeded random subset of this many users per split (0: every user); every ranking row
-    of the evaluation is measured on the same users."""
     sampled_negatives: int = 99
     """The sampled protocol: each user's first positive of the split with this many random
     items the user never interacted with; 0 leaves it out."""
     seed: int = 2024
-    """Seed of ``max_users`` and of the sampled negatives."""
+    """Seed of the sampled negatives."""
     backend: str = resource("numpy")
     """``numpy`` (exact scan) or ``faiss`` (``IndexBinaryFlat``, needs faiss-cpu); both return
     the same lists (:data:`binllm_core.ranking.retrieval.BACKENDS`)."""
@@ -831,7 +829,7 @@ class RetrieveConfig(Section):
             key,
             where,
             positive="batch_users num_actors cpus_per_actor",
-            non_negative="top_n max_users sampled_negatives",
+            non_negative="top_n sampled_negatives",
         )
 
 
@@ -845,10 +843,42 @@ class RerankConfig(Section):
     modes: list[str] = field(default_factory=list)
     """Prompt modes to re-rank with; empty: the modes the finetune steps trained on (as
     ``score.modes``). Each mode uses the adapter ``score`` uses for it."""
+    max_users: int = 0
+    """Re-rank a seeded random subset of this many of each split's retrieved users (0: every
+    one). ``retrieve`` and the evaluation's non-LLM rows still cover every user; the
+    evaluation measures every method on this subset too (users ``reranked``)."""
+    seed: int = 2024
+    """Seed of the ``max_users`` subset."""
 
     def check(self, key: str, where: str = "") -> None:
         _check_modes(self.modes, f"{key}.modes", where)
-        _signs(self, key, where, non_negative="top_n")
+        _signs(self, key, where, non_negative="top_n max_users")
+
+
+@dataclass
+class EvaluateConfig(Section):
+    """Stage ``evaluate``'s ranking figures: the time-aware popularity baseline and the
+    intervals of every figure."""
+
+    popularity_windows: list[int] = field(default_factory=lambda: [7, 30, 90, 180, 365])
+    """Windows W in days of the time-aware popularity baseline (the items most liked in the
+    last W days of train); the one of the best valid NDCG@10 is measured (the shortest of
+    equals). Never chosen on test."""
+    bootstrap: int = 1000
+    """Resamples of the users behind each ranking figure's 95 % interval (the same resamples
+    for every method of a user set); 0: no intervals."""
+    seed: int = 2024
+    """Seed of the bootstrap resamples."""
+
+    def check(self, key: str, where: str = "") -> None:
+        windows = self.popularity_windows
+        if not windows or any(w <= 0 for w in windows) or len(set(windows)) < len(windows):
+            raise ConfigError(
+                f"{key}.popularity_windows = {windows} must be distinct positive days",
+                where,
+                "write e.g. popularity_windows: [7, 30, 90, 180, 365]",
+            )
+        _signs(self, key, where, non_negative="bootstrap")
 
 
 @dataclass
@@ -889,6 +919,8 @@ class RunConfig(Section):
     """Hamming top-N candidates per user (stage ``retrieve``, ``binllm recommend``)."""
     rerank: RerankConfig = field(default_factory=RerankConfig)
     """LLM re-ranking of the candidates (stage ``rerank``, ``binllm recommend``)."""
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    """The ranking figures of stage ``evaluate``."""
 
     def check(self, key: str, where: str = "") -> None:
         """The rules between sections (each section checks its own fields when it is built)."""
@@ -1145,6 +1177,17 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
 
 
+MOVED = {
+    "retrieve.max_users": (
+        "rerank.max_users",
+        "retrieve now takes every user with a positive and the LLM re-ranks a seeded subset: "
+        "write max_users (and its seed) under rerank",
+    ),
+}
+"""Keys that moved to another section -> (where to, what to do): a config that still sets one
+is refused at load in one line naming the new key."""
+
+
 def build(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
     """Validate ``raw`` against dataclass ``cls`` and build it, recursively: the types and
     choices of its fields, then (inner sections first) each section's :meth:`Section.check`."""
@@ -1155,6 +1198,9 @@ def build(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
     unknown = sorted(set(raw) - known)
     if unknown:
         key = f"{prefix}{unknown[0]}"
+        if key in MOVED:
+            moved, why = MOVED[key]
+            raise ConfigError(f"config key {key} moved to {moved}", where, why)
         raise ConfigError(
             f"unknown config key {key}", where, f"known keys here: {', '.join(sorted(known))}"
         )

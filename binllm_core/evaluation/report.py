@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from binllm_core.evaluation.metrics import score_report
 from binllm_core.ranking.metrics import HEADLINE, METRICS
+from binllm_core.ranking.popularity import WindowChoice
 
 METRIC_KEYS = ("auc", "uauc", "warm_auc", "warm_uauc", "cold_auc", "cold_uauc")
 
@@ -227,29 +228,66 @@ RANKING_COLUMNS = tuple(
 :data:`~binllm_core.ranking.metrics.METRICS` at its ``report_ks``, the headline metric first."""
 
 
+SPLIT_WORDS = {
+    "per_user": "temporal per user: each user's own interactions in time order, cut by "
+    "protocol.fractions (one user's train can be later than another's test)",
+    "global": "global temporal: one cut of all interactions in time order by "
+    "protocol.fractions (train before valid before test for every user)",
+    "months": "calendar months: train, valid and test in the month ranges of protocol",
+    "months_then_halves": "train months, then the holdout months in time order: the first half "
+    "valid, the second test",
+}
+"""How each ``protocol.split`` cuts the interactions, in the report's words."""
+METHOD_NAMES = {
+    "codes": "codes",
+    "popularity": "popularity",
+    "recent_popularity": "time-aware popularity",
+    "float": "float",
+}
+"""The methods of the report's headline, in its order."""
+
+
 def ranking_markdown(
     rows: Sequence[Mapping[str, Any]],
-    images: Mapping[tuple[str, str], str],
+    images: Mapping[tuple[str, str, str], str],
     negatives: int,
+    split_kind: str,
+    window: WindowChoice | None,
+    resamples: int,
 ) -> list[str]:
-    """The report's ranking section: per protocol and split, one row per method, mode and user
-    set, with the metrics of :data:`RANKING_COLUMNS`; the retriever's Recall@N; the curves."""
+    """The report's ranking section: a headline (NDCG@10 of the codes and the popularity
+    baselines on every user of the full protocol), the split kind, the definitions, the
+    time-aware popularity's window; per protocol and split, one row per method, mode and user
+    set with the metrics of :data:`RANKING_COLUMNS` and their intervals; the retriever's
+    Recall@N; the curves of ``images`` ((protocol, split, user set) -> file)."""
     if not rows:
         return []
-    lines = [
-        "## Ranking",
-        "",
+    lines = ["## Ranking", "", *_headline(rows, window), ""]
+    intervals = (
+        f"`[low, high]`: the bootstrap 95 % interval over the row's users ({resamples:,} "
+        "resamples, `evaluate.bootstrap`; the same resamples for every method of a user set)."
+        if resamples
+        else "No intervals (`evaluate.bootstrap: 0`)."
+    )
+    lines += [
+        f"Split `{split_kind}` (`protocol.split`): {SPLIT_WORDS[split_kind]}. "
         "Per user, the held-out positives of the split against a ranked list. **full**: the whole "
         "catalog without the user's excluded items (`retrieve.exclude`); **sampled**: the user's "
         f"first positive of the split among {negatives} random items the user never "
         "interacted with (fewer where the user has not that many unseen items). "
         "`codes`: Hamming distance of the binary codes (ties: `retrieve.tie_break`, then id); "
         "`float`: the continuous encoder's inner products; `popularity`: train positives; "
-        "`codes+llm`: the codes' first `rerank.top_n` candidates re-ranked by the LLM's answer "
-        "score. Users **all**: every evaluated user (a positive the retriever missed counts as a "
-        "miss); **retrieved**: users whose positive is among the re-ranked candidates (what "
-        "LlamaRec reports). "
-        f"{_and([m.label for m in METRICS.values()])} as in `binllm_core/ranking/metrics.py`.",
+        "`recent_popularity`: train positives of the last W days of train (ties: train "
+        "popularity, then id); `codes+llm`: the codes' first `rerank.top_n` candidates "
+        "re-ranked by the LLM's answer score. Users **all**: every user of the split with a "
+        "positive (a positive the retriever missed counts as a miss; every method but the "
+        "LLM); **reranked**: the users the LLM re-ranked (a seeded `rerank.max_users`; every "
+        "method, so the LLM is compared on the same users); **retrieved**: reranked users whose "
+        "positive is among the re-ranked candidates (what LlamaRec reports). "
+        f"{_and([m.label for m in METRICS.values()])} as in `binllm_core/ranking/metrics.py`; "
+        + intervals,
+        "",
+        _window_words(window),
         "",
     ]
     header = ["method", "mode", "users", "n", *[f"{m.upper()}@{k}" for m, k in RANKING_COLUMNS]]
@@ -268,23 +306,78 @@ def ranking_markdown(
             }
             n = next(iter(mine.values()))["n_users"]
             cells = [method, mode, users, f"{n:,}"]
-            cells += [_fmt(mine[k][m]) if k in mine else "–" for m, k in RANKING_COLUMNS]
+            cells += [_with_interval(mine[k], m) if k in mine else "–" for m, k in RANKING_COLUMNS]
             lines.append("| " + " | ".join(cells) + " |")
         recall = {
-            r["k"]: r["recall"]
+            r["k"]: r
             for r in part
             if r["method"] == "codes" and r["users"] == "all" and r["k"] >= 20
         }
         if protocol == "full" and recall:
             lines += [
                 "",
-                "Retriever (codes) "
-                + ", ".join(f"Recall@{k} {_fmt(v)}" for k, v in sorted(recall.items())),
+                "Retriever (codes, all users) "
+                + ", ".join(
+                    f"Recall@{k} {_with_interval(r, 'recall')}" for k, r in sorted(recall.items())
+                ),
             ]
-        if (protocol, split) in images:
-            lines += ["", f"![ranking curves, {split}, {protocol}]({images[protocol, split]})"]
+        for (p, s, users), name in images.items():
+            if (p, s) == (protocol, split):
+                lines += ["", f"![ranking curves, {split}, {protocol}, {users} users]({name})"]
         lines.append("")
     return lines
+
+
+def _headline(rows: Sequence[Mapping[str, Any]], window: WindowChoice | None) -> list[str]:
+    """One line per split: NDCG@10 of :data:`METHOD_NAMES` on every user, full catalog."""
+    lines = []
+    for split in dict.fromkeys(r["split"] for r in rows if r["protocol"] == "full"):
+        found = {
+            r["method"]: r
+            for r in rows
+            if (r["protocol"], r["split"], r["users"], r["k"]) == ("full", split, "all", 10)
+        }
+        if "codes" not in found:
+            continue
+        named = []
+        for method, name in METHOD_NAMES.items():
+            if method in found:
+                days = f" ({window.days} days)" if method == "recent_popularity" and window else ""
+                named.append(f"{name}{days} {_with_interval(found[method], 'ndcg')}")
+        n = found["codes"]["n_users"]
+        lines.append(
+            f"**{split}, NDCG@10 on every user with a positive ({n:,}), full catalog:** "
+            + "; ".join(named)
+            + "."
+        )
+    return lines
+
+
+def _window_words(window: WindowChoice | None) -> str:
+    if window is None:
+        return (
+            "`recent_popularity` is not measured: no valid user has a positive to choose its "
+            "window by."
+        )
+    curve = ", ".join(
+        f"**{d} d {v:.4f}**" if d == window.days else f"{d} d {v:.4f}"
+        for d, v in window.valid_ndcg.items()
+    )
+    return (
+        f"`recent_popularity`'s window W = **{window.days} days** "
+        "(`evaluate.popularity_windows`), chosen on valid NDCG@10 (never on test) over "
+        f"{window.valid_users:,} valid users, their train items left out of the lists: "
+        f"{curve}; train popularity {window.popularity_valid_ndcg:.4f}. The window ends at the "
+        "latest train interaction."
+    )
+
+
+def _with_interval(row: Mapping[str, Any], metric: str) -> str:
+    """``0.0805 [0.0709, 0.0909]``, or the value alone without an interval."""
+    low, high = row.get(f"{metric}_low"), row.get(f"{metric}_high")
+    if low is None or high is None or math.isnan(low):
+        return _fmt(row[metric])
+    return f"{_fmt(row[metric])} [{low:.4f}, {high:.4f}]"
 
 
 def ranking_png(curves: Sequence[tuple[str, str, np.ndarray, np.ndarray]], title: str) -> bytes:

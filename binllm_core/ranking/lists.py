@@ -1,6 +1,7 @@
-"""Top-K lists of an evaluated run, measured: the catalog lists of the codes, the float model and
-popularity, the retriever's candidates and the LLM's re-ranked lists, under the full and the
-sampled protocol (metrics of :mod:`binllm_core.ranking.metrics`).
+"""Top-K lists of an evaluated run, measured: the catalog lists of the codes, the float model,
+train and time-aware popularity (:mod:`binllm_core.ranking.popularity`), the retriever's
+candidates and the LLM's re-ranked lists, under the full and the sampled protocol, each on the
+users it can be compared on (metrics and intervals of :mod:`binllm_core.ranking.metrics`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from binllm_core.ranking.metrics import RANKING_KEYS, ranking_metrics
+from binllm_core.ranking.metrics import INTERVAL_KEYS, RANKING_KEYS, ranking_metrics
+from binllm_core.ranking.popularity import head_lists, popularity_order
 
 
 def top_by_score(
@@ -47,13 +49,19 @@ RANKING_SCHEMA = pa.schema(
         ("n_users", pa.int64()),
         ("k", pa.int32()),
         *[(key, pa.float64()) for key in RANKING_KEYS],
+        *[(key, pa.float64()) for key in INTERVAL_KEYS],
     ]
 )
 """One row per protocol, split, method, user set and K. ``method``: ``popularity`` (train
-positives), ``float`` (the continuous encoder's inner products, whole catalog), ``codes`` (the
+positives), ``recent_popularity`` (train positives of the last W days of train, W chosen on
+valid), ``float`` (the continuous encoder's inner products, whole catalog), ``codes`` (the
 Hamming lists of ``retrieve``), ``codes+llm`` (those lists re-ranked by the LLM in ``mode``).
-``users``: ``all`` (every evaluated user) or ``retrieved`` (users whose positive is among their
-first ``rerank.top_n`` candidates: the only users a re-ranker can help)."""
+``users``: ``all`` (every user of the split with a positive; every method
+but ``codes+llm``), ``reranked`` (the users the LLM re-ranked, ``rerank.max_users``: every
+method, compared on the same users) or ``retrieved`` (the reranked users whose positive is among
+their first ``rerank.top_n`` candidates: the only users a re-ranker can help).
+``{metric}_low``/``_high``: the metric's bootstrap 95 % interval over the row's users (null
+without ``evaluate.bootstrap``)."""
 KS = (5, 10, 20)
 RETRIEVER_NS = (20, 50, 100)
 
@@ -69,13 +77,21 @@ class RankingInputs:
     recommendations: pl.DataFrame | None
     """``rerank/recommendations``: protocol, split, mode, uid, iid, rank (None: no rerank)."""
     item_ids: np.ndarray
-    """Every item id of the catalog."""
+    """Every item id of the catalog, sorted."""
     popularity: np.ndarray
     """Train positives by item id."""
+    recent: np.ndarray | None
+    """Train positives of the time-aware popularity's window by item id (None: not measured)."""
     float_vectors: tuple[np.ndarray, np.ndarray] | None
     """The continuous encoder's (user, item) tables by id (None: not exported)."""
     rerank_n: int
     """How many candidates the LLM re-ranked."""
+    reranked: Mapping[str, np.ndarray] | None
+    """Per split, the users the LLM re-ranked (None: no re-ranking)."""
+    resamples: int = 0
+    """Bootstrap resamples of each row's interval (0: none)."""
+    seed: int = 0
+    """Seed of the resamples."""
 
 
 def _lists(frame: pl.DataFrame, key: str = "uid") -> dict[int, np.ndarray]:
@@ -93,19 +109,16 @@ class Ranked:
     mode: str
     lists: dict[int, np.ndarray]
     positives: dict[int, np.ndarray]
-    retrieved: set[int] | None
-    """Users whose positive is among their first ``rerank_n`` candidates."""
+    users: dict[str, list[int]]
+    """User set (``all``, ``reranked``, ``retrieved``) -> the users its rows average over."""
     ks: tuple[int, ...]
 
-    def rows(self) -> list[dict[str, Any]]:
+    def rows(self, resamples: int = 0, seed: int = 0) -> list[dict[str, Any]]:
         rows = []
-        subsets = [("all", self.positives)]
-        if self.retrieved is not None:  # only where the LLM re-ranked
-            subsets.append(
-                ("retrieved", {u: p for u, p in self.positives.items() if u in self.retrieved})
-            )
-        for label, subset in subsets:
-            for k, metrics in ranking_metrics(self.lists, subset, self.ks).items():
+        for label, users in self.users.items():
+            subset = {u: self.positives[u] for u in users}
+            found = ranking_metrics(self.lists, subset, self.ks, resamples, seed)
+            for k, metrics in found.items():
                 rows.append(
                     {
                         "protocol": self.protocol,
@@ -115,14 +128,15 @@ class Ranked:
                         "users": label,
                         "n_users": metrics["users"],
                         "k": k,
-                        **{key: metrics[key] for key in RANKING_KEYS},
+                        **{key: metrics.get(key) for key in (*RANKING_KEYS, *INTERVAL_KEYS)},
                     }
                 )
         return rows
 
-    def curve(self, key: str, ks: Sequence[int]) -> np.ndarray:
-        """``key`` at each of ``ks`` over all users."""
-        found = ranking_metrics(self.lists, self.positives, ks)
+    def curve(self, key: str, ks: Sequence[int], users: str) -> np.ndarray:
+        """``key`` at each of ``ks`` over the user set ``users``."""
+        subset = {u: self.positives[u] for u in self.users[users]}
+        found = ranking_metrics(self.lists, subset, ks)
         return np.array([found[k][key] for k in ks])
 
 
@@ -139,9 +153,11 @@ def ranked_lists(inputs: RankingInputs) -> list[Ranked]:
     return out
 
 
-def ranking_rows(ranked: Sequence[Ranked]) -> list[dict[str, Any]]:
-    """The ranking table (:data:`RANKING_SCHEMA`)."""
-    return [row for r in ranked for row in r.rows()]
+def ranking_rows(
+    ranked: Sequence[Ranked], resamples: int = 0, seed: int = 0
+) -> list[dict[str, Any]]:
+    """The ranking table (:data:`RANKING_SCHEMA`), with intervals of ``resamples`` draws."""
+    return [row for r in ranked for row in r.rows(resamples, seed)]
 
 
 def _catalog_lists(
@@ -151,19 +167,23 @@ def _catalog_lists(
     pools: Mapping[int, np.ndarray] | None,
     n: int,
 ) -> dict[str, dict[int, np.ndarray]]:
-    """Popularity and float lists (ties by item id): top-``n`` of the catalog (``pools`` None,
-    without each user's ``excluded`` items) or every item of each user's pool, ranked."""
-    items = inputs.item_ids  # sorted
-    popular = {}
-    if pools is None:
-        order = items[np.lexsort((items, -inputs.popularity[items]))]
-        for u, drop in zip(uids, excluded, strict=True):
-            head = order[: n + len(drop)]
-            popular[int(u)] = head[~np.isin(head, drop)][:n]
-    else:
-        for u, pool in pools.items():
-            popular[int(u)] = pool[np.lexsort((pool, -inputs.popularity[pool]))]
-    out = {"popularity": popular}
+    """Popularity, time-aware popularity and float lists: top-``n`` of the catalog (``pools``
+    None, without each user's ``excluded`` items) or every item of each user's pool, ranked.
+    Ties: train popularity, then item id."""
+    items = inputs.item_ids
+    scores = {"popularity": inputs.popularity}
+    if inputs.recent is not None:
+        scores["recent_popularity"] = inputs.recent
+    out: dict[str, dict[int, np.ndarray]] = {}
+    for method, score in scores.items():
+        if pools is None:
+            order = popularity_order(score, inputs.popularity, items)
+            out[method] = head_lists(order, uids, excluded, n)
+        else:
+            out[method] = {
+                int(u): popularity_order(score, inputs.popularity, pool)
+                for u, pool in pools.items()
+            }
     if inputs.float_vectors is None:
         return out
     users_v, items_v = (v.astype(np.float32, copy=False) for v in inputs.float_vectors)
@@ -181,22 +201,30 @@ def _catalog_lists(
     else:
         for u, pool in pools.items():
             order = np.sort(pool)  # ties by id: score columns in id order
-            scores = users_v[[u]] @ items_v[order].T
-            inner[int(u)] = order[top_by_score(scores, len(order))[0]]
+            scores_u = users_v[[u]] @ items_v[order].T
+            inner[int(u)] = order[top_by_score(scores_u, len(order))[0]]
     out["float"] = inner
     return out
 
 
-def _retrieved(
-    inputs: RankingInputs, codes: dict[int, np.ndarray], positives: dict[int, np.ndarray]
-) -> set[int] | None:
-    """Users with a positive among the candidates the LLM re-ranked (None: no re-ranking)."""
-    if inputs.recommendations is None or inputs.rerank_n == 0:
-        return None
+def _user_sets(
+    inputs: RankingInputs,
+    split: str,
+    positives: dict[int, np.ndarray],
+    codes: dict[int, np.ndarray],
+) -> dict[str, list[int]]:
+    """The users of each user set: ``all``; where the LLM re-ranked, also ``reranked`` and
+    ``retrieved`` (a positive among the first ``rerank_n`` candidates)."""
+    every = list(positives)
+    if inputs.reranked is None:
+        return {"all": every}
+    chosen = set(np.asarray(inputs.reranked.get(split, [])).tolist())
+    reranked = [u for u in every if u in chosen]
     empty = np.array([], np.int64)
-    return {
-        u for u, p in positives.items() if np.isin(codes.get(u, empty)[: inputs.rerank_n], p).any()
-    }
+    retrieved = [
+        u for u in reranked if np.isin(codes.get(u, empty)[: inputs.rerank_n], positives[u]).any()
+    ]
+    return {"all": every, "reranked": reranked, "retrieved": retrieved}
 
 
 def _full(
@@ -210,13 +238,13 @@ def _full(
     positives = {int(u): np.asarray(p) for u, p in zip(uids, users["positives"], strict=True)}
     codes = _lists(cands.filter(pl.col("protocol") == "full"))
     top_n = max((len(v) for v in codes.values()), default=0)
-    retrieved = _retrieved(inputs, codes, positives)
+    sets = _user_sets(inputs, split, positives, codes)
     ks = tuple(sorted(set(KS) | {n for n in RETRIEVER_NS if n <= top_n}))
-    out = [Ranked("full", split, "codes", "codes", codes, positives, retrieved, ks)]
+    out = [Ranked("full", split, "codes", "codes", codes, positives, sets, ks)]
     excluded = [list(e) for e in users["exclude"]]
     for method, lists in _catalog_lists(inputs, uids, excluded, None, max(ks)).items():
-        out.append(Ranked("full", split, method, method, lists, positives, retrieved, ks))
-    return out + _llm(inputs, "full", split, recs, positives, retrieved)
+        out.append(Ranked("full", split, method, method, lists, positives, sets, ks))
+    return out + _llm(inputs, "full", split, recs, positives, sets)
 
 
 def _sampled(
@@ -236,11 +264,11 @@ def _sampled(
         if p is not None and int(u) in codes
     }
     pools = {u: np.sort(codes[u]) for u in positives}
-    retrieved = _retrieved(inputs, codes, positives)
-    out = [Ranked("sampled", split, "codes", "codes", codes, positives, retrieved, KS)]
+    sets = _user_sets(inputs, split, positives, codes)
+    out = [Ranked("sampled", split, "codes", "codes", codes, positives, sets, KS)]
     for method, lists in _catalog_lists(inputs, np.array(sorted(pools)), [], pools, 0).items():
-        out.append(Ranked("sampled", split, method, method, lists, positives, retrieved, KS))
-    return out + _llm(inputs, "sampled", split, recs, positives, retrieved)
+        out.append(Ranked("sampled", split, method, method, lists, positives, sets, KS))
+    return out + _llm(inputs, "sampled", split, recs, positives, sets)
 
 
 def _llm(
@@ -249,13 +277,15 @@ def _llm(
     split: str,
     recs: pl.DataFrame | None,
     positives: dict[int, np.ndarray],
-    retrieved: set[int] | None,
+    sets: dict[str, list[int]],
 ) -> list[Ranked]:
+    """The re-ranked lists, on the users the LLM re-ranked only."""
     if recs is None:
         return []
     part = recs.filter(pl.col("protocol") == protocol)
     ks = tuple(k for k in KS if k <= inputs.rerank_n) or (inputs.rerank_n,)
+    mine = {label: users for label, users in sets.items() if label != "all"}
     return [
-        Ranked(protocol, split, "codes+llm", mode, _lists(lists), positives, retrieved, ks)
+        Ranked(protocol, split, "codes+llm", mode, _lists(lists), positives, mine, ks)
         for (mode,), lists in part.group_by(["mode"], maintain_order=True)
     ]

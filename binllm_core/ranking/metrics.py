@@ -9,7 +9,8 @@ For a user with positives ``P`` and a ranked list ``L`` (best first; it may be s
 * **MRR@K** = 1/r for the first positive at rank r <= K, else 0.
 
 Each is the unweighted mean over users with at least one positive. Items missing from a list
-(a re-ranker sees only its N candidates) count as misses.
+(a re-ranker sees only its N candidates) count as misses. Its 95 % interval is a percentile
+bootstrap over those users (:func:`bootstrap_interval`).
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ METRICS: dict[str, Metric] = {
 """Ranking metric name -> :class:`Metric`, in the column order of the ``ranking`` table. A new
 metric is an entry here: it becomes a column of the ``ranking`` table and of the report."""
 RANKING_KEYS: tuple[str, ...] = tuple(METRICS)
+INTERVAL_KEYS: tuple[str, ...] = tuple(
+    f"{key}_{end}" for key in RANKING_KEYS for end in ("low", "high")
+)
+"""``{metric}_low`` and ``{metric}_high``: the bounds of each metric's 95 % interval."""
 HEADLINE = "ndcg"
 """The metric the report's ranking tables show first."""
 
@@ -79,26 +84,61 @@ def user_metrics(ranked: np.ndarray, positives: np.ndarray, k: int) -> dict[str,
 
 
 def ranking_metrics(
-    lists: Mapping[int, np.ndarray], positives: Mapping[int, np.ndarray], ks: Sequence[int]
+    lists: Mapping[int, np.ndarray],
+    positives: Mapping[int, np.ndarray],
+    ks: Sequence[int],
+    resamples: int = 0,
+    seed: int = 0,
 ) -> dict[int, dict[str, float]]:
     """Per K: the mean of each metric over the users of ``positives`` that have a positive
     (each positive counted once; a user without a list counts as all misses); plus ``users``,
-    how many were averaged. One hit matrix serves every K."""
+    how many were averaged; with ``resamples``, each metric's :data:`INTERVAL_KEYS` from
+    :func:`bootstrap_interval` (the same draws for every K and metric). One hit matrix serves
+    every K."""
     users = [u for u, p in positives.items() if len(p)]
     if not users:
-        return {k: {**dict.fromkeys(RANKING_KEYS, float("nan")), "users": 0} for k in ks}
+        empty = {**dict.fromkeys(RANKING_KEYS, float("nan")), "users": 0}
+        if resamples:
+            empty |= dict.fromkeys(INTERVAL_KEYS, float("nan"))
+        return {k: dict(empty) for k in ks}
     longest = max(ks)
     hits = np.zeros((len(users), longest), bool)
     n_pos = np.zeros(len(users), np.int64)
-    empty = np.array([], np.int64)
+    empty_list = np.array([], np.int64)
     for row, user in enumerate(users):
         wanted = np.unique(positives[user])
-        top = np.asarray(lists.get(user, empty))[:longest]
+        top = np.asarray(lists.get(user, empty_list))[:longest]
         hits[row, : len(top)] = np.isin(top, wanted)
         n_pos[row] = len(wanted)
-    out = {}
-    for k in ks:
-        at_k = hits[:, :k]
-        out[k] = {name: float(m.per_user(at_k, n_pos).mean()) for name, m in METRICS.items()}
-        out[k]["users"] = len(users)
+    per_user = {
+        (k, name): m.per_user(hits[:, :k], n_pos) for k in ks for name, m in METRICS.items()
+    }
+    out = {k: {"users": len(users)} for k in ks}
+    for (k, name), values in per_user.items():
+        out[k][name] = float(values.mean())
+    if resamples:
+        low, high = bootstrap_interval(np.stack(list(per_user.values()), axis=1), resamples, seed)
+        for j, (k, name) in enumerate(per_user):
+            out[k][f"{name}_low"], out[k][f"{name}_high"] = float(low[j]), float(high[j])
     return out
+
+
+def bootstrap_interval(
+    values: np.ndarray, resamples: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The 95 % percentile-bootstrap interval of the mean of each column of ``values`` (users x
+    figures): the 2.5th and 97.5th percentiles of the means of ``resamples`` draws of as many
+    users with replacement. The draws depend only on ``seed`` and the number of users, so every
+    method measured on the same users gets the same resamples (and a re-run the same bounds)."""
+    n = len(values)
+    by_figure = np.ascontiguousarray(values.T)
+    rng = np.random.default_rng(seed)
+    means = np.empty((resamples, values.shape[1]))
+    step = max(1, 2**18 // n)  # draws a block at a time: bounded memory for many users
+    for start in range(0, resamples, step):
+        draws = rng.integers(0, n, size=(min(step, resamples - start), n))
+        # One figure at a time: numpy sums a wider block in another order (last bits differ).
+        for j, figure in enumerate(by_figure):
+            means[start : start + len(draws), j] = figure[draws].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5], axis=0)
+    return low, high

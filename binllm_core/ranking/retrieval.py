@@ -309,8 +309,6 @@ def users_for_splits(
     samples: pl.DataFrame,
     splits: Sequence[str],
     exclude: Sequence[str],
-    max_users: int = 0,
-    seed: int = 0,
 ) -> pl.DataFrame:
     """One row per (split, user with a positive in the split) from ``samples`` (sample_id, uid,
     iid, label, split, timestamp, history):
@@ -322,8 +320,6 @@ def users_for_splits(
     * ``history``: the history of the user's first sample of the split (the positives strictly
       before it), so a list made for a split never reads that split's items;
     * ``sampled_positive``: the first positive of the split (the sampled protocol's target).
-
-    ``max_users`` > 0 keeps a seeded random subset of users per split.
     """
     ordered = samples.sort(["uid", "timestamp", "sample_id"])
     seen = ordered.group_by("uid", maintain_order=True).agg(
@@ -347,10 +343,6 @@ def users_for_splits(
             pl.col("history").first().alias("history")
         )
         users = positives.join(firsts, on="uid", how="left")
-        if 0 < max_users < users.height:
-            rng = np.random.default_rng(seed)
-            keep = np.sort(rng.choice(users["uid"].to_numpy(), size=max_users, replace=False))
-            users = users.filter(pl.col("uid").is_in(keep))
         excluded = excluded_pairs.group_by("uid").agg(
             pl.col("iid").unique().sort().alias("exclude")
         )
@@ -373,3 +365,16 @@ def users_for_splits(
         *[pl.col(c).cast(pl.List(pl.Int32)) for c in ("positives", "exclude", "seen", "history")],
         pl.col("sampled_positive").cast(pl.Int32),
     )
+
+
+def rerank_users(users: pl.DataFrame, max_users: int, seed: int) -> dict[str, np.ndarray]:
+    """Per split of ``users`` (split, uid): the sorted ids of the users the LLM re-ranks, a
+    seeded random ``max_users`` of the split's users (0: every one). The same draw for the
+    ``rerank`` stage and the evaluation that measures what it re-ranked."""
+    out = {}
+    for (split,), part in users.group_by(["split"], maintain_order=True):
+        uids = np.sort(part["uid"].to_numpy())
+        if 0 < max_users < len(uids):
+            uids = np.sort(np.random.default_rng(seed).choice(uids, size=max_users, replace=False))
+        out[split] = uids
+    return out

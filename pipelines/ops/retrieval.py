@@ -1,12 +1,12 @@
 """Retrieval on Ray Data (batches of users): each user's top-N items by Hamming distance, for
 stage ``retrieve`` and ``binllm recommend``.
 
-For every user with a positive in ``retrieve.splits`` (or a seeded ``max_users`` of them), the
-``top_n`` items nearest to the user's code (:mod:`binllm_core.ranking.retrieval`: distance, then
-the tie rule ``retrieve.tie_break``, then item id), never an item of the user's ``retrieve.exclude``
-splits. Under the sampled protocol (``retrieve.sampled_negatives`` > 0) each user also gets a
-pool: the split's first positive and that many items the user never interacted with, every one
-ranked by the same rule.
+For every user with a positive in ``retrieve.splits``, the ``top_n`` items nearest to the
+user's code (:mod:`binllm_core.ranking.retrieval`: distance, then the tie rule
+``retrieve.tie_break``, then item id), never an item of the user's ``retrieve.exclude`` splits.
+Under the sampled protocol (``retrieve.sampled_negatives`` > 0) each user also gets a pool: the
+split's first positive and that many items the user never interacted with, every one ranked by
+the same rule.
 
 :class:`UserRetriever` runs in ``map_batches`` on an actor pool (it holds the item codes once);
 ``binllm recommend`` (:mod:`pipelines.recommend`) uses it too. Tables:

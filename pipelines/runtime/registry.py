@@ -178,7 +178,7 @@ STAGES: tuple[Stage, ...] = (
         needed=rerank_needed,
         paths=score_paths,
     ),
-    Stage("evaluate", evaluate.run, ("protocol", "rerank"), _evaluate_reads),
+    Stage("evaluate", evaluate.run, ("protocol", "rerank", "evaluate"), _evaluate_reads),
 )
 
 

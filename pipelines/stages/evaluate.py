@@ -5,9 +5,12 @@ each split and prompt mode that was scored, beside the codes-only AUC the encode
 Writes:
 
 * ``metrics`` — the metrics table (:data:`binllm_core.evaluation.report.METRICS_SCHEMA`);
-* ``ranking`` — where the run retrieves candidates: Recall/NDCG/HR/MRR@K of popularity, the
-  float encoder, the codes' Hamming lists and their LLM re-ranking, full and sampled protocols
-  (:data:`binllm_core.ranking.lists.RANKING_SCHEMA`), and ``report/ranking_{split}_{protocol}.png``;
+* ``ranking`` — where the run retrieves candidates: Recall/NDCG/HR/MRR@K with bootstrap
+  intervals of train and time-aware popularity (its window chosen on valid), the float encoder
+  and the codes' Hamming lists on every user of each retrieved split, and of every method with
+  the LLM re-ranking on the users it re-ranked, full and sampled protocols
+  (:data:`binllm_core.ranking.lists.RANKING_SCHEMA`), and their curves
+  ``report/ranking_{split}_{protocol}[_reranked].png``;
 * ``report/metrics.json`` — the same rows as JSON, with the definitions;
 * ``report/report.md`` — the tables and, per split, ``roc_{split}.png``
 
@@ -39,7 +42,15 @@ from binllm_core.evaluation.report import (
     roc_curves,
     roc_png,
 )
-from binllm_core.ranking.lists import RANKING_SCHEMA, RankingInputs, ranked_lists, ranking_rows
+from binllm_core.ranking.lists import (
+    RANKING_SCHEMA,
+    Ranked,
+    RankingInputs,
+    ranked_lists,
+    ranking_rows,
+)
+from binllm_core.ranking.popularity import WindowChoice, choose_window, liked_counts
+from binllm_core.ranking.retrieval import rerank_users
 from binllm_core.storage import join
 from pipelines.ops.retrieval import codes_stage
 from pipelines.runtime.stage import StageContext
@@ -82,16 +93,19 @@ def run(ctx: StageContext) -> dict[str, Any]:
     answer_score = ctx.cfg.model.answer_score
     report = report_markdown(rows, ctx.cfg.run_name, warm_more_than, images, notes, answer_score)
     ranking: list[dict[str, Any]] = []
+    window = None
     if "retrieve" in ctx.upstream:
-        ranking = _ranking(ctx, folder)
-        report += (
-            "\n".join(
-                ranking_markdown(
-                    ranking, _ranking_images(ranking), ctx.cfg.retrieve.sampled_negatives
-                )
-            )
-            + "\n"
+        ranking, window, images_of = _ranking(ctx, folder)
+        section = ranking_markdown(
+            ranking,
+            images_of,
+            ctx.cfg.retrieve.sampled_negatives,
+            ctx.cfg.protocol.split,
+            window,
+            ctx.cfg.evaluate.bootstrap,
         )
+        report += "\n".join(section) + "\n"
+    summary = window.summary() if window else None
     definitions = {
         "score": SCORE_DEFINITIONS[answer_score],
         "auc": "area under the ROC curve over all rows, ties count half",
@@ -107,6 +121,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 "definitions": definitions,
                 "rows": rows,
                 "ranking": ranking,
+                "popularity_window": summary,
             },
             fh,
             indent=2,
@@ -116,13 +131,18 @@ def run(ctx: StageContext) -> dict[str, Any]:
     return {
         "rows": rows,
         "ranking": _headline(ranking),
+        "popularity_window": summary,
         "report": ctx.relative(join(folder, "report.md")),
         "images": list(images.values()),
     }
 
 
-def _ranking(ctx: StageContext, folder: str) -> list[dict[str, Any]]:
-    """The ranking table and its curves (written into ``folder``)."""
+def _ranking(
+    ctx: StageContext, folder: str
+) -> tuple[list[dict[str, Any]], WindowChoice | None, dict[tuple[str, str, str], str]]:
+    """The ranking table, the time-aware popularity's window and the curves' files (written into
+    ``folder``, keyed by protocol, split and user set)."""
+    cfg = ctx.cfg
     users = pl.from_arrow(
         ctx.read_table(
             "retrieve",
@@ -135,7 +155,7 @@ def _ranking(ctx: StageContext, folder: str) -> list[dict[str, Any]]:
             "retrieve", "candidates", columns=["protocol", "split", "uid", "iid", "rank"]
         )
     )
-    recommendations = None
+    recommendations = reranked = None
     if "rerank" in ctx.upstream:
         recommendations = pl.from_arrow(
             ctx.read_table(
@@ -144,10 +164,12 @@ def _ranking(ctx: StageContext, folder: str) -> list[dict[str, Any]]:
                 columns=["protocol", "split", "mode", "uid", "iid", "rank"],
             )
         )
-    samples = pl.from_arrow(ctx.read_table("samples", "samples", columns=["iid", "label", "split"]))
+        reranked = rerank_users(users, cfg.rerank.max_users, cfg.rerank.seed)
+    samples = pl.from_arrow(
+        ctx.read_table("samples", "samples", columns=["uid", "iid", "label", "split", "timestamp"])
+    )
     item_ids = np.sort(ctx.read_table("samples", "item_map", columns=["iid"])["iid"].to_numpy())
-    train = samples.filter((pl.col("split") == "train") & (pl.col("label") == 1))
-    popularity = np.bincount(train["iid"].to_numpy(), minlength=int(item_ids.max()) + 1)
+    window = choose_window(samples, item_ids, cfg.evaluate.popularity_windows)
     float_vectors = None
     encode = codes_stage(ctx.cfg)  # the float model trained beside the retrieval codes
     if "embeddings" in ctx.manifest_of(encode).get("tables", {}):
@@ -158,40 +180,55 @@ def _ranking(ctx: StageContext, folder: str) -> list[dict[str, Any]]:
         candidates=candidates,
         recommendations=recommendations,
         item_ids=item_ids,
-        popularity=popularity.astype(np.float64),
+        popularity=liked_counts(samples, int(item_ids.max()) + 1),
+        recent=window.scores if window else None,
         float_vectors=float_vectors,
-        rerank_n=ctx.cfg.rerank.top_n,
+        rerank_n=cfg.rerank.top_n,
+        reranked=reranked,
     )
     ranked = ranked_lists(inputs)
-    rows = ranking_rows(ranked)
+    rows = ranking_rows(ranked, cfg.evaluate.bootstrap, cfg.evaluate.seed)
     ctx.write_table(pa.Table.from_pylist(rows, schema=RANKING_SCHEMA), "ranking")
+    images = {}
     for protocol, split in dict.fromkeys((r.protocol, r.split) for r in ranked):
-        curves = []
-        for r in ranked:
-            if (r.protocol, r.split) != (protocol, split):
+        mine = [r for r in ranked if (r.protocol, r.split) == (protocol, split)]
+        for users_label in ("all", "reranked"):
+            with_set = [r for r in mine if users_label in r.users]
+            if not with_set:
                 continue
-            label = r.method if r.method != "codes+llm" else f"codes+llm ({r.mode})"
-            longest = max((len(v) for v in r.lists.values()), default=1)
-            ks = np.arange(1, max(longest, 1) + 1)
-            curves.append(("ndcg", label, ks, r.curve("ndcg", ks)))
-            curves.append(("recall", label, ks, r.curve("recall", ks)))
-        png = ranking_png(curves, f"{ctx.cfg.run_name}, {split}, {protocol} ranking")
-        with ctx.fs.open(join(folder, f"ranking_{split}_{protocol}.png"), "wb") as fh:
-            fh.write(png)
-    return rows
+            n = len(with_set[0].users[users_label])
+            name = f"ranking_{split}_{protocol}{'' if users_label == 'all' else '_reranked'}.png"
+            title = f"{cfg.run_name}, {split}, {protocol} ranking, {users_label} users ({n:,})"
+            png = ranking_png(_curves(with_set, users_label), title)
+            with ctx.fs.open(join(folder, name), "wb") as fh:
+                fh.write(png)
+            images[protocol, split, users_label] = name
+    return rows, window, images
 
 
-def _ranking_images(rows: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
-    groups = dict.fromkeys((r["protocol"], r["split"]) for r in rows)
-    return {(p, s): f"ranking_{s}_{p}.png" for p, s in groups}
+def _curves(ranked: list[Ranked], users: str) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
+    """NDCG@K and Recall@K against K of each of ``ranked`` on the user set ``users``."""
+    curves = []
+    for r in ranked:
+        label = r.method if r.method != "codes+llm" else f"codes+llm ({r.mode})"
+        longest = max((len(v) for v in r.lists.values()), default=1)
+        ks = np.arange(1, max(longest, 1) + 1)
+        curves.append(("ndcg", label, ks, r.curve("ndcg", ks, users)))
+        curves.append(("recall", label, ks, r.curve("recall", ks, users)))
+    return curves
 
 
 def _headline(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """NDCG@10 and Recall@10 per protocol, split, method and mode (all users), for the manifest."""
+    """NDCG@10 (with its interval) and Recall@10 per protocol, split, method and mode, for the
+    manifest: each method on its widest user set (every user; the LLM on the users it
+    re-ranked)."""
+    keys = ("protocol", "split", "method", "mode", "users", "n_users", "ndcg", "ndcg_low")
+    keys += ("ndcg_high", "recall")
+    widest = {True: "reranked", False: "all"}
     return [
-        {k: r[k] for k in ("protocol", "split", "method", "mode", "n_users", "ndcg", "recall")}
+        {k: r[k] for k in keys}
         for r in rows
-        if r["users"] == "all" and r["k"] == 10
+        if r["k"] == 10 and r["users"] == widest[r["method"] == "codes+llm"]
     ]
 
 

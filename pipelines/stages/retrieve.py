@@ -1,8 +1,9 @@
 """Stage ``retrieve`` (Ray Data, batches of users): each user's top-N items by Hamming distance,
-with :func:`pipelines.ops.retrieval.retrieve` over the users of ``retrieve.splits`` (or a seeded
-``max_users`` of them). Tables ``candidates`` and ``users`` (see :mod:`pipelines.ops.retrieval`),
-``candidates`` sorted by split, user, protocol and rank, in files of
-:data:`~pipelines.ops.retrieval.ROWS_PER_FILE` rows.
+with :func:`pipelines.ops.retrieval.retrieve` over every user with a positive in
+``retrieve.splits`` (``rerank`` re-ranks a seeded ``rerank.max_users`` of them; the evaluation
+measures the codes on all). Tables ``candidates`` and ``users`` (see
+:mod:`pipelines.ops.retrieval`), ``candidates`` sorted by split, user, protocol and rank, in
+files of :data:`~pipelines.ops.retrieval.ROWS_PER_FILE` rows.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ from typing import Any
 import polars as pl
 
 from binllm_core.errors import StageError
-from binllm_core.ranking.retrieval import (
-    users_for_splits,
-)
+from binllm_core.ranking.retrieval import users_for_splits
 from pipelines.ops.retrieval import ROWS_PER_FILE, in_order, retrieve, retriever_kwargs
 from pipelines.runtime.stage import StageContext
 
@@ -24,7 +23,7 @@ _SAMPLES_READ = ["sample_id", "uid", "iid", "label", "split", "timestamp", "hist
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.cfg.retrieve
     samples = pl.from_arrow(ctx.read_table("samples", "samples", columns=_SAMPLES_READ))
-    users = users_for_splits(samples, cfg.splits, cfg.exclude, cfg.max_users, cfg.seed)
+    users = users_for_splits(samples, cfg.splits, cfg.exclude)
     if users.height == 0:
         raise StageError(
             f"no user has a positive in the splits {cfg.splits}",

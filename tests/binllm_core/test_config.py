@@ -137,6 +137,11 @@ def test_default_sections_keep_their_rules():
         (["finetune.aux={cloze: 0.1}"], "finetune.aux has cloze"),
         (["finetune.aux={mim: 0}"], "finetune.aux.mim = 0 must be > 0"),
         (["finetune.aux_steps=[step3]"], "finetune.aux_steps has step3"),
+        (["rerank.max_users=-1"], "rerank.max_users = -1 must be >= 0"),
+        (["evaluate.popularity_windows=[]"], "evaluate.popularity_windows = [] must be"),
+        (["evaluate.popularity_windows=[7,7]"], "must be distinct positive days"),
+        (["evaluate.popularity_windows=[0,30]"], "must be distinct positive days"),
+        (["evaluate.bootstrap=-1"], "evaluate.bootstrap = -1 must be >= 0"),
         (
             ["prompts.modes=[text,binary]", "score.modes=[dotdec]"],
             "score.modes has dotdec, which prompts.modes does not render",

@@ -38,6 +38,13 @@ def test_unknown_key_exits_2_with_one_line(tmp_path: Path, capsys: pytest.Captur
     assert "\n" not in err
 
 
+def test_a_key_that_moved_exits_2_naming_where_it_went(capsys: pytest.CaptureFixture):
+    assert main(["run", "configs/tiny.yaml", "--set", "retrieve.max_users=8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("binllm: error: config key retrieve.max_users moved to rerank.max_users")
+    assert "\n" not in err
+
+
 def test_unknown_stage_lists_the_stages(capsys: pytest.CaptureFixture):
     assert main(["run", "configs/tiny.yaml", "--stages", "ingest,bake"]) == 2
     err = capsys.readouterr().err

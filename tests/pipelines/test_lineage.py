@@ -430,7 +430,8 @@ def test_tiny_run_retrieves_reranks_and_reports_ranking(trained):
     users = pl.from_arrow(read_output(str(run_dir / "retrieve"), "users"))
     samples = pl.from_arrow(read_output(str(run_dir / "samples"), "samples"))
     items = samples["iid"].n_unique()
-    assert users.height == cfg.retrieve.max_users
+    tested = samples.filter((pl.col("split") == "test") & (pl.col("label") == 1))
+    assert users.height == tested["uid"].n_unique()  # every user with a test positive
     codes = read_output(str(run_dir / "encode"), "codes").sort_by(
         [("entity", "ascending"), ("id", "ascending")]
     )
@@ -452,6 +453,7 @@ def test_tiny_run_retrieves_reranks_and_reports_ranking(trained):
         assert pool.height == cfg.retrieve.sampled_negatives + 1
     recs = pl.from_arrow(read_output(str(run_dir / "rerank"), "recommendations"))
     assert recs["mode"].unique().to_list() == ["binary"]
+    assert recs["uid"].n_unique() == cfg.rerank.max_users < users.height  # a seeded subset
     for key, part in recs.group_by(["protocol", "split", "mode", "uid"]):
         assert sorted(part["rank"]) == list(range(1, rerank_n + 1)), key
         first = cands.filter(
@@ -463,10 +465,12 @@ def test_tiny_run_retrieves_reranks_and_reports_ranking(trained):
         assert part.sort("rank")["score"].is_sorted(descending=True)
     ranking = pl.from_arrow(read_output(str(run_dir / "evaluate"), "ranking"))
     methods = set(ranking.select("protocol", "method").unique().iter_rows())
-    assert methods == {
-        (p, m) for p in ("full", "sampled") for m in ("codes", "float", "popularity", "codes+llm")
-    }
-    assert ranking.filter(pl.col("users") == "all")["n_users"].unique().to_list() == [len(users)]
+    baselines = ("codes", "float", "popularity", "recent_popularity")
+    assert methods == {(p, m) for p in ("full", "sampled") for m in (*baselines, "codes+llm")}
+    full_ = ranking.filter(pl.col("protocol") == "full")
+    assert full_.filter(pl.col("users") == "all")["n_users"].unique().to_list() == [len(users)]
+    reranked = full_.filter(pl.col("users") == "reranked")["n_users"].unique().to_list()
+    assert reranked == [cfg.rerank.max_users]
     report = next((run_dir / "evaluate").glob("v-*/report/report.md")).read_text()
     assert "## Ranking" in report and "ranking_test_full.png" in report
 

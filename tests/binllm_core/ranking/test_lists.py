@@ -1,4 +1,5 @@
-"""Ranking metrics against hand-computed values; top-by-score order; the ranking config rules."""
+"""Ranking metrics against hand-computed values and their bootstrap intervals; top-by-score order;
+the ranking config rules."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ import pytest
 from binllm_core.config import load_config
 from binllm_core.errors import ConfigError
 from binllm_core.ranking.lists import top_by_score
-from binllm_core.ranking.metrics import ranking_metrics, user_metrics
+from binllm_core.ranking.metrics import (
+    INTERVAL_KEYS,
+    bootstrap_interval,
+    ranking_metrics,
+    user_metrics,
+)
 
 
 def test_metrics_of_one_list_by_hand():
@@ -34,11 +40,50 @@ def test_mean_over_users_with_positives_and_missing_lists_are_misses():
     assert got["hr"] == pytest.approx(1 / 3) and got["ndcg"] == pytest.approx(1 / 3)
 
 
+def test_intervals_hold_the_mean_and_are_the_same_on_a_rerun():
+    rng = np.random.default_rng(0)
+    lists = {u: rng.permutation(30)[:10] for u in range(200)}
+    positives = {u: rng.choice(30, 2, replace=False) for u in range(200)}
+    found = ranking_metrics(lists, positives, [5, 10], resamples=500, seed=11)
+    assert found == ranking_metrics(lists, positives, [5, 10], resamples=500, seed=11)
+    assert found != ranking_metrics(lists, positives, [5, 10], resamples=500, seed=12)
+    for k, at_k in found.items():
+        for key in ("recall", "ndcg", "hr", "mrr"):
+            assert at_k[f"{key}_low"] < at_k[key] < at_k[f"{key}_high"], (k, key)
+        # the means are those without intervals
+        assert {m: at_k[m] for m in ("ndcg", "hr")} == {
+            m: ranking_metrics(lists, positives, [k])[k][m] for m in ("ndcg", "hr")
+        }
+    assert not set(INTERVAL_KEYS) & set(ranking_metrics(lists, positives, [5])[5])
+
+
+def test_the_bootstrap_draws_depend_on_the_users_not_on_the_figures():
+    values = np.random.default_rng(1).random((50, 3))
+    low, high = bootstrap_interval(values, 200, seed=5)
+    low1, high1 = bootstrap_interval(values[:, 1:2], 200, seed=5)
+    assert (low1[0], high1[0]) == (low[1], high[1])  # another method, the same resamples
+    same = bootstrap_interval(np.full((50, 1), 0.25), 200, seed=5)
+    assert (same[0][0], same[1][0]) == (0.25, 0.25)
+
+
 def test_top_by_score_breaks_ties_by_column_and_skips_exclusions():
     scores = np.array([[1.0, 3.0, 3.0, 2.0, 3.0]])
     assert top_by_score(scores, 3)[0].tolist() == [1, 2, 4]
     assert top_by_score(scores, 3, [np.array([2])])[0].tolist() == [1, 4, 3]
     assert top_by_score(scores, 9, [np.array([0, 1, 2, 3, 4])])[0].tolist() == []
+
+
+def test_max_users_moved_from_retrieve_to_rerank_is_one_line_at_load(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny.yaml", ["retrieve.max_users=25"])
+    message = str(err.value)
+    assert message.startswith("config key retrieve.max_users moved to rerank.max_users at --set")
+    assert "\n" not in message
+    old = tmp_path / "old.yaml"
+    old.write_text("retrieve:\n  top_n: 50\n  max_users: 25\n")
+    with pytest.raises(ConfigError, match=f"moved to rerank.max_users at {old}; "):
+        load_config(old)
+    assert load_config("configs/tiny.yaml", ["rerank.max_users=3"]).rerank.max_users == 3
 
 
 def test_rerank_cannot_take_more_candidates_than_retrieved():

@@ -14,6 +14,7 @@ from binllm_core.ranking.retrieval import (
     backend,
     hamming,
     pack_bits,
+    rerank_users,
     sampled_pool,
     tie_score,
     users_for_splits,
@@ -129,3 +130,16 @@ def test_positives_are_counted_once_and_never_an_excluded_item():
     users = users_for_splits(pl.concat([samples(), extra]), ["test"], ["train", "valid"])
     # 13 twice counts once; 10 (liked again in test) is a train item: never a candidate.
     assert users.row(0, named=True)["positives"] == [13]
+
+
+def test_the_llm_reranks_a_seeded_subset_of_each_splits_users_or_every_one():
+    users = pl.DataFrame(
+        {"split": ["test"] * 30 + ["valid"] * 3, "uid": [*range(30, 0, -1), 4, 5, 6]}
+    )
+    chosen = rerank_users(users, 5, seed=3)
+    assert len(chosen["test"]) == 5 and chosen["test"].tolist() == sorted(chosen["test"])
+    assert set(chosen["test"].tolist()) <= set(range(1, 31))
+    assert chosen["valid"].tolist() == [4, 5, 6]  # fewer users than max_users: every one
+    assert rerank_users(users, 5, seed=3)["test"].tolist() == chosen["test"].tolist()
+    assert rerank_users(users, 5, seed=4)["test"].tolist() != chosen["test"].tolist()
+    assert rerank_users(users, 0, seed=3)["test"].tolist() == list(range(1, 31))

@@ -71,10 +71,21 @@ def lists(protocol: str, by_user: dict[int, list[int]], **extra: str) -> list[di
     ]
 
 
-def test_evaluate_ranks_codes_and_reranked_lists_on_every_user_and_the_retrieved(tmp_path: Path):
+DAY = 86_400
+
+
+def test_evaluate_ranks_every_user_and_the_llm_on_the_users_it_reranked(tmp_path: Path):
     cfg = load_config(
         "configs/tiny.yaml",
-        [f"output_root={tmp_path}", "run_name=r", "retrieve.top_n=3", "rerank.top_n=2"],
+        [
+            f"output_root={tmp_path}",
+            "run_name=r",
+            "retrieve.top_n=3",
+            "rerank.top_n=2",
+            "rerank.max_users=2",
+            "rerank.seed=1",  # re-ranks users 1 and 2 of 1, 2, 3
+            "evaluate.popularity_windows=[365, 7]",
+        ],
     )
     run = tmp_path / "r"
     scores = pa.table(
@@ -94,20 +105,24 @@ def test_evaluate_ranks_codes_and_reranked_lists_on_every_user_and_the_retrieved
     vector = pa.list_(pa.float32(), 2)
     embeddings = pa.table(
         {
-            "entity": ["user"] * 2 + ["item"] * 6,
-            "id": pa.array([1, 2, 1, 2, 3, 4, 5, 6], pa.int32()),
-            "relaxed": pa.array([[1, 0]] * 8, vector),
+            "entity": ["user"] * 3 + ["item"] * 6,
+            "id": pa.array([1, 2, 3, 1, 2, 3, 4, 5, 6], pa.int32()),
+            "relaxed": pa.array([[1, 0]] * 9, vector),
             "float": pa.array(
-                [[1, 0], [0, 1], [0, 0], [1, 1], [2, 0], [0, 0], [0, 2], [0, 3]], vector
+                [[1, 0], [0, 1], [0, 1], [0, 0], [1, 1], [2, 0], [0, 0], [0, 2], [0, 3]], vector
             ),
         }
     )
     fake(run, "encode", {"codes": {}}, {"embeddings": embeddings})
+    # Train positives: item 4 twice long ago, items 2 and 1 once each lately; user 7's valid
+    # positive is item 1, which the last 7 days of train rank first (the whole train second).
     samples = pa.table(
         {
-            "iid": pa.array([4, 4, 2, 1], pa.int32()),
-            "label": pa.array([1, 1, 1, 1], pa.int8()),
-            "split": ["train"] * 4,
+            "uid": pa.array([5, 6, 5, 6, 7], pa.int32()),
+            "iid": pa.array([4, 4, 2, 1, 1], pa.int32()),
+            "label": pa.array([1, 1, 1, 1, 1], pa.int8()),
+            "split": ["train"] * 4 + ["valid"],
+            "timestamp": pa.array([0, DAY, 100 * DAY, 100 * DAY, 101 * DAY], pa.int64()),
         }
     )
     fake(
@@ -116,11 +131,12 @@ def test_evaluate_ranks_codes_and_reranked_lists_on_every_user_and_the_retrieved
         {},
         {"samples": samples, "item_map": pa.table({"iid": pa.array(range(1, 7), pa.int32())})},
     )
-    # User 1: positive 3, item 1 excluded; user 2: positives 5 and 6.
+    # User 1: positive 3, item 1 excluded; user 2: positives 5 and 6; user 3: positive 6.
     users = pa.Table.from_pylist(
         [
             {"split": "test", "uid": 1, "positives": [3], "exclude": [1], "sampled_positive": 3},
             {"split": "test", "uid": 2, "positives": [5, 6], "exclude": [], "sampled_positive": 5},
+            {"split": "test", "uid": 3, "positives": [6], "exclude": [], "sampled_positive": 6},
         ],
         schema=pa.schema(
             [
@@ -133,12 +149,13 @@ def test_evaluate_ranks_codes_and_reranked_lists_on_every_user_and_the_retrieved
         ),
     )
     candidates = pa.Table.from_pylist(
-        lists("full", {1: [2, 3, 4], 2: [1, 2, 5]}) + lists("sampled", {1: [4, 3, 6], 2: [5, 1, 2]})
+        lists("full", {1: [2, 3, 4], 2: [1, 2, 5], 3: [6, 1, 2]})
+        + lists("sampled", {1: [4, 3, 6], 2: [5, 1, 2], 3: [1, 6, 2]})
     )
     fake(run, "retrieve", {}, {"users": users, "candidates": candidates})
     recs = pa.Table.from_pylist(lists("full", {1: [3, 2], 2: [2, 1]}, mode="binary"))
     fake(run, "rerank", {}, {"recommendations": recs})
-    run_stage(cfg, next(s for s in STAGES if s.name == "evaluate"))
+    manifest = run_stage(cfg, next(s for s in STAGES if s.name == "evaluate"))
     ranking = pl.from_arrow(read_output(str(run / "evaluate"), "ranking"))
 
     def value(method: str, users: str, k: int, key: str = "ndcg", protocol: str = "full"):
@@ -152,21 +169,60 @@ def test_evaluate_ranks_codes_and_reranked_lists_on_every_user_and_the_retrieved
         return row.row(0, named=True)
 
     g = 1 / np.log2(3)  # the gain of rank 2
-    # codes: user 1 hits at rank 2; user 2 at rank 3 out of an ideal of two hits.
-    assert value("codes", "all", 5)["ndcg"] == pytest.approx((g + 0.5 / (1 + g)) / 2)
-    assert value("codes", "all", 5)["recall"] == pytest.approx((1 + 0.5) / 2)
+    # Every user is measured (all: 3); the LLM's 2 users again with every method (reranked).
+    assert (
+        value("codes", "all", 5)["n_users"] == 3 and value("codes", "reranked", 5)["n_users"] == 2
+    )
+    # codes: user 1 hits at rank 2; user 2 at rank 3 out of an ideal of two hits; user 3 at 1.
+    assert value("codes", "all", 5)["ndcg"] == pytest.approx((g + 0.5 / (1 + g) + 1) / 3)
+    assert value("codes", "reranked", 5)["ndcg"] == pytest.approx((g + 0.5 / (1 + g)) / 2)
+    assert value("codes", "reranked", 5)["recall"] == pytest.approx((1 + 0.5) / 2)
     # The LLM moved user 1's positive to rank 1; user 2's positives were never re-ranked.
-    assert value("codes+llm", "all", 2)["ndcg"] == pytest.approx(0.5)
+    assert ranking.filter((pl.col("method") == "codes+llm") & (pl.col("users") == "all")).is_empty()
+    assert value("codes+llm", "reranked", 2)["ndcg"] == pytest.approx(0.5)
     retrieved = value("codes+llm", "retrieved", 2)
     assert retrieved["n_users"] == 1 and retrieved["ndcg"] == pytest.approx(1.0)
     assert value("codes", "retrieved", 5)["ndcg"] == pytest.approx(g)
     # popularity (train positives: 4, then 1 and 2, then ids): user 1 without its excluded
-    # item 1 finds 3 at rank 3; user 2 finds 5 at rank 5.
+    # item 1 finds 3 at rank 3; user 2 finds 5 at rank 5; user 3 finds 6 at rank 6.
     pop = (1 / np.log2(4) + (1 / np.log2(6)) / (1 + g)) / 2
-    assert value("popularity", "all", 5)["ndcg"] == pytest.approx(pop)
-    # float inner products: user 1 (1, 0) ranks item 3 first, user 2 (0, 1) items 6 and 5.
+    assert value("popularity", "reranked", 5)["ndcg"] == pytest.approx(pop)
+    assert value("popularity", "all", 5)["ndcg"] == pytest.approx(pop * 2 / 3)
+    # time-aware popularity, 7 days chosen on valid: items 1 and 2 (ties: id), then 4 (train
+    # popularity), then ids: user 1 (without item 1) finds 3 at rank 3, user 2 5 at rank 5.
+    assert manifest["metrics"]["popularity_window"]["days"] == 7
+    assert manifest["metrics"]["popularity_window"]["valid_ndcg@10"] == {
+        "7": pytest.approx(1.0),
+        "365": pytest.approx(g),
+    }
+    recent = value("recent_popularity", "all", 5)
+    assert recent["ndcg"] == pytest.approx((1 / np.log2(4) + (1 / np.log2(6)) / (1 + g)) / 3)
+    # sampled pools in the same order: 3 second of (4, 3, 6), 5 and 6 third of their pools.
+    sampled = value("recent_popularity", "all", 5, key="mrr", protocol="sampled")
+    assert sampled["mrr"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 3) / 3)
+    # float inner products: user 1 (1, 0) ranks item 3 first, users 2 and 3 (0, 1) 6 and 5.
     assert value("float", "all", 5)["ndcg"] == pytest.approx(1.0)
-    sampled = value("codes", "all", 5, protocol="sampled")
+    sampled = value("codes", "reranked", 5, protocol="sampled")
     assert sampled["mrr"] == pytest.approx((1 / 2 + 1) / 2)
-    report = next((run / "evaluate").glob("v-*/report/report.md")).read_text()
-    assert "### test, full ranking" in report and "Retriever (codes)" in report
+    for row in ranking.iter_rows(named=True):  # every figure inside its interval
+        for key in ("recall", "ndcg", "hr", "mrr"):
+            assert row[f"{key}_low"] - 1e-12 <= row[key] <= row[f"{key}_high"] + 1e-12, row
+    headline = manifest["metrics"]["ranking"]
+    assert {(r["method"], r["users"]) for r in headline if r["protocol"] == "full"} == {
+        ("codes", "all"),
+        ("popularity", "all"),
+        ("recent_popularity", "all"),
+        ("float", "all"),
+    }  # codes+llm has no K = 10 here: it re-ranks 2
+    folder = next((run / "evaluate").glob("v-*/report"))
+    report = (folder / "report.md").read_text()
+    codes10 = value("codes", "all", 10)
+    assert (
+        "**test, NDCG@10 on every user with a positive (3), full catalog:** codes "
+        f"{codes10['ndcg']:.4f} [{codes10['ndcg_low']:.4f}, {codes10['ndcg_high']:.4f}]"
+    ) in report
+    assert "time-aware popularity (7 days)" in report and "W = **7 days**" in report
+    assert "Split `per_user`" in report and "### test, full ranking" in report
+    assert "Retriever (codes, all users)" in report
+    for name in ("ranking_test_full.png", "ranking_test_full_reranked.png"):
+        assert f"({name})" in report and (folder / name).read_bytes().startswith(b"\x89PNG")
