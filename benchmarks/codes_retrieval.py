@@ -60,7 +60,15 @@ SETTINGS = [
     {**IMPLICIT, "objective": "mixed", "implicit_weight": 0.5},
     {**IMPLICIT, "dim": 64},
     {**IMPLICIT, "negatives": 8},
+    {**IMPLICIT, "prior_bits": 8},
+    {**IMPLICIT, "dim": 64, "prior_bits": 16},
+    {**IMPLICIT, "dim": 64, "prior_bits": 32},
+    {**IMPLICIT, "dim": 64, "prior_bits": 16, "negatives": 8},
+    {**IMPLICIT, "dim": 64, "prior_bits": 16, "lr_schedule": "cosine"},
 ]
+"""``prior_bits`` and ``lr_schedule`` came after a look at the 64-bit lists on valid: the float
+model's lists fell from 0.104 to 0.084 with its vectors normalized (cosine), the codes' gap to
+it; and the codes' valid NDCG@10 moved by about 0.005 from one epoch to the next."""
 
 
 def key(setting: dict[str, Any]) -> str:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pytest
 import torch
 
 from binllm_core.config import EncoderConfig
 from binllm_core.encoder.data import normalized_adjacency, split_samples, train_graph
 from binllm_core.encoder.model import BINARY, FLOAT, sign_ste
-from binllm_core.encoder.training import EncoderTraining, beta_at, fit
+from binllm_core.encoder.training import EncoderTraining, beta_at, fit, lr_factor
 from binllm_core.errors import ConfigError
 from tests.builders import planted_samples
 
@@ -84,7 +86,8 @@ def test_planted_groups_reach_high_test_auc(backbone: str) -> None:
 
 def test_same_seed_same_codes_and_exact_resume(tmp_path) -> None:
     data = split_samples(planted_samples(seed=1))
-    cfg = dataclasses.replace(PLANTED, max_epochs=6, patience=6)
+    # cosine: the learning rates are a function of the epoch, so a resumed run goes on alike
+    cfg = dataclasses.replace(PLANTED, max_epochs=6, patience=6, lr_schedule="cosine")
     first = fit(cfg, data, 101, 61)
     again = fit(cfg, data, 101, 61)
     np.testing.assert_array_equal(first.signs()[0], again.signs()[0])
@@ -130,3 +133,43 @@ def test_float_init_std() -> None:
     assert backbone.item_emb.weight[0].abs().sum() == 0
     binary = training.models.models[BINARY].backbone
     assert binary.user_emb.weight[1:].std().item() == pytest.approx(1.0, rel=0.1)
+
+
+def test_cosine_schedule_falls_from_each_learning_rate_to_zero() -> None:
+    cfg = dataclasses.replace(PLANTED, max_epochs=10, lr_schedule="cosine")
+    assert lr_factor(0, cfg) == 1.0 and lr_factor(5, cfg) == pytest.approx(0.5)
+    assert lr_factor(9, cfg) == pytest.approx(0.0245, abs=1e-3)
+    assert lr_factor(9, dataclasses.replace(cfg, lr_schedule="constant")) == 1.0
+    training = EncoderTraining(cfg, 101, 61)
+    data = split_samples(planted_samples(seed=1))
+    for _ in range(6):
+        training.train_epoch(data["train"])
+    rates = [group["lr"] for group in training.optimizer.param_groups]
+    assert rates == pytest.approx([cfg.lr * lr_factor(5, cfg), cfg.float_lr * lr_factor(5, cfg)])
+
+
+def test_prior_bits_are_one_for_users_and_learn_which_items_everyone_likes() -> None:
+    samples = planted_samples(seed=2)
+    popular = pa.compute.less_equal(samples["iid"], 6)  # items 1-6: liked by every user
+    labels = pa.compute.if_else(popular, pa.scalar(1, pa.int8()), samples["label"])
+    data = split_samples(
+        samples.set_column(samples.schema.get_field_index("label"), "label", labels)
+    )
+    cfg = dataclasses.replace(
+        PLANTED, objective="implicit", prior_bits=8, weight_decay=0.0, max_epochs=20, patience=20
+    )
+    training = fit(cfg, data, 101, 61)
+    users, items = training.signs()
+    assert users.shape[1] == items.shape[1] == 16
+    assert (users[:, -8:] == 1).all()  # every user's prior bits: the item's count of 1s counts
+    prior = (items[:, -8:] == 1).sum(1)
+    assert prior[1:7].mean() >= prior[7:].mean() + 1.5, prior
+    # The codes are what the model scores by: inner products of the signs.
+    model = training.models.models[BINARY]
+    pairs = np.array([1, 2, 3]), np.array([1, 30, 60])
+    np.testing.assert_allclose(model.predict(*pairs), (users[pairs[0]] * items[pairs[1]]).sum(1))
+
+
+def test_prior_bits_leave_most_bits_projected() -> None:
+    with pytest.raises(ConfigError, match="prior_bits = 16 is not between 0 and encoder.dim - 1"):
+        EncoderTraining(EncoderConfig(dim=16, prior_bits=16), 5, 6)
