@@ -254,12 +254,14 @@ def ranking_markdown(
     split_kind: str,
     window: WindowChoice | None,
     resamples: int,
+    codes_from: str = "the codes",
 ) -> list[str]:
     """The report's ranking section: a headline (NDCG@10 of the codes and the popularity
     baselines on every user of the full protocol), the split kind, the definitions, the
     time-aware popularity's window; per protocol and split, one row per method, mode and user
     set with the metrics of :data:`RANKING_COLUMNS` and their intervals; the retriever's
-    Recall@N; the curves of ``images`` ((protocol, split, user set) -> file)."""
+    Recall@N; the curves of ``images`` ((protocol, split, user set) -> file). ``codes_from``
+    says which encoder's codes the lists are retrieved by (and whose float model is ``float``)."""
     if not rows:
         return []
     lines = ["## Ranking", "", *_headline(rows, window), ""]
@@ -275,8 +277,9 @@ def ranking_markdown(
         "catalog without the user's excluded items (`retrieve.exclude`); **sampled**: the user's "
         f"first positive of the split among {negatives} random items the user never "
         "interacted with (fewer where the user has not that many unseen items). "
-        "`codes`: Hamming distance of the binary codes (ties: `retrieve.tie_break`, then id); "
-        "`float`: the continuous encoder's inner products; `popularity`: train positives; "
+        f"`codes`: Hamming distance of {codes_from} (ties: `retrieve.tie_break`, then id); "
+        "`float`: the inner products of the continuous model trained beside them; "
+        "`popularity`: train positives; "
         "`recent_popularity`: train positives of the last W days of train (ties: train "
         "popularity, then id); `codes+llm`: the codes' first `rerank.top_n` candidates "
         "re-ranked by the LLM's answer score. Users **all**: every user of the split with a "

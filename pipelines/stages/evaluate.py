@@ -30,6 +30,7 @@ import polars as pl
 import pyarrow as pa
 
 from binllm_core.codes import id_table
+from binllm_core.config import RunConfig
 from binllm_core.errors import StageError
 from binllm_core.evaluation.report import (
     SCORE_DEFINITIONS,
@@ -103,6 +104,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             ctx.cfg.protocol.split,
             window,
             ctx.cfg.evaluate.bootstrap,
+            codes_source(ctx.cfg),
         )
         report += "\n".join(section) + "\n"
     summary = window.summary() if window else None
@@ -204,6 +206,18 @@ def _ranking(
                 fh.write(png)
             images[protocol, split, users_label] = name
     return rows, window, images
+
+
+def codes_source(cfg: RunConfig) -> str:
+    """Which codes the run's lists are retrieved by, in words for the report."""
+    stage = codes_stage(cfg)
+    encoder = cfg.encoder if cfg.retrieval_encoder is None else cfg.retrieval_encoder
+    key = "encoder" if cfg.retrieval_encoder is None else "retrieval_encoder"
+    prior = f", {encoder.prior_bits} of them prior bits" if encoder.prior_bits else ""
+    return (
+        f"the codes of stage `{stage}` (`{key}`: the {encoder.objective} objective, "
+        f"{encoder.backbone}, {encoder.dim} bits{prior})"
+    )
 
 
 def _curves(ranked: list[Ranked], users: str) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
