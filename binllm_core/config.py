@@ -244,6 +244,11 @@ class EncoderConfig(Section):
     an item's are learned per item, so the item's count of 1s among them adds to its inner
     product with every user (what a float model keeps in an item vector's norm, mostly
     popularity, which codes of equal length cannot hold). 0: every bit is projected."""
+    logit_scale: float = 1.0
+    """The binary model's training logit is its codes' inner product times this (the codes'
+    order is unchanged). A ±1 inner product of ``dim`` bits moves in steps of 2 up to ±dim, so
+    at 1 a sigmoid loss saturates for most pairs and they stop teaching; on ml-100k's valid
+    lists, 64-bit implicit codes went from NDCG@10 0.0985 at 1 to 0.1132 at 0.25."""
     lightgcn_layers: int = 2
     """Propagation layers K of the LightGCN backbone."""
     shared_projection: bool = False
@@ -349,8 +354,8 @@ class EncoderConfig(Section):
             self,
             key,
             where,
-            positive="lr float_lr float_init_std batch_size max_epochs patience checkpoint_every "
-            "num_workers",
+            positive="lr float_lr float_init_std logit_scale batch_size max_epochs patience "
+            "checkpoint_every num_workers",
             non_negative="lightgcn_layers weight_decay float_weight_decay beta_step",
         )
 

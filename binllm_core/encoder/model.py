@@ -97,15 +97,18 @@ class CollabModel(nn.Module):
         binary: bool,
         shared_projection: bool,
         prior_bits: int = 0,
+        logit_scale: float = 1.0,
     ) -> None:
         """``prior_bits`` (binary only) of the ``dim`` code bits carry a learned item prior: a
         user's are always +1, an item's are its own ±1 (a table, not the projection), so each
         item's count of +1 among them adds to every user's inner product. A Hamming distance
         can then express what a float model holds in an item vector's norm (mostly its
-        popularity), which ±1 codes of one length cannot."""
+        popularity), which ±1 codes of one length cannot. ``logit_scale`` (binary only)
+        multiplies the codes' inner product into the training logits (the order is unchanged)."""
         super().__init__()
         self.backbone = backbone
         self.binary = binary
+        self.logit_scale = logit_scale if binary else 1.0
         self.prior_bits = prior_bits if binary else 0
         if binary:
             learned = dim - self.prior_bits
@@ -129,7 +132,7 @@ class CollabModel(nn.Module):
         zu, zi = self._pre_sign(eu, ei, items)
         ou = self._codes(zu, beta, generator)
         oi = self._codes(zi, beta, generator)
-        return (ou * oi).sum(-1)
+        return (ou * oi).sum(-1) * self.logit_scale
 
     def _pre_sign(
         self, eu: torch.Tensor, ei: torch.Tensor, items: torch.Tensor

@@ -133,6 +133,7 @@ class EncoderTraining:
                     binary=name == BINARY,
                     shared_projection=cfg.shared_projection,
                     prior_bits=cfg.prior_bits,
+                    logit_scale=cfg.logit_scale,
                 )
                 for name in names
             }
