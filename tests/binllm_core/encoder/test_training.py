@@ -173,3 +173,15 @@ def test_prior_bits_are_one_for_users_and_learn_which_items_everyone_likes() -> 
 def test_prior_bits_leave_most_bits_projected() -> None:
     with pytest.raises(ConfigError, match="prior_bits = 16 is not between 0 and encoder.dim - 1"):
         EncoderTraining(EncoderConfig(dim=16, prior_bits=16), 5, 6)
+
+
+def test_logit_scale_scales_the_training_logits_and_leaves_the_codes_order() -> None:
+    training = EncoderTraining(EncoderConfig(dim=8, beta_step=1.0, logit_scale=0.25), 5, 6)
+    model = training.models.models[BINARY]
+    users, items = torch.tensor([1, 2, 3]), torch.tensor([3, 4, 5])
+    model.train()
+    logits = model(users, items, beta=1.0)  # beta 1: every element is its sign
+    codes_u, codes_i = model.signs()
+    inner = (codes_u[users] * codes_i[items]).sum(-1)
+    torch.testing.assert_close(logits, 0.25 * inner)
+    np.testing.assert_allclose(model.predict(users.numpy(), items.numpy()), inner.numpy())
