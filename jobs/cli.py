@@ -150,13 +150,33 @@ def run_command(args: argparse.Namespace) -> None:
     preflight(cfg, names)  # before the log goes into the run folder
     with _console(cfg, args):
         manifests = run_pipeline(cfg, names, force=args.force)
-    report = manifests.get("evaluate", {}).get("metrics", {}).get("report")
+    evaluated = manifests.get("evaluate", {}).get("metrics", {})
+    headline = lists_headline(evaluated.get("ranking", []))
+    if headline:
+        print(f"[binllm] {headline}")
+    report = evaluated.get("report")
     if report:
         from binllm_core.storage import join, to_uri
         from pipelines.runtime.runs import run_folder
 
         fs, run = run_folder(cfg)
         print(f"[binllm] report: {to_uri(fs, join(run, report))}")
+
+
+def lists_headline(rows: list[dict]) -> str:
+    """The lists' NDCG@10 on every user of the first evaluated split (full catalog), from the
+    evaluate manifest's headline rows; empty where the run made no lists."""
+    full = [r for r in rows if r["protocol"] == "full" and r["users"] == "all"]
+    if not full:
+        return ""
+    split = full[0]["split"]
+    figures = [
+        f"{r['method']} {r['ndcg']:.4f}"
+        + (f" [{r['ndcg_low']:.4f}, {r['ndcg_high']:.4f}]" if r.get("ndcg_low") is not None else "")
+        for r in full
+        if r["split"] == split
+    ]
+    return f"{split} NDCG@10, full catalog, {full[0]['n_users']:,} users: " + "; ".join(figures)
 
 
 # ---- binllm status -----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import pytest
 from binllm_core.config import load_config
 from binllm_core.io.lock import WriterLock
 from binllm_core.storage import MANIFEST, content_identity, read_output, resolve
-from jobs.cli import main
+from jobs.cli import lists_headline, main
 from pipelines.runtime.registry import LOCK, STAGES, pipeline_status
 from pipelines.runtime.runs import run_folder
 
@@ -473,6 +473,14 @@ def test_tiny_run_retrieves_reranks_and_reports_ranking(trained):
     assert reranked == [cfg.rerank.max_users]
     report = next((run_dir / "evaluate").glob("v-*/report/report.md")).read_text()
     assert "## Ranking" in report and "ranking_test_full.png" in report
+    # What `binllm run` prints last: the lists' NDCG@10 on every test user, as in the table.
+    headline = lists_headline(manifest(run_dir.parent.parent, "evaluate")["metrics"]["ranking"])
+    at_10 = full_.filter(
+        (pl.col("users") == "all") & (pl.col("k") == 10) & (pl.col("split") == "test")
+    )
+    assert headline.startswith(f"test NDCG@10, full catalog, {len(users)} users: codes ")
+    for row in at_10.iter_rows(named=True):
+        assert f"{row['method']} {row['ndcg']:.4f} [{row['ndcg_low']:.4f}," in headline
 
 
 @pytest.mark.slow
