@@ -193,7 +193,7 @@ def test_a_retrieval_encoder_gives_retrieve_its_own_codes_and_leaves_the_prompts
         "retrieval_encoder.objective=implicit",
         "retrieval_encoder.dim=16",
         "retrieval_encoder.prior_bits=4",
-        "retrieval_encoder.max_epochs=6",
+        "retrieval_encoder.max_epochs=3",
     ]
     stages = ("--stages", "ingest,samples,encode,encode_retrieval,retrieve")
     run(tmp_path, src, *stages, extra=tuple(own))
