@@ -161,6 +161,11 @@ BUDGET = (
     "finetune.step2.max_steps=4",
     "finetune.eval_every=2",
     "encoder.max_epochs=3",
+    # Codes for the lists apart from the prompts' (stage encode_retrieval), so every stage runs.
+    "retrieval_encoder.objective=implicit",
+    "retrieval_encoder.dim=16",
+    "retrieval_encoder.prior_bits=4",
+    "retrieval_encoder.max_epochs=3",
     "score.splits=[test]",
     # Many small batches of users on two actors: blocks finish in any order.
     "retrieve.batch_users=4",

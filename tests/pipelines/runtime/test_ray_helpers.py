@@ -55,11 +55,17 @@ def test_a_ctrl_c_while_ray_starts_or_stops_is_raised_once_it_is_done():
     """``ray.init`` and ``ray.shutdown`` run whole (an interrupted core worker crashed the
     process at exit with SIGSEGV; an interrupted shutdown printed Ray's trace and exited 0):
     the Ctrl-C is raised after the block, and Python's handler is back."""
+    # Python's own handler, as in binllm's process: a plain TorchTrainer.fit earlier in this
+    # test session leaves Ray Train's handler behind (binllm's InterruptibleTrainer does not).
+    leftover = signal.signal(signal.SIGINT, signal.default_int_handler)
     done = []
-    with pytest.raises(KeyboardInterrupt):
-        with sigint_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.1)
-            done.append(True)
-    assert done == [True]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with sigint_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.1)
+                done.append(True)
+        assert done == [True]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, leftover)
