@@ -194,8 +194,10 @@ def print_status(cfg: Any) -> None:
     holder = run_lock(cfg).holder()
     if holder is not None:
         print(f"  in progress: {describe(holder)}")
-    for row in pipeline_status(cfg):
-        print(f"  {row['stage']:<9} {row['state']:<10} {row['why']}")
+    rows = pipeline_status(cfg)
+    width = max(len(row["stage"]) for row in rows)
+    for row in rows:
+        print(f"  {row['stage']:<{width}} {row['state']:<10} {row['why']}")
 
 
 def status_command(args: argparse.Namespace) -> None:

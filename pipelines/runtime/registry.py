@@ -63,7 +63,7 @@ def _evaluate_reads(cfg: RunConfig) -> tuple[str, ...]:
         names = (*names, "samples", codes_stage(cfg), "retrieve")
     if rerank_needed(cfg):
         names = (*names, "rerank")
-    return names
+    return tuple(dict.fromkeys(names))  # the retrieval codes may be the prompts' (encode)
 
 
 def _model(cfg: RunConfig) -> dict[str, Any]:

@@ -160,7 +160,7 @@ def test_a_run_folder_on_s3_is_opened_with_the_storage_options_given_by_set(
     assert main(["status", f"{root}/runs/tiny", *sets]) == 0
     out = capsys.readouterr().out
     assert f"[binllm] run {root[5:]}/runs/tiny" in out
-    assert "ingest    missing" in out
+    assert "ingest           missing" in out
 
 
 @pytest.mark.parametrize(

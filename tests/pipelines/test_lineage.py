@@ -146,7 +146,7 @@ def test_resource_settings_never_make_a_stage_stale(tmp_path: Path, capsys):
         ["ingest", "done"],
         ["samples", "done"],
     ]
-    assert "encode    missing" in out and "render    waits on" not in out
+    assert "encode           missing" in out and "render           waits on" not in out
 
     # A setting that does change what samples computes makes it (and only it) stale.
     assert (
@@ -161,8 +161,8 @@ def test_resource_settings_never_make_a_stage_stale(tmp_path: Path, capsys):
         == 0
     )
     out = capsys.readouterr().out
-    assert "ingest    done" in out
-    assert "samples   stale      config changed: protocol.warm_more_than" in out
+    assert "ingest           done" in out
+    assert "samples          stale      config changed: protocol.warm_more_than" in out
     assert manifest(tmp_path, "samples")["config"]["protocol"]["warm_more_than"] == 3  # ran nothing
 
 
@@ -604,4 +604,4 @@ def test_a_run_reopened_from_another_directory_reads_what_it_read(
     (out / "tiny" / "render" / MANIFEST).write_text(json.dumps(publish))
     assert main(["status", str(out / "tiny")]) == 0
     status = capsys.readouterr().out
-    assert "ingest    done" in status, status
+    assert "ingest           done" in status, status
