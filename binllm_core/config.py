@@ -271,6 +271,12 @@ class EncoderConfig(Section):
     """Both models' learning rates per epoch: ``constant``, or ``cosine`` (a half cosine from
     ``lr`` at the first epoch to 0 at ``max_epochs``: the binary codes' valid lists flip less
     from epoch to epoch as it falls, so the kept epoch is less a lucky spike)."""
+    ema_decay: float = 0.0
+    """Validate and export an exponential moving average of each model's weights, updated
+    after every optimizer step with this decay (warmed up as ``min(decay, (1+t)/(10+t))`` at
+    step t); 0: the weights as trained. The binary codes' valid lists move by about ±0.005
+    NDCG@10 from epoch to epoch on ml-100k as latent weights near 0 flip their sign; the
+    average flips less, so the kept epoch is less a lucky spike."""
     batch_size: int = 2048
     """Training batch size (samples)."""
     max_epochs: int = 200
@@ -342,6 +348,12 @@ class EncoderConfig(Section):
                 f"({self.dim - 1})",
                 where,
                 f"keep most of the {self.dim} bits projected: e.g. {self.dim // 4}, or 0",
+            )
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(
+                f"{key}.ema_decay = {self.ema_decay} is not in [0, 1)",
+                where,
+                "use 0 (no average) or a decay such as 0.99 or 0.999",
             )
         if self.dim > MAX_CODE_BITS:
             raise ConfigError(

@@ -4,9 +4,11 @@ The loss is BCE-with-logits. Training mixes continuous and binary codes element-
 if ``rand > beta`` else ``sign(z)``), with ``beta`` rising by ``beta_step`` every 2 epochs up to
 1. Evaluation always uses the binary codes. By default the binary model and the float baseline
 on the same backbone are trained side by side in one pass over the data
-(:class:`EncoderTraining`), so a stage gets both from one run; early stopping and the checkpoint
-that counts follow the *primary* model (the binary one, or the float one when ``binary`` is
-off).
+(:class:`EncoderTraining`), so a stage gets both from one run. Each model keeps its own best
+weights by its own valid score (the float baseline is measured at its best, not at the codes'),
+and training stops when neither improves any more; the checkpoint Ray keeps follows the
+*primary* model (the binary one, or the float one when ``binary`` is off). With
+``ema_decay``, what is validated and kept is a moving average of the weights.
 
 :class:`EncoderTraining` is the loop body: the Ray Train worker drives it epoch by epoch with
 checkpoints, and :func:`fit` is the same loop in one process (benchmarks, tests).
@@ -14,6 +16,7 @@ checkpoints, and :func:`fit` is the same loop in one process (benchmarks, tests)
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -35,11 +38,14 @@ from binllm_core.errors import StageError
 from binllm_core.evaluation.metrics import score_report
 from binllm_core.storage import jsonable
 
-WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE = (
+WEIGHTS_FILE, KEPT_FILE, OPTIMIZER_FILE, STATE_FILE = (
     "model.safetensors",
+    "kept.safetensors",
     "optimizer.safetensors",
     "state.json",
 )
+AVERAGE_PREFIX = "average."
+"""Key prefix of the moving average's weights in :data:`WEIGHTS_FILE`."""
 
 
 def beta_at(epoch: int, beta_step: float) -> float:
@@ -58,6 +64,12 @@ def lr_factor(epoch: int, cfg: EncoderConfig) -> float:
     if cfg.lr_schedule == "constant":
         return 1.0
     return 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.max_epochs))
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """The moving average's decay after ``step`` optimizer steps (1-based): ``decay``, lower
+    early on (``(1+t)/(10+t)``) so that the average is not held at the initial weights."""
+    return min(decay, (1.0 + step) / (10.0 + step))
 
 
 def seed_everything(seed: int) -> None:
@@ -145,6 +157,15 @@ class EncoderTraining:
                     table.normal_(0.0, cfg.float_init_std)
                     table[0] = 0.0  # padding
         self.primary = names[0]
+        self.averaged: EncoderSet | None = None
+        """A moving average of :attr:`models` (``ema_decay`` > 0): what is validated, kept
+        and exported."""
+        if cfg.ema_decay > 0:
+            self.averaged = copy.deepcopy(self.models).requires_grad_(False)
+        self.steps = 0
+        """Optimizer steps taken so far (the moving average's warm-up)."""
+        self.kept: dict[str, dict[str, torch.Tensor]] = {}
+        """Each model's weights (as validated) at its best valid score so far."""
         groups = []
         for name, model in self.models.models.items():
             lr, wd = (
@@ -190,6 +211,8 @@ class EncoderTraining:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            self.steps += 1
+            self._update_average()
             total += float(loss.detach())
             steps += 1
         self.epoch = epoch
@@ -197,6 +220,19 @@ class EncoderTraining:
         record = {"epoch": epoch, "beta": beta, "loss": total / max(steps, 1), "seconds": seconds}
         self.history.append(record)
         return total / max(steps, 1)
+
+    @torch.no_grad()
+    def _update_average(self) -> None:
+        if self.averaged is None:
+            return
+        weight = 1.0 - ema_decay_at(self.steps, self.cfg.ema_decay)
+        for average, live in zip(self.averaged.parameters(), self.models.parameters(), strict=True):
+            average.lerp_(live.detach(), weight)
+
+    @property
+    def evaluated(self) -> EncoderSet:
+        """The models as validated, kept and exported: the moving average, or the live ones."""
+        return self.averaged if self.averaged is not None else self.models
 
     def validate(self, valid: Rows, test: Rows | None = None) -> bool:
         """Score the epoch on ``valid``; on a model's best valid score so far also on ``test``.
@@ -206,11 +242,11 @@ class EncoderTraining:
         :attr:`finished` when every model has gone ``patience`` epochs without a better valid
         score, or at ``max_epochs``.
         """
-        self.models.eval()
+        self.evaluated.eval()
         improved = False
         record = self.history[-1]
         served = self.objective.serves
-        for name, model in self.models.models.items():
+        for name, model in self.evaluated.models.items():
             report = evaluate(model, valid)
             if served == NDCG:
                 report[NDCG] = self.list_ndcg(model, valid)
@@ -220,6 +256,7 @@ class EncoderTraining:
             if best is None or _gt(report[served], best["valid"][served]):
                 test_report = evaluate(model, test) if test is not None else {}
                 self.best[name] = {"epoch": self.epoch, "valid": report, "test": test_report}
+                self.kept[name] = _snapshot(model)
                 improved |= name == self.primary
         # Each model has its own patience; the run ends when none of them improves any more.
         since_best = min(self.epoch - best["epoch"] for best in self.best.values())
@@ -248,35 +285,51 @@ class EncoderTraining:
     def best_epoch(self) -> int:
         return self.best[self.primary]["epoch"]
 
+    def restore_kept(self) -> None:
+        """Put each model's kept weights (those of its best valid score) in place to export."""
+        for name, weights in self.kept.items():
+            self.evaluated.models[name].load_state_dict(weights)
+
     def signs(self) -> tuple[np.ndarray, np.ndarray]:
         """±1 codes (numpy float32) of every user and item id from the primary model."""
-        self.models.eval()
-        users, items = self.models.models[self.primary].signs()
+        self.evaluated.eval()
+        users, items = self.evaluated.models[self.primary].signs()
         return users.cpu().numpy(), items.cpu().numpy()
 
     def vectors(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Continuous (user, item) tables by id: ``relaxed``, the primary model's pre-sign
         vectors; ``float``, the embeddings of the continuous model (the same for a float-only
         encoder)."""
-        self.models.eval()
+        self.evaluated.eval()
         out = {}
         for name, model in (("relaxed", self.primary), ("float", FLOAT)):
-            users, items = self.models.models[model].relaxed()
+            users, items = self.evaluated.models[model].relaxed()
             out[name] = (users.detach().cpu().numpy(), items.detach().cpu().numpy())
         return out
 
     # ---- checkpoints -------------------------------------------------------------------------
     def weights(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in self.models.state_dict().items()}
+        """The live weights, and the moving average's under :data:`AVERAGE_PREFIX`."""
+        out = _snapshot(self.models)
+        if self.averaged is not None:
+            out.update({AVERAGE_PREFIX + k: v for k, v in _snapshot(self.averaged).items()})
+        return out
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        self.models.load_state_dict(weights)
+        live = {k: v for k, v in weights.items() if not k.startswith(AVERAGE_PREFIX)}
+        self.models.load_state_dict(live)
+        if self.averaged is not None:
+            n = len(AVERAGE_PREFIX)
+            average = {k[n:]: v for k, v in weights.items() if k.startswith(AVERAGE_PREFIX)}
+            self.averaged.load_state_dict(average)
 
     def save(self, folder: str | Path) -> None:
         """Write weights, optimizer state and the run state into ``folder``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_file(self.weights(), str(folder / WEIGHTS_FILE))
+        kept = {f"{name}.{k}": v for name, weights in self.kept.items() for k, v in weights.items()}
+        save_file(kept, str(folder / KEPT_FILE))
         opt = self.optimizer.state_dict()
         flat = {
             f"{idx}.{key}": value.detach().cpu().reshape(value.shape).clone()
@@ -289,6 +342,7 @@ class EncoderTraining:
             "user_num": self.user_num,
             "item_num": self.item_num,
             "epoch": self.epoch,
+            "steps": self.steps,
             "finished": self.finished,
             "best": self.best,
             "history": self.history,
@@ -298,7 +352,8 @@ class EncoderTraining:
         (folder / STATE_FILE).write_text(json.dumps(jsonable(state), indent=1))
 
     def load(self, folder: str | Path, weights_only: bool = False) -> None:
-        """Restore a checkpoint written by :meth:`save` (only the weights if ``weights_only``)."""
+        """Restore a checkpoint written by :meth:`save` (only the weights, live and kept, if
+        ``weights_only``)."""
         folder = Path(folder)
         state = read_state(folder)
         if (state["user_num"], state["item_num"]) != (self.user_num, self.item_num):
@@ -308,6 +363,10 @@ class EncoderTraining:
                 todo="run the encode stage with --force or a new output_root",
             )
         self.load_weights(load_file(str(folder / WEIGHTS_FILE), device=str(self.device)))
+        self.kept = {}
+        for key, value in load_file(str(folder / KEPT_FILE), device=str(self.device)).items():
+            name, param = key.split(".", 1)
+            self.kept.setdefault(name, {})[param] = value
         if weights_only:
             return
         flat = load_file(str(folder / OPTIMIZER_FILE), device=str(self.device))
@@ -320,6 +379,7 @@ class EncoderTraining:
                 entry["step"] = entry["step"].cpu()
         self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
         self.epoch, self.finished = state["epoch"], state["finished"]
+        self.steps = state["steps"]
         self.best, self.history = state["best"], state["history"]
         self.resumed_at = state["resumed_at"]
 
@@ -344,18 +404,20 @@ def fit(
     item_num: int,
     log: Callable[[dict[str, Any]], None] | None = None,
 ) -> EncoderTraining:
-    """The whole training in this process; returns it with the best primary weights loaded."""
+    """The whole training in this process; returns it with each model's kept weights in place."""
     graph = train_graph(data["train"]) if needs_graph(cfg) else None
     training = EncoderTraining(cfg, user_num, item_num, graph, seen=data["train"])
-    best_weights = training.weights()
     while not training.finished:
         training.train_epoch(data["train"])
-        if training.validate(data["valid"], data.get("test")):
-            best_weights = training.weights()
+        training.validate(data["valid"], data.get("test"))
         if log is not None:
             log(training.history[-1])
-    training.load_weights(best_weights)
+    training.restore_kept()
     return training
+
+
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
 def _gt(a: float | None, b: float | None) -> bool:

@@ -4,7 +4,8 @@ where a run sets it), export its codes.
 
 Tables: ``codes`` (bits and their text formats per user and item, :func:`codes_table`) and
 ``embeddings`` (per user and item the ``relaxed`` vector tanh(proj(e)) the codes are the signs
-of, and the ``float`` baseline's embedding; :func:`embeddings_table`), from the best checkpoint.
+of, and the ``float`` baseline's embedding; :func:`embeddings_table`): each model's weights at
+its own best valid score (kept in every checkpoint, read from the last one).
 
 A ``TorchTrainer`` runs :func:`train_loop` on ``encoder.num_workers`` workers (DDP; gloo on CPU).
 The ``samples`` table feeds it as Ray datasets: ``train`` is split across the workers, ``valid``
@@ -14,14 +15,16 @@ workers stop together.
 
 Rank 0 reports a checkpoint whenever the binary valid AUC improves, every
 ``encoder.checkpoint_every`` epochs and at the end (each report costs Ray Train about 2 s, so not
-every epoch). A checkpoint (``model.safetensors``, ``optimizer.safetensors``, ``state.json``)
+every epoch). A checkpoint (``model.safetensors``, ``kept.safetensors``: each model's best weights
+so far, ``optimizer.safetensors``, ``state.json``)
 lands in ``{stage folder}/checkpoints/encoder-{stage hash}``: the hash covers the encoder
 config (resource fields aside) and the identity of the samples it trains on, so only a re-run on
 the same samples resumes it, and ``--force`` removes it. Ray keeps the checkpoint with the best
 valid AUC of the primary model and the latest one. A worker that dies is replaced up to
 ``encoder.max_failures`` times and training goes on from the latest checkpoint; running the stage
 again after a crash (same config, same samples) resumes the same way, and a finished run is not
-trained again. The codes come from the best checkpoint.
+trained again. The codes come from the binary model's kept weights, the ``float`` embeddings from
+the float model's.
 
 Test-only fault point ``BINLLM_TEST_FAULT=encode-epoch@N`` (:mod:`binllm_core.io.faults`): rank 0
 exits its process at the start of epoch ``N`` (0-based), once per run: the marker file
@@ -114,10 +117,10 @@ def train_and_export(ctx: StageContext, cfg: EncoderConfig) -> dict[str, Any]:
     graph = train_graph(_rows(datasets["graph"])) if needs_graph(cfg) else None
     seen = _rows(datasets["seen"]) if "seen" in datasets else None
     training = EncoderTraining(cfg, user_num, item_num, graph, seen=seen)
-    with best_checkpoint.as_directory() as folder:
+    with result.checkpoint.as_directory() as folder:  # the last: every model's best is kept
         training.load(folder, weights_only=True)
-    with result.checkpoint.as_directory() as folder:
         state = read_state(folder)
+    training.restore_kept()
     codes = codes_table(*training.signs())
     ctx.write_table(codes, "codes")
     ctx.write_table(embeddings_table(training.vectors()), "embeddings")

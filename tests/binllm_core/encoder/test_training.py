@@ -13,7 +13,14 @@ import torch
 from binllm_core.config import EncoderConfig
 from binllm_core.encoder.data import normalized_adjacency, split_samples, train_graph
 from binllm_core.encoder.model import BINARY, FLOAT, sign_ste
-from binllm_core.encoder.training import EncoderTraining, beta_at, fit, lr_factor
+from binllm_core.encoder.training import (
+    EncoderTraining,
+    beta_at,
+    ema_decay_at,
+    evaluate,
+    fit,
+    lr_factor,
+)
 from binllm_core.errors import ConfigError
 from tests.builders import planted_samples
 
@@ -86,8 +93,10 @@ def test_planted_groups_reach_high_test_auc(backbone: str) -> None:
 
 def test_same_seed_same_codes_and_exact_resume(tmp_path) -> None:
     data = split_samples(planted_samples(seed=1))
-    # cosine: the learning rates are a function of the epoch, so a resumed run goes on alike
-    cfg = dataclasses.replace(PLANTED, max_epochs=6, patience=6, lr_schedule="cosine")
+    # cosine: the learning rates are a function of the epoch; the average resumes its steps
+    cfg = dataclasses.replace(
+        PLANTED, max_epochs=6, patience=6, lr_schedule="cosine", ema_decay=0.9
+    )
     first = fit(cfg, data, 101, 61)
     again = fit(cfg, data, 101, 61)
     np.testing.assert_array_equal(first.signs()[0], again.signs()[0])
@@ -185,3 +194,50 @@ def test_logit_scale_scales_the_training_logits_and_leaves_the_codes_order() -> 
     inner = (codes_u[users] * codes_i[items]).sum(-1)
     torch.testing.assert_close(logits, 0.25 * inner)
     np.testing.assert_allclose(model.predict(users.numpy(), items.numpy()), inner.numpy())
+
+
+def test_each_model_is_exported_at_its_own_best_epoch_also_from_a_checkpoint(tmp_path) -> None:
+    data = split_samples(planted_samples(seed=3))
+    cfg = dataclasses.replace(
+        PLANTED, float_lr=0.3, float_weight_decay=0.0, max_epochs=25, patience=25
+    )
+    training = EncoderTraining(cfg, 101, 61)
+    while not training.finished:
+        training.train_epoch(data["train"])
+        training.validate(data["valid"])
+    assert training.best[FLOAT]["epoch"] != training.best[BINARY]["epoch"]
+    training.save(tmp_path)
+    training.restore_kept()
+    exported = EncoderTraining(cfg, 101, 61)
+    exported.load(tmp_path, weights_only=True)
+    exported.restore_kept()
+    for run in (training, exported):
+        for name in (BINARY, FLOAT):
+            auc = evaluate(run.evaluated.models[name], data["valid"])["auc"]
+            assert auc == pytest.approx(training.best[name]["valid"]["auc"], abs=1e-12)
+    np.testing.assert_array_equal(exported.signs()[1], training.signs()[1])
+    np.testing.assert_array_equal(exported.vectors()["float"][0], training.vectors()["float"][0])
+
+
+def test_ema_averages_every_step_with_a_warm_up_and_is_what_is_validated() -> None:
+    data = split_samples(planted_samples(seed=1))
+    cfg = dataclasses.replace(PLANTED, ema_decay=0.9, batch_size=100_000)  # one step per epoch
+    training = EncoderTraining(cfg, 101, 61)
+    assert training.evaluated is training.averaged
+    start = training.weights()
+    training.train_epoch(data["train"])
+    assert training.steps == 1 and ema_decay_at(1, 0.9) == pytest.approx(2 / 11)
+    averaged = training.averaged.state_dict()
+    for key, live in training.models.state_dict().items():
+        expected = torch.lerp(start[key], live, 1 - 2 / 11)
+        torch.testing.assert_close(averaged[key], expected)
+    assert ema_decay_at(1000, 0.9) == 0.9
+    training.validate(data["valid"])
+    expected_auc = evaluate(training.averaged.models[BINARY], data["valid"])["auc"]
+    assert training.valid_auc == expected_auc
+    assert expected_auc != evaluate(training.models.models[BINARY], data["valid"])["auc"]
+
+
+def test_ema_decay_is_below_one() -> None:
+    with pytest.raises(ConfigError, match=r"ema_decay = 1.0 is not in \[0, 1\)"):
+        EncoderTraining(EncoderConfig(ema_decay=1.0), 5, 6)
