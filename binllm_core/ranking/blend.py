@@ -25,6 +25,7 @@ on valid over a grid that holds 0 can never be worse than the retriever on valid
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -121,3 +122,39 @@ def choose_alpha(curve: Mapping[float, float]) -> float:
         raise ValueError("no valid figure to choose alpha by")
     best = max(curve.values())
     return min(a for a, v in curve.items() if v >= best - TIE_TOLERANCE)
+
+
+def blend_weights(
+    candidates: pl.DataFrame,
+    positives: Mapping[int, np.ndarray],
+    modes: Sequence[str],
+    grid: Sequence[float],
+    forced: float | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Per mode of ``modes``: the weight of the lists that ship and what it rests on —
+    ``alpha``; ``chosen_by`` (``rerank.alpha`` where ``forced``; else the valid curve's best,
+    :func:`choose_alpha`; else, without a valid user, 0: the retriever's order);
+    ``valid_users``; ``valid_ndcg@10`` (alpha -> NDCG@10 of the blended valid lists, over
+    ``grid`` and a forced alpha); ``valid_lift``, the chosen alpha's figure less the retriever's
+    (alpha 0; None without valid users). ``candidates``: the valid users' re-ranked candidates
+    with a ``mode`` column and those of :func:`alpha_curve`; ``positives``: those users' valid
+    positives."""
+    weights = sorted({*grid, *([] if forced is None else [forced])})
+    users = sum(1 for p in positives.values() if len(p))
+    out = {}
+    for mode in modes:
+        curve = alpha_curve(candidates.filter(pl.col("mode") == mode), positives, weights)
+        if forced is not None:
+            alpha, how = forced, "rerank.alpha"
+        elif curve:
+            alpha, how = choose_alpha({a: curve[a] for a in grid}), f"valid NDCG@{CHOICE_K}"
+        else:
+            alpha, how = 0.0, "no valid user re-ranked: the retriever's order"
+        out[mode] = {
+            "alpha": alpha,
+            "chosen_by": how,
+            "valid_users": users,
+            f"valid_ndcg@{CHOICE_K}": {f"{a:g}": v for a, v in curve.items()},
+            "valid_lift": curve[alpha] - curve[0.0] if curve else None,
+        }
+    return out

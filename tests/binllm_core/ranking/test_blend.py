@@ -11,6 +11,7 @@ from binllm_core.ranking.blend import (
     alpha_curve,
     blend_order,
     blend_scores,
+    blend_weights,
     choose_alpha,
     zscore,
 )
@@ -87,3 +88,37 @@ def test_choose_alpha_takes_the_best_and_the_smaller_of_equals():
     assert choose_alpha({0.0: 0.2, 0.3: 0.3, 0.6: 0.3 + 1e-15, 1.0: 0.1}) == 0.3
     with pytest.raises(ValueError, match="no valid figure"):
         choose_alpha({})
+
+
+def test_weights_per_mode_forced_chosen_or_the_retriever_without_valid_users():
+    # The retriever puts the positive (item 5) fifth; the text LLM puts it first, the binary
+    # LLM last: text gets alpha 1, binary 0 (every weight ties with the retriever).
+    distances = [1, 4, 5, 6, 9, 9]
+    by_mode = {"text": [0.99, 0.0, 0.0, 0.0, 1.0, 0.0], "binary": [0.0, 0.0, 0.0, 0.0, -1.0, 0.0]}
+    frame = pl.concat(
+        candidates({u: (scores, distances) for u in (1, 2)}).with_columns(mode=pl.lit(mode))
+        for mode, scores in by_mode.items()
+    )
+    positives = {1: np.array([5]), 2: np.array([5])}
+    found = blend_weights(frame, positives, ["binary", "text"], [0.0, 0.5, 1.0])
+    retriever = 1 / np.log2(6)
+    assert found["binary"]["alpha"] == 0.0 and found["binary"]["valid_lift"] == 0.0
+    assert found["text"]["alpha"] == 1.0 and found["text"]["chosen_by"] == "valid NDCG@10"
+    assert found["text"]["valid_lift"] == pytest.approx(1 - retriever)
+    assert found["text"]["valid_ndcg@10"]["0"] == pytest.approx(retriever)
+    assert found["text"]["valid_users"] == 2 and list(found["text"]["valid_ndcg@10"]) == [
+        "0",
+        "0.5",
+        "1",
+    ]
+    # A forced weight is used, measured beside the grid, and may do worse than the retriever.
+    anti = candidates({u: (list(range(10)), list(range(10))) for u in (1, 2)})
+    forced = blend_weights(
+        anti.with_columns(mode=pl.lit("text")), {1: np.array([1])}, ["text"], [0.0, 1.0], 0.3
+    )["text"]
+    assert forced["alpha"] == 0.3 and forced["chosen_by"] == "rerank.alpha"
+    assert list(forced["valid_ndcg@10"]) == ["0", "0.3", "1"] and forced["valid_lift"] <= 0
+    assert forced["valid_ndcg@10"]["1"] < forced["valid_ndcg@10"]["0"]
+    none = blend_weights(frame, {}, ["text"], [0.0, 1.0])["text"]
+    assert none["alpha"] == 0.0 and none["valid_lift"] is None and none["valid_users"] == 0
+    assert none["chosen_by"].startswith("no valid user")
