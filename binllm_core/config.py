@@ -866,10 +866,28 @@ class RerankConfig(Section):
     evaluation measures every method on this subset too (users ``reranked``)."""
     seed: int = 2024
     """Seed of the ``max_users`` subset."""
+    alpha: float | None = None
+    """Weight of the LLM in the lists that ship (:mod:`binllm_core.ranking.blend`: per user,
+    alpha z(LLM score) + (1 - alpha) z(retriever score)); empty: chosen per mode on valid
+    NDCG@10 over ``alpha_grid`` (``retrieve.splits`` must hold valid; without valid users it is
+    0, the retriever's order); a number in [0, 1] forces it (``binllm recommend`` too)."""
+    alpha_grid: list[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
+    """The weights alpha is chosen among, each in [0, 1]; it holds 0 (the retriever alone), so
+    the chosen blend is never worse than the retriever on valid. Of equal valid figures, the
+    smaller alpha."""
 
     def check(self, key: str, where: str = "") -> None:
         _check_modes(self.modes, f"{key}.modes", where)
         _signs(self, key, where, non_negative="top_n max_users")
+        if self.alpha is not None and not 0 <= self.alpha <= 1:
+            raise ConfigError(f"{key}.alpha = {self.alpha} is not in [0, 1]", where)
+        grid = self.alpha_grid
+        if any(not 0 <= a <= 1 for a in grid) or len(set(grid)) < len(grid) or 0 not in grid:
+            raise ConfigError(
+                f"{key}.alpha_grid = {grid} must be distinct weights in [0, 1] holding 0",
+                where,
+                "write e.g. alpha_grid: [0, 0.25, 0.5, 0.75, 1]",
+            )
 
 
 @dataclass

@@ -4,10 +4,12 @@ For each user (a Parquet table with a string column ``user`` of source ids, or e
 run) the steps of stages ``retrieve`` and ``rerank`` run on the user's whole known past: the
 ``rerank.top_n`` items nearest to the user's code that the user never interacted with
 (:class:`pipelines.ops.retrieval.UserRetriever`), each rendered with the user's latest positives as
-history and scored in ``score.candidate_mode`` (:func:`pipelines.ops.reranking.rerank`), the first
-``k`` kept. A user the encoder never saw has no code: by ``score.unknown`` they get the most popular
-items they have not seen, scored with text prompts and flagged ``cold`` (``text``), are left out
-and counted (``skip``), or stop the job naming them (``error``).
+history and scored in ``score.candidate_mode`` (:func:`pipelines.ops.reranking.rerank`), and the
+first ``k`` of the blend of the LLM's and the retriever's scores kept (``blend_rank``; the weight
+of :func:`blend_alpha`, recorded in the manifest's metrics ``alpha`` and ``alpha_from``). A user
+the encoder never saw has no code: by ``score.unknown`` they get the most popular items they have
+not seen, scored with text prompts and flagged ``cold`` (``text``), are left out and counted
+(``skip``), or stop the job naming them (``error``).
 
 Outputs are published whole (:mod:`pipelines.runtime.publish`): ``{run}/recommendations/{name}/``
 (or ``--output``), and for the nightly job ``{run}/recommendations/date=YYYY-MM-DD/``, where the
@@ -44,8 +46,9 @@ from pipelines.ops.retrieval import SERVE, codes_stage, retrieve, retriever_kwar
 from pipelines.ops.scoring import NONE, adapter_plan
 from pipelines.pairs import candidate_mode, manifest_or_none
 from pipelines.runtime.outputs import publish_command
+from pipelines.runtime.registry import STAGE_NAMES
 from pipelines.runtime.runs import input_stem, load_lookups, run_folder
-from pipelines.runtime.stage import StageContext
+from pipelines.runtime.stage import StageContext, stale_chain
 
 RECOMMENDATIONS = "recommendations"
 
@@ -131,6 +134,7 @@ def recommend_lists(
             "exclude": pa.array([seen_of.get(u, []) for u in uids], pa.list_(pa.int32())),
         }
     )
+    alpha, alpha_from = blend_alpha(cfg, ctx, mode)
     stats: dict[str, Any] = {
         "input_users": len(users) if users is not None else len(uid_of),
         "users": len(names),
@@ -139,16 +143,18 @@ def recommend_lists(
         "k": k,
         "candidates_per_user": cfg.rerank.top_n,
         "mode": mode,
+        "alpha": alpha,
+        "alpha_from": alpha_from,
     }
     if not names:
         return ray.data.from_arrow(RECOMMENDATIONS_SCHEMA.empty_table()), stats | {"rows": 0}
     candidates = retrieve(table, kwargs, retrieve_cfg).materialize()
     lookups = load_lookups(ctx, mode)
     histories = {("", uid): list(h) for uid, h in lookups.histories.items()}
-    ranked, per_mode = rerank(candidates, cfg, [mode], plan, lookups, histories)
+    ranked, per_mode = rerank(candidates, cfg, [mode], plan, lookups, histories, {mode: alpha})
 
     def first_k(batch: pa.Table) -> pa.Table:
-        return batch.filter(pc.less_equal(batch["rank"], k))
+        return batch.filter(pc.less_equal(batch["blend_rank"], k))
 
     out = ranked.map_batches(first_k, batch_format="pyarrow").materialize()
     stats.update(
@@ -158,6 +164,28 @@ def recommend_lists(
         wall_time_s=round(time.time() - started, 2),
     )
     return out, stats
+
+
+def blend_alpha(cfg: RunConfig, ctx: StageContext, mode: str) -> tuple[float, str]:
+    """The weight of the LLM in the lists ``mode`` ships, and where it comes from: ``rerank.alpha``
+    where set; else the one stage ``rerank`` chose on valid for ``mode``, where that stage
+    finished on the outputs the run holds now with the same ``rerank.top_n``; else 0, the
+    retriever's order (nothing shows that the LLM's order is better)."""
+    if cfg.rerank.alpha is not None:
+        return cfg.rerank.alpha, "rerank.alpha"
+    fallback = "the retriever's order (alpha 0): "
+    metrics = manifest_or_none(ctx, "rerank")
+    if metrics is None:
+        return 0.0, fallback + "stage rerank has not run"
+    chosen = metrics.get("blend", {}).get(mode)
+    if chosen is None:
+        return 0.0, fallback + f"stage rerank chose no weight for {mode}"
+    if metrics.get("top_n") != cfg.rerank.top_n:
+        return 0.0, fallback + f"stage rerank re-ranked {metrics.get('top_n')} candidates"
+    stale = stale_chain(ctx, ("rerank",), STAGE_NAMES)
+    if stale is not None:
+        return 0.0, fallback + f"stage rerank is stale ({stale[1]})"
+    return float(chosen["alpha"]), f"stage rerank ({chosen['chosen_by']})"
 
 
 def recommend(

@@ -255,13 +255,16 @@ def ranking_markdown(
     window: WindowChoice | None,
     resamples: int,
     codes_from: str = "the codes",
+    blend: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[str]:
     """The report's ranking section: a headline (NDCG@10 of the codes and the popularity
     baselines on every user of the full protocol), the split kind, the definitions, the
-    time-aware popularity's window; per protocol and split, one row per method, mode and user
-    set with the metrics of :data:`RANKING_COLUMNS` and their intervals; the retriever's
-    Recall@N; the curves of ``images`` ((protocol, split, user set) -> file). ``codes_from``
-    says which encoder's codes the lists are retrieved by (and whose float model is ``float``)."""
+    time-aware popularity's window, the blend's weight per mode (``blend``: stage ``rerank``'s
+    manifest, :func:`binllm_core.ranking.blend.blend_weights`); per protocol and split, one row
+    per method, mode and user set with the metrics of :data:`RANKING_COLUMNS` and their
+    intervals; the retriever's Recall@N; the curves of ``images`` ((protocol, split, user set)
+    -> file). ``codes_from`` says which encoder's codes the lists are retrieved by (and whose
+    float model is ``float``)."""
     if not rows:
         return []
     lines = ["## Ranking", "", *_headline(rows, window), ""]
@@ -282,7 +285,9 @@ def ranking_markdown(
         "`popularity`: train positives; "
         "`recent_popularity`: train positives of the last W days of train (ties: train "
         "popularity, then id); `codes+llm`: the codes' first `rerank.top_n` candidates "
-        "re-ranked by the LLM's answer score. Users **all**: every user of the split with a "
+        "re-ranked by the LLM's answer score; `blend`: the lists that ship, those candidates by "
+        "α·z(answer score) + (1 − α)·z(−Hamming distance) per user (α = 0: the codes' order). "
+        "Users **all**: every user of the split with a "
         "positive (a positive the retriever missed counts as a miss; every method but the "
         "LLM); **reranked**: the users the LLM re-ranked (a seeded `rerank.max_users`; every "
         "method, so the LLM is compared on the same users); **retrieved**: reranked users whose "
@@ -292,6 +297,11 @@ def ranking_markdown(
         "",
         _window_words(window),
         "",
+        *[
+            line
+            for mode, chosen in (blend or {}).items()
+            for line in _blend_words(rows, mode, chosen)
+        ],
     ]
     header = ["method", "mode", "users", "n", *[f"{m.upper()}@{k}" for m, k in RANKING_COLUMNS]]
     groups = list(dict.fromkeys((r["protocol"], r["split"]) for r in rows))
@@ -373,6 +383,50 @@ def _window_words(window: WindowChoice | None) -> str:
         f"{curve}; train popularity {window.popularity_valid_ndcg:.4f}. The window ends at the "
         "latest train interaction."
     )
+
+
+def _blend_words(
+    rows: Sequence[Mapping[str, Any]], mode: str, chosen: Mapping[str, Any]
+) -> list[str]:
+    """The blend's weight for ``mode``, its valid curve, and its lift over the codes' lists on
+    the re-ranked users of each split (full catalog, NDCG at the largest K up to 10 the blend
+    has)."""
+    alpha = chosen["alpha"]
+    curve = ", ".join(
+        f"**{a} {v:.4f}**" if float(a) == alpha else f"{a} {v:.4f}"
+        for a, v in chosen["valid_ndcg@10"].items()
+    )
+    valid = (
+        f"valid NDCG@10 of the blended lists over {chosen['valid_users']:,} re-ranked valid "
+        f"users (`rerank.alpha_grid`): {curve}; lift over the retriever (α = 0) "
+        f"{chosen['valid_lift']:+.4f}"
+        if chosen["valid_ndcg@10"]
+        else "no valid user was re-ranked (add valid to `retrieve.splits`)"
+    )
+    lifts = []
+    for split in dict.fromkeys(r["split"] for r in rows if r["protocol"] == "full"):
+        mine = [
+            r
+            for r in rows
+            if (r["protocol"], r["split"], r["users"]) == ("full", split, "reranked")
+            and r["k"] <= 10
+        ]
+        blended = {r["k"]: r for r in mine if (r["method"], r["mode"]) == ("blend", mode)}
+        codes = {r["k"]: r for r in mine if r["method"] == "codes"}
+        common = sorted(set(blended) & set(codes))
+        if common:
+            k = common[-1]
+            lift = blended[k]["ndcg"] - codes[k]["ndcg"]
+            lifts.append(f"{split} {lift:+.4f} (NDCG@{k} {_fmt(blended[k]['ndcg'])})")
+    return [
+        f"`blend` in `{mode}`: α = **{alpha:g}** ({chosen['chosen_by']}); {valid}. "
+        + (
+            "Lift over `codes` on the re-ranked users, full catalog: " + "; ".join(lifts) + "."
+            if lifts
+            else ""
+        ),
+        "",
+    ]
 
 
 def _with_interval(row: Mapping[str, Any], metric: str) -> str:

@@ -55,10 +55,12 @@ RANKING_SCHEMA = pa.schema(
 """One row per protocol, split, method, user set and K. ``method``: ``popularity`` (train
 positives), ``recent_popularity`` (train positives of the last W days of train, W chosen on
 valid), ``float`` (the continuous encoder's inner products, whole catalog), ``codes`` (the
-Hamming lists of ``retrieve``), ``codes+llm`` (those lists re-ranked by the LLM in ``mode``).
-``users``: ``all`` (every user of the split with a positive; every method
-but ``codes+llm``), ``reranked`` (the users the LLM re-ranked, ``rerank.max_users``: every
-method, compared on the same users) or ``retrieved`` (the reranked users whose positive is among
+Hamming lists of ``retrieve``), ``codes+llm`` (those lists re-ranked by the LLM in ``mode``),
+``blend`` (the lists that ship: the LLM's scores in ``mode`` blended with the retriever's,
+:mod:`binllm_core.ranking.blend`, the weight of stage ``rerank``).
+``users``: ``all`` (every user of the split with a positive; every method but ``codes+llm``
+and ``blend``), ``reranked`` (the users the LLM re-ranked, ``rerank.max_users``: every method,
+compared on the same users) or ``retrieved`` (the reranked users whose positive is among
 their first ``rerank.top_n`` candidates: the only users a re-ranker can help).
 ``{metric}_low``/``_high``: the metric's bootstrap 95 % interval over the row's users (null
 without ``evaluate.bootstrap``)."""
@@ -75,7 +77,8 @@ class RankingInputs:
     candidates: pl.DataFrame
     """``retrieve/candidates``: protocol, split, uid, iid, rank."""
     recommendations: pl.DataFrame | None
-    """``rerank/recommendations``: protocol, split, mode, uid, iid, rank (None: no rerank)."""
+    """``rerank/recommendations``: protocol, split, mode, uid, iid, rank, blend_rank (None: no
+    rerank)."""
     item_ids: np.ndarray
     """Every item id of the catalog, sorted."""
     popularity: np.ndarray
@@ -94,8 +97,8 @@ class RankingInputs:
     """Seed of the resamples."""
 
 
-def _lists(frame: pl.DataFrame, key: str = "uid") -> dict[int, np.ndarray]:
-    ordered = frame.sort([key, "rank"]).group_by(key, maintain_order=True).agg(pl.col("iid"))
+def _lists(frame: pl.DataFrame, key: str = "uid", rank: str = "rank") -> dict[int, np.ndarray]:
+    ordered = frame.sort([key, rank]).group_by(key, maintain_order=True).agg(pl.col("iid"))
     return {u: np.asarray(items) for u, items in zip(ordered[key], ordered["iid"], strict=True)}
 
 
@@ -279,13 +282,14 @@ def _llm(
     positives: dict[int, np.ndarray],
     sets: dict[str, list[int]],
 ) -> list[Ranked]:
-    """The re-ranked lists, on the users the LLM re-ranked only."""
+    """The re-ranked lists and the blended ones, on the users the LLM re-ranked only."""
     if recs is None:
         return []
     part = recs.filter(pl.col("protocol") == protocol)
     ks = tuple(k for k in KS if k <= inputs.rerank_n) or (inputs.rerank_n,)
     mine = {label: users for label, users in sets.items() if label != "all"}
     return [
-        Ranked(protocol, split, "codes+llm", mode, _lists(lists), positives, mine, ks)
+        Ranked(protocol, split, method, mode, _lists(lists, rank=rank), positives, mine, ks)
         for (mode,), lists in part.group_by(["mode"], maintain_order=True)
+        for method, rank in (("codes+llm", "rank"), ("blend", "blend_rank"))
     ]

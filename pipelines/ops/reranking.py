@@ -6,12 +6,13 @@ and item — the user's history as ``retrieve/users`` recorded it (the positives
 split, so a list never shows the split's own items), the titles and, in a code mode, the codes —
 and is scored by :func:`pipelines.ops.scoring.score_now` (the actors, adapters and shared user
 prefix of stage ``score``: a user's N prompts run the prefix once). Each mode is ranked by its
-answer score, ties by retrieval rank. ``binllm recommend`` and ``nightly --topk``
-(:mod:`pipelines.recommend`) run the same steps on their own users.
+answer score, ties by retrieval rank, and by the blend of that score with the retriever's
+(:mod:`binllm_core.ranking.blend`, the weight of each mode given). ``binllm recommend`` and
+``nightly --topk`` (:mod:`pipelines.recommend`) run the same steps on their own users.
 
 Table ``recommendations`` (:data:`RECOMMENDATIONS_SCHEMA`): per protocol, split, mode and user
-the re-ranked list (rank 1 = best) with the answer score, the retrieval rank and distance, and
-the lineage columns of ``scores``.
+the re-ranked list (rank 1 = best) with the answer score, the blend's score and rank, the
+retrieval rank and distance, and the lineage columns of ``scores``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from binllm_core.modes import MODES
 from binllm_core.prompts.render import prompt_with_soft
 from binllm_core.prompts.templates import Templates, templates_from_config
 from binllm_core.prompts.user_pairs import RunLookups
+from binllm_core.ranking.blend import blend_order, blend_scores
 from pipelines.ops.scoring import LINEAGE, NONE, SCORE_FIELDS, now_utc, score_now
 
 RECOMMENDATIONS_SCHEMA = pa.schema(
@@ -45,6 +47,8 @@ RECOMMENDATIONS_SCHEMA = pa.schema(
         ("rank", pa.int32()),
         ("score", pa.float64()),
         ("p_yes", pa.float64()),
+        ("blend_rank", pa.int32()),
+        ("blend_score", pa.float64()),
         ("retrieval_rank", pa.int32()),
         ("hamming", pa.int16()),
         ("source", pa.string()),
@@ -53,10 +57,14 @@ RECOMMENDATIONS_SCHEMA = pa.schema(
         *[f for f in SCORE_FIELDS if f[0] in LINEAGE],
     ]
 )
-"""Re-ranked lists: ``score`` is the answer score (the ``Yes`` logit by default), ``rank`` its
-order within (protocol, split, mode, user), ties by ``retrieval_rank``; ``cold``: the user has no
-code (a popularity list with text prompts, ``binllm recommend`` only); ``split`` is empty for
-``binllm recommend``."""
+"""Re-ranked lists, rows in ``rank`` order: ``score`` is the answer score (the ``Yes`` logit by
+default), ``rank`` its order within (protocol, split, mode, user), ties by ``retrieval_rank``
+(the LLM's own list); ``blend_score`` = alpha z(score) + (1 - alpha) z(-hamming) over the user's
+candidates (:mod:`binllm_core.ranking.blend`; minus ``retrieval_rank`` for a popularity list) and
+``blend_rank`` its order, ties by ``retrieval_rank``: the list that ships (alpha of the mode in
+the ``rerank`` manifest's ``blend``, or the one ``binllm recommend`` records); ``cold``: the user
+has no code (a popularity list with text prompts, ``binllm recommend`` only); ``split`` is empty
+for ``binllm recommend``, whose top K are the first K of ``blend_rank``."""
 GROUP = ["protocol", "split", "list_mode", "uid", "user"]
 """One list: users without a code all have uid 0 (``binllm recommend``), so the name counts."""
 ROWS_PER_PARTITION = 1_000_000
@@ -112,11 +120,18 @@ def render_lists(
     return batch
 
 
-def rank_group(group: pa.Table) -> pa.Table:
+def rank_group(group: pa.Table, alphas: Mapping[str, float]) -> pa.Table:
     """One user's scored candidates of one protocol, split and mode, ordered by answer score
-    (ties: retrieval rank), with ``rank`` 1..n."""
+    (ties: retrieval rank), with ``rank`` 1..n, and ``blend_rank`` 1..n by the blend of the
+    weight ``alphas[mode]``."""
     score = group["logit_yes"].to_numpy()
-    order = np.lexsort((group["rank"].to_numpy(), -score))
+    retrieval_rank = group["rank"].to_numpy()
+    order = np.lexsort((retrieval_rank, -score))
+    hamming = pc.cast(group["hamming"], pa.float64()).to_numpy()  # null (popularity) -> NaN
+    alpha = alphas[group["list_mode"][0].as_py()]
+    blend = blend_scores(score, hamming, retrieval_rank, alpha)
+    blend_rank = np.empty(len(order), np.int32)
+    blend_rank[blend_order(blend, retrieval_rank)] = np.arange(1, len(order) + 1)
     ordered = group.take(pa.array(order))
     out = {
         "protocol": ordered["protocol"],
@@ -130,6 +145,8 @@ def rank_group(group: pa.Table) -> pa.Table:
         "rank": pa.array(np.arange(1, len(order) + 1), pa.int32()),
         "score": ordered["logit_yes"],
         "p_yes": ordered["p_yes"],
+        "blend_rank": pa.array(blend_rank[order], pa.int32()),
+        "blend_score": pa.array(blend[order], pa.float64()),
         "retrieval_rank": ordered["rank"],
         "hamming": ordered["hamming"],
         "source": ordered["source"],
@@ -147,10 +164,26 @@ def rerank(
     plan: Mapping[str, str],
     lookups: RunLookups,
     histories: Mapping[tuple[str, int], list[int]],
+    alphas: Mapping[str, float],
 ) -> tuple[ray.data.Dataset, dict[str, Any]]:
+    """:func:`score_lists`, then :func:`rank_lists` with the blend weights ``alphas`` (mode ->
+    alpha): the lists (materialized) and per-mode counts."""
+    scored, per_mode = score_lists(candidates, cfg, modes, plan, lookups, histories)
+    return rank_lists(scored, alphas), per_mode
+
+
+def score_lists(
+    candidates: ray.data.Dataset,
+    cfg: RunConfig,
+    modes: list[str],
+    plan: Mapping[str, str],
+    lookups: RunLookups,
+    histories: Mapping[tuple[str, int], list[int]],
+) -> tuple[ray.data.Dataset | None, dict[str, Any]]:
     """Score ``candidates`` in each of ``modes`` with the adapters of ``plan`` (mode -> adapter
     URI, ``text`` included: a user without a code is scored with the text prompt and adapter,
-    inside the list of its mode) and rank them; the lists (materialized) and per-mode counts."""
+    inside the list of its mode); the scored rows (``list_mode`` the list's mode, ``logit_yes``
+    the answer score, ``rank`` the retrieval rank; None without a row) and per-mode counts."""
     templates = templates_from_config(cfg.prompts)
     scored_at = now_utc()
     parts, per_mode = [], {}
@@ -184,14 +217,21 @@ def rerank(
             "prompts_per_s": round(rows / max(seconds, 1e-9), 3),
         }
     if not parts:
-        return ray.data.from_arrow(RECOMMENDATIONS_SCHEMA.empty_table()), per_mode
-    scored = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        return None, per_mode
+    return (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]), per_mode
+
+
+def rank_lists(scored: ray.data.Dataset | None, alphas: Mapping[str, float]) -> ray.data.Dataset:
+    """The scored rows of :func:`score_lists` as lists (:data:`RECOMMENDATIONS_SCHEMA`,
+    materialized), each mode blended with its weight in ``alphas``."""
+    if scored is None:
+        return ray.data.from_arrow(RECOMMENDATIONS_SCHEMA.empty_table())
     # Few partitions: Ray's default of many costs seconds of tasks even for a few rows.
     partitions = max(1, -(-scored.count() // ROWS_PER_PARTITION))
     ranked = scored.groupby(GROUP, num_partitions=partitions).map_groups(
-        rank_group, batch_format="pyarrow"
+        rank_group, fn_kwargs={"alphas": dict(alphas)}, batch_format="pyarrow"
     )
-    return ranked.materialize(), per_mode
+    return ranked.materialize()
 
 
 def _of_mode(ds: ray.data.Dataset, mode: str) -> ray.data.Dataset:

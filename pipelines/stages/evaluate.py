@@ -57,6 +57,8 @@ from pipelines.ops.retrieval import codes_stage
 from pipelines.runtime.stage import StageContext
 
 COLUMNS = ["split", "mode", "uid", "label", "warm", "not_cold", "logit_yes", "adapter"]
+LLM_METHODS = ("codes+llm", "blend")
+"""The ranking methods measured only on the users the LLM re-ranked."""
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -105,6 +107,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             window,
             ctx.cfg.evaluate.bootstrap,
             codes_source(ctx.cfg),
+            ctx.manifest_of("rerank")["metrics"].get("blend") if "rerank" in ctx.upstream else None,
         )
         report += "\n".join(section) + "\n"
     summary = window.summary() if window else None
@@ -163,7 +166,7 @@ def _ranking(
             ctx.read_table(
                 "rerank",
                 "recommendations",
-                columns=["protocol", "split", "mode", "uid", "iid", "rank"],
+                columns=["protocol", "split", "mode", "uid", "iid", "rank", "blend_rank"],
             )
         )
         reranked = rerank_users(users, cfg.rerank.max_users, cfg.rerank.seed)
@@ -224,7 +227,7 @@ def _curves(ranked: list[Ranked], users: str) -> list[tuple[str, str, np.ndarray
     """NDCG@K and Recall@K against K of each of ``ranked`` on the user set ``users``."""
     curves = []
     for r in ranked:
-        label = r.method if r.method != "codes+llm" else f"codes+llm ({r.mode})"
+        label = r.method if r.method not in LLM_METHODS else f"{r.method} ({r.mode})"
         longest = max((len(v) for v in r.lists.values()), default=1)
         ks = np.arange(1, max(longest, 1) + 1)
         curves.append(("ndcg", label, ks, r.curve("ndcg", ks, users)))
@@ -242,7 +245,7 @@ def _headline(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {k: r[k] for k in keys}
         for r in rows
-        if r["k"] == 10 and r["users"] == widest[r["method"] == "codes+llm"]
+        if r["k"] == 10 and r["users"] == widest[r["method"] in LLM_METHODS]
     ]
 
 

@@ -1,7 +1,13 @@
 """Stage ``rerank``: the LLM orders the first ``rerank.top_n`` candidates of ``retrieve/candidates``
 (both protocols) of each user it re-ranks — a seeded ``rerank.max_users`` of each split's
-retrieved users, or every one — with :func:`pipelines.ops.reranking.rerank`, the users'
+retrieved users, or every one — with :func:`pipelines.ops.reranking.score_lists`, the users'
 histories as ``retrieve/users`` recorded them; table ``recommendations``.
+
+Each mode's lists are also blended with the retriever's (:mod:`binllm_core.ranking.blend`): the
+weight ``rerank.alpha``, else the one of ``rerank.alpha_grid`` with the best NDCG@10 of the
+blended full-protocol lists of the re-ranked valid users (never test; the smaller of equals; 0,
+the retriever's order, without valid users). The manifest's ``blend`` records per mode the
+weight, how it was chosen, the valid curve and the valid lift over the retriever (alpha 0).
 """
 
 from __future__ import annotations
@@ -12,13 +18,29 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 
+from binllm_core.ranking.blend import blend_weights
 from binllm_core.ranking.retrieval import rerank_users
-from pipelines.ops.reranking import histories_of, rerank
-from pipelines.ops.retrieval import CANDIDATES_SCHEMA
+from pipelines.ops.reranking import histories_of, rank_lists, score_lists
+from pipelines.ops.retrieval import CANDIDATES_SCHEMA, FULL
 from pipelines.ops.scoring import adapter_plan, default_modes
+from pipelines.runtime.ray_helpers import to_arrow
 from pipelines.runtime.runs import load_lookups
 from pipelines.runtime.stage import StageContext
+
+VALID = "valid"
+"""The split the blend's weight is chosen on (never test)."""
+VALID_ROWS = pa.schema(
+    [
+        ("mode", pa.string()),
+        ("uid", pa.int32()),
+        ("iid", pa.int32()),
+        ("score", pa.float64()),
+        ("hamming", pa.int16()),
+        ("retrieval_rank", pa.int32()),
+    ]
+)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -27,7 +49,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     modes = list(cfg.rerank.modes) or default_modes(cfg, finetune)
     plan = adapter_plan(cfg, list(dict.fromkeys([*modes, "text"])), finetune, ctx.run_uri)
     top_n = cfg.rerank.top_n
-    users = ctx.read_table("retrieve", "users", columns=["split", "uid", "history"])
+    users = ctx.read_table("retrieve", "users", columns=["split", "uid", "history", "positives"])
     chosen = rerank_users(
         pl.from_arrow(users.select(["split", "uid"])), cfg.rerank.max_users, cfg.rerank.seed
     )
@@ -42,14 +64,50 @@ def run(ctx: StageContext) -> dict[str, Any]:
         .materialize()
     )
     lookups = load_lookups(ctx, next((m for m in modes if m != "text"), "text"))
-    ranked, per_mode = rerank(candidates, cfg, modes, plan, lookups, histories_of(users))
+    scored, per_mode = score_lists(candidates, cfg, modes, plan, lookups, histories_of(users))
+    blend = blend_weights(
+        _valid_rows(scored),
+        _valid_positives(users, chosen.get(VALID, np.array([], np.int32))),
+        modes,
+        cfg.rerank.alpha_grid,
+        cfg.rerank.alpha,
+    )
+    ranked = rank_lists(scored, {mode: b["alpha"] for mode, b in blend.items()})
     ctx.write_dataset(ranked, "recommendations")
     return {
         "modes": per_mode,
+        "blend": blend,
         "top_n": top_n,
         "users": {split: len(uids) for split, uids in chosen.items()},
         "candidates": candidates.count(),
         "rows": ranked.count(),
+    }
+
+
+def _valid_rows(scored: ray.data.Dataset | None) -> pl.DataFrame:
+    """The scored full-protocol candidates of valid users: mode, uid, iid, score, hamming,
+    retrieval_rank."""
+    if scored is None:
+        return pl.from_arrow(VALID_ROWS.empty_table())
+
+    def valid(batch: pa.Table) -> pa.Table:
+        keep = pc.and_(pc.equal(batch["protocol"], FULL), pc.equal(batch["split"], VALID))
+        rows = batch.filter(keep).select(
+            ["list_mode", "uid", "iid", "logit_yes", "hamming", "rank"]
+        )
+        return rows.rename_columns(VALID_ROWS.names).cast(VALID_ROWS)
+
+    return pl.from_arrow(to_arrow(scored.map_batches(valid, batch_format="pyarrow"), VALID_ROWS))
+
+
+def _valid_positives(users: pa.Table, uids: np.ndarray) -> dict[int, np.ndarray]:
+    """The valid positives of the re-ranked valid users ``uids``."""
+    mine = users.filter(
+        pc.and_(pc.equal(users["split"], VALID), pc.is_in(users["uid"], pa.array(uids, pa.int32())))
+    )
+    return {
+        uid: np.asarray(p, np.int64)
+        for uid, p in zip(mine["uid"].to_pylist(), mine["positives"].to_pylist(), strict=True)
     }
 
 

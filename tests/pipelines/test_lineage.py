@@ -463,10 +463,13 @@ def test_tiny_run_retrieves_reranks_and_reports_ranking(trained):
         )
         assert set(part["iid"]) == set(first["iid"])  # the same candidates, re-ordered
         assert part.sort("rank")["score"].is_sorted(descending=True)
+        # tiny.yaml retrieves test users only: no valid user to choose by, the retriever's order
+        assert part.sort("blend_rank")["retrieval_rank"].to_list() == list(range(1, rerank_n + 1))
     ranking = pl.from_arrow(read_output(str(run_dir / "evaluate"), "ranking"))
     methods = set(ranking.select("protocol", "method").unique().iter_rows())
     baselines = ("codes", "float", "popularity", "recent_popularity")
-    assert methods == {(p, m) for p in ("full", "sampled") for m in (*baselines, "codes+llm")}
+    llm = ("codes+llm", "blend")
+    assert methods == {(p, m) for p in ("full", "sampled") for m in (*baselines, *llm)}
     full_ = ranking.filter(pl.col("protocol") == "full")
     assert full_.filter(pl.col("users") == "all")["n_users"].unique().to_list() == [len(users)]
     reranked = full_.filter(pl.col("users") == "reranked")["n_users"].unique().to_list()

@@ -1,9 +1,11 @@
 """``binllm recommend`` and ``nightly --topk`` on a fake finished run: K rows per user, never an
-item the user has, users without a code by ``score.unknown``, one identical partition per date;
-candidates in ``soft`` mode scored with the adapter's projector."""
+item the user has, users without a code by ``score.unknown``, the blend's weight forced, chosen
+by stage rerank or the retriever's; one identical partition per date; candidates in ``soft``
+mode scored with the adapter's projector."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from binllm_core.llm.scoring import Scorer
 from binllm_core.llm.soft import EntityVectors
 from binllm_core.prompts.templates import templates_from_config
 from binllm_core.prompts.user_pairs import render_candidates, with_row_numbers
+from binllm_core.storage import MANIFEST
 from jobs.cli import main
 from pipelines.pairs import read_pairs, score_pairs
 from pipelines.recommend import read_recommendations, recommend
@@ -30,7 +33,8 @@ from tests.builders import candidates, fake_run, publish_stage
 pytestmark = pytest.mark.slow  # retrieval and scoring actor pools
 
 DATE = "2026-11-23"
-IDENTITY = ["user", "item", "rank", "score", "retrieval_rank", "hamming", "source", "cold"]
+IDENTITY = ["user", "item", "rank", "score", "blend_rank", "retrieval_rank", "hamming", "source"]
+IDENTITY += ["cold"]
 
 
 def users_file(path: Path) -> Path:
@@ -51,17 +55,19 @@ def seen_items(cfg) -> dict[str, set[str]]:
 def test_recommend_gives_k_unseen_items_per_user_and_cold_users_by_policy(
     tmp_path: Path, ray_session
 ):
-    cfg = fake_run(tmp_path, "score.batch_size=8", "score.sort_window=2")
+    cfg = fake_run(tmp_path, "score.batch_size=8", "score.sort_window=2", "rerank.alpha=1")
     users = users_file(tmp_path / "users.parquet")
     result = recommend(cfg, str(users), k=3, log=lambda _: None)
     lists = pl.from_arrow(read_recommendations(cfg, "users"))
     assert result["metrics"]["users"] == 5 and result["metrics"]["cold_users"] == 2
+    assert result["metrics"]["alpha"] == 1 and result["metrics"]["alpha_from"] == "rerank.alpha"
     assert sorted(lists["user"].unique().to_list()) == ["u1", "u10", "u2", "u3", "u9"]
     for (user,), part in lists.group_by(["user"]):
         assert part.height == 3 and sorted(part["rank"].to_list()) == [1, 2, 3]
         assert not set(part["item"].to_list()) & seen_items(cfg).get(user, set())
         ordered = part.sort("rank")["score"].to_list()
-        assert ordered == sorted(ordered, reverse=True)  # the LLM's order
+        assert ordered == sorted(ordered, reverse=True)  # the LLM's order: alpha 1, forced
+        assert part["blend_rank"].to_list() == part["rank"].to_list()
     cold = lists.filter(pl.col("user").is_in(["u9", "u10"]))  # one list each, not one shared
     assert cold["cold"].all() and cold["source"].unique().to_list() == ["popularity"]
     warm = lists.filter(~pl.col("user").is_in(["u9", "u10"]))
@@ -70,6 +76,12 @@ def test_recommend_gives_k_unseen_items_per_user_and_cold_users_by_policy(
     skip = fake_run(tmp_path / "skip", "score.unknown=skip")
     out = recommend(skip, str(users), k=2, log=lambda _: None)
     assert out["metrics"]["skipped_users"] == 2 and out["metrics"]["rows"] == 3 * 2
+    # No stage rerank to choose a weight: the retriever's first two, whatever the LLM says.
+    assert out["metrics"]["alpha"] == 0
+    assert out["metrics"]["alpha_from"].endswith("stage rerank has not run")
+    for _, part in pl.from_arrow(read_recommendations(skip, "users")).group_by(["user"]):
+        assert sorted(part["retrieval_rank"].to_list()) == [1, 2]
+        assert part.sort("blend_rank")["retrieval_rank"].to_list() == [1, 2]
     with pytest.raises(DataError, match="'u9' was never seen by the encoder"):
         recommend(fake_run(tmp_path / "err", "score.unknown=error"), str(users), k=2)
 
@@ -80,6 +92,8 @@ def test_nightly_topk_twice_for_one_date_gives_one_identical_partition(
     sets = [f"output_root={tmp_path}", "run_name=f", "score.adapters={text: none, binary: none}"]
     cfg = fake_run(tmp_path)
     publish_stage(tmp_path / "f", "render", {})  # the CLI opens only a run that has rendered
+    chosen = {"alpha": 0.5, "chosen_by": "valid NDCG@10"}
+    publish_stage(tmp_path / "f", "rerank", {}, {"blend": {"binary": chosen}, "top_n": 5})
     run = ["--run", "configs/tiny.yaml", *[a for s in sets for a in ("--set", s)]]
     args = ["nightly", *run, "--topk", "2", "--date", DATE]
     assert main(args) == 0
@@ -90,6 +104,8 @@ def test_nightly_topk_twice_for_one_date_gives_one_identical_partition(
     assert two.select(IDENTITY).equals(one.select(IDENTITY))
     folder = tmp_path / "f" / "recommendations" / f"date={DATE}"
     assert len(list(folder.glob("v-*"))) == 1  # the second version replaced the first whole
+    stats = json.loads((folder / MANIFEST).read_text())["metrics"]
+    assert stats["alpha"] == 0.5 and stats["alpha_from"] == "stage rerank (valid NDCG@10)"
     assert main(["nightly", *run, "--date", DATE]) == 2
     assert "either --candidates PAIRS or --topk K" in capsys.readouterr().err
 
@@ -133,4 +149,3 @@ def test_soft_candidates_score_with_the_projector_and_cold_ones_in_text(
     )
     got = {r["row"]: r["logit_yes"] for r in scored if r["mode"] == "soft"}
     np.testing.assert_allclose([got[r] for r in soft["row"].to_pylist()], expected, atol=1e-4)
-

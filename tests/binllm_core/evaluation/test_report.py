@@ -14,6 +14,7 @@ from binllm_core.evaluation.report import (
     codes_metrics,
     llm_metrics,
     metrics_table,
+    ranking_markdown,
     report_markdown,
     roc_curves,
     roc_png,
@@ -91,3 +92,40 @@ def test_png_and_markdown():
     assert "Scores are the logit of the answer token `Yes` at the last prompt position." in text
     odds = report_markdown(rows, "r", 3, {}, answer_score="yes_minus_no")
     assert "logit of the answer token `Yes` minus that of `No` at the last" in odds
+
+
+def test_ranking_section_states_the_blends_weight_curve_and_lifts():
+    def row(split: str, method: str, mode: str, k: int, ndcg: float) -> dict:
+        return {"protocol": "full", "split": split, "method": method, "mode": mode} | {
+            "users": "reranked",
+            "n_users": 3,
+            "k": k,
+            **dict.fromkeys(("recall", "hr", "mrr"), 0.0),
+            "ndcg": ndcg,
+        }
+
+    rows = [
+        row(split, method, mode, k, value + 0.01 * k)
+        for split, shift in (("valid", 0.0), ("test", 0.1))
+        for method, mode, value in (("codes", "codes", shift), ("blend", "binary", shift + 0.2))
+        for k in (5, 10, 20)
+        if method == "codes" or k <= 10
+    ]
+    chosen = {
+        "alpha": 0.3,
+        "chosen_by": "valid NDCG@10",
+        "valid_users": 3,
+        "valid_ndcg@10": {"0": 0.1, "0.3": 0.3, "1": 0.2},
+        "valid_lift": 0.2,
+    }
+    text = "\n".join(ranking_markdown(rows, {}, 99, "global", None, 0, blend={"binary": chosen}))
+    assert (
+        "`blend` in `binary`: α = **0.3** (valid NDCG@10); valid NDCG@10 of the blended lists over "
+        "3 re-ranked valid users (`rerank.alpha_grid`): 0 0.1000, **0.3 0.3000**, 1 0.2000; lift "
+        "over the retriever (α = 0) +0.2000. Lift over `codes` on the re-ranked users, full "
+        "catalog: valid +0.2000 (NDCG@10 0.3000); test +0.2000 (NDCG@10 0.4000)."
+    ) in text
+    none = dict(chosen, alpha=0.0, valid_lift=None, **{"valid_ndcg@10": {}})
+    none["chosen_by"] = "no valid user re-ranked: the retriever's order"
+    text = "\n".join(ranking_markdown(rows, {}, 99, "global", None, 0, blend={"text": none}))
+    assert "α = **0** (no valid user re-ranked" in text and "add valid to `retrieve.splits`" in text

@@ -154,7 +154,16 @@ def test_evaluate_ranks_every_user_and_the_llm_on_the_users_it_reranked(tmp_path
     )
     fake(run, "retrieve", {}, {"users": users, "candidates": candidates})
     recs = pa.Table.from_pylist(lists("full", {1: [3, 2], 2: [2, 1]}, mode="binary"))
-    fake(run, "rerank", {}, {"recommendations": recs})
+    # The blend kept the codes' order for user 1 (2, 3) and swapped user 2's (1, 2).
+    recs = recs.append_column("blend_rank", pa.array([2, 1, 2, 1], pa.int32()))
+    blend = {
+        "alpha": 0.5,
+        "chosen_by": "valid NDCG@10",
+        "valid_users": 4,
+        "valid_ndcg@10": {"0": 0.25, "0.5": 0.375, "1": 0.125},
+        "valid_lift": 0.125,
+    }
+    fake(run, "rerank", {"blend": {"binary": blend}}, {"recommendations": recs})
     manifest = run_stage(cfg, next(s for s in STAGES if s.name == "evaluate"))
     ranking = pl.from_arrow(read_output(str(run / "evaluate"), "ranking"))
 
@@ -183,6 +192,11 @@ def test_evaluate_ranks_every_user_and_the_llm_on_the_users_it_reranked(tmp_path
     retrieved = value("codes+llm", "retrieved", 2)
     assert retrieved["n_users"] == 1 and retrieved["ndcg"] == pytest.approx(1.0)
     assert value("codes", "retrieved", 5)["ndcg"] == pytest.approx(g)
+    # The blend: user 1's positive at rank 2 (as the codes), user 2's never re-ranked.
+    assert ranking.filter((pl.col("method") == "blend") & (pl.col("users") == "all")).is_empty()
+    blended = value("blend", "reranked", 2)
+    assert blended["ndcg"] == pytest.approx(g / 2) and blended["mode"] == "binary"
+    assert blended["ndcg_low"] <= blended["ndcg"] <= blended["ndcg_high"]  # intervals as the rest
     # popularity (train positives: 4, then 1 and 2, then ids): user 1 without its excluded
     # item 1 finds 3 at rank 3; user 2 finds 5 at rank 5; user 3 finds 6 at rank 6.
     pop = (1 / np.log2(4) + (1 / np.log2(6)) / (1 + g)) / 2
@@ -224,5 +238,11 @@ def test_evaluate_ranks_every_user_and_the_llm_on_the_users_it_reranked(tmp_path
     assert "time-aware popularity (7 days)" in report and "W = **7 days**" in report
     assert "Split `per_user`" in report and "### test, full ranking" in report
     assert "Retriever (codes, all users)" in report
+    assert (  # no lift over codes: the blend's K (2) is none of the codes' (5, 10, 20)
+        "`blend` in `binary`: α = **0.5** (valid NDCG@10); valid NDCG@10 of the blended lists "
+        "over 4 re-ranked valid users (`rerank.alpha_grid`): 0 0.2500, **0.5 0.3750**, 1 0.1250; "
+        "lift over the retriever (α = 0) +0.1250. \n"
+    ) in report
+    assert "| blend | binary | reranked | 2 |" in report
     for name in ("ranking_test_full.png", "ranking_test_full_reranked.png"):
         assert f"({name})" in report and (folder / name).read_bytes().startswith(b"\x89PNG")
