@@ -209,10 +209,10 @@ def test_a_retrieval_encoder_gives_retrieve_its_own_codes_and_leaves_the_prompts
     def distances(stage: str) -> list[list[int]]:
         codes = read_output(str(run_root / stage), "codes").to_pylist()
         bits = {(c["entity"], c["id"]): np.array(c["bits"]) for c in codes}
-        by_user: dict[int, list[int]] = {}
-        for row in sorted(full, key=lambda r: (r["uid"], r["rank"])):
+        by_user: dict[tuple[str, int], list[int]] = {}  # a list per split and user
+        for row in sorted(full, key=lambda r: (r["split"], r["uid"], r["rank"])):
             far = int((bits["user", row["uid"]] != bits["item", row["iid"]]).sum())
-            by_user.setdefault(row["uid"], []).append(far)
+            by_user.setdefault((row["split"], row["uid"]), []).append(far)
         return list(by_user.values())
 
     assert all(d == sorted(d) for d in distances("encode_retrieval"))
