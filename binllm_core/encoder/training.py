@@ -21,7 +21,8 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,24 @@ def ema_decay_at(step: int, decay: float) -> float:
     """The moving average's decay after ``step`` optimizer steps (1-based): ``decay``, lower
     early on (``(1+t)/(10+t)``) so that the average is not held at the initial weights."""
     return min(decay, (1.0 + step) / (10.0 + step))
+
+
+@contextmanager
+def deterministic_kernels(device: torch.device) -> Iterator[None]:
+    """Torch's deterministic kernels for the duration, on CPU. With more than one thread the
+    embedding tables' backward adds its scattered gradients in an order that varies from
+    process to process, and through the sign flips two runs of one seed drift apart (ml-100k,
+    64-bit codes, 2 threads: other codes after 15 epochs; the same with this, at about 15 % more
+    time per epoch). Not on GPUs, where some kernels (LightGCN's sparse product) have no
+    deterministic form."""
+    if device.type != "cpu" or torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def seed_everything(seed: int) -> None:
@@ -202,6 +221,23 @@ class EncoderTraining:
             group["lr"] = base * lr_factor(epoch, self.cfg)
         started = time.perf_counter()
         self.models.train()
+        with deterministic_kernels(self.device):
+            total, steps = self._steps(rows, batch_size, beta, gen, rng)
+        self.epoch = epoch
+        seconds = round(time.perf_counter() - started, 4)
+        record = {"epoch": epoch, "beta": beta, "loss": total / max(steps, 1), "seconds": seconds}
+        self.history.append(record)
+        return total / max(steps, 1)
+
+    def _steps(
+        self,
+        rows: Rows,
+        batch_size: int,
+        beta: float,
+        gen: torch.Generator,
+        rng: np.random.Generator,
+    ) -> tuple[float, int]:
+        """The optimizer steps of one epoch: the summed loss and the number of steps."""
         total, steps = 0.0, 0
         for batch in self.objective.batches(rows, self.cfg, batch_size, gen, rng, self.seen):
             batch.users, batch.items = batch.users.to(self.device), batch.items.to(self.device)
@@ -215,11 +251,7 @@ class EncoderTraining:
             self._update_average()
             total += float(loss.detach())
             steps += 1
-        self.epoch = epoch
-        seconds = round(time.perf_counter() - started, 4)
-        record = {"epoch": epoch, "beta": beta, "loss": total / max(steps, 1), "seconds": seconds}
-        self.history.append(record)
-        return total / max(steps, 1)
+        return total, steps
 
     @torch.no_grad()
     def _update_average(self) -> None:

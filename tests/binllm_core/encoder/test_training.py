@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -241,3 +244,39 @@ def test_ema_averages_every_step_with_a_warm_up_and_is_what_is_validated() -> No
 def test_ema_decay_is_below_one() -> None:
     with pytest.raises(ConfigError, match=r"ema_decay = 1.0 is not in \[0, 1\)"):
         EncoderTraining(EncoderConfig(ema_decay=1.0), 5, 6)
+
+
+_TRAIN_IN_A_PROCESS = """
+import hashlib, torch
+from binllm_core.config import EncoderConfig
+from binllm_core.encoder.data import split_samples
+from binllm_core.encoder.training import EncoderTraining
+from tests.builders import planted_samples
+torch.set_num_threads(2)
+data = split_samples(planted_samples(seed=1))
+cfg = EncoderConfig(dim=64, objective="implicit", prior_bits=16, logit_scale=0.125,
+                    weight_decay=0.0, batch_size=256, max_epochs=15, seed=7)
+training = EncoderTraining(cfg, 101, 61, seen=data["train"])
+for _ in range(cfg.max_epochs):
+    training.train_epoch(data["train"])
+weights = b"".join(w.numpy().tobytes() for w in training.weights().values())
+print(hashlib.sha256(weights).hexdigest())
+"""
+
+
+@pytest.mark.slow  # two processes
+def test_one_seed_trains_the_same_weights_in_another_process_on_two_threads() -> None:
+    """Without deterministic kernels, the scattered sums of the embeddings' backward on two
+    threads gave three processes three sets of weights after 15 epochs."""
+    root = Path(__file__).resolve().parents[3]
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", _TRAIN_IN_A_PROCESS],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for _ in range(2)
+    }
+    assert len(digests) == 1
