@@ -151,9 +151,11 @@ def run_command(args: argparse.Namespace) -> None:
     with _console(cfg, args):
         manifests = run_pipeline(cfg, names, force=args.force)
     evaluated = manifests.get("evaluate", {}).get("metrics", {})
-    headline = lists_headline(evaluated.get("ranking", []))
-    if headline:
-        print(f"[binllm] {headline}")
+    rows = evaluated.get("ranking", [])
+    blend = manifests.get("rerank", {}).get("metrics", {}).get("blend", {})
+    for line in (lists_headline(rows), blend_headline(rows, blend)):
+        if line:
+            print(f"[binllm] {line}")
     report = evaluated.get("report")
     if report:
         from binllm_core.storage import join, to_uri
@@ -164,19 +166,50 @@ def run_command(args: argparse.Namespace) -> None:
 
 
 def lists_headline(rows: list[dict]) -> str:
-    """The lists' NDCG@10 on every user of the first evaluated split (full catalog), from the
-    evaluate manifest's headline rows; empty where the run made no lists."""
-    full = [r for r in rows if r["protocol"] == "full" and r["users"] == "all"]
+    """The lists' NDCG@10 on every user of the test split (else the first evaluated one; full
+    catalog), from the evaluate manifest's headline rows; empty where the run made no lists."""
+    full = _headline_split([r for r in rows if r["protocol"] == "full" and r["users"] == "all"])
     if not full:
         return ""
-    split = full[0]["split"]
-    figures = [
-        f"{r['method']} {r['ndcg']:.4f}"
-        + (f" [{r['ndcg_low']:.4f}, {r['ndcg_high']:.4f}]" if r.get("ndcg_low") is not None else "")
-        for r in full
-        if r["split"] == split
-    ]
-    return f"{split} NDCG@10, full catalog, {full[0]['n_users']:,} users: " + "; ".join(figures)
+    figures = [f"{r['method']} {_ndcg(r)}" for r in full]
+    return f"{full[0]['split']} NDCG@10, full catalog, {full[0]['n_users']:,} users: " + "; ".join(
+        figures
+    )
+
+
+def blend_headline(rows: list[dict], blend: dict[str, dict]) -> str:
+    """The lists that ship on the users the LLM re-ranked (test split, else the first; full
+    catalog): NDCG@10 of the codes' lists, the LLM's order and the blend of each mode with its
+    weight (``blend``: stage rerank's choice per mode); empty where nothing was re-ranked."""
+    full = _headline_split(
+        [r for r in rows if r["protocol"] == "full" and r["users"] == "reranked"]
+    )
+    if not full:
+        return ""
+    figures = []
+    for r in full:
+        name = r["method"] if r["method"] == "codes" else f"{r['method']} ({r['mode']})"
+        if r["method"] == "blend" and r["mode"] in blend:
+            name += f", alpha {blend[r['mode']]['alpha']:g}"
+        figures.append(f"{name} {_ndcg(r)}")
+    return (
+        f"{full[0]['split']} NDCG@10, full catalog, the {full[0]['n_users']:,} users the LLM "
+        "re-ranked: " + "; ".join(figures)
+    )
+
+
+def _headline_split(rows: list[dict]) -> list[dict]:
+    """The rows of the test split, else of the first split among ``rows``."""
+    if not rows:
+        return []
+    splits = [r["split"] for r in rows]
+    split = "test" if "test" in splits else splits[0]
+    return [r for r in rows if r["split"] == split]
+
+
+def _ndcg(row: dict) -> str:
+    low, high = row.get("ndcg_low"), row.get("ndcg_high")
+    return f"{row['ndcg']:.4f}" + (f" [{low:.4f}, {high:.4f}]" if low is not None else "")
 
 
 # ---- binllm status -----------------------------------------------------------------------------

@@ -238,14 +238,18 @@ def _curves(ranked: list[Ranked], users: str) -> list[tuple[str, str, np.ndarray
 def _headline(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """NDCG@10 (with its interval) and Recall@10 per protocol, split, method and mode, for the
     manifest: each method on its widest user set (every user; the LLM on the users it
-    re-ranked)."""
+    re-ranked), and the codes on the users the LLM re-ranked too (what the blend must beat)."""
     keys = ("protocol", "split", "method", "mode", "users", "n_users", "ndcg", "ndcg_low")
     keys += ("ndcg_high", "recall")
     widest = {True: "reranked", False: "all"}
     return [
         {k: r[k] for k in keys}
         for r in rows
-        if r["k"] == 10 and r["users"] == widest[r["method"] in LLM_METHODS]
+        if r["k"] == 10
+        and (
+            r["users"] == widest[r["method"] in LLM_METHODS]
+            or (r["method"], r["users"]) == ("codes", "reranked")
+        )
     ]
 
 

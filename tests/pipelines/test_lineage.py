@@ -20,7 +20,7 @@ import pytest
 from binllm_core.config import load_config
 from binllm_core.io.lock import WriterLock
 from binllm_core.storage import MANIFEST, content_identity, read_output, resolve
-from jobs.cli import lists_headline, main
+from jobs.cli import blend_headline, lists_headline, main
 from pipelines.runtime.registry import LOCK, STAGES, pipeline_status
 from pipelines.runtime.runs import run_folder
 
@@ -484,6 +484,18 @@ def test_tiny_run_retrieves_reranks_and_reports_ranking(trained):
     assert headline.startswith(f"test NDCG@10, full catalog, {len(users)} users: codes ")
     for row in at_10.iter_rows(named=True):
         assert f"{row['method']} {row['ndcg']:.4f} [{row['ndcg_low']:.4f}," in headline
+    # and then the lists that ship, beside the codes' on the same re-ranked users
+    blend = manifest(run_dir.parent.parent, "rerank")["metrics"]["blend"]
+    shipped = blend_headline(
+        manifest(run_dir.parent.parent, "evaluate")["metrics"]["ranking"], blend
+    )
+    same_users = full_.filter(
+        (pl.col("users") == "reranked") & (pl.col("k") == 10) & (pl.col("split") == "test")
+    )
+    assert shipped.startswith(f"test NDCG@10, full catalog, the {reranked[0]} users the LLM ")
+    for row in same_users.filter(pl.col("method").is_in(["codes", "blend"])).iter_rows(named=True):
+        name = "codes" if row["method"] == "codes" else f"blend ({row['mode']}), alpha "
+        assert name in shipped and f" {row['ndcg']:.4f} [{row['ndcg_low']:.4f}," in shipped
 
 
 @pytest.mark.slow
