@@ -313,6 +313,14 @@ class EncoderConfig(Section):
     has any (implicit and mixed objectives)."""
     implicit_weight: float = 0.5
     """The ``mixed`` objective's weight of the implicit loss (the rated one has the rest)."""
+    distill_weight: float = 0.0
+    """Weight of a distillation term (implicit and mixed objectives, binary runs): for each
+    liked item and its drawn items, the KL divergence from the float model's softmax over
+    their scores (trained beside the codes, held fixed in this term) to the codes', at
+    ``distill_temperature``, times its square. The codes then learn the float model's order
+    among the drawn items, not only the liked item above them; 0: off."""
+    distill_temperature: float = 1.0
+    """Temperature of both softmaxes of the distillation term."""
 
     def check(self, key: str, where: str = "") -> None:
         _check_name(self.backbone, ENCODER_BACKBONES, f"{key}.backbone", where)
@@ -349,6 +357,15 @@ class EncoderConfig(Section):
                 where,
                 f"keep most of the {self.dim} bits projected: e.g. {self.dim // 4}, or 0",
             )
+        if self.distill_weight and (self.objective == "rated" or not self.binary):
+            raise ConfigError(
+                f"{key}.distill_weight = {self.distill_weight} distills the float model's "
+                f"order of the drawn items into the codes, and this run "
+                + ("trains no codes" if not self.binary else "draws none (objective rated)"),
+                where,
+                f"set {key}.distill_weight to 0, or use the implicit or mixed objective "
+                "with binary codes",
+            )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(
                 f"{key}.ema_decay = {self.ema_decay} is not in [0, 1)",
@@ -367,8 +384,8 @@ class EncoderConfig(Section):
             key,
             where,
             positive="lr float_lr float_init_std logit_scale batch_size max_epochs patience "
-            "checkpoint_every num_workers",
-            non_negative="lightgcn_layers weight_decay float_weight_decay beta_step",
+            "checkpoint_every num_workers distill_temperature",
+            non_negative="lightgcn_layers weight_decay float_weight_decay beta_step distill_weight",
         )
 
 

@@ -176,6 +176,26 @@ def implicit_loss(logits: torch.Tensor, positives: int, negatives: int, kind: st
     ) + F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg))
 
 
+def distill_loss(
+    student: torch.Tensor, teacher: torch.Tensor, batch: Batch, temperature: float
+) -> torch.Tensor:
+    """KL divergence from the teacher's softmax over each liked item and its drawn items to
+    the student's, at ``temperature``, times its square (so the term's gradients keep their
+    size as the temperature changes); the mean over liked items. Logits are laid out as in
+    :class:`Batch`; the teacher's should carry no gradient."""
+    if not batch.positives:
+        return student.new_zeros(())
+
+    def groups(logits: torch.Tensor) -> torch.Tensor:  # (positives, 1 + negatives)
+        part = logits[: batch.implicit_rows].view(1 + batch.negatives, batch.positives)
+        return part.T / temperature
+
+    target = F.log_softmax(groups(teacher), dim=-1)
+    guess = F.log_softmax(groups(student), dim=-1)
+    kl = F.kl_div(guess, target, log_target=True, reduction="batchmean")
+    return kl * temperature**2
+
+
 def draw_negatives(
     users: np.ndarray, k: int, hard: bool, seen: Seen | None, rng: np.random.Generator
 ) -> np.ndarray:

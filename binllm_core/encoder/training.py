@@ -34,7 +34,7 @@ from torch import nn
 from binllm_core.config import EncoderConfig, to_dict
 from binllm_core.encoder.data import Rows, normalized_adjacency, train_graph
 from binllm_core.encoder.model import BACKBONES, BINARY, FLOAT, CollabModel, EncoderSet
-from binllm_core.encoder.objectives import NDCG, OBJECTIVES, Seen, list_ndcg
+from binllm_core.encoder.objectives import NDCG, OBJECTIVES, Seen, distill_loss, list_ndcg
 from binllm_core.errors import StageError
 from binllm_core.evaluation.metrics import score_report
 from binllm_core.storage import jsonable
@@ -244,6 +244,10 @@ class EncoderTraining:
             batch.labels = batch.labels.to(self.device)
             logits = self.forward_module(batch.users, batch.items, beta, gen)
             loss = sum(self.objective.loss(x, batch, self.cfg) for x in logits.values())
+            if self.cfg.distill_weight:
+                teacher = logits[FLOAT].detach()
+                term = distill_loss(logits[BINARY], teacher, batch, self.cfg.distill_temperature)
+                loss = loss + self.cfg.distill_weight * term
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

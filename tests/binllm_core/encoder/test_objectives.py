@@ -12,7 +12,14 @@ import torch
 from binllm_core.config import EncoderConfig
 from binllm_core.encoder.data import Rows, split_samples
 from binllm_core.encoder.model import BINARY, FLOAT
-from binllm_core.encoder.objectives import OBJECTIVES, Seen, draw_negatives, list_ndcg
+from binllm_core.encoder.objectives import (
+    OBJECTIVES,
+    Batch,
+    Seen,
+    distill_loss,
+    draw_negatives,
+    list_ndcg,
+)
 from binllm_core.encoder.training import EncoderTraining, fit
 from binllm_core.errors import ConfigError
 from binllm_core.ranking.metrics import METRICS
@@ -24,9 +31,7 @@ PLANTED = EncoderConfig(
 
 
 def rows(users, items, labels) -> Rows:
-    return Rows(
-        np.array(users, np.int64), np.array(items, np.int64), np.array(labels, np.float32)
-    )
+    return Rows(np.array(users, np.int64), np.array(items, np.int64), np.array(labels, np.float32))
 
 
 def test_drawn_negatives_avoid_rated_items_and_hard_ones_are_dislikes() -> None:
@@ -95,6 +100,51 @@ def test_an_implicit_objective_needs_every_train_row_and_sane_settings() -> None
     with pytest.raises(Exception, match="needs every train row"):
         EncoderTraining(EncoderConfig(objective="implicit"), 3, 3)
     for bad in ({"objective": "implicit", "negatives": 0}, {"implicit_weight": 1.0}):
+        with pytest.raises(ConfigError) as err:
+            EncoderConfig(**bad).check("encoder")
+        assert "\n" not in str(err.value)
+
+
+def test_distillation_is_zero_at_the_teachers_order_and_pulls_the_codes_towards_it() -> None:
+    # Two liked items, each with three drawn ones, laid out as a Batch: positives first, then
+    # negative j of positive b at 2 * (1 + j) + b.
+    batch = Batch(torch.zeros(8), torch.zeros(8), torch.zeros(0), positives=2, negatives=3)
+    teacher = torch.tensor([3.0, 1.0, 2.0, 0.0, 1.0, 2.0, 0.0, 3.0])
+    assert distill_loss(teacher + 5.0, teacher, batch, 2.0) == pytest.approx(0.0, abs=1e-6)
+    student = torch.zeros(8, requires_grad=True)
+    loss = distill_loss(student, teacher, batch, 1.0)
+    loss.backward()
+    # Each group's gradient is (softmax(student) - softmax(teacher)) / groups: the liked item
+    # of group 0 (teacher 3 of [3, 2, 1, 0]) goes up, the one of group 1 (1 of [1, 0, 2, 3])
+    # down, as the teacher orders them.
+    group0 = torch.softmax(torch.tensor([3.0, 2.0, 1.0, 0.0]), 0)
+    assert student.grad[0] == pytest.approx(float((0.25 - group0[0]) / 2))
+    assert student.grad[0] < 0 < student.grad[1]
+    rated_only = Batch(torch.zeros(4), torch.zeros(4), torch.zeros(4))
+    assert distill_loss(torch.randn(4), torch.randn(4), rated_only, 1.0) == 0.0
+
+
+def test_distilled_codes_train_and_the_float_model_is_the_same_as_without() -> None:
+    data = split_samples(planted_samples())
+    cfg = dataclasses.replace(PLANTED, objective="implicit", negatives=4, max_epochs=6)
+    untrained = EncoderTraining(cfg, 101, 61, seen=data["train"])
+    before = untrained.list_ndcg(untrained.models.models[BINARY], data["valid"])
+    plain = fit(cfg, data, 101, 61)
+    distilled = fit(dataclasses.replace(cfg, distill_weight=1.0), data, 101, 61)
+    # The term reaches the codes alone: the float model trains exactly as without it.
+    for name, weight in plain.models.models[FLOAT].state_dict().items():
+        assert torch.equal(weight, distilled.models.models[FLOAT].state_dict()[name])
+    assert distilled.history[-1]["loss"] != plain.history[-1]["loss"]
+    assert distilled.best[BINARY]["valid"]["ndcg"] > before + 0.05
+
+
+def test_distillation_needs_codes_and_drawn_items() -> None:
+    for bad in (
+        {"distill_weight": 1.0},
+        {"objective": "implicit", "distill_weight": 1.0, "binary": False},
+        {"objective": "implicit", "distill_weight": -1.0},
+        {"objective": "implicit", "distill_weight": 1.0, "distill_temperature": 0.0},
+    ):
         with pytest.raises(ConfigError) as err:
             EncoderConfig(**bad).check("encoder")
         assert "\n" not in str(err.value)
