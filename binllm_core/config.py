@@ -892,6 +892,12 @@ class RerankConfig(Section):
     """The weights alpha is chosen among, each in [0, 1]; it holds 0 (the retriever alone), so
     the chosen blend is never worse than the retriever on valid. Of equal valid figures, the
     smaller alpha."""
+    popular_places: list[int] = field(default_factory=lambda: [0])
+    """Places of each full-catalog list the time-aware popular items may take
+    (:mod:`binllm_core.ranking.candidates`): the last P of the ``top_n`` go to the first
+    popular items of the evaluation's window that the user may be given and the codes did not
+    list. P is chosen among these by Recall@``top_n`` of every retrieved valid user's list (the
+    smaller of equals); it holds 0, the codes' own lists, which ``[0]`` keeps."""
 
     def check(self, key: str, where: str = "") -> None:
         _check_modes(self.modes, f"{key}.modes", where)
@@ -904,6 +910,19 @@ class RerankConfig(Section):
                 f"{key}.alpha_grid = {grid} must be distinct weights in [0, 1] holding 0",
                 where,
                 "write e.g. alpha_grid: [0, 0.25, 0.5, 0.75, 1]",
+            )
+        places = self.popular_places
+        if (
+            0 not in places
+            or min(places) < 0
+            or max(places) > self.top_n
+            or len(set(places)) < len(places)
+        ):
+            raise ConfigError(
+                f"{key}.popular_places = {places} must be distinct places from 0 to "
+                f"{key}.top_n ({self.top_n}) holding 0",
+                where,
+                "write e.g. popular_places: [0, 1, 2, 3, 5]",
             )
 
 

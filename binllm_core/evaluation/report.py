@@ -256,6 +256,7 @@ def ranking_markdown(
     resamples: int,
     codes_from: str = "the codes",
     blend: Mapping[str, Mapping[str, Any]] | None = None,
+    union: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """The report's ranking section: a headline (NDCG@10 of the codes and the popularity
     baselines on every user of the full protocol), the split kind, the definitions, the
@@ -264,7 +265,9 @@ def ranking_markdown(
     per method, mode and user set with the metrics of :data:`RANKING_COLUMNS` and their
     intervals; the retriever's Recall@N; the curves of ``images`` ((protocol, split, user set)
     -> file). ``codes_from`` says which encoder's codes the lists are retrieved by (and whose
-    float model is ``float``)."""
+    float model is ``float``). ``union``: the rerank manifest's ``popular_union`` (the places
+    time-aware popular items took among the candidates, :mod:`binllm_core.ranking.candidates`),
+    None where it was off."""
     if not rows:
         return []
     lines = ["## Ranking", "", *_headline(rows, window), ""]
@@ -285,6 +288,7 @@ def ranking_markdown(
         "`popularity`: train positives; "
         "`recent_popularity`: train positives of the last W days of train (ties: train "
         "popularity, then id); `codes+llm`: the codes' first `rerank.top_n` candidates "
+        "(with `rerank.popular_places`, their last P places given to time-aware popular items) "
         "re-ranked by the LLM's answer score; `blend`: the lists that ship, those candidates by "
         "α·z(answer score) + (1 − α)·z(−Hamming distance) per user (α = 0: the codes' order). "
         "Users **all**: every user of the split with a "
@@ -297,6 +301,7 @@ def ranking_markdown(
         "",
         _window_words(window),
         "",
+        *_union_words(union),
         *[
             line
             for mode, chosen in (blend or {}).items()
@@ -383,6 +388,32 @@ def _window_words(window: WindowChoice | None) -> str:
         f"{curve}; train popularity {window.popularity_valid_ndcg:.4f}. The window ends at the "
         "latest train interaction."
     )
+
+
+def _union_words(union: Mapping[str, Any] | None) -> list[str]:
+    """The places the time-aware popular items took among the re-ranked candidates, and the
+    valid Recall@N they were chosen by."""
+    if union is None:
+        return []
+    n_key = next(k for k in union if k.startswith("valid_recall@"))
+    n = n_key.split("@")[1]
+    if not union["valid_users"]:
+        return [
+            f"Candidates: the codes' first {n} (no valid user to choose popular places by).",
+            "",
+        ]
+    places = union["places"]
+    curve = ", ".join(
+        f"**{p} {v:.4f}**" if int(p) == places else f"{p} {v:.4f}" for p, v in union[n_key].items()
+    )
+    return [
+        f"Candidates the LLM re-ranks: the codes' first {int(n) - places} and **{places}** "
+        f"time-aware popular items (window {union['window_days']} days; "
+        "`rerank.popular_places`), chosen on valid Recall@"
+        f"{n} over {union['valid_users']:,} valid users: {curve}; lift over the codes' own "
+        f"{n} {union['valid_lift']:+.4f}.",
+        "",
+    ]
 
 
 def _blend_words(

@@ -215,18 +215,23 @@ def _user_sets(
     split: str,
     positives: dict[int, np.ndarray],
     codes: dict[int, np.ndarray],
+    recs: pl.DataFrame | None,
 ) -> dict[str, list[int]]:
     """The users of each user set: ``all``; where the LLM re-ranked, also ``reranked`` and
-    ``retrieved`` (a positive among the first ``rerank_n`` candidates)."""
+    ``retrieved`` (a positive among the candidates the LLM re-ranked: the items of its lists
+    in ``recs`` of this protocol, which hold popular items where ``rerank.popular_places``
+    put some; else the first ``rerank_n`` of the codes)."""
     every = list(positives)
     if inputs.reranked is None:
         return {"all": every}
     chosen = set(np.asarray(inputs.reranked.get(split, [])).tolist())
     reranked = [u for u in every if u in chosen]
     empty = np.array([], np.int64)
-    retrieved = [
-        u for u in reranked if np.isin(codes.get(u, empty)[: inputs.rerank_n], positives[u]).any()
-    ]
+    shown = {u: items[: inputs.rerank_n] for u, items in codes.items()}
+    if recs is not None and recs.height:
+        one_mode = recs.filter(pl.col("mode") == recs["mode"][0])
+        shown = _lists(one_mode, rank="rank")
+    retrieved = [u for u in reranked if np.isin(shown.get(u, empty), positives[u]).any()]
     return {"all": every, "reranked": reranked, "retrieved": retrieved}
 
 
@@ -241,7 +246,8 @@ def _full(
     positives = {int(u): np.asarray(p) for u, p in zip(uids, users["positives"], strict=True)}
     codes = _lists(cands.filter(pl.col("protocol") == "full"))
     top_n = max((len(v) for v in codes.values()), default=0)
-    sets = _user_sets(inputs, split, positives, codes)
+    full = None if recs is None else recs.filter(pl.col("protocol") == "full")
+    sets = _user_sets(inputs, split, positives, codes, full)
     ks = tuple(sorted(set(KS) | {n for n in RETRIEVER_NS if n <= top_n}))
     out = [Ranked("full", split, "codes", "codes", codes, positives, sets, ks)]
     excluded = [list(e) for e in users["exclude"]]
@@ -267,7 +273,8 @@ def _sampled(
         if p is not None and int(u) in codes
     }
     pools = {u: np.sort(codes[u]) for u in positives}
-    sets = _user_sets(inputs, split, positives, codes)
+    sampled = None if recs is None else recs.filter(pl.col("protocol") == "sampled")
+    sets = _user_sets(inputs, split, positives, codes, sampled)
     out = [Ranked("sampled", split, "codes", "codes", codes, positives, sets, KS)]
     for method, lists in _catalog_lists(inputs, np.array(sorted(pools)), [], pools, 0).items():
         out.append(Ranked("sampled", split, method, method, lists, positives, sets, KS))

@@ -99,6 +99,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     window = None
     if "retrieve" in ctx.upstream:
         ranking, window, images_of = _ranking(ctx, folder)
+        rerank = ctx.manifest_of("rerank")["metrics"] if "rerank" in ctx.upstream else {}
         section = ranking_markdown(
             ranking,
             images_of,
@@ -107,7 +108,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
             window,
             ctx.cfg.evaluate.bootstrap,
             codes_source(ctx.cfg),
-            ctx.manifest_of("rerank")["metrics"].get("blend") if "rerank" in ctx.upstream else None,
+            rerank.get("blend"),
+            rerank.get("popular_union"),
         )
         report += "\n".join(section) + "\n"
     summary = window.summary() if window else None

@@ -20,6 +20,7 @@ from binllm_core.evaluation.report import (
     roc_png,
     roc_points,
 )
+from binllm_core.ranking.candidates import PlacesChoice
 
 
 def scores_table(n: int = 200, seed: int = 0) -> pa.Table:
@@ -129,3 +130,30 @@ def test_ranking_section_states_the_blends_weight_curve_and_lifts():
     none["chosen_by"] = "no valid user re-ranked: the retriever's order"
     text = "\n".join(ranking_markdown(rows, {}, 99, "global", None, 0, blend={"text": none}))
     assert "α = **0** (no valid user re-ranked" in text and "add valid to `retrieve.splits`" in text
+
+
+def test_the_report_states_the_places_popular_items_took_and_their_valid_recall() -> None:
+    rows = [
+        {
+            "protocol": "full",
+            "split": "test",
+            "method": "codes",
+            "mode": "codes",
+            "users": "all",
+            "n_users": 3,
+            "k": 10,
+            "ndcg": 0.1,
+            "recall": 0.2,
+            "hr": 0.3,
+            "mrr": 0.1,
+        }
+    ]
+    choice = PlacesChoice(2, {0: 0.15, 2: 0.16, 5: 0.155}, 10, 400, 90)
+    text = "\n".join(ranking_markdown(rows, {}, 99, "global", None, 0, union=choice.summary()))
+    assert (
+        "Candidates the LLM re-ranks: the codes' first 8 and **2** time-aware popular items "
+        "(window 90 days; `rerank.popular_places`), chosen on valid Recall@10 over 400 valid "
+        "users: 0 0.1500, **2 0.1600**, 5 0.1550; lift over the codes' own 10 +0.0100."
+    ) in text
+    off = "\n".join(ranking_markdown(rows, {}, 99, "global", None, 0))
+    assert "Candidates the LLM re-ranks" not in off

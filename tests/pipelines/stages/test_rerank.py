@@ -14,8 +14,9 @@ from binllm_core.ranking.blend import choose_alpha
 from binllm_core.ranking.metrics import ranking_metrics
 from binllm_core.storage import read_output
 from pipelines.ops.retrieval import CANDIDATES_SCHEMA
-from pipelines.runtime.stage import run_stage
-from tests.builders import fake_run, publish_stage, stage
+from pipelines.runtime.stage import StageContext, run_stage
+from pipelines.stages.rerank import _popular_union
+from tests.builders import N_ITEMS, fake_run, publish_stage, stage
 
 pytestmark = pytest.mark.slow  # scoring actor pool
 
@@ -25,6 +26,7 @@ USERS_SCHEMA = pa.schema(
         ("uid", pa.int32()),
         ("positives", pa.list_(pa.int32())),
         ("history", pa.list_(pa.int32())),
+        ("exclude", pa.list_(pa.int32())),
     ]
 )
 SPLITS = {1: "valid", 2: "valid", 3: "valid", 4: "valid", 5: "test", 6: "test"}
@@ -36,7 +38,10 @@ def fake_retrieve(run: Path) -> None:
     users, rows = [], []
     for uid, split in SPLITS.items():
         items = [1 + (uid + 2 * r) % 11 for r in range(5)]
-        users.append({"split": split, "uid": uid, "positives": [items[uid % 5]], "history": [12]})
+        positives = [items[uid % 5]]
+        users.append(
+            {"split": split, "uid": uid, "positives": positives, "history": [12], "exclude": []}
+        )
         for r, iid in enumerate(items):
             rows.append(
                 {
@@ -84,3 +89,63 @@ def test_rerank_chooses_the_blend_on_valid_and_writes_both_orders(tmp_path: Path
     positives = {u: np.array([1 + (u + 2 * (u % 5)) % 11]) for u in lists}
     got = ranking_metrics(lists, positives, [10])[10]["ndcg"]
     assert got == pytest.approx(curve[blend["alpha"]])
+
+
+def test_popular_items_join_the_lists_where_they_raise_valid_recall(tmp_path: Path, ray_session):
+    cfg = fake_run(
+        tmp_path, "retrieve.splits=[valid,test]", "rerank.top_n=4", "rerank.popular_places=[0,1,2]"
+    )
+    run = tmp_path / "f"
+    samples = pl.from_arrow(read_output(str(run / "samples"), "samples"))
+    liked = samples.filter((pl.col("split") == "train") & (pl.col("label") == 1))["iid"].to_numpy()
+    counts = np.bincount(liked, minlength=N_ITEMS + 1)
+    top = int(np.argmax(counts))  # every train row is inside the shortest window: the most liked
+    others = [i for i in range(1, N_ITEMS) if i != top]
+    users, rows = [], []
+    for uid, split in SPLITS.items():
+        items = others[uid % 3 : uid % 3 + 5]
+        # Valid users 1-3 liked the popular item the codes missed; user 4 the codes' first.
+        positives = [items[0]] if uid in (4, 5, 6) else [top]
+        users.append(
+            {"split": split, "uid": uid, "positives": positives, "history": [], "exclude": []}
+        )
+        for protocol in ("full", "sampled"):
+            for r, iid in enumerate(items):
+                rows.append(
+                    {
+                        "protocol": protocol,
+                        "split": split,
+                        "uid": uid,
+                        "iid": iid,
+                        "user": f"u{uid}",
+                        "item": f"i{iid}",
+                        "rank": r + 1,
+                        "hamming": r,
+                        "tie": 0.0,
+                        "source": "hamming",
+                    }
+                )
+    users_table = pa.Table.from_pylist(users, schema=USERS_SCHEMA)
+    candidates = pa.Table.from_pylist(rows, schema=CANDIDATES_SCHEMA)
+    publish_stage(run, "retrieve", {"users": users_table, "candidates": candidates})
+    union = _popular_union(StageContext.open(cfg, "rerank"), users_table, 4)
+    assert union is not None
+    summary = union.choice.summary()
+    assert summary["valid_recall@4"] == {"0": 0.25, "1": 1.0, "2": 1.0}
+    assert summary["places"] == 1 and summary["valid_lift"] == 0.75
+    lists = pl.from_arrow(
+        union.apply(candidates.filter(pa.compute.less_equal(candidates["rank"], 4)))
+    )
+    codes = pl.from_arrow(read_output(str(run / "encode"), "codes")).filter(pl.col("id") > 0)
+    bits = {(e, i): np.array(b) for e, i, b in codes.select("entity", "id", "bits").iter_rows()}
+    for (protocol, uid), part in lists.group_by(["protocol", "uid"]):
+        part = part.sort("rank")
+        assert part["rank"].to_list() == [1, 2, 3, 4]
+        if protocol == "sampled":  # the sampled pools stay as they were
+            assert (part["source"] == "hamming").all()
+            continue
+        assert part["source"].to_list() == ["hamming"] * 3 + ["popular"]
+        assert part["iid"][3] == top
+        expected = int((bits["user", uid] != bits["item", top]).sum())
+        assert part["hamming"][3] == expected and part["tie"][3] is None
+        assert part["item"][3] == f"i{top}" and part["user"][3] == f"u{uid}"
