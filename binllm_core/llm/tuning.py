@@ -32,7 +32,7 @@ from binllm_core.config import FinetuneConfig, TuneStepConfig
 from binllm_core.errors import ConfigError
 from binllm_core.evaluation.metrics import auc, uauc
 from binllm_core.llm.batches import Batch, TargetBatch
-from binllm_core.llm.objectives import OBJECTIVES, REC, Examples, SoftContrastive
+from binllm_core.llm.objectives import OBJECTIVES, REC, Examples, SoftContrastive, group_size
 from binllm_core.llm.prefix_sharing import PrefixCut
 from binllm_core.llm.recommender import LLMRecommender
 from binllm_core.llm.scoring import Scorer
@@ -379,6 +379,18 @@ def prefix_grouped_batches(
     return _batches(list(groups.values()), rows, batch_size, seed, REC)
 
 
+def group_batches(
+    rows: TaskRows, groups_per_batch: int, seed: int | str, task: str
+) -> Iterator[Examples]:
+    """Endless micro-batches of whole listwise groups (``rank`` tasks): ``rows`` holds groups
+    of one size laid end to end, each its liked item first (label 1, as
+    :func:`binllm_core.prompts.ranking_groups.group_prompts` writes them); every epoch shuffles
+    the groups, never the prompts within one, and cuts ``groups_per_batch`` groups at a time."""
+    size = group_size(rows.labels)
+    groups = [list(range(start, start + size)) for start in range(0, len(rows), size)]
+    return _batches(groups, rows, size * groups_per_batch, seed, task, shuffle_members=False)
+
+
 def micro_batches(
     rows: TaskRows,
     batch_size: int,
@@ -446,14 +458,19 @@ def interleave(
 
 
 def _batches(
-    groups: list[list[int]], rows: TaskRows, batch_size: int, seed: int | str, task: str
+    groups: list[list[int]],
+    rows: TaskRows,
+    batch_size: int,
+    seed: int | str,
+    task: str,
+    shuffle_members: bool = True,
 ) -> Iterator[Examples]:
     if len(rows) < batch_size:
         raise ValueError(f"{len(rows)} train {task} rows are fewer than one batch of {batch_size}")
     rng = random.Random(seed)
     while True:
         rng.shuffle(groups)
-        for members in groups:
+        for members in groups if shuffle_members else ():
             rng.shuffle(members)
         order = [i for members in groups for i in members]
         for start in range(0, len(order) - batch_size + 1, batch_size):

@@ -13,6 +13,7 @@ from binllm_core.llm.batches import PromptBatch
 from binllm_core.llm.objectives import OBJECTIVES, Examples, bpr_first, group_size, softmax_first
 from binllm_core.llm.prefix_sharing import SharedPrefixBatch
 from binllm_core.llm.recommender import LLMRecommender
+from binllm_core.llm.tuning import TaskRows, group_batches
 from binllm_core.prompts.render import prompt_of
 from tests.builders import TEMPLATES
 
@@ -142,3 +143,25 @@ def test_training_on_a_group_raises_its_liked_items_share(task: str) -> None:
     assert after > before + 0.05, (task, before, after)
     with torch.no_grad():
         assert int(rec.model(batch, task).argmax()) == 0  # the liked item now comes first
+
+
+def test_group_batches_hold_whole_groups_in_order_and_shuffle_only_the_groups() -> None:
+    rows = TaskRows([f"g{g}-{j}" for g in range(5) for j in range(3)], [1, 0, 0] * 5)
+    stream = group_batches(rows, 2, seed=0, task="rank")
+    epochs = []
+    for _ in range(3):  # five groups: two batches of two an epoch, one group left over
+        drawn = []
+        for examples in (next(stream), next(stream)):
+            assert examples.task == "rank" and examples.labels == [1, 0, 0] * 2
+            for start in (0, 3):
+                heads = {p.split("-")[0] for p in examples.prompts[start : start + 3]}
+                tails = [p.split("-")[1] for p in examples.prompts[start : start + 3]]
+                assert len(heads) == 1 and tails == ["0", "1", "2"]
+                drawn.append(heads.pop())
+        assert len(set(drawn)) == 4
+        epochs.append(drawn)
+    assert len({tuple(e) for e in epochs}) > 1  # a fresh order every epoch
+    again = group_batches(rows, 2, seed=0, task="rank")  # seeded: the same first batch
+    assert next(again).prompts == [f"{g}-{j}" for g in epochs[0][:2] for j in range(3)]
+    with pytest.raises(ValueError):
+        group_batches(TaskRows(rows.prompts[:5], rows.labels[:5]), 1, 0, "rank")
