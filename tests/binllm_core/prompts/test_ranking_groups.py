@@ -8,6 +8,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
+from binllm_core.modes import ITEM_TOKEN, SOFT, USER_TOKEN
 from binllm_core.prompts.ranking_groups import GroupSpec, build_groups, group_prompts
 from binllm_core.prompts.render import Lookups
 from binllm_core.prompts.user_pairs import RunLookups, render_candidates
@@ -116,18 +117,21 @@ def test_a_bad_spec_fails() -> None:
 
 def lookups() -> Lookups:
     titles = {int(i): f"item {i}" for i in CATALOG}
-    codes = {"binary": {}}
-    users = {"binary": {u: user_code(u) for u in (1, 2, 3)}}
-    codes["binary"] = {int(i): item_code(int(i)) for i in CATALOG}
-    return Lookups(titles, users, codes)
+    users = {
+        "binary": {u: user_code(u) for u in (1, 2, 3)},
+        SOFT: dict.fromkeys((1, 2, 3), USER_TOKEN),
+    }
+    items = {"binary": {int(i): item_code(int(i)) for i in CATALOG}}
+    items[SOFT] = dict.fromkeys(items["binary"], ITEM_TOKEN)
+    return Lookups(titles, users, items)
 
 
-@pytest.mark.parametrize("mode", ["text", "binary"])
+@pytest.mark.parametrize("mode", ["text", "binary", SOFT])
 def test_a_groups_prompts_are_the_runs_prompts_for_its_history_and_items(mode: str) -> None:
     spec = GroupSpec(size=4, per_user=1, pool=4)
     group = build_groups(train(), candidates(), CATALOG, spec, seed=0)[0]
     written = group_prompts(group, lookups(), TEMPLATES, mode, history_len=10)
-    assert written.labels == [1, 0, 0, 0] and written.soft is None
+    assert written.labels == [1, 0, 0, 0]
     run = RunLookups(
         uid_of={"u": group.uid},
         iid_of={str(i): i for i in group.items},
@@ -145,5 +149,10 @@ def test_a_groups_prompts_are_the_runs_prompts_for_its_history_and_items(mode: s
     )
     rendered = render_candidates(pairs, run, TEMPLATES, mode, "error", history_len=10)
     assert written.prompts == rendered["prompt"].to_pylist()
+    if mode == SOFT:  # the soft ids of each prompt: the user's, then the item's
+        assert written.soft == rendered["soft_ids"].to_pylist()
+        assert [ids[-2:] for ids in written.soft] == [[1, i] for i in group.items]
+    else:
+        assert written.soft is None
     assert '"item 10", "item 11", "item 12"' in written.prompts[0]
     assert '"item 13"' in written.prompts[0]  # the positive, asked about first
