@@ -4,12 +4,13 @@ For each user (a Parquet table with a string column ``user`` of source ids, or e
 run) the steps of stages ``retrieve`` and ``rerank`` run on the user's whole known past: the
 ``rerank.top_n`` items nearest to the user's code that the user never interacted with
 (:class:`pipelines.ops.retrieval.UserRetriever`), each rendered with the user's latest positives as
-history and scored in ``score.candidate_mode`` (:func:`pipelines.ops.reranking.rerank`), and the
-first ``k`` of the blend of the LLM's and the retriever's scores kept (``blend_rank``; the weight
-of :func:`blend_alpha`, recorded in the manifest's metrics ``alpha`` and ``alpha_from``). A user
-the encoder never saw has no code: by ``score.unknown`` they get the most popular items they have
-not seen, scored with text prompts and flagged ``cold`` (``text``), are left out and counted
-(``skip``), or stop the job naming them (``error``).
+history and scored in ``score.candidate_mode`` (:func:`pipelines.ops.reranking.score_lists`, then
+:func:`~pipelines.ops.reranking.rank_lists`), and the first ``k`` of the blend of the LLM's and the
+retriever's scores kept (``blend_rank``; the weight of :func:`blend_alpha`, recorded in the
+manifest's metrics ``alpha`` and ``alpha_from``). A user the encoder never saw has no code: by
+``score.unknown`` they get the most popular items they have not seen, scored with text prompts and
+flagged ``cold`` (``text``), are left out and counted (``skip``), or stop the job naming them
+(``error``).
 
 Outputs are published whole (:mod:`pipelines.runtime.publish`): ``{run}/recommendations/{name}/``
 (or ``--output``), and for the nightly job ``{run}/recommendations/date=YYYY-MM-DD/``, where the
@@ -41,7 +42,7 @@ from binllm_core.storage import (
     to_uri,
 )
 from pipelines.nightly import parse_date
-from pipelines.ops.reranking import RECOMMENDATIONS_SCHEMA, rerank
+from pipelines.ops.reranking import RECOMMENDATIONS_SCHEMA, rank_lists, score_lists
 from pipelines.ops.retrieval import SERVE, codes_stage, retrieve, retriever_kwargs
 from pipelines.ops.scoring import NONE, adapter_plan
 from pipelines.pairs import candidate_mode, manifest_or_none
@@ -151,7 +152,8 @@ def recommend_lists(
     candidates = retrieve(table, kwargs, retrieve_cfg).materialize()
     lookups = load_lookups(ctx, mode)
     histories = {("", uid): list(h) for uid, h in lookups.histories.items()}
-    ranked, per_mode = rerank(candidates, cfg, [mode], plan, lookups, histories, {mode: alpha})
+    scored, per_mode = score_lists(candidates, cfg, [mode], plan, lookups, histories)
+    ranked = rank_lists(scored, {mode: alpha})
 
     def first_k(batch: pa.Table) -> pa.Table:
         return batch.filter(pc.less_equal(batch["blend_rank"], k))

@@ -157,21 +157,6 @@ def rank_group(group: pa.Table, alphas: Mapping[str, float]) -> pa.Table:
     return pa.table(out).cast(RECOMMENDATIONS_SCHEMA)
 
 
-def rerank(
-    candidates: ray.data.Dataset,
-    cfg: RunConfig,
-    modes: list[str],
-    plan: Mapping[str, str],
-    lookups: RunLookups,
-    histories: Mapping[tuple[str, int], list[int]],
-    alphas: Mapping[str, float],
-) -> tuple[ray.data.Dataset, dict[str, Any]]:
-    """:func:`score_lists`, then :func:`rank_lists` with the blend weights ``alphas`` (mode ->
-    alpha): the lists (materialized) and per-mode counts."""
-    scored, per_mode = score_lists(candidates, cfg, modes, plan, lookups, histories)
-    return rank_lists(scored, alphas), per_mode
-
-
 def score_lists(
     candidates: ray.data.Dataset,
     cfg: RunConfig,

@@ -227,6 +227,7 @@ def test_evaluate_ranks_every_user_and_the_llm_on_the_users_it_reranked(tmp_path
         ("popularity", "all"),
         ("recent_popularity", "all"),
         ("float", "all"),
+        ("codes", "reranked"),  # what the blend must beat, on the same users
     }  # codes+llm has no K = 10 here: it re-ranks 2
     folder = next((run / "evaluate").glob("v-*/report"))
     report = (folder / "report.md").read_text()
