@@ -159,6 +159,70 @@ def _uniform(
     return out
 
 
+def valid_groups(
+    train: pl.DataFrame,
+    valid: pl.DataFrame,
+    candidates: Mapping[int, np.ndarray],
+    catalog: np.ndarray,
+    size: int,
+    seed: int,
+) -> list[RankingGroup]:
+    """One group per user of ``valid`` (its samples of the users to evaluate: ``uid``, ``iid``,
+    ``label``, ``timestamp``, ``sample_id``) with a liked item there, by uid: the history is
+    the user's train liked items oldest first (what the run's valid prompts and re-ranked lists
+    show), the positive the user's first valid liked item, and the ``size - 1`` negatives the
+    first of ``candidates[uid]`` (the retriever's order) that the user never rated in train and
+    that are none of the user's valid items; a short list is filled uniformly from the catalog
+    (seeded per user), a user without enough eligible items gives no group."""
+    ordered = ["uid", "timestamp", "sample_id"]
+    liked = (
+        train.filter(pl.col("label") == 1)
+        .sort(ordered)
+        .group_by("uid", maintain_order=True)
+        .agg(pl.col("iid"))
+    )
+    history = dict(zip(liked["uid"].to_list(), liked["iid"].to_list(), strict=True))
+    rated = train.group_by("uid").agg(pl.col("iid"))
+    seen_of = dict(zip(rated["uid"].to_list(), rated["iid"].to_list(), strict=True))
+    users = (
+        valid.sort(ordered)
+        .group_by("uid", maintain_order=True)
+        .agg(positive=pl.col("iid").filter(pl.col("label") == 1).first(), items=pl.col("iid"))
+    )
+    catalog = np.unique(np.asarray(catalog))
+    out = []
+    for uid, positive, items in users.sort("uid").iter_rows():
+        if positive is None:
+            continue
+        banned = np.unique(np.asarray([*seen_of.get(uid, ()), *items], np.int64))
+        ranked = np.asarray(candidates.get(uid, ()), np.int64)
+        eligible = ranked[~np.isin(ranked, banned)]
+        _, first = np.unique(eligible, return_index=True)
+        hard = eligible[np.sort(first)][: size - 1]
+        rng = np.random.default_rng([seed, uid])
+        fill = _uniform(catalog, np.concatenate([banned, hard]), size - 1 - len(hard), rng)
+        if fill is not None:
+            negatives = [int(i) for i in (*hard, *fill)]
+            out.append(RankingGroup(uid, tuple(history.get(uid, ())), (int(positive), *negatives)))
+    return out
+
+
+def sample_users(uids: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """The distinct ``uids``, sorted; a seeded random ``limit`` of them when 0 < limit < their
+    number."""
+    uids = np.unique(np.asarray(uids, np.int64))
+    if not 0 < limit < len(uids):
+        return uids
+    return np.sort(np.random.default_rng(seed).choice(uids, limit, replace=False))
+
+
+def held_out_negatives(groups: list[RankingGroup], held_out: Mapping[int, set[int]]) -> int:
+    """How many negatives of ``groups`` are one of their user's ``held_out`` items (valid or
+    test interactions): items a good retriever ranks high, which training cannot leave out
+    without reading the labels it is measured on."""
+    return sum(1 for g in groups for iid in g.items[1:] if iid in held_out.get(g.uid, ()))
+
+
 @dataclass(frozen=True)
 class GroupPrompts:
     """A group's prompts in one mode, the positive's first, with their 0/1 labels and, in

@@ -8,13 +8,16 @@ import math
 import pytest
 import torch
 
-from binllm_core.config import FinetuneConfig, ModelConfig
+from binllm_core.config import FinetuneConfig, ModelConfig, TuneStepConfig
 from binllm_core.llm.batches import PromptBatch
 from binllm_core.llm.objectives import OBJECTIVES, Examples, bpr_first, group_size, softmax_first
 from binllm_core.llm.prefix_sharing import SharedPrefixBatch
 from binllm_core.llm.recommender import LLMRecommender
-from binllm_core.llm.tuning import TaskRows, group_batches
+from binllm_core.llm.scoring import Scorer
+from binllm_core.llm.strategies import TuneStep
+from binllm_core.llm.tuning import EvalSet, TaskRows, fit_step, group_batches
 from binllm_core.prompts.render import prompt_of
+from binllm_core.ranking.metrics import group_metrics
 from tests.builders import TEMPLATES
 
 CUT = TEMPLATES.prefix_cut()
@@ -165,3 +168,28 @@ def test_group_batches_hold_whole_groups_in_order_and_shuffle_only_the_groups() 
     assert next(again).prompts == [f"{g}-{j}" for g in epochs[0][:2] for j in range(3)]
     with pytest.raises(ValueError):
         group_batches(TaskRows(rows.prompts[:5], rows.labels[:5]), 1, 0, "rank")
+
+
+def test_a_listwise_step_keeps_the_adapter_of_its_best_valid_ndcg(tmp_path) -> None:
+    """A ``rank`` step evaluates NDCG@10 and MRR of the valid groups (no AUC), stops and keeps
+    its best adapter by NDCG@10; the kept adapter scores the valid groups to that figure."""
+    prompts, labels = groups()
+    valid_prompts = group("0011", '"movie 9"', range(30, 34)) + group("1100", "none", range(40, 44))
+    valid = EvalSet(valid_prompts, [1, 0, 0, 0] * 2, [1] * 4 + [2] * 4, groups=True)
+    cfg = FinetuneConfig(lora_dropout=0.0, eval_every=1, patience=10, max_length=256)
+    budget = TuneStepConfig(lr=3e-2, warmup_steps=0, batch_size=1, max_steps=4)
+    step = TuneStep("step1", "binary", budget, False, {}, task="rank")
+    torch.manual_seed(0)
+    rec = LLMRecommender.from_backbone(ModelConfig(backbone="tiny"))
+    run = fit_step(rec, step, cfg, TaskRows(prompts, labels), valid, prefix_cut=CUT)
+    evals = run.state.evals
+    assert [e["step"] for e in evals] == [1, 2, 3, 4]
+    assert all("auc" not in e and 0 <= e["mrr"] <= 1 for e in evals)
+    best = max(evals, key=lambda e: e["ndcg10"])  # the first of equals
+    assert run.state.best == best["ndcg10"] and run.state.best_step == best["step"]
+    assert run.state.planned_steps == 4 and run.state.task_sequences == {"rank": 16}
+    saved = LLMRecommender.from_saved(ModelConfig(backbone="tiny"), run.best_dir)
+    scores, _ = Scorer(saved, 8, 256).score(valid_prompts)
+    kept = group_metrics(scores.reshape(2, 4))["ndcg10"]
+    assert kept == pytest.approx(best["ndcg10"], abs=1e-6)
+    run.close()

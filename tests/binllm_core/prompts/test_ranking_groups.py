@@ -9,7 +9,14 @@ import pyarrow as pa
 import pytest
 
 from binllm_core.modes import ITEM_TOKEN, SOFT, USER_TOKEN
-from binllm_core.prompts.ranking_groups import GroupSpec, build_groups, group_prompts
+from binllm_core.prompts.ranking_groups import (
+    GroupSpec,
+    build_groups,
+    group_prompts,
+    held_out_negatives,
+    sample_users,
+    valid_groups,
+)
 from binllm_core.prompts.render import Lookups
 from binllm_core.prompts.user_pairs import RunLookups, render_candidates
 from tests.builders import TEMPLATES, item_code, user_code
@@ -156,3 +163,39 @@ def test_a_groups_prompts_are_the_runs_prompts_for_its_history_and_items(mode: s
         assert written.soft is None
     assert '"item 10", "item 11", "item 12"' in written.prompts[0]
     assert '"item 13"' in written.prompts[0]  # the positive, asked about first
+
+
+def test_a_valid_group_is_the_valid_like_against_the_users_candidates() -> None:
+    """History: the train likes in time order; positive: the first valid like; negatives: the
+    retriever's first items the user never rated in train and none of its valid items; a user
+    without candidates gets catalog items; a user without a valid like gets no group."""
+    valid = pl.DataFrame(
+        {
+            "sample_id": [100, 101, 102, 103, 104],
+            "uid": [1, 1, 1, 2, 3],
+            "iid": [21, 50, 22, 40, 41],
+            "label": [0, 1, 1, 1, 0],
+            "timestamp": [50, 60, 70, 30, 30],
+        }
+    )
+    found = valid_groups(train(), valid, candidates(), CATALOG, 4, seed=1)
+    assert [g.uid for g in found] == [1, 2]
+    one, two = found
+    assert one.history == (10, 11, 12, 13) and one.items == (50, 23, 24, 25)
+    assert two.history == (14, 15) and two.items[:4] == (40, 31, 32, 33)
+    no_candidates = valid_groups(train(), valid, {}, CATALOG, 4, seed=1)[0]
+    assert no_candidates.items[0] == 50 and len(set(no_candidates.items)) == 4
+    assert not set(no_candidates.items[1:]) & (rated(1) | {21, 22, 50})
+    assert no_candidates == valid_groups(train(), valid, {}, CATALOG, 4, seed=1)[0]
+
+
+def test_users_are_sampled_seeded_and_held_out_negatives_counted() -> None:
+    uids = np.array([5, 3, 3, 9, 1, 7])
+    assert sample_users(uids, 0, 1).tolist() == [1, 3, 5, 7, 9]
+    some = sample_users(uids, 3, 1)
+    assert len(some) == 3 and set(some) <= {1, 3, 5, 7, 9}
+    assert some.tolist() == sample_users(uids, 3, 1).tolist() == sorted(some.tolist())
+    groups = build_groups(train(), candidates(), CATALOG, GroupSpec(size=4, pool=3), seed=0)
+    held_out = {1: {21, 22, 99}, 2: {31}}
+    expected = sum(i in held_out.get(g.uid, ()) for g in groups for i in g.items[1:])
+    assert held_out_negatives(groups, held_out) == expected > 0
