@@ -26,7 +26,7 @@ import yaml
 from binllm_core.codes import CODE_FORMATS
 from binllm_core.data.formats import FORMATS
 from binllm_core.errors import ConfigError
-from binllm_core.llm.strategies import STRATEGIES
+from binllm_core.llm.strategies import RANKING_TASKS, STRATEGIES
 from binllm_core.modes import MODES, TEXT_AND_CODE_MODES
 from binllm_core.ranking.retrieval import BACKENDS
 
@@ -598,6 +598,66 @@ class SoftConfig(Section):
 
 
 @dataclass
+class RankingConfig(Section):
+    """The listwise step of ``finetune.strategy`` ``ranking``/``one_step_ranking``: groups of a
+    liked item and the retriever's candidates (:mod:`binllm_core.prompts.ranking_groups`), a
+    loss over each group's answer scores, and the adapter kept by the valid groups' NDCG@10."""
+
+    size: int = 20
+    """Prompts per group: the liked item and ``size - 1`` negatives (LlamaRec re-ranks the
+    retriever's top 20). The valid groups have this size too."""
+    per_user: int = 1
+    """Train groups per user, at the user's latest train positives (the nearest to the lists
+    the stage re-ranks: the whole train history, then the next item)."""
+    min_history: int = 1
+    """Liked items a train group's point needs before it (its prompts' history)."""
+    pool: int = 20
+    """The first ``pool`` of a user's retrieved candidates (never rated in train) the candidate
+    negatives are drawn from; at least the candidate negatives a group takes
+    (``size - 1`` less the uniform ones) and at most ``retrieve.top_n``."""
+    uniform_share: float = 0.0
+    """Share of a train group's negatives drawn uniformly from the catalog (CIGAR: 0.5). 0: the
+    retriever's candidates alone, as the lists ``rerank`` orders hold nothing else (LlamaRec);
+    a uniform share teaches the ranker items it never meets there."""
+    loss: str = "rank"
+    """``rank``: softmax cross-entropy of each group's answer scores with the liked item as the
+    target; ``rank_pairs``: BPR of the liked item's score over each negative's
+    (:data:`binllm_core.llm.objectives.OBJECTIVES`)."""
+    step: TuneStepConfig = field(
+        default_factory=lambda: TuneStepConfig(lr=1e-4, batch_size=1, max_steps=1000)
+    )
+    """Budget of the listwise step. Its ``batch_size`` counts GROUPS per worker per
+    micro-batch (a micro-batch holds ``batch_size x size`` prompts), and ``epochs`` passes
+    over the train groups."""
+    max_users: int = 0
+    """Build train groups for a seeded random subset of this many users (0: every user)."""
+    max_valid_users: int = 200
+    """Valid groups: one per ``valid_small`` user with a valid liked item, a seeded random
+    subset of this many users (0: every one)."""
+
+    def check(self, key: str, where: str = "") -> None:
+        _check_name(self.loss, RANKING_TASKS, f"{key}.loss", where)
+        if self.size < 2:
+            raise ConfigError(
+                f"{key}.size = {self.size} must be >= 2",
+                where,
+                "a group is a liked item and negatives",
+            )
+        _signs(self, key, where, positive="per_user", non_negative="min_history pool max_users")
+        _signs(self, key, where, non_negative="max_valid_users")
+        if not 0.0 <= self.uniform_share <= 1.0:
+            raise ConfigError(f"{key}.uniform_share = {self.uniform_share} is not in [0, 1]", where)
+        hard = self.size - 1 - round(self.uniform_share * (self.size - 1))
+        if self.pool < hard:
+            raise ConfigError(
+                f"{key}.pool = {self.pool} holds fewer than the {hard} candidate negatives a group "
+                f"of {self.size} takes",
+                where,
+                f"raise {key}.pool to {hard} or more, or raise {key}.uniform_share",
+            )
+
+
+@dataclass
 class FinetuneConfig(Section):
     """LoRA fine-tuning of the backbone on prompts (stage ``finetune``, Ray Train)."""
 
@@ -607,7 +667,11 @@ class FinetuneConfig(Section):
     alone (the TALLRec / BinLLM-TO ablation); ``collm``: step 1 on text, step 2 on ``soft``
     prompts training the projector alone (LoRA frozen), as CoLLM; ``rsllm``: step 1 on text,
     step 2 on ``soft`` prompts training projector and LoRA with ``soft``'s contrastive terms
-    (RSLLM-style). The steps of each are :data:`binllm_core.llm.strategies.STRATEGIES`."""
+    (RSLLM-style); ``ranking``: one listwise step on code prompts from a fresh adapter, on
+    groups of a liked item and the retriever's candidates (``ranking``), its adapter kept by
+    the valid groups' NDCG@10 (the equal-budget rival of ``one_step``); ``one_step_ranking``:
+    ``one_step``'s pointwise step, then a listwise step from its adapter. The steps of each
+    are :data:`binllm_core.llm.strategies.STRATEGIES`."""
     code_mode: str = "binary"
     """Prompt mode of the code-bearing step of ``two_step``/``one_step``: a code format
     (``binary``, ``dotdec``; :data:`binllm_core.codes.CODE_FORMATS`) or ``soft``."""
@@ -617,6 +681,9 @@ class FinetuneConfig(Section):
     ``adapters/step1``): step 2 alone, on an existing text adapter."""
     soft: SoftConfig = field(default_factory=lambda: SoftConfig())
     """The projector and losses of ``soft`` steps."""
+    ranking: RankingConfig = field(default_factory=lambda: RankingConfig())
+    """The groups, loss and budget of a listwise step (strategies ``ranking`` and
+    ``one_step_ranking``)."""
     lora_r: int = 8
     """LoRA rank."""
     lora_alpha: int = 16
@@ -633,9 +700,11 @@ class FinetuneConfig(Section):
     weight_decay: float = 1e-3
     """AdamW weight decay, on weight matrices only."""
     eval_every: int = 50
-    """Evaluate AUC on ``valid_small`` every this many optimizer steps (and at the end)."""
+    """Evaluate on ``valid_small`` every this many optimizer steps (and at the end): AUC, or a
+    listwise step's NDCG@10 of the valid groups."""
     patience: int = 20
-    """Stop a step after this many evaluations without a better validation AUC."""
+    """Stop a step after this many evaluations without a better validation AUC (NDCG@10 of a
+    listwise step)."""
     eval_batch_size: int = 64
     """Sequences per scoring batch during evaluation."""
     max_length: int = 1024
@@ -675,7 +744,7 @@ class FinetuneConfig(Section):
     each in the step's prompt mode. Empty: recommendation prompts only."""
     aux_steps: list[str] = field(default_factory=lambda: ["step1", "step2"])
     """The tuning steps that mix in ``aux`` (``one_step`` and ``text_only`` have only
-    ``step1``)."""
+    ``step1``); never a listwise step."""
     max_failures: int = resource(2)
     """How many worker failures Ray Train recovers from (from the last checkpoint)."""
 
@@ -684,6 +753,12 @@ class FinetuneConfig(Section):
         """The tuning step that trains on soft prompts (``""``: none)."""
         steps = STRATEGIES[self.strategy](self) if self.strategy in STRATEGIES else []
         return next((name for name, mode, *_ in steps if MODES[mode].soft), "")
+
+    @property
+    def listwise_steps(self) -> list[str]:
+        """The tuning steps that train on ranking groups (they read ``retrieve``)."""
+        steps = STRATEGIES[self.strategy](self) if self.strategy in STRATEGIES else []
+        return [s[0] for s in steps if s[3].get("task", "rec") in RANKING_TASKS]
 
     def check(self, key: str, where: str = "") -> None:
         _check_name(self.strategy, tuple(STRATEGIES), f"{key}.strategy", where)
@@ -732,6 +807,13 @@ class FinetuneConfig(Section):
         unknown = [s for s in self.aux_steps if s not in ("step1", "step2")]
         if unknown:
             raise ConfigError(f"{key}.aux_steps has {unknown[0]}", where, "use step1 and step2")
+        listwise = [s for s in self.listwise_steps if s in self.aux_steps]
+        if self.aux and listwise:
+            raise ConfigError(
+                f"{key}.aux mixes aux tasks into {listwise[0]}, a listwise step of {self.strategy}",
+                where,
+                f"leave {listwise[0]} out of {key}.aux_steps",
+            )
         if not self.lora_target_modules:
             raise ConfigError(
                 f"{key}.lora_target_modules is empty",
@@ -1054,6 +1136,23 @@ class RunConfig(Section):
                     where,
                     "drop <UserID> or render code modes only (prompts.modes)",
                 )
+        listwise = self.finetune.listwise_steps
+        has_codes = any(MODES[m].has_codes for m in self.prompts.modes)
+        if listwise and not (has_codes and self.retrieve.top_n):
+            raise ConfigError(
+                f"finetune.strategy {self.finetune.strategy} trains on the retriever's candidates, "
+                "and this run retrieves none (retrieve.top_n 0 or no code mode in prompts.modes)",
+                where,
+                "set retrieve.top_n > 0 with a code mode rendered, or use a pointwise strategy "
+                "such as one_step",
+            )
+        if listwise and self.finetune.ranking.pool > self.retrieve.top_n:
+            raise ConfigError(
+                f"finetune.ranking.pool = {self.finetune.ranking.pool} is more than the "
+                f"retrieve.top_n = {self.retrieve.top_n} candidates there are",
+                where,
+                "lower finetune.ranking.pool or raise retrieve.top_n",
+            )
         if self.retrieve.top_n and self.rerank.top_n > self.retrieve.top_n:
             raise ConfigError(
                 f"rerank.top_n = {self.rerank.top_n} is more than the "

@@ -62,6 +62,7 @@ def test_rendering_prompts_imports_no_torch():
         "import sys\n"
         "import binllm_core.modes, binllm_core.prompts.render, binllm_core.prompts.aux_rows\n"
         "import binllm_core.prompts.user_pairs, binllm_core.prompts.token_lengths\n"
+        "import binllm_core.prompts.ranking_groups\n"
         "import binllm_core.llm.backbone, pipelines.stages.render\n"
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))[:3])\n"
     )

@@ -124,6 +124,8 @@ OBJECTIVE_EXAMPLES = {
     "rec": Examples("rec", PROMPTS, labels=[1, 0, 1, 0]),
     "bpr": Examples("bpr", [f"(A) or (B)? {p}" for p in PROMPTS], labels=[1, 0, 0, 1]),
     "mim": Examples("mim", PROMPTS, answers=["y", "q", "y", "q"]),
+    "rank": Examples("rank", PROMPTS, labels=[1, 0, 1, 0]),
+    "rank_pairs": Examples("rank_pairs", PROMPTS, labels=[1, 0, 1, 0]),
 }
 """Distinct prompts, so that a few steps on them can lower every objective's loss."""
 

@@ -7,15 +7,20 @@ batch, what a forward pass reads from the LM, and the loss.
   answer cue against 1 when (A) is the item the user liked.
 * ``mim`` — masked item: the language-modelling loss on the tokens of the hidden title(s)
   written after the prompt, and on nothing else.
+* ``rank`` — listwise: a micro-batch is whole groups of ``rec`` prompts, a liked item and the
+  retriever's candidates (:mod:`binllm_core.prompts.ranking_groups`); softmax cross-entropy of
+  the group's answer scores (the score the scorer ranks by) with the liked item as the target.
+  ``rank_pairs`` is its pairwise form: BPR of the liked item's score over each candidate's.
 
-The rows of ``bpr`` and ``mim`` come from :mod:`binllm_core.prompts.aux_rows`. A forward pass runs
-through the recommender's :class:`~binllm_core.llm.recommender.AnswerModel` (the module DDP wraps),
-which hands the batch to the task's :meth:`Objective.forward`.
+The rows of ``bpr`` and ``mim`` come from :mod:`binllm_core.prompts.aux_rows`, the groups of the
+``rank`` tasks from :mod:`binllm_core.prompts.ranking_groups`. A forward pass runs through the
+recommender's :class:`~binllm_core.llm.recommender.AnswerModel` (the module DDP wraps), which hands
+the batch to the task's :meth:`Objective.forward`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -31,7 +36,7 @@ from binllm_core.llm.batches import (
     tokenize,
     with_targets,
 )
-from binllm_core.llm.prefix_sharing import PrefixCut
+from binllm_core.llm.prefix_sharing import PrefixCut, SharedPrefixBatch
 from binllm_core.llm.soft import info_nce
 
 if TYPE_CHECKING:
@@ -180,7 +185,71 @@ class AnswerText:
         return output
 
 
-OBJECTIVES: dict[str, Objective] = {REC: YesNo(), "bpr": LetterChoice(), "mim": AnswerText()}
+class ListRanking(YesNo):
+    """``rank``/``rank_pairs``: the answer scores of whole groups, each group's liked item
+    first (its label 1, the candidates' 0), scored as ``rec`` scores them, under a loss over
+    each group's scores ``(groups, size)`` whose liked item is column 0. With a prefix cut a
+    group's prompts share the user's prefix and run it once; gradients flow through both
+    passes as through whole prompts."""
+
+    def __init__(self, loss: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.group_loss = loss
+
+    def collate(
+        self, tokenizer: Any, examples: Examples, max_length: int, cut: PrefixCut | None
+    ) -> Batch:
+        group_size(examples.labels)
+        return super().collate(tokenizer, examples, max_length, cut)
+
+    def forward(self, model: AnswerModel, batch: Batch) -> torch.Tensor:
+        """The answer scores in the order of the examples' prompts."""
+        return in_input_order(batch, super().forward(model, batch))
+
+    def loss(self, output: torch.Tensor, batch: Batch) -> torch.Tensor:
+        labels = in_input_order(batch, batch.labels)
+        return self.group_loss(output.reshape(-1, group_size(labels.tolist())))
+
+
+def in_input_order(batch: Batch, rows: torch.Tensor) -> torch.Tensor:
+    """Values of a batch's rows in the order its prompts were given (a shared-prefix batch
+    orders its rows by group)."""
+    if isinstance(batch, SharedPrefixBatch) and batch.order is not None:
+        return torch.empty_like(rows).index_copy(0, batch.order.to(rows.device), rows)
+    return rows
+
+
+def group_size(labels: Sequence[int]) -> int:
+    """The size of the groups ``labels`` hold: each group begins with its one 1 and all are
+    equally long (ValueError otherwise)."""
+    starts = [i for i, y in enumerate(labels) if y == 1]
+    size = len(labels) // max(len(starts), 1)
+    if not starts or starts != list(range(0, len(labels), size)):
+        raise ValueError(
+            "listwise rows must be whole groups of one size, each its liked item (label 1) "
+            f"first: labels {list(labels)[:12]}"
+        )
+    return size
+
+
+def softmax_first(scores: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each row's softmax with column 0 (the liked item) as the target."""
+    target = torch.zeros(len(scores), dtype=torch.long, device=scores.device)
+    return F.cross_entropy(scores.float(), target)
+
+
+def bpr_first(scores: torch.Tensor) -> torch.Tensor:
+    """BPR: mean ``-log sigmoid(s_liked - s_candidate)`` over each row's candidates."""
+    return -F.logsigmoid(scores[:, :1].float() - scores[:, 1:].float()).mean()
+
+
+OBJECTIVES: dict[str, Objective] = {
+    REC: YesNo(),
+    "bpr": LetterChoice(),
+    "mim": AnswerText(),
+    "rank": ListRanking(softmax_first),
+    "rank_pairs": ListRanking(bpr_first),
+}
 """Task name -> its objective; a new task is an entry here and a row builder in
-:mod:`binllm_core.prompts.aux_rows`. A recommender trains with these unless a tuning step replaces
-one (``rec`` by :class:`SoftContrastive` in an ``rsllm`` step: ``AnswerModel.objectives``)."""
+:mod:`binllm_core.prompts` (``aux_rows``, ``ranking_groups``). A recommender trains with these
+unless a tuning step replaces one (``rec`` by :class:`SoftContrastive` in an ``rsllm`` step:
+``AnswerModel.objectives``)."""

@@ -173,6 +173,9 @@ class SharedPrefixBatch:
     suffix_mask: torch.Tensor
     group: torch.Tensor
     labels: torch.Tensor | None = None
+    order: torch.Tensor | None = None
+    """The input position of each row (rows follow the groups, not the input); None: the
+    input's order."""
 
     @classmethod
     def build(
@@ -194,7 +197,8 @@ class SharedPrefixBatch:
         target = None
         if labels is not None:
             target = torch.as_tensor(np.asarray(labels)[order], dtype=torch.float32)
-        return cls(prefix_ids, prefix_mask, suffix_ids, suffix_mask, group, target)
+        rows = torch.as_tensor(order, dtype=torch.long)
+        return cls(prefix_ids, prefix_mask, suffix_ids, suffix_mask, group, target, rows)
 
     def __len__(self) -> int:
         return int(self.suffix_ids.shape[0])
@@ -219,6 +223,7 @@ class SharedPrefixBatch:
             self.suffix_mask.to(device),
             self.group.to(device),
             labels,
+            None if self.order is None else self.order.to(device),
         )
 
     def last_logits(self, net: torch.nn.Module, config: Any, soft: Any = None) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 :class:`TuningRun` has the lifecycle of a torchtune recipe — ``setup`` (fresh, from a saved
 adapter, or resumed from a checkpoint), ``train_step`` (one optimizer step over gradient-
-accumulated micro-batches), ``evaluate`` (validation AUC/UAUC, early stopping, the best adapter
-kept), ``save_checkpoint`` — and both the plain single-process loop (:func:`fit_plain`: the
+accumulated micro-batches), ``evaluate`` (validation AUC/UAUC, or a listwise step's NDCG@10
+and MRR of valid groups; early stopping and the best adapter follow the step's metric),
+``save_checkpoint`` — and both the plain single-process loop (:func:`fit_plain`: the
 benchmarks and tests) and the Ray Train worker (``pipelines/stages/finetune.py``) drive it, the way
 both drive :class:`binllm_core.encoder.training.EncoderTraining`. The Ray side adds only data
 shards, DDP, gathering evaluation scores across workers and reporting checkpoints.
@@ -26,19 +27,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from binllm_core.config import FinetuneConfig, TuneStepConfig
 from binllm_core.errors import ConfigError
 from binllm_core.evaluation.metrics import auc, uauc
 from binllm_core.llm.batches import Batch, TargetBatch
-from binllm_core.llm.objectives import OBJECTIVES, REC, Examples, SoftContrastive
+from binllm_core.llm.objectives import OBJECTIVES, REC, Examples, SoftContrastive, group_size
 from binllm_core.llm.prefix_sharing import PrefixCut
 from binllm_core.llm.recommender import LLMRecommender
 from binllm_core.llm.scoring import Scorer
 from binllm_core.llm.soft import EntityVectors
-from binllm_core.llm.strategies import TuneStep
+from binllm_core.llm.strategies import SELECTS, TuneStep
 from binllm_core.modes import MODES
+from binllm_core.ranking.metrics import group_metrics
 
 STATE = "state.json"
 OPTIMIZER = "optimizer.pt"
@@ -96,7 +99,8 @@ def planned_steps(step: TuneStepConfig, n_train: int, world_size: int = 1) -> in
 
 @dataclass
 class EarlyStopping:
-    """Track the best validation AUC; ``stop`` after ``patience`` evaluations without a better."""
+    """Track the best validation figure (the step's metric); ``stop`` after ``patience``
+    evaluations without a better."""
 
     patience: int
     best: float = -math.inf
@@ -118,14 +122,21 @@ class EarlyStopping:
 
 @dataclass
 class EvalSet:
-    """Validation prompts with labels and users (and soft ids, for soft prompts)."""
+    """Validation prompts with labels and users (and soft ids, for soft prompts); with
+    ``groups``, whole listwise groups laid end to end, each its liked item first (label 1)."""
 
     prompts: list[str]
     labels: list[int]
     uids: list[int]
     soft: list[list[int]] | None = None
+    groups: bool = False
 
     def metrics(self, scores: Sequence[float]) -> dict[str, float]:
+        """AUC and UAUC of prompts; of groups, NDCG@10 and MRR of each group's order by score
+        (:func:`binllm_core.ranking.metrics.group_metrics`)."""
+        if self.groups:
+            found = group_metrics(np.reshape(scores, (-1, group_size(self.labels))))
+            return {"ndcg10": found["ndcg10"], "mrr": found["mrr"]}
         return {"auc": auc(self.labels, scores), "uauc": uauc(self.uids, self.labels, scores)}
 
 
@@ -168,8 +179,11 @@ class TuningRun:
         world: int = 1,
         prefix_cut: PrefixCut | None = None,
         train_lora: bool = True,
+        task: str = REC,
     ) -> None:
         self.rec = recommender
+        self.selects = SELECTS[task]
+        """The valid metric early stopping and the kept adapter follow (the task's)."""
         self.train_lora = train_lora
         """False: the adapter is frozen and only the extra modules learn (CoLLM's step 2)."""
         self.prefix_cut = prefix_cut
@@ -300,9 +314,12 @@ class TuningRun:
         scores, _ = scorer.score(valid.prompts, valid.soft)
         mine = (scores.tolist(), list(valid.labels), list(valid.uids))
         parts = gather(mine) if gather is not None else [mine]
-        whole = EvalSet([], [y for p in parts for y in p[1]], [u for p in parts for u in p[2]])
+        labels, uids = [y for p in parts for y in p[1]], [u for p in parts for u in p[2]]
+        whole = EvalSet([], labels, uids, groups=valid.groups)
         metrics = whole.metrics([x for p in parts for x in p[0]])
-        if self.stopper.update(metrics["auc"], self.state.step) and self.rank == 0:
+        if self.selects not in metrics:
+            raise ValueError(f"a step selected by {self.selects} evaluated {sorted(metrics)}")
+        if self.stopper.update(metrics[self.selects], self.state.step) and self.rank == 0:
             shutil.rmtree(self.best_dir, ignore_errors=True)
             self.rec.save(self.best_dir)
         every = [x for losses in self._losses.values() for x in losses]
@@ -330,7 +347,9 @@ class TuningRun:
         assert self.optimizer is not None
         folder = Path(folder)
         self.rec.save(folder / "adapter")
-        if not self.best_dir.exists():  # no valid AUC yet (one class only): the current stands in
+        if (
+            not self.best_dir.exists()
+        ):  # no valid figure yet (e.g. one class): the current stands in
             self.rec.save(self.best_dir)
         shutil.copytree(self.best_dir, folder / "best")
         torch.save(self.optimizer.state_dict(), folder / OPTIMIZER)
@@ -379,6 +398,18 @@ def prefix_grouped_batches(
     return _batches(list(groups.values()), rows, batch_size, seed, REC)
 
 
+def group_batches(
+    rows: TaskRows, groups_per_batch: int, seed: int | str, task: str
+) -> Iterator[Examples]:
+    """Endless micro-batches of whole listwise groups (``rank`` tasks): ``rows`` holds groups
+    of one size laid end to end, each its liked item first (label 1, as
+    :func:`binllm_core.prompts.ranking_groups.group_prompts` writes them); every epoch shuffles
+    the groups, never the prompts within one, and cuts ``groups_per_batch`` groups at a time."""
+    size = group_size(rows.labels)
+    groups = [list(range(start, start + size)) for start in range(0, len(rows), size)]
+    return _batches(groups, rows, size * groups_per_batch, seed, task, shuffle_members=False)
+
+
 def micro_batches(
     rows: TaskRows,
     batch_size: int,
@@ -386,10 +417,17 @@ def micro_batches(
     cut: PrefixCut | None,
     aux: Mapping[str, TaskRows] | None = None,
     shares: Mapping[str, float] | None = None,
+    task: str = REC,
 ) -> Iterator[Examples]:
     """The micro-batches a tuning run trains on: recommendation prompts (grouped by prefix when
     ``cut`` is given), and with ``aux`` rows the tasks in turn, each its ``shares`` of the
-    micro-batches (the recommendation task the rest; see :func:`interleave`)."""
+    micro-batches (the recommendation task the rest; see :func:`interleave`). A listwise
+    ``task``: ``batch_size`` whole groups of ``rows`` at a time (:func:`group_batches`; no
+    aux rows)."""
+    if task != REC:
+        if aux:
+            raise ValueError(f"aux rows of {sorted(aux)} in a {task} step")
+        return group_batches(rows, batch_size, seed, task)
     rec = (
         shuffled_batches(rows, batch_size, seed)
         if cut is None
@@ -446,14 +484,19 @@ def interleave(
 
 
 def _batches(
-    groups: list[list[int]], rows: TaskRows, batch_size: int, seed: int | str, task: str
+    groups: list[list[int]],
+    rows: TaskRows,
+    batch_size: int,
+    seed: int | str,
+    task: str,
+    shuffle_members: bool = True,
 ) -> Iterator[Examples]:
     if len(rows) < batch_size:
         raise ValueError(f"{len(rows)} train {task} rows are fewer than one batch of {batch_size}")
     rng = random.Random(seed)
     while True:
         rng.shuffle(groups)
-        for members in groups:
+        for members in groups if shuffle_members else ():
             rng.shuffle(members)
         order = [i for members in groups for i in members]
         for start in range(0, len(order) - batch_size + 1, batch_size):
@@ -510,7 +553,8 @@ def fit_step(
 ) -> TuningRun:
     """One step of a strategy (:func:`binllm_core.llm.strategies.plan`) in this process, set up
     by :func:`prepare` as the Ray Train worker sets it up: :func:`fit_plain` with the step's
-    budget, adapter training and curriculum."""
+    budget, adapter training, curriculum and task (a listwise step: ``train`` and ``valid``
+    hold whole groups; its best adapter is the one of the best valid NDCG@10)."""
     curriculum = prepare(recommender, step, cfg, vectors, titles)
     return fit_plain(
         recommender,
@@ -523,6 +567,7 @@ def fit_step(
         aux,
         step.train_lora,
         curriculum,
+        step.task,
     )
 
 
@@ -537,20 +582,23 @@ def fit_plain(
     aux: Mapping[str, TaskRows] | None = None,
     train_lora: bool = True,
     curriculum: bool = False,
+    task: str = REC,
 ) -> TuningRun:
     """Tune ``recommender`` in this process; evaluate every ``cfg.eval_every`` steps when
     ``valid`` is given; with ``prefix_cut``, shared prefixes run once (on prefix-grouped
     micro-batches under ``cfg.batch_by_prefix``); with ``aux`` rows, their tasks take
     ``cfg.aux`` of the micro-batches; ``train_lora`` False trains the extra modules alone;
-    ``curriculum`` swaps soft prompts for ``train.plain`` as :func:`with_curriculum`. The
+    ``curriculum`` swaps soft prompts for ``train.plain`` as :func:`with_curriculum`; a
+    listwise ``task`` trains on whole groups and selects by NDCG@10 (:class:`TuningRun`). The
     finished run (its ``state`` holds the evaluations and counters; its ``best_dir`` the best
     adapter until ``close``)."""
+    n_train = len(train) // group_size(train.labels) if task != REC else len(train)
     run = TuningRun(
-        recommender, cfg, step_cfg, len(train), prefix_cut=prefix_cut, train_lora=train_lora
+        recommender, cfg, step_cfg, n_train, prefix_cut=prefix_cut, train_lora=train_lora, task=task
     )
     run.setup(start_from=start_from)
     group_by = prefix_cut if cfg.batch_by_prefix else None
-    stream = micro_batches(train, step_cfg.batch_size, cfg.seed, group_by, aux, cfg.aux)
+    stream = micro_batches(train, step_cfg.batch_size, cfg.seed, group_by, aux, cfg.aux, task)
     if curriculum:
         stream = with_curriculum(stream, run.progress, f"{cfg.seed}/curriculum")
     while not run.done:

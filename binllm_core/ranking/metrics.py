@@ -142,3 +142,22 @@ def bootstrap_interval(
             means[start : start + len(draws), j] = figure[draws].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5], axis=0)
     return low, high
+
+
+def group_metrics(scores: np.ndarray, k: int = 10) -> dict[str, float]:
+    """NDCG@k and MRR of listwise groups: ``scores`` (groups x size) holds each group's answer
+    scores, its one liked item in column 0. Each group is ordered by score, a tie counting
+    against the liked item (a constant scorer gets the worst), and measured as a user's list
+    with one positive (:func:`ranking_metrics`): NDCG@k = 1/log2(r + 1) for the liked item at
+    rank r <= k, MRR = 1/r (over the whole group). The means over groups, and ``groups``."""
+    scores = np.asarray(scores, np.float64)
+    if not scores.size:
+        return {f"ndcg{k}": float("nan"), "mrr": float("nan"), "groups": 0}
+    size = scores.shape[1]
+    liked = np.zeros(size, bool)
+    liked[0] = True
+    # lexsort: the last key first; among equal scores the liked item (True) comes last.
+    lists = {g: np.lexsort((liked, -row)) for g, row in enumerate(scores)}
+    positives = {g: np.array([0]) for g in range(len(scores))}
+    found = ranking_metrics(lists, positives, [k, size])
+    return {f"ndcg{k}": found[k]["ndcg"], "mrr": found[size]["mrr"], "groups": len(scores)}

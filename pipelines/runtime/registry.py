@@ -86,7 +86,12 @@ def _reads_embeddings(cfg: RunConfig) -> bool:
 
 
 def _finetune_reads(cfg: RunConfig) -> tuple[str, ...]:
-    return ("render", "encode") if _reads_embeddings(cfg) else ("render",)
+    """The rendered prompts; the embeddings for soft steps; and for a listwise step what its
+    groups are built from: samples, retrieve's candidates, the titles and codes."""
+    names = ("render", "encode") if _reads_embeddings(cfg) else ("render",)
+    if cfg.finetune.listwise_steps:  # the config refuses them without retrieval
+        names = (*names, "ingest", "samples", "encode", "retrieve")
+    return tuple(dict.fromkeys(names))
 
 
 def _score_reads(cfg: RunConfig) -> tuple[str, ...]:

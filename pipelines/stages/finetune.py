@@ -15,6 +15,14 @@ The best adapter of each step is copied to ``adapters/step{n}`` of the stage's n
 manifest records it relative to the run, so a copied run uses its own adapters); every
 evaluation lands in the ``evals`` table.
 
+A listwise step (strategies ``ranking``, ``one_step_ranking``) trains on ranking groups the
+driver builds once per prompt mode (:func:`ranking_groups`): train groups from ``samples``' train
+split and ``retrieve``'s full-protocol candidates, valid groups from the ``valid_small`` users'
+valid likes, each group written as the run's prompts in the step's mode and shipped to the
+workers as a Ray Dataset of one row per group (so that a shard never splits a group). Its
+evaluations are the valid groups' NDCG@10 and MRR, which keep its best adapter; the manifest
+counts what the groups hold (``steps.{name}.groups``).
+
 Test-only fault point ``BINLLM_TEST_FAULT=finetune-step@N`` (:mod:`binllm_core.io.faults`): rank 0
 raises after optimizer step N, once per stage run (a marker file named by the stage hash next to
 the checkpoints records that it happened).
@@ -34,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
@@ -50,7 +59,7 @@ from binllm_core.llm.objectives import REC
 from binllm_core.llm.prefix_sharing import PrefixCut
 from binllm_core.llm.recommender import LLMRecommender
 from binllm_core.llm.soft import EntityVectors
-from binllm_core.llm.strategies import STRATEGIES, TuneStep, plan
+from binllm_core.llm.strategies import RANKING_TASKS, STRATEGIES, TuneStep, plan
 from binllm_core.llm.tuning import (
     STATE,
     EvalSet,
@@ -62,11 +71,21 @@ from binllm_core.llm.tuning import (
     with_curriculum,
 )
 from binllm_core.modes import MODES
+from binllm_core.prompts.ranking_groups import (
+    GroupSpec,
+    RankingGroup,
+    build_groups,
+    group_prompts,
+    held_out_negatives,
+    sample_users,
+    valid_groups,
+)
 from binllm_core.prompts.render import lookups_from_tables
 from binllm_core.prompts.templates import templates_from_config
 from binllm_core.prompts.truncation import count_truncated
 from binllm_core.storage import join
 from pipelines.ops.prompt_selection import prompt_index, rendered_modes
+from pipelines.ops.retrieval import FULL
 from pipelines.ops.scoring import whole_groups
 from pipelines.runtime.progress import Reporter, progress
 from pipelines.runtime.ray_helpers import to_arrow
@@ -77,7 +96,7 @@ FAULT_POINT = "finetune-step"
 EVAL_COLUMNS = ["prompt", "label", "uid"]
 AUX_COLUMNS = ["task", "prompt", "label", "answer"]
 """What a worker reads of the ``aux`` rows."""
-TASKS = (REC, *AUX_TASKS)
+TASKS = (REC, *AUX_TASKS, *RANKING_TASKS)
 
 
 # ---- driver ----------------------------------------------------------------------------------
@@ -103,7 +122,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     valid_ids = _subsample(index, valid_mask, cfg.max_valid_samples, cfg)
     if len(valid_ids) == 0:
         raise StageError("no valid_small prompts to select the adapter on", "render/prompts")
-    truncated = _truncated(ctx, steps, train_ids, valid_ids)
+    pointwise = [s for s in steps if not s.listwise]  # a listwise step's prompts are its groups'
+    truncated = _truncated(ctx, pointwise, train_ids, valid_ids)
 
     options = ctx.cfg.output_storage_options  # a URI's, where it lies: nothing downloaded
     if cfg.init_adapter and not is_adapter(cfg.init_adapter, options, "output_storage_options"):
@@ -112,24 +132,36 @@ def run(ctx: StageContext) -> dict[str, Any]:
             todo="point it at an adapter folder such as runs/RUN/finetune/adapters/step1",
         )
     aux = _aux_rows(ctx, steps)
+    groups = {s.mode: ranking_groups(ctx, s.mode) for s in steps if s.listwise}
     storage = ctx.scratch_path("checkpoints")
     previous: Checkpoint | None = None
     summary: dict[str, Any] = {}
     evals: list[dict[str, Any]] = []
     for step in steps:
+        mine = groups.get(step.mode) if step.listwise else None
+        n_train = len(train_ids) if mine is None else mine.train.num_rows
+        n_valid = len(valid_ids) if mine is None else mine.valid.num_rows
         per_step = step.cfg.batch_size * step.cfg.grad_accum * cfg.num_workers
-        if len(train_ids) < per_step:
+        what = "train samples" if mine is None else "train groups"
+        if n_train < per_step:
             raise StageError(
-                f"{step.name}: {len(train_ids)} train samples are fewer than one optimizer step "
-                f"({per_step} sequences)",
-                "render/prompts",
+                f"{step.name}: {n_train} {what} are fewer than one optimizer step "
+                f"({per_step} {'sequences' if mine is None else 'groups'})",
+                "render/prompts" if mine is None else "retrieve/candidates",
                 "lower finetune batch_size/grad_accum/num_workers or use more samples",
+            )
+        if mine is not None and not n_valid:
+            raise StageError(
+                f"{step.name}: no valid group to select the adapter on",
+                "samples/samples",
+                "keep valid_small users with a valid like (protocol), or raise "
+                "finetune.ranking.max_valid_users",
             )
         name = f"{step.name}-{ctx.digest}"
         started = time.time()
         checkpoint = _finished(ctx, join(storage, name))
         if checkpoint is None:
-            total = planned_steps(step.cfg, len(train_ids), cfg.num_workers)
+            total = planned_steps(step.cfg, n_train, cfg.num_workers)
             title = f"finetune {step.name} ({step.mode})"
             with progress(title, total, "step", _describe_step) as reporter:
                 checkpoint = (
@@ -144,6 +176,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
                         previous if step.from_previous else None,
                         cut,
                         aux,
+                        mine,
                         reporter,
                     )
                     .fit()
@@ -153,7 +186,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
         _mark_finished(ctx, join(storage, name), checkpoint)
         previous = checkpoint
         evals += [{"step_name": step.name, **e} for e in state["evals"]]
-        summary[step.name] = _step_summary(step, state, len(train_ids), len(valid_ids))
+        summary[step.name] = _step_summary(step, state, n_train, n_valid)
+        if mine is not None:
+            summary[step.name]["groups"] = mine.counts
         summary[step.name].update(
             adapter=adapter,
             run=ctx.relative(join(storage, name)),
@@ -203,12 +238,16 @@ EVALS_SCHEMA = pa.schema(
         ("step", pa.int64()),
         ("auc", pa.float64()),
         ("uauc", pa.float64()),
+        ("ndcg10", pa.float64()),
+        ("mrr", pa.float64()),
         ("train_loss", pa.float64()),
         ("lr", pa.float64()),
         *[(f"loss_{task}", pa.float64()) for task in TASKS],
     ]
 )
-"""``train_loss``: the mean loss of rank 0's micro-batches since the previous evaluation (with
+"""``auc``/``uauc``: a pointwise step's valid figures, ``ndcg10``/``mrr`` a listwise step's (of
+its valid groups; each null for the other kind of step). ``train_loss``: the mean loss of rank
+0's micro-batches since the previous evaluation (with
 aux tasks a mix of BCE and token cross-entropy, not comparable with a run without them);
 ``loss_{task}``: that of each task (null when the step did not train it)."""
 
@@ -297,6 +336,132 @@ def _rows(ctx: StageContext, mode: str, split: str, ids: np.ndarray) -> ray.data
     return prompts.map_batches(select, batch_format="pyarrow").materialize()
 
 
+# ---- ranking groups (listwise steps) ------------------------------------------------------------
+GROUP_COLUMNS = ["sample_id", "uid", "prompt", "label"]
+"""A group row: ``sample_id`` (the group's number), its user, its prompts (the liked item's
+first) and their labels (and ``soft_ids``, for soft prompts); workers flatten them."""
+CANDIDATE_SPLITS = ("valid", "test", "train")
+"""Of a user's full-protocol lists, the one train groups draw from: the first of these splits
+the retriever made one for (the valid list leaves out only what the user rated in train, as
+the groups do)."""
+
+
+@dataclass(frozen=True)
+class Groups:
+    """A listwise step's train and valid groups in one prompt mode (rows of
+    :data:`GROUP_COLUMNS`) and what they hold (the manifest's ``groups``)."""
+
+    train: pa.Table
+    valid: pa.Table
+    counts: dict[str, int]
+
+
+def ranking_groups(ctx: StageContext, mode: str) -> Groups:
+    """The train and valid groups of ``finetune.ranking`` in ``mode``, built on the driver from
+    ``samples``, ``retrieve/candidates`` (protocol ``full``), the titles and codes
+    (:mod:`binllm_core.prompts.ranking_groups`): train groups of a seeded ``max_users`` of the
+    train users against their candidates (a user the retriever did not cover: catalog
+    negatives only), valid groups of a seeded ``max_valid_users`` of the ``valid_small`` users
+    with a valid like, against their valid list (else their train-time list)."""
+    cfg, ranking = ctx.cfg.finetune, ctx.cfg.finetune.ranking
+    columns = ["sample_id", "uid", "iid", "label", "timestamp", "split", "valid_small"]
+    samples = pl.from_arrow(ctx.read_table("samples", "samples", columns=columns))
+    train = samples.filter(pl.col("split") == "train")
+    lists = _candidate_lists(ctx)
+    pool: dict[int, np.ndarray] = {}
+    for split in reversed(CANDIDATE_SPLITS):  # the first split's list wins
+        pool.update(lists.get(split, {}))
+    catalog = ctx.read_table("samples", "item_map", columns=["iid"])["iid"].to_numpy()
+
+    users = sample_users(train["uid"].to_numpy(), ranking.max_users, cfg.seed)
+    spec = GroupSpec(
+        ranking.size, ranking.per_user, ranking.min_history, ranking.pool, ranking.uniform_share
+    )
+    mine = train.filter(pl.col("uid").is_in(users.tolist()))
+    train_groups = build_groups(mine, pool, catalog, spec, cfg.seed)
+
+    liked = samples.filter(
+        (pl.col("split") == "valid") & pl.col("valid_small") & (pl.col("label") == 1)
+    )
+    valid_users = sample_users(liked["uid"].to_numpy(), ranking.max_valid_users, cfg.seed)
+    valid = samples.filter((pl.col("split") == "valid") & pl.col("uid").is_in(valid_users.tolist()))
+    valid_lists = {**pool, **lists.get("valid", {})}
+    valid_set = valid_groups(train, valid, valid_lists, catalog, ranking.size, cfg.seed)
+
+    held = samples.filter(pl.col("split") != "train").group_by("uid").agg(pl.col("iid"))
+    held_out = {u: set(i) for u, i in held.iter_rows()}
+    covered = {g.uid for g in train_groups if g.uid in pool}
+    counts = {
+        "train_groups": len(train_groups),
+        "train_users": len({g.uid for g in train_groups}),
+        "train_users_without_candidates": len({g.uid for g in train_groups} - covered),
+        "train_held_out_negatives": held_out_negatives(train_groups, held_out),
+        "valid_groups": len(valid_set),
+        "valid_users_without_valid_list": sum(
+            g.uid not in lists.get("valid", {}) for g in valid_set
+        ),
+        "valid_held_out_negatives": held_out_negatives(valid_set, held_out),
+        "size": ranking.size,
+    }
+    if counts["train_users_without_candidates"]:
+        print(
+            f"[binllm] finetune: {counts['train_users_without_candidates']:,} of "
+            f"{counts['train_users']:,} train users have no retrieved candidates; their groups "
+            "take catalog negatives only"
+        )
+    render = _group_renderer(ctx, mode)
+    return Groups(render(train_groups), render(valid_set), counts)
+
+
+def _candidate_lists(ctx: StageContext) -> dict[str, dict[int, np.ndarray]]:
+    """Per split, each user's full-protocol candidates best first (``retrieve/candidates``)."""
+    schema = pa.schema([("split", pa.string()), ("uid", pa.int32()), ("iid", pa.int32())])
+
+    def full(batch: pa.Table) -> pa.Table:
+        return batch.filter(pc.equal(batch["protocol"], FULL)).select(
+            ["split", "uid", "iid", "rank"]
+        )
+
+    rows = ctx.read_dataset("retrieve", "candidates").map_batches(full, batch_format="pyarrow")
+    table = pl.from_arrow(to_arrow(rows, schema))
+    if not table.height:
+        return {}
+    per_user = table.sort("split", "uid", "rank").group_by("split", "uid", maintain_order=True)
+    out: dict[str, dict[int, np.ndarray]] = {}
+    for split, uid, iids in per_user.agg(pl.col("iid")).iter_rows():
+        out.setdefault(split, {})[uid] = np.asarray(iids, np.int64)
+    return out
+
+
+def _group_renderer(ctx: StageContext, mode: str) -> Any:
+    """Groups -> their rows of :data:`GROUP_COLUMNS` in ``mode``, written as the run's prompts."""
+    codes = None
+    if MODES[mode].has_codes:
+        codes = ctx.read_table("encode", "codes", columns=["entity", "id", "bits"])
+    lookups = lookups_from_tables(
+        ctx.read_table("ingest", "items", columns=["item", "title"]),
+        ctx.read_table("samples", "item_map", columns=["item", "iid"]),
+        codes,
+    )
+    templates = templates_from_config(ctx.cfg.prompts)
+    history_len = ctx.cfg.prompts.history_len
+
+    def render(groups: list[RankingGroup]) -> pa.Table:
+        written = [group_prompts(g, lookups, templates, mode, history_len) for g in groups]
+        table = {
+            "sample_id": pa.array(range(len(groups)), pa.int64()),
+            "uid": pa.array([g.uid for g in groups], pa.int32()),
+            "prompt": pa.array([w.prompts for w in written], pa.list_(pa.string())),
+            "label": pa.array([w.labels for w in written], pa.list_(pa.int8())),
+        }
+        if MODES[mode].soft:
+            kind = pa.list_(pa.list_(pa.int32()))
+            table["soft_ids"] = pa.array([w.soft for w in written], kind)
+        return pa.table(table)
+
+    return render
+
+
 def _trainer(
     ctx: StageContext,
     cfg: FinetuneConfig,
@@ -308,15 +473,20 @@ def _trainer(
     init: Checkpoint | None,
     cut: PrefixCut,
     aux: pa.Table | None,
+    groups: Groups | None,
     reporter: Reporter,
 ) -> TorchTrainer:
-    train = _rows(ctx, step.mode, "train", train_ids)
-    if MODES[step.mode].soft and cfg.soft.curriculum:  # each soft prompt with its text version
+    if groups is not None:  # one row per group: a worker's shard holds whole groups
+        train = ray.data.from_arrow(groups.train)
+        valid = ray.data.from_arrow(groups.valid)
+    else:
+        train = _rows(ctx, step.mode, "train", train_ids)
+        valid = _rows(ctx, step.mode, "valid", valid_ids)
+    if MODES[step.mode].soft and cfg.soft.curriculum and groups is None:  # with its text version
         plain = _rows(ctx, "text", "train", train_ids).select_columns(["sample_id", "prompt"])
         plain = plain.rename_columns({"prompt": "plain"})
         train = train.join(plain, "inner", num_partitions=1, on=("sample_id",))
     train = train.random_shuffle(seed=cfg.seed).materialize()
-    valid = _rows(ctx, step.mode, "valid", valid_ids)
     datasets = {"train": train, "valid": valid}
     for task in step.aux:  # one dataset per task: each worker gets its share of every task
         assert aux is not None
@@ -327,7 +497,7 @@ def _trainer(
         "finetune": cfg,
         "step": step.cfg,
         "model": ctx.cfg.model,
-        "n_train": len(train_ids),
+        "n_train": len(train_ids) if groups is None else groups.train.num_rows,
         "init": init,
         "init_adapter": "" if init is not None or step.name != cfg.start_step else cfg.init_adapter,
         "init_storage_options": ctx.cfg.output_storage_options,
@@ -435,8 +605,10 @@ def _step_summary(step: TuneStep, state: dict[str, Any], n_train: int, n_valid: 
         "steps": state["step"],
         "stopped_early": state["step"] < state["planned_steps"],
         "best_step": state["best_step"],
-        "best_valid_auc": state["best"],
-        "best_valid_uauc": best.get("uauc"),
+        "task": step.task,
+        "selected_by": step.selects,
+        **{f"best_valid_{key}": best.get(key) for key in ("auc", "uauc", "ndcg10", "mrr")},
+        f"best_valid_{step.selects}": state["best"],
         "sequences": state["sequences"],
         "aux": step.aux,
         "task_sequences": state.get("task_sequences", {}),
@@ -466,7 +638,15 @@ def train_loop(config: dict[str, Any]) -> None:
     vectors, titles = (soft.vectors, soft.titles) if soft is not None else (None, None)
     curriculum = prepare(rec, step, ft, vectors, titles)  # before the checkpoint's adapter
     run = TuningRun(
-        rec, ft, step_cfg, config["n_train"], rank, world, config["prefix_cut"], step.train_lora
+        rec,
+        ft,
+        step_cfg,
+        config["n_train"],
+        rank,
+        world,
+        config["prefix_cut"],
+        step.train_lora,
+        step.task,
     )
     resume = ray.train.get_checkpoint()
     if resume is not None:
@@ -497,7 +677,7 @@ def train_loop(config: dict[str, Any]) -> None:
     aux = {task: _aux_shard(task) for task in config["aux"]}
     group_by = run.prefix_cut if ft.batch_by_prefix else None
     seed = ft.seed + rank
-    stream = micro_batches(rows, step_cfg.batch_size, seed, group_by, aux, config["aux"])
+    stream = micro_batches(rows, step_cfg.batch_size, seed, group_by, aux, config["aux"], step.task)
     if curriculum:
         stream = with_curriculum(stream, run.progress, f"{seed}/curriculum")
     stream = run.resume_stream(stream)
@@ -513,7 +693,7 @@ def train_loop(config: dict[str, Any]) -> None:
             continue
         record = run.evaluate(valid, gather)
         if rank == 0:
-            config["progress"].post(done=run.state.step, valid_auc=record["auc"])
+            config["progress"].post(done=run.state.step, valid=(run.selects, record[run.selects]))
         _report(run, record, device)
         reported = True
     if not reported:
@@ -543,9 +723,10 @@ def _describe_step(fields: dict[str, Any]) -> str:
         parts.append(f"loss {fields['loss']:.4f}")
     if "tokens_per_s" in fields:
         parts.append(f"{fields['tokens_per_s']:,.0f} tok/s")
-    auc = fields.get("valid_auc")
-    known = auc is not None and not math.isnan(auc)
-    parts.append(f"valid AUC {auc:.4f}" if known else "valid AUC -")
+    name, value = fields.get("valid", ("auc", None))
+    label = {"auc": "AUC", "ndcg10": "NDCG@10"}.get(name, name)
+    known = value is not None and not math.isnan(value)
+    parts.append(f"valid {label} {value:.4f}" if known else f"valid {label} -")
     return ", ".join(parts)
 
 
@@ -564,6 +745,7 @@ def _shard_rows() -> TaskRows:
     them."""
     rows, soft, plain = TaskRows([], []), [], []
     for batch in ray.train.get_dataset_shard("train").iter_batches(batch_format="pyarrow"):
+        batch = _flat(batch)
         rows.prompts += batch["prompt"].to_pylist()
         rows.labels += batch["label"].to_pylist()
         if "soft_ids" in batch.column_names:
@@ -591,11 +773,29 @@ def _eval_slice(rank: int, world: int) -> EvalSet:
     )
     rows = rows.sort_by("sample_id")
     take = pa.array(range(rank, rows.num_rows, world), pa.int64())
-    part = rows.take(take)
+    groups = pa.types.is_list(rows.schema.field("prompt").type)
+    part = _flat(rows.take(take))
     soft = part["soft_ids"].to_pylist() if "soft_ids" in part.column_names else None
     return EvalSet(
-        part["prompt"].to_pylist(), part["label"].to_pylist(), part["uid"].to_pylist(), soft
+        part["prompt"].to_pylist(),
+        part["label"].to_pylist(),
+        part["uid"].to_pylist(),
+        soft,
+        groups,
     )
+
+
+def _flat(rows: pa.Table) -> pa.Table:
+    """Rows of ranking groups (:data:`GROUP_COLUMNS`, lists of prompts) as prompt rows, each
+    group whole and in order; prompt rows as they are."""
+    if not pa.types.is_list(rows.schema.field("prompt").type):
+        return rows
+    parent = pc.list_parent_indices(rows["prompt"])
+    columns = {"uid": rows["uid"].take(parent)}
+    for name in ("prompt", "label", "soft_ids"):
+        if name in rows.column_names:
+            columns[name] = pc.list_flatten(rows[name])
+    return pa.table(columns)
 
 
 def _all_sum(values: list[float], device: Any) -> list[float]:

@@ -137,6 +137,22 @@ def test_default_sections_keep_their_rules():
         (["finetune.aux={cloze: 0.1}"], "finetune.aux has cloze"),
         (["finetune.aux={mim: 0}"], "finetune.aux.mim = 0 must be > 0"),
         (["finetune.aux_steps=[step3]"], "finetune.aux_steps has step3"),
+        (["finetune.ranking.loss=listnet"], "finetune.ranking.loss = 'listnet' is not known"),
+        (["finetune.ranking.size=1"], "finetune.ranking.size = 1 must be >= 2"),
+        (["finetune.ranking.pool=3"], "finetune.ranking.pool = 3 holds fewer than the 19"),
+        (["finetune.ranking.uniform_share=1.5"], "finetune.ranking.uniform_share = 1.5 is not"),
+        (
+            ["finetune.strategy=ranking", "retrieve.top_n=0"],
+            "finetune.strategy ranking trains on the retriever's candidates",
+        ),
+        (
+            ["finetune.strategy=one_step_ranking", "finetune.ranking.pool=200"],
+            "finetune.ranking.pool = 200 is more than the retrieve.top_n",
+        ),
+        (
+            ["finetune.strategy=ranking", "prompts.aux.tasks=[mim]", "finetune.aux={mim: 0.2}"],
+            "finetune.aux mixes aux tasks into step1, a listwise step of ranking",
+        ),
         (["rerank.max_users=-1"], "rerank.max_users = -1 must be >= 0"),
         (["rerank.alpha=1.5"], "rerank.alpha = 1.5 is not in [0, 1]"),
         (["rerank.alpha=nan"], "rerank.alpha = nan is not in [0, 1]"),

@@ -10,6 +10,7 @@ import json
 import signal
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
@@ -22,9 +23,10 @@ from binllm_core.llm.tuning import interleave
 from binllm_core.prompts.templates import templates_from_config
 from binllm_core.storage import MANIFEST, read_output
 from pipelines.ops.prompt_selection import prompt_index
+from pipelines.ops.retrieval import CANDIDATES_SCHEMA
 from pipelines.runtime.stage import StageContext, run_stage
 from pipelines.stages.finetune import FAULT_POINT, FINISHED, _prefix_groups, train_sample_ids
-from tests.builders import fake_upstream, make_cfg, read_prompts, stage
+from tests.builders import fake_upstream, make_cfg, publish_stage, read_prompts, stage
 
 pytestmark = pytest.mark.slow  # Ray Train
 
@@ -238,3 +240,66 @@ def test_a_step_resumed_after_a_failure_ends_with_the_uninterrupted_adapter(
         last = json.loads((run / FINISHED).read_text())["checkpoint"]
         adapters.append((run / last / "adapter" / "adapter_model.safetensors").read_bytes())
     assert adapters[0] == adapters[1]
+
+
+def fake_candidates(run: Path, covered: range) -> None:
+    """Full-protocol valid lists of the ``covered`` users: the valid-only items first (some of
+    each user's own valid items among them), then train items."""
+    rows = []
+    for uid in covered:
+        items = [41 + (uid + r) % 20 for r in range(10)] + [1 + (uid + r) % 40 for r in range(10)]
+        for r, iid in enumerate(items):
+            rows.append(
+                dict(protocol="full", split="valid", uid=uid, iid=iid, user=f"u{uid}",
+                     item=f"m{iid}", rank=r + 1, hamming=r, tie=0.0, source="hamming")
+            )  # fmt: skip
+    publish_stage(run, "retrieve", {"candidates": pa.Table.from_pylist(rows, CANDIDATES_SCHEMA)})
+
+
+def test_a_listwise_step_trains_on_groups_and_keeps_its_best_valid_ndcg(
+    tmp_path: Path, ray_session
+) -> None:
+    """Strategy ``ranking`` on Ray Train: groups built from samples and the retriever's lists
+    (users 16-20 without any get catalog negatives, counted), the evaluations' NDCG@10 and MRR,
+    the adapter kept by the best NDCG@10."""
+    cfg = make_cfg(
+        tmp_path,
+        "prompts.modes=[binary]",
+        "finetune.strategy=ranking",
+        "finetune.eval_every=1",
+        "finetune.max_length=256",
+        "finetune.ranking={size: 4, pool: 3, per_user: 2, max_valid_users: 6, "
+        "step: {lr: 1.0e-2, warmup_steps: 0, batch_size: 2, max_steps: 3}}",
+    )
+    fake_upstream(cfg)
+    fake_candidates(tmp_path / "t", range(1, 16))
+    run_stage(cfg, stage("render"))
+    manifest = run_stage(cfg, stage("finetune"))
+    metrics = manifest["metrics"]
+    step = metrics["steps"]["step1"]
+    groups = step["groups"]
+
+    samples = read_output(str(tmp_path / "t" / "samples"), "samples").to_pylist()
+    liked: dict[int, int] = {}
+    for row in samples:
+        if row["split"] == "train" and row["label"]:
+            liked[row["uid"]] = liked.get(row["uid"], 0) + 1
+    expected = {u: min(2, n - 1) for u, n in liked.items() if n >= 2}  # points after 1 like
+    assert groups["train_groups"] == sum(expected.values()) == step["n_train"]
+    assert groups["train_users"] == len(expected)
+    assert groups["train_users_without_candidates"] == len([u for u in expected if u > 15]) > 0
+    assert groups["train_held_out_negatives"] > 0  # valid items lead the lists
+    valid_users = {r["uid"] for r in samples if r["split"] == "valid" and r["label"]}
+    assert groups["valid_groups"] == min(6, len(valid_users)) == step["n_valid"]
+    assert groups["valid_held_out_negatives"] == 0  # a valid group never holds a valid item
+
+    assert step["task"] == "rank" and step["selected_by"] == "ndcg10" and step["steps"] == 3
+    assert step["task_sequences"] == {"rank": 3 * 2 * 4}
+    evals = read_output(str(tmp_path / "t" / "finetune"), "evals").to_pylist()
+    assert [e["step"] for e in evals] == [1, 2, 3]
+    assert all(e["auc"] is None and 0 <= e["mrr"] <= 1 for e in evals)
+    best = max(evals, key=lambda e: e["ndcg10"])
+    assert step["best_valid_ndcg10"] == best["ndcg10"] and step["best_step"] == best["step"]
+    assert step["best_valid_auc"] is None
+    adapter = tmp_path / "t" / metrics["final_adapter"]
+    assert (adapter / "adapter_model.safetensors").exists()
