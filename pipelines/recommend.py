@@ -3,8 +3,10 @@
 For each user (a Parquet table with a string column ``user`` of source ids, or every user of the
 run) the steps of stages ``retrieve`` and ``rerank`` run on the user's whole known past: the
 ``rerank.top_n`` items nearest to the user's code that the user never interacted with
-(:class:`pipelines.ops.retrieval.UserRetriever`), each rendered with the user's latest positives as
-history and scored in ``score.candidate_mode`` (:func:`pipelines.ops.reranking.score_lists`, then
+(:class:`pipelines.ops.retrieval.UserRetriever`; the last places given to time-aware popular
+items where stage ``rerank`` chose so, :func:`popular_places`), each rendered with the user's
+latest positives as history and scored in ``score.candidate_mode``
+(:func:`pipelines.ops.reranking.score_lists`, then
 :func:`~pipelines.ops.reranking.rank_lists`), and the first ``k`` of the blend of the LLM's and the
 retriever's scores kept (``blend_rank``; the weight of :func:`blend_alpha`, recorded in the
 manifest's metrics ``alpha`` and ``alpha_from``). A user the encoder never saw has no code: by
@@ -24,6 +26,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -42,11 +45,19 @@ from binllm_core.storage import (
     to_uri,
 )
 from pipelines.nightly import parse_date
+from pipelines.ops.candidates import PopularItems, served_places
 from pipelines.ops.reranking import RECOMMENDATIONS_SCHEMA, rank_lists, score_lists
-from pipelines.ops.retrieval import SERVE, codes_stage, retrieve, retriever_kwargs
+from pipelines.ops.retrieval import (
+    CANDIDATES_SCHEMA,
+    SERVE,
+    codes_stage,
+    retrieve,
+    retriever_kwargs,
+)
 from pipelines.ops.scoring import NONE, adapter_plan
 from pipelines.pairs import candidate_mode, manifest_or_none
 from pipelines.runtime.outputs import publish_command
+from pipelines.runtime.ray_helpers import to_arrow
 from pipelines.runtime.registry import STAGE_NAMES
 from pipelines.runtime.runs import input_stem, load_lookups, run_folder
 from pipelines.runtime.stage import StageContext, stale_chain
@@ -136,6 +147,8 @@ def recommend_lists(
         }
     )
     alpha, alpha_from = blend_alpha(cfg, ctx, mode)
+    top_n = cfg.rerank.top_n
+    places, days, places_from = popular_places(cfg, ctx)
     stats: dict[str, Any] = {
         "input_users": len(users) if users is not None else len(uid_of),
         "users": len(names),
@@ -146,10 +159,17 @@ def recommend_lists(
         "mode": mode,
         "alpha": alpha,
         "alpha_from": alpha_from,
+        "popular_places": places,
+        "popular_places_from": places_from,
     }
     if not names:
         return ray.data.from_arrow(RECOMMENDATIONS_SCHEMA.empty_table()), stats | {"rows": 0}
     candidates = retrieve(table, kwargs, retrieve_cfg).materialize()
+    if places:  # the last places to time-aware popular items, as stage rerank chose
+        popular = PopularItems.of(ctx, days)
+        excluded = {("", uid): np.asarray(seen_of.get(uid, []), np.int64) for uid in uids}
+        rows = popular.apply(to_arrow(candidates, CANDIDATES_SCHEMA), top_n, places, excluded)
+        candidates = ray.data.from_arrow(rows)
     lookups = load_lookups(ctx, mode)
     histories = {("", uid): list(h) for uid, h in lookups.histories.items()}
     scored, per_mode = score_lists(candidates, cfg, [mode], plan, lookups, histories)
@@ -188,6 +208,16 @@ def blend_alpha(cfg: RunConfig, ctx: StageContext, mode: str) -> tuple[float, st
     if stale is not None:
         return 0.0, fallback + f"stage rerank is stale ({stale[1]})"
     return float(chosen["alpha"]), f"stage rerank ({chosen['chosen_by']})"
+
+
+def popular_places(cfg: RunConfig, ctx: StageContext) -> tuple[int, int | None, str]:
+    """The places time-aware popular items take in the candidates (with the window), and where
+    that comes from: stage ``rerank``'s choice (:func:`pipelines.ops.candidates.served_places`)
+    where it finished on the outputs the run holds now; else 0, the codes' own candidates."""
+    metrics = manifest_or_none(ctx, "rerank")
+    if metrics is not None and stale_chain(ctx, ("rerank",), STAGE_NAMES) is not None:
+        return 0, None, "the codes' own candidates: stage rerank is stale"
+    return served_places(metrics, cfg.rerank.top_n)
 
 
 def recommend(

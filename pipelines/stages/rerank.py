@@ -18,7 +18,6 @@ and lift, and the window.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,13 +26,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from binllm_core.codes import id_table
 from binllm_core.ranking.blend import blend_weights
-from binllm_core.ranking.candidates import PlacesChoice, choose_places, union_popular
-from binllm_core.ranking.popularity import choose_window, liked_counts, popularity_order
 from binllm_core.ranking.retrieval import rerank_users
+from pipelines.ops.candidates import choose_union
 from pipelines.ops.reranking import histories_of, rank_lists, score_lists
-from pipelines.ops.retrieval import CANDIDATES_SCHEMA, FULL, codes_stage
+from pipelines.ops.retrieval import CANDIDATES_SCHEMA, FULL
 from pipelines.ops.scoring import adapter_plan, default_modes
 from pipelines.runtime.ray_helpers import to_arrow
 from pipelines.runtime.runs import load_lookups
@@ -75,9 +72,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
         .map_batches(first_n, batch_format="pyarrow")
         .materialize()
     )
-    union = _popular_union(ctx, users, top_n)
-    if union is not None and union.choice.places:
-        candidates = ray.data.from_arrow(union.apply(to_arrow(candidates, CANDIDATES_SCHEMA)))
+    union = choose_union(ctx, users, top_n)
+    if union is not None and union[0].places:
+        (choice, popular), excluded = union, _excluded(users)
+        rows = to_arrow(candidates, CANDIDATES_SCHEMA)
+        candidates = ray.data.from_arrow(popular.apply(rows, top_n, choice.places, excluded))
     lookups = load_lookups(ctx, next((m for m in modes if m != "text"), "text"))
     scored, per_mode = score_lists(candidates, cfg, modes, plan, lookups, histories_of(users))
     blend = blend_weights(
@@ -93,75 +92,16 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "modes": per_mode,
         "blend": blend,
         "top_n": top_n,
-        "popular_union": union.choice.summary() if union is not None else None,
+        "popular_union": union[0].summary() if union is not None else None,
         "users": {split: len(uids) for split, uids in chosen.items()},
         "candidates": candidates.count(),
         "rows": ranked.count(),
     }
 
 
-@dataclass(frozen=True)
-class PopularUnion:
-    """The chosen union of time-aware popular items into the full-catalog lists, and what
-    applying it needs: the popular order, each user's exclusions, the codes and names."""
-
-    choice: PlacesChoice
-    popular: np.ndarray
-    excluded: dict[tuple[str, int], np.ndarray]
-    user_bits: np.ndarray
-    item_bits: np.ndarray
-    item_names: np.ndarray
-
-    def apply(self, candidates: pa.Table) -> pa.Table:
-        """``candidates`` with each full-catalog list the union of its first ``top_n - P``
-        items and the popular ones (:func:`union_popular`), ranked in that order; a popular
-        item's row has its Hamming distance to the user, no tie score and source
-        ``popular``. The sampled protocol's pools are left as they are."""
-        full = pc.equal(candidates["protocol"], FULL)
-        rows = pl.from_arrow(candidates.filter(full)).sort("split", "uid", "rank")
-        parts = [candidates.filter(pc.invert(full))]
-        n, places = self.choice.n, self.choice.places
-        for (split, uid), mine in rows.group_by(["split", "uid"], maintain_order=True):
-            items = union_popular(
-                mine["iid"].to_numpy(), self.popular, self.excluded[split, uid], n, places
-            )
-            known = mine.filter(pl.col("iid").is_in(items))
-            new = np.setdiff1d(items, known["iid"].to_numpy())
-            distance = (self.item_bits[new] != self.user_bits[uid]).sum(axis=1)
-            added = pl.DataFrame(
-                {
-                    "iid": new,
-                    "item": self.item_names[new].astype(str),
-                    "hamming": distance,
-                    "source": ["popular"] * len(new),
-                }
-            ).with_columns(**{c: pl.lit(mine[c][0]) for c in ("protocol", "split", "uid", "user")})
-            position = {int(i): r for r, i in enumerate(items, start=1)}
-            one = pl.concat([known.drop("rank"), added], how="diagonal_relaxed")
-            one = one.with_columns(
-                rank=pl.col("iid").replace_strict(position, return_dtype=pl.Int32)
-            ).sort("rank")
-            parts.append(one.select(CANDIDATES_SCHEMA.names).to_arrow().cast(CANDIDATES_SCHEMA))
-        return pa.concat_tables(parts)
-
-
-def _popular_union(ctx: StageContext, users: pa.Table, top_n: int) -> PopularUnion | None:
-    """The union of ``rerank.popular_places`` chosen on the valid users' lists (None when the
-    grid is ``[0]``): the time-aware window as the evaluation chooses it, then P by
-    :func:`choose_places` over every retrieved valid user."""
-    grid = ctx.cfg.rerank.popular_places
-    if list(grid) == [0]:
-        return None
-    samples = pl.from_arrow(
-        ctx.read_table("samples", "samples", columns=["uid", "iid", "label", "split", "timestamp"])
-    )
-    item_map = ctx.read_table("samples", "item_map", columns=["item", "iid"])
-    item_ids = np.sort(item_map["iid"].to_numpy())
-    n_items = int(item_ids.max()) + 1
-    window = choose_window(samples, item_ids, ctx.cfg.evaluate.popularity_windows)
-    recent = window.scores if window is not None else liked_counts(samples, n_items)
-    popular = popularity_order(recent, liked_counts(samples, n_items), item_ids)
-    excluded = {
+def _excluded(users: pa.Table) -> dict[tuple[str, int], np.ndarray]:
+    """Per (split, uid) the items the user may not be given (``retrieve/users``)."""
+    return {
         (split, uid): np.asarray(e, np.int64)
         for split, uid, e in zip(
             users["split"].to_pylist(),
@@ -170,43 +110,6 @@ def _popular_union(ctx: StageContext, users: pa.Table, top_n: int) -> PopularUni
             strict=True,
         )
     }
-    valid_users = users.filter(pc.equal(users["split"], VALID))
-    positives = {
-        uid: np.asarray(p, np.int64)
-        for uid, p in zip(
-            valid_users["uid"].to_pylist(), valid_users["positives"].to_pylist(), strict=True
-        )
-    }
-
-    def valid_lists(batch: pa.Table) -> pa.Table:
-        keep = pc.and_(pc.equal(batch["protocol"], FULL), pc.equal(batch["split"], VALID))
-        return batch.filter(pc.and_(keep, pc.less_equal(batch["rank"], top_n))).select(
-            ["uid", "iid", "rank"]
-        )
-
-    schema = pa.schema([("uid", pa.int32()), ("iid", pa.int32()), ("rank", pa.int32())])
-    rows = ctx.read_dataset("retrieve", "candidates").map_batches(
-        valid_lists, batch_format="pyarrow"
-    )
-    ordered = pl.from_arrow(to_arrow(rows, schema)).sort("uid", "rank")
-    lists = {
-        int(uid): part["iid"].to_numpy()
-        for (uid,), part in ordered.group_by(["uid"], maintain_order=True)
-    }
-    valid_excluded = {uid: excluded[VALID, uid] for uid in lists if (VALID, uid) in excluded}
-    days = window.days if window is not None else None
-    choice = choose_places(lists, positives, valid_excluded, popular, top_n, grid, days)
-    codes = ctx.read_table(codes_stage(ctx.cfg), "codes", columns=["entity", "id", "bits"])
-    names = np.full(n_items, "", dtype=object)
-    names[item_map["iid"].to_numpy()] = item_map["item"].to_pylist()
-    return PopularUnion(
-        choice,
-        popular,
-        excluded,
-        np.asarray(id_table(codes, "user", "bits"), np.uint8),
-        np.asarray(id_table(codes, "item", "bits"), np.uint8),
-        names,
-    )
 
 
 def _valid_rows(scored: ray.data.Dataset | None) -> pl.DataFrame:

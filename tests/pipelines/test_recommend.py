@@ -93,12 +93,30 @@ def test_nightly_topk_twice_for_one_date_gives_one_identical_partition(
     cfg = fake_run(tmp_path)
     publish_stage(tmp_path / "f", "render", {})  # the CLI opens only a run that has rendered
     chosen = {"alpha": 0.5, "chosen_by": "valid NDCG@10"}
-    publish_stage(tmp_path / "f", "rerank", {}, {"blend": {"binary": chosen}, "top_n": 5})
+    union = {"places": 1, "window_days": 30, "chosen_by": "valid Recall@5"}
+    metrics = {"blend": {"binary": chosen}, "top_n": 5, "popular_union": union}
+    publish_stage(tmp_path / "f", "rerank", {}, metrics)
     run = ["--run", "configs/tiny.yaml", *[a for s in sets for a in ("--set", s)]]
-    args = ["nightly", *run, "--topk", "2", "--date", DATE]
+    args = ["nightly", *run, "--topk", "5", "--date", DATE]
     assert main(args) == 0
     one = pl.from_arrow(read_recommendations(cfg, f"date={DATE}")).sort("user", "rank")
-    assert one.height == 8 * 2  # every user of the run (u8 has no code: popular items)
+    assert one.height == 8 * 5  # every user of the run (u8 has no code: popular items)
+    # The rerank stage gave popular items the last place: each coded user's fifth candidate is
+    # the most liked train item the user never had (every train row is in the 30-day window).
+    samples = pl.read_parquet(tmp_path / "f" / "samples" / "v-*" / "samples" / "*.parquet")
+    liked = samples.filter((pl.col("split") == "train") & (pl.col("label") == 1))["iid"]
+    counts = np.bincount(liked.to_numpy(), minlength=13)[1:12]  # item 12 has no code
+    order = [f"i{i + 1}" for i in np.lexsort((np.arange(11), -counts))]
+    seen = seen_items(cfg)
+    coded = one.filter(pl.col("user") != "u8")
+    for (user,), part in coded.group_by(["user"]):
+        part = part.sort("retrieval_rank")
+        head = part["item"].to_list()[:4]  # the codes' first four stay
+        assert part["source"].to_list()[:4] == ["hamming"] * 4
+        first = [i for i in order if i not in seen[user] and i not in head][0]
+        # The fifth: that item, added (or the codes' own, where they had it there too).
+        assert part["item"][4] == first and part["source"][4] in ("popular", "hamming")
+    assert coded.filter(pl.col("source") == "popular").height > 0
     assert main(args) == 0
     two = pl.from_arrow(read_recommendations(cfg, f"date={DATE}")).sort("user", "rank")
     assert two.select(IDENTITY).equals(one.select(IDENTITY))
@@ -106,6 +124,8 @@ def test_nightly_topk_twice_for_one_date_gives_one_identical_partition(
     assert len(list(folder.glob("v-*"))) == 1  # the second version replaced the first whole
     stats = json.loads((folder / MANIFEST).read_text())["metrics"]
     assert stats["alpha"] == 0.5 and stats["alpha_from"] == "stage rerank (valid NDCG@10)"
+    assert stats["popular_places"] == 1
+    assert stats["popular_places_from"] == "stage rerank (valid Recall@5)"
     assert main(["nightly", *run, "--date", DATE]) == 2
     assert "either --candidates PAIRS or --topk K" in capsys.readouterr().err
 

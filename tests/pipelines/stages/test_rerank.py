@@ -13,9 +13,9 @@ import pytest
 from binllm_core.ranking.blend import choose_alpha
 from binllm_core.ranking.metrics import ranking_metrics
 from binllm_core.storage import read_output
+from pipelines.ops.candidates import choose_union
 from pipelines.ops.retrieval import CANDIDATES_SCHEMA
 from pipelines.runtime.stage import StageContext, run_stage
-from pipelines.stages.rerank import _popular_union
 from tests.builders import N_ITEMS, fake_run, publish_stage, stage
 
 pytestmark = pytest.mark.slow  # scoring actor pool
@@ -128,14 +128,14 @@ def test_popular_items_join_the_lists_where_they_raise_valid_recall(tmp_path: Pa
     users_table = pa.Table.from_pylist(users, schema=USERS_SCHEMA)
     candidates = pa.Table.from_pylist(rows, schema=CANDIDATES_SCHEMA)
     publish_stage(run, "retrieve", {"users": users_table, "candidates": candidates})
-    union = _popular_union(StageContext.open(cfg, "rerank"), users_table, 4)
+    union = choose_union(StageContext.open(cfg, "rerank"), users_table, 4)
     assert union is not None
-    summary = union.choice.summary()
+    choice, popular = union
+    summary = choice.summary()
     assert summary["valid_recall@4"] == {"0": 0.25, "1": 1.0, "2": 1.0}
     assert summary["places"] == 1 and summary["valid_lift"] == 0.75
-    lists = pl.from_arrow(
-        union.apply(candidates.filter(pa.compute.less_equal(candidates["rank"], 4)))
-    )
+    first = candidates.filter(pa.compute.less_equal(candidates["rank"], 4))
+    lists = pl.from_arrow(popular.apply(first, 4, 1, {}))
     codes = pl.from_arrow(read_output(str(run / "encode"), "codes")).filter(pl.col("id") > 0)
     bits = {(e, i): np.array(b) for e, i, b in codes.select("entity", "id", "bits").iter_rows()}
     for (protocol, uid), part in lists.group_by(["protocol", "uid"]):
