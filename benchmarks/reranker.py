@@ -82,10 +82,11 @@ def run(
 def listwise_budget(
     args: argparse.Namespace, sets: list[str], root: Path, stem: str, pointwise: dict[str, Any]
 ) -> tuple[list[str], dict[str, Any]]:
-    """The listwise step's settings with as many steps as take the pointwise step's training
-    seconds, by a probe of :data:`PROBE_STEPS` steps (its output is replaced by the real run)."""
-    budget = pointwise["finetune"]["metrics"]["steps"]["step1"]
-    seconds = budget["train_seconds"]
+    """The listwise step's settings with as many steps as take the pointwise steps' training
+    seconds (all of them: a two-step strategy's too), by a probe of :data:`PROBE_STEPS` steps
+    (run ``{stem}-listwise-probe``, kept apart)."""
+    steps_run = pointwise["finetune"]["metrics"]["steps"].values()
+    seconds = sum(s["train_seconds"] for s in steps_run)
     step = {**json.loads(json.dumps(_step_of(args.config, sets))), "max_steps": PROBE_STEPS}
     probe_sets = [
         *sets,
@@ -116,12 +117,13 @@ def listwise_budget(
 
 
 def _step_of(config: str, sets: list[str]) -> dict[str, Any]:
-    """The listwise step's budget: the pointwise step's schedule and micro-batch size in groups
-    of one (a group of 10 prompts), so only the step count differs."""
+    """The listwise step's budget: the schedule of the pointwise strategy's last step, with
+    micro-batches of one group (10 prompts), so only the step count differs."""
     from binllm_core.config import to_dict
+    from binllm_core.llm.strategies import plan
 
     cfg = load_config(config, sets)
-    step = to_dict(cfg.finetune.step2)
+    step = to_dict(plan(cfg.finetune)[-1].cfg)
     return {**step, "batch_size": 1, "grad_accum": 1}
 
 
@@ -188,14 +190,15 @@ def main() -> None:
     header = ["protocol", "users", "method", "mode", "n", *[f"{m.upper()}@{k}" for m, k in COLUMNS]]
     cost = {}
     for label, manifests in runs.items():
-        step = manifests["finetune"]["metrics"]["steps"]["step1"]
+        steps = manifests["finetune"]["metrics"]["steps"]
+        step = steps[max(steps)]  # the last step's adapter re-ranks
         rerank = manifests["rerank"]["metrics"]
         cost[label] = {
             "task": step.get("task", "rec"),
             "steps": step["steps"],
             "sequences": step["sequences"],
             "tokens": step["tokens"],
-            "train_seconds": step["train_seconds"],
+            "train_seconds": sum(s["train_seconds"] for s in steps.values()),
             "best_step": step["best_step"],
             "selected_by": step.get("selected_by", "auc"),
             "best_valid": step.get(f"best_valid_{step.get('selected_by', 'auc')}"),
@@ -220,7 +223,8 @@ def main() -> None:
         lines.append(
             f"- **{label}** ({c['task']}): {c['steps']} steps, {c['sequences']:,} prompts, "
             f"{c['tokens']:,} tokens in {c['train_seconds']:.0f} s of training; kept step "
-            f"{c['best_step']} by valid {c['selected_by']} {c['best_valid']:.4f}; re-ranking {rr}; "
+            f"{c['best_step']} by valid {c['selected_by']} {c['best_valid'] or float('nan'):.4f}; "
+            f"re-ranking {rr}; "
             f"blend {alphas}."
         )
     markdown = "\n".join(
@@ -232,8 +236,8 @@ def main() -> None:
             "softmax over groups of 10, the liked item and 9 of the retriever's first 20 the user "
             "never rated; kept by valid NDCG@10 of 40 valid groups), the listwise step given the "
             f"pointwise step's training seconds ({budget['pointwise_train_seconds']:.0f} s: "
-            f"{budget['listwise_steps']} steps at {budget['probe_seconds_per_step']:.2f} s per step "
-            f"measured by a {budget['probe_steps']}-step probe). Both re-rank the first "
+            f"{budget['listwise_steps']} steps at {budget['probe_seconds_per_step']:.2f} s "
+            f"per step measured by a {budget['probe_steps']}-step probe). Both re-rank the first "
             f"{cfg.rerank.top_n} candidates of the same {args.users} seeded users per split; α of "
             "each blend chosen on the valid users' lists. Test split, K = 10, bootstrap 95 % "
             "intervals; **all**: every test user with a positive; **reranked**: the users the LLM "

@@ -612,7 +612,8 @@ class RankingConfig(Section):
     """Train groups per user, at the user's latest train positives (the nearest to the lists
     the stage re-ranks: the whole train history, then the next item)."""
     min_history: int = 1
-    """Liked items a train group's point needs before it (its prompts' history)."""
+    """Items a train group's point needs in its history (the positives before its second, as
+    its prompts show them)."""
     pool: int = 20
     """The first ``pool`` of a user's retrieved candidates (never rated in train) the candidate
     negatives are drawn from; at least the candidate negatives a group takes
@@ -648,7 +649,11 @@ class RankingConfig(Section):
         _signs(self, key, where, positive="per_user", non_negative="min_history pool max_users")
         _signs(self, key, where, non_negative="max_valid_users")
         if not 0.0 <= self.uniform_share <= 1.0:
-            raise ConfigError(f"{key}.uniform_share = {self.uniform_share} is not in [0, 1]", where)
+            raise ConfigError(
+                f"{key}.uniform_share = {self.uniform_share} is not in [0, 1]",
+                where,
+                "use 0 (the retriever's candidates alone) to 1 (catalog items alone)",
+            )
         hard = self.size - 1 - round(self.uniform_share * (self.size - 1))
         if self.pool < hard:
             raise ConfigError(
@@ -815,6 +820,13 @@ class FinetuneConfig(Section):
                 f"{key}.aux mixes aux tasks into {listwise[0]}, a listwise step of {self.strategy}",
                 where,
                 f"leave {listwise[0]} out of {key}.aux_steps",
+            )
+        if self.listwise_steps and self.code_mode == "soft" and self.soft.curriculum:
+            raise ConfigError(
+                f"{key}.soft.curriculum mixes text prompts into pointwise steps, and "
+                f"{self.strategy}'s listwise step trains on groups without text versions",
+                where,
+                f"set {key}.soft.curriculum to false, or use a pointwise strategy",
             )
         if not self.lora_target_modules:
             raise ConfigError(
@@ -996,17 +1008,18 @@ class RerankConfig(Section):
                 "write e.g. alpha_grid: [0, 0.25, 0.5, 0.75, 1]",
             )
         places = self.popular_places
-        if (
-            0 not in places
-            or min(places) < 0
-            or max(places) > self.top_n
-            or len(set(places)) < len(places)
-        ):
+        if 0 not in places or min(places) < 0 or len(set(places)) < len(places):
             raise ConfigError(
-                f"{key}.popular_places = {places} must be distinct places from 0 to "
-                f"{key}.top_n ({self.top_n}) holding 0",
+                f"{key}.popular_places = {places} must be distinct places holding 0",
                 where,
                 "write e.g. popular_places: [0, 1, 2, 3, 5]",
+            )
+        if self.top_n and max(places) > self.top_n:
+            raise ConfigError(
+                f"{key}.popular_places = {places} gives popular items more places than the "
+                f"{key}.top_n = {self.top_n} candidates the LLM re-ranks",
+                where,
+                f"lower {key}.popular_places along with {key}.top_n, e.g. [0, 1]",
             )
 
 

@@ -38,11 +38,10 @@ from binllm_core.llm.batches import (
 )
 from binllm_core.llm.prefix_sharing import PrefixCut, SharedPrefixBatch
 from binllm_core.llm.soft import info_nce
+from binllm_core.llm.strategies import REC
 
 if TYPE_CHECKING:
     from binllm_core.llm.recommender import AnswerModel
-
-REC = "rec"
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,12 @@ in train, each asked about with the user's liked titles as the history. A traini
 situation at a point of the user's train history:
 
 * the **point**: one of the user's train positives (liked items ordered by time, then sample
-  id); each user gives the latest ``per_user`` points that have at least ``min_history`` liked
-  items before them: the latest points are the nearest to what the product re-ranks (the whole
-  train history, then the next item);
-* the **history**: the liked items before the point, oldest first (the prompt shows the last
-  ``history_len``, as every prompt does);
+  id); each user gives the latest ``per_user`` points whose history holds at least
+  ``min_history`` items: the latest points are the nearest to what the product re-ranks (the
+  whole train history, then the next item);
+* the **history**: the point sample's own, as the protocol wrote it (the user's positives
+  strictly before its second, the last ``history_len``, oldest first): what that sample's
+  prompt shows, so items liked in the same second are never in it;
 * the **positive**: the liked item at the point, always ``items[0]``;
 * ``size - 1`` **negatives**: a share ``uniform_share`` (rounded) drawn uniformly from the
   catalog, the rest drawn from the first ``pool`` items of the user's retrieved candidates
@@ -53,7 +54,7 @@ class GroupSpec:
     per_user: int = 1
     """Points per user, the latest ones."""
     min_history: int = 1
-    """Liked items a point needs before it."""
+    """Items a point's history needs."""
     pool: int = 20
     """The retriever's first ``pool`` eligible candidates the candidate negatives come from."""
     uniform_share: float = 0.0
@@ -92,20 +93,28 @@ def build_groups(
     seed: int,
 ) -> list[RankingGroup]:
     """The groups of every user of ``train`` (the train split's samples: ``uid``, ``iid``,
-    ``label``, ``timestamp``, ``sample_id``), by uid, each user's points oldest first.
+    ``label``, ``timestamp``, ``sample_id``, ``history``), by uid, each user's points oldest
+    first; a group's history is its liked sample's own (the protocol's: the user's positives
+    strictly before that second, the last ``history_len``), as that sample's prompt shows it.
 
     ``candidates``: per uid, the retriever's items best first (a user without any gets catalog
     negatives only); ``catalog``: the item ids the uniform negatives come from. A point whose
     user has fewer than ``size - 1`` eligible items gives no group."""
+    liked = pl.col("label") == 1
     users = (
         train.sort("uid", "timestamp", "sample_id")
         .group_by("uid", maintain_order=True)
-        .agg(liked=pl.col("iid").filter(pl.col("label") == 1), rated=pl.col("iid"))
+        .agg(
+            liked=pl.col("iid").filter(liked),
+            histories=pl.col("history").filter(liked),
+            rated=pl.col("iid"),
+        )
     )
     catalog = np.unique(np.asarray(catalog))
     out = []
-    for uid, liked, rated in users.select("uid", "liked", "rated").iter_rows():
-        points = list(range(spec.min_history, len(liked)))[-spec.per_user :]
+    for uid, liked, histories, rated in users.iter_rows():
+        long_enough = [j for j, h in enumerate(histories) if len(h) >= spec.min_history]
+        points = long_enough[-spec.per_user :]
         if not points:
             continue
         rng = np.random.default_rng([seed, uid])
@@ -117,7 +126,7 @@ def build_groups(
         for j in points:
             negatives = _negatives(pool, catalog, seen, spec, rng)
             if negatives is not None:
-                out.append(RankingGroup(uid, tuple(liked[:j]), (liked[j], *negatives)))
+                out.append(RankingGroup(uid, tuple(histories[j]), (liked[j], *negatives)))
     return out
 
 
@@ -168,30 +177,28 @@ def valid_groups(
     seed: int,
 ) -> list[RankingGroup]:
     """One group per user of ``valid`` (its samples of the users to evaluate: ``uid``, ``iid``,
-    ``label``, ``timestamp``, ``sample_id``) with a liked item there, by uid: the history is
-    the user's train liked items oldest first (what the run's valid prompts and re-ranked lists
-    show), the positive the user's first valid liked item, and the ``size - 1`` negatives the
+    ``label``, ``timestamp``, ``sample_id``, ``history``) with a liked item there, by uid: the
+    history is that of the user's first valid sample (what stage ``retrieve`` records for the
+    lists ``rerank`` orders: the positives before the split), the positive the user's first
+    valid liked item, and the ``size - 1`` negatives the
     first of ``candidates[uid]`` (the retriever's order) that the user never rated in train and
     that are none of the user's valid items; a short list is filled uniformly from the catalog
     (seeded per user), a user without enough eligible items gives no group."""
     ordered = ["uid", "timestamp", "sample_id"]
-    liked = (
-        train.filter(pl.col("label") == 1)
-        .sort(ordered)
-        .group_by("uid", maintain_order=True)
-        .agg(pl.col("iid"))
-    )
-    history = dict(zip(liked["uid"].to_list(), liked["iid"].to_list(), strict=True))
     rated = train.group_by("uid").agg(pl.col("iid"))
     seen_of = dict(zip(rated["uid"].to_list(), rated["iid"].to_list(), strict=True))
     users = (
         valid.sort(ordered)
         .group_by("uid", maintain_order=True)
-        .agg(positive=pl.col("iid").filter(pl.col("label") == 1).first(), items=pl.col("iid"))
+        .agg(
+            positive=pl.col("iid").filter(pl.col("label") == 1).first(),
+            items=pl.col("iid"),
+            history=pl.col("history").first(),
+        )
     )
     catalog = np.unique(np.asarray(catalog))
     out = []
-    for uid, positive, items in users.sort("uid").iter_rows():
+    for uid, positive, items, history in users.sort("uid").iter_rows():
         if positive is None:
             continue
         banned = np.unique(np.asarray([*seen_of.get(uid, ()), *items], np.int64))
@@ -203,7 +210,7 @@ def valid_groups(
         fill = _uniform(catalog, np.concatenate([banned, hard]), size - 1 - len(hard), rng)
         if fill is not None:
             negatives = [int(i) for i in (*hard, *fill)]
-            out.append(RankingGroup(uid, tuple(history.get(uid, ())), (int(positive), *negatives)))
+            out.append(RankingGroup(uid, tuple(history or ()), (int(positive), *negatives)))
     return out
 
 

@@ -98,6 +98,15 @@ def _score_reads(cfg: RunConfig) -> tuple[str, ...]:
     return ("render", "finetune", "encode") if _reads_embeddings(cfg) else ("render", "finetune")
 
 
+def _rerank_inputs(cfg: RunConfig) -> dict[str, Any]:
+    """Scoring's inputs, and the time-aware popularity's windows where popular items may join
+    the candidates (the window is chosen among them)."""
+    inputs = _score_inputs(cfg)
+    if list(cfg.rerank.popular_places) != [0]:
+        inputs["popularity_windows"] = ",".join(map(str, cfg.evaluate.popularity_windows))
+    return inputs
+
+
 def _score_inputs(cfg: RunConfig) -> dict[str, Any]:
     inputs = _model(cfg)
     steps = {step.name for step in plan(cfg.finetune)}
@@ -179,7 +188,7 @@ STAGES: tuple[Stage, ...] = (
         lambda c: tuple(
             dict.fromkeys(("ingest", "samples", "encode", codes_stage(c), "retrieve", "finetune"))
         ),
-        _score_inputs,
+        _rerank_inputs,
         needed=rerank_needed,
         paths=score_paths,
     ),

@@ -354,6 +354,9 @@ class Groups:
     train: pa.Table
     valid: pa.Table
     counts: dict[str, int]
+    """Users drawn and groups made (a drawn user without a group had too short a history or
+    too few items to draw negatives from), users without candidates, negatives that are a
+    user's held-out (valid or test) item, valid users without a valid list."""
 
 
 def ranking_groups(ctx: StageContext, mode: str) -> Groups:
@@ -364,7 +367,7 @@ def ranking_groups(ctx: StageContext, mode: str) -> Groups:
     negatives only), valid groups of a seeded ``max_valid_users`` of the ``valid_small`` users
     with a valid like, against their valid list (else their train-time list)."""
     cfg, ranking = ctx.cfg.finetune, ctx.cfg.finetune.ranking
-    columns = ["sample_id", "uid", "iid", "label", "timestamp", "split", "valid_small"]
+    columns = ["sample_id", "uid", "iid", "label", "timestamp", "split", "valid_small", "history"]
     samples = pl.from_arrow(ctx.read_table("samples", "samples", columns=columns))
     train = samples.filter(pl.col("split") == "train")
     lists = _candidate_lists(ctx)
@@ -385,17 +388,18 @@ def ranking_groups(ctx: StageContext, mode: str) -> Groups:
     )
     valid_users = sample_users(liked["uid"].to_numpy(), ranking.max_valid_users, cfg.seed)
     valid = samples.filter((pl.col("split") == "valid") & pl.col("uid").is_in(valid_users.tolist()))
-    valid_lists = {**pool, **lists.get("valid", {})}
-    valid_set = valid_groups(train, valid, valid_lists, catalog, ranking.size, cfg.seed)
+    valid_set = valid_groups(train, valid, pool, catalog, ranking.size, cfg.seed)
 
     held = samples.filter(pl.col("split") != "train").group_by("uid").agg(pl.col("iid"))
     held_out = {u: set(i) for u, i in held.iter_rows()}
     covered = {g.uid for g in train_groups if g.uid in pool}
     counts = {
+        "train_users_drawn": len(users),
         "train_groups": len(train_groups),
         "train_users": len({g.uid for g in train_groups}),
         "train_users_without_candidates": len({g.uid for g in train_groups} - covered),
         "train_held_out_negatives": held_out_negatives(train_groups, held_out),
+        "valid_users_drawn": len(valid_users),
         "valid_groups": len(valid_set),
         "valid_users_without_valid_list": sum(
             g.uid not in lists.get("valid", {}) for g in valid_set

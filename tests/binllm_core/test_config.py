@@ -159,6 +159,22 @@ def test_default_sections_keep_their_rules():
         (["rerank.alpha_grid=[0.5,1]"], "rerank.alpha_grid = [0.5, 1.0] must be"),
         (["rerank.alpha_grid=[0,-0.5]"], "must be distinct weights in [0, 1] holding 0"),
         (["rerank.alpha_grid=[0,0.5,0.5]"], "must be distinct weights in [0, 1] holding 0"),
+        (["rerank.popular_places=[1,2]"], "rerank.popular_places = [1, 2] must be distinct"),
+        (["rerank.popular_places=[0,-1]"], "must be distinct places holding 0"),
+        (
+            ["rerank.top_n=4", "rerank.popular_places=[0,5]"],
+            "gives popular items more places than the rerank.top_n = 4 candidates",
+        ),
+        (
+            [
+                "finetune.strategy=ranking",
+                "finetune.code_mode=soft",
+                "prompts.modes=[text,soft]",
+                "finetune.soft.curriculum=true",
+            ],
+            "listwise step trains on groups without text versions",
+        ),
+        (["encoder.distill_weight=1"], "encoder.distill_weight = 1.0 distills the float"),
         (["evaluate.popularity_windows=[]"], "evaluate.popularity_windows = [] must be"),
         (["evaluate.popularity_windows=[7,7]"], "must be distinct positive days"),
         (["evaluate.popularity_windows=[0,30]"], "must be distinct positive days"),
@@ -176,6 +192,11 @@ def test_bad_values_fail_at_load_in_one_line(overrides: list[str], needle: str):
     message = str(err.value)
     assert needle in message and "configs/ml1m.yaml" in message
     assert "\n" not in message
+
+
+def test_popular_places_are_free_where_the_llm_reranks_nothing():
+    cfg = load_config("configs/ml100k.yaml", ["rerank.top_n=0"])
+    assert cfg.rerank.popular_places == [0, 1, 2, 3, 5] and cfg.rerank.top_n == 0
 
 
 def test_status_with_a_bad_value_exits_2_before_ray(monkeypatch, capsys):

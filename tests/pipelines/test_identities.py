@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from binllm_core.config import ModelConfig, RetrieveConfig
+from binllm_core.config import ModelConfig, RetrieveConfig, load_config
 from binllm_core.llm.backbone import ADAPTER_CONFIG
 from binllm_core.llm.recommender import LLMRecommender
 from binllm_core.ranking.retrieval import Catalog
@@ -231,3 +231,14 @@ def test_forcing_a_stage_that_makes_the_same_output_leaves_everything_after_it_c
         skipped = set(SKIPPED.findall(out))
         assert skipped == set(names), f"forcing {stage} redid {set(names) - skipped}\n{out}"
         assert all(now[n]["version"] == forced[n]["version"] for n in names), stage
+
+
+def test_rerank_depends_on_the_popularity_windows_only_where_popular_items_may_join() -> None:
+    rerank = next(s for s in STAGES if s.name == "rerank")
+    windows = "evaluate.popularity_windows=[30, 90]"
+    off = [load_config("configs/tiny.yaml", sets) for sets in ([], [windows])]
+    assert rerank.inputs(off[0]) == rerank.inputs(off[1])
+    union = "rerank.popular_places=[0, 1]"
+    on = [load_config("configs/tiny.yaml", sets) for sets in ([union], [union, windows])]
+    assert rerank.inputs(on[0])["popularity_windows"] == "7,30,90,180,365"
+    assert rerank.inputs(on[1])["popularity_windows"] == "30,90"

@@ -35,9 +35,21 @@ ROWS = [
 ]
 
 
+def with_history(frame: pl.DataFrame, before: pl.DataFrame | None = None) -> pl.DataFrame:
+    """``frame`` with the protocol's history: each sample's user's positives (of ``before``
+    and ``frame``) strictly before its second, oldest first."""
+    every = frame if before is None else pl.concat([before.drop("history"), frame])
+    liked = every.filter(pl.col("label") == 1).sort("timestamp", "sample_id")
+    histories = [
+        liked.filter((pl.col("uid") == u) & (pl.col("timestamp") < t))["iid"].to_list()[-10:]
+        for u, t in frame.select("uid", "timestamp").iter_rows()
+    ]
+    return frame.with_columns(history=pl.Series(histories, dtype=pl.List(pl.Int64)))
+
+
 def train() -> pl.DataFrame:
     uid, iid, label, ts = zip(*ROWS, strict=True)
-    return pl.DataFrame(
+    frame = pl.DataFrame(
         {
             "sample_id": list(range(len(ROWS))),
             "uid": uid,
@@ -46,6 +58,7 @@ def train() -> pl.DataFrame:
             "timestamp": ts,
         }
     )
+    return with_history(frame)
 
 
 def candidates() -> dict[int, np.ndarray]:
@@ -166,7 +179,8 @@ def test_a_groups_prompts_are_the_runs_prompts_for_its_history_and_items(mode: s
 
 
 def test_a_valid_group_is_the_valid_like_against_the_users_candidates() -> None:
-    """History: the train likes in time order; positive: the first valid like; negatives: the
+    """History: the first valid sample's (the train likes in time order); positive: the first
+    valid like; negatives: the
     retriever's first items the user never rated in train and none of its valid items; a user
     without candidates gets catalog items; a user without a valid like gets no group."""
     valid = pl.DataFrame(
@@ -178,6 +192,7 @@ def test_a_valid_group_is_the_valid_like_against_the_users_candidates() -> None:
             "timestamp": [50, 60, 70, 30, 30],
         }
     )
+    valid = with_history(valid, train())
     found = valid_groups(train(), valid, candidates(), CATALOG, 4, seed=1)
     assert [g.uid for g in found] == [1, 2]
     one, two = found
@@ -199,3 +214,19 @@ def test_users_are_sampled_seeded_and_held_out_negatives_counted() -> None:
     held_out = {1: {21, 22, 99}, 2: {31}}
     expected = sum(i in held_out.get(g.uid, ()) for g in groups for i in g.items[1:])
     assert held_out_negatives(groups, held_out) == expected > 0
+
+
+def test_a_group_shows_its_samples_history_never_an_item_of_the_same_second() -> None:
+    """Items liked in the same second are not in each other's history (the protocol's rule,
+    the one every prompt of the run follows)."""
+    frame = pl.DataFrame(
+        {
+            "sample_id": [0, 1, 2, 3],
+            "uid": [7, 7, 7, 7],
+            "iid": [1, 2, 3, 4],
+            "label": [1, 1, 1, 1],
+            "timestamp": [10, 20, 20, 30],
+        }
+    )
+    groups = build_groups(with_history(frame), {}, CATALOG, GroupSpec(size=3, per_user=9), 0)
+    assert [(g.history, g.positive) for g in groups] == [((1,), 2), ((1,), 3), ((1, 2, 3), 4)]
