@@ -32,6 +32,22 @@ USERS_SCHEMA = pa.schema(
 SPLITS = {1: "valid", 2: "valid", 3: "valid", 4: "valid", 5: "test", 6: "test"}
 
 
+def candidate(protocol: str, split: str, uid: int, iid: int, rank: int, hamming: int) -> dict:
+    """One row of ``retrieve/candidates``."""
+    return {
+        "protocol": protocol,
+        "split": split,
+        "uid": uid,
+        "iid": iid,
+        "user": f"u{uid}",
+        "item": f"i{iid}",
+        "rank": rank,
+        "hamming": hamming,
+        "tie": 0.0,
+        "source": "hamming",
+    }
+
+
 def fake_retrieve(run: Path) -> None:
     """Valid users 1-4 and test users 5-6, each with 5 candidates (distances with ties) and one
     positive among them."""
@@ -42,21 +58,7 @@ def fake_retrieve(run: Path) -> None:
         users.append(
             {"split": split, "uid": uid, "positives": positives, "history": [12], "exclude": []}
         )
-        for r, iid in enumerate(items):
-            rows.append(
-                {
-                    "protocol": "full",
-                    "split": split,
-                    "uid": uid,
-                    "iid": iid,
-                    "user": f"u{uid}",
-                    "item": f"i{iid}",
-                    "rank": r + 1,
-                    "hamming": r // 2,
-                    "tie": 0.0,
-                    "source": "hamming",
-                }
-            )
+        rows += [candidate("full", split, uid, iid, r + 1, r // 2) for r, iid in enumerate(items)]
     tables = {
         "users": pa.Table.from_pylist(users, schema=USERS_SCHEMA),
         "candidates": pa.Table.from_pylist(rows, schema=CANDIDATES_SCHEMA),
@@ -110,21 +112,7 @@ def test_popular_items_join_the_lists_where_they_raise_valid_recall(tmp_path: Pa
             {"split": split, "uid": uid, "positives": positives, "history": [], "exclude": []}
         )
         for protocol in ("full", "sampled"):
-            for r, iid in enumerate(items):
-                rows.append(
-                    {
-                        "protocol": protocol,
-                        "split": split,
-                        "uid": uid,
-                        "iid": iid,
-                        "user": f"u{uid}",
-                        "item": f"i{iid}",
-                        "rank": r + 1,
-                        "hamming": r,
-                        "tie": 0.0,
-                        "source": "hamming",
-                    }
-                )
+            rows += [candidate(protocol, split, uid, iid, r + 1, r) for r, iid in enumerate(items)]
     users_table = pa.Table.from_pylist(users, schema=USERS_SCHEMA)
     candidates = pa.Table.from_pylist(rows, schema=CANDIDATES_SCHEMA)
     publish_stage(run, "retrieve", {"users": users_table, "candidates": candidates})
