@@ -21,8 +21,7 @@ import pyarrow.compute as pc
 from binllm_core.codes import id_table
 from binllm_core.ranking.candidates import PlacesChoice, choose_places, union_popular
 from binllm_core.ranking.popularity import choose_window, liked_counts, popularity_order
-from pipelines.ops.retrieval import CANDIDATES_SCHEMA, FULL, SERVE, codes_stage
-from pipelines.runtime.ray_helpers import to_arrow
+from pipelines.ops.retrieval import CANDIDATES_SCHEMA, FULL, SERVE, codes_stage, full_lists
 from pipelines.runtime.stage import StageContext
 
 POPULAR = "popular"
@@ -131,20 +130,7 @@ def choose_union(
     positives = dict(zip(uids, map(_ids, valid["positives"].to_pylist()), strict=True))
     excluded = dict(zip(uids, map(_ids, valid["exclude"].to_pylist()), strict=True))
 
-    def valid_lists(batch: pa.Table) -> pa.Table:
-        keep = pc.and_(pc.equal(batch["protocol"], FULL), pc.equal(batch["split"], VALID))
-        keep = pc.and_(keep, pc.less_equal(batch["rank"], n))
-        return batch.filter(keep).select(["uid", "iid", "rank"])
-
-    schema = pa.schema([("uid", pa.int32()), ("iid", pa.int32()), ("rank", pa.int32())])
-    rows = ctx.read_dataset("retrieve", "candidates").map_batches(
-        valid_lists, batch_format="pyarrow"
-    )
-    ordered = pl.from_arrow(to_arrow(rows, schema)).sort("uid", "rank")
-    lists = {
-        int(uid): part["iid"].to_numpy()
-        for (uid,), part in ordered.group_by(["uid"], maintain_order=True)
-    }
+    lists = full_lists(ctx, [VALID], n).get(VALID, {})
     choice = choose_places(lists, positives, excluded, popular.order, n, grid, popular.window_days)
     return choice, popular
 

@@ -22,6 +22,7 @@ the same rule.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,7 @@ from binllm_core.ranking.retrieval import (
     select_top,
     tie_score,
 )
+from pipelines.runtime.ray_helpers import to_arrow
 from pipelines.runtime.stage import StageContext
 
 FULL, SAMPLED, SERVE = "full", "sampled", "serve"
@@ -297,3 +299,30 @@ def in_order(candidates: ray.data.Dataset) -> ray.data.Dataset:
     wrote them as two files split where the sort's sampled bounds fell."""
     ordered = candidates.sort(FILE_ORDER).materialize()
     return ordered.repartition(target_num_rows_per_block=ROWS_PER_FILE, strict=True)
+
+
+def full_lists(
+    ctx: StageContext, splits: Sequence[str] | None = None, top: int = 0
+) -> dict[str, dict[int, np.ndarray]]:
+    """Per split (of ``splits``; None: every one), each user's full-protocol candidates of
+    ``retrieve/candidates`` best first, the first ``top`` of them (0: all); read where the
+    rows are, only (split, uid, iid, rank) reach the caller."""
+
+    def full(batch: pa.Table) -> pa.Table:
+        keep = pc.equal(batch["protocol"], FULL)
+        if splits is not None:
+            keep = pc.and_(keep, pc.is_in(batch["split"], pa.array(list(splits), pa.string())))
+        if top:
+            keep = pc.and_(keep, pc.less_equal(batch["rank"], top))
+        return batch.filter(keep).select(["split", "uid", "iid", "rank"])
+
+    schema = pa.schema(
+        [("split", pa.string()), ("uid", pa.int32()), ("iid", pa.int32()), ("rank", pa.int32())]
+    )
+    rows = ctx.read_dataset("retrieve", "candidates").map_batches(full, batch_format="pyarrow")
+    table = pl.from_arrow(to_arrow(rows, schema))
+    out: dict[str, dict[int, np.ndarray]] = {}
+    per_user = table.sort("split", "uid", "rank").group_by("split", "uid", maintain_order=True)
+    for split, uid, iids in per_user.agg(pl.col("iid")).iter_rows():
+        out.setdefault(split, {})[int(uid)] = np.asarray(iids, np.int64)
+    return out

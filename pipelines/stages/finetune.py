@@ -85,7 +85,7 @@ from binllm_core.prompts.templates import templates_from_config
 from binllm_core.prompts.truncation import count_truncated
 from binllm_core.storage import join
 from pipelines.ops.prompt_selection import prompt_index, rendered_modes
-from pipelines.ops.retrieval import FULL
+from pipelines.ops.retrieval import full_lists
 from pipelines.ops.scoring import whole_groups
 from pipelines.runtime.progress import Reporter, progress
 from pipelines.runtime.ray_helpers import to_arrow
@@ -370,7 +370,7 @@ def ranking_groups(ctx: StageContext, mode: str) -> Groups:
     columns = ["sample_id", "uid", "iid", "label", "timestamp", "split", "valid_small", "history"]
     samples = pl.from_arrow(ctx.read_table("samples", "samples", columns=columns))
     train = samples.filter(pl.col("split") == "train")
-    lists = _candidate_lists(ctx)
+    lists = full_lists(ctx)
     pool: dict[int, np.ndarray] = {}
     for split in reversed(CANDIDATE_SPLITS):  # the first split's list wins
         pool.update(lists.get(split, {}))
@@ -415,26 +415,6 @@ def ranking_groups(ctx: StageContext, mode: str) -> Groups:
         )
     render = _group_renderer(ctx, mode)
     return Groups(render(train_groups), render(valid_set), counts)
-
-
-def _candidate_lists(ctx: StageContext) -> dict[str, dict[int, np.ndarray]]:
-    """Per split, each user's full-protocol candidates best first (``retrieve/candidates``)."""
-    schema = pa.schema([("split", pa.string()), ("uid", pa.int32()), ("iid", pa.int32())])
-
-    def full(batch: pa.Table) -> pa.Table:
-        return batch.filter(pc.equal(batch["protocol"], FULL)).select(
-            ["split", "uid", "iid", "rank"]
-        )
-
-    rows = ctx.read_dataset("retrieve", "candidates").map_batches(full, batch_format="pyarrow")
-    table = pl.from_arrow(to_arrow(rows, schema))
-    if not table.height:
-        return {}
-    per_user = table.sort("split", "uid", "rank").group_by("split", "uid", maintain_order=True)
-    out: dict[str, dict[int, np.ndarray]] = {}
-    for split, uid, iids in per_user.agg(pl.col("iid")).iter_rows():
-        out.setdefault(split, {})[uid] = np.asarray(iids, np.int64)
-    return out
 
 
 def _group_renderer(ctx: StageContext, mode: str) -> Any:
