@@ -33,7 +33,7 @@ re-ranked candidates' prompts come from, so a group's prompts are the run's prom
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,15 +119,21 @@ def build_groups(
             continue
         rng = np.random.default_rng([seed, uid])
         seen = np.unique(np.asarray(rated, np.int64))
-        ranked = np.asarray(candidates.get(uid, ()), np.int64)
-        eligible = ranked[~np.isin(ranked, seen)]
-        _, first = np.unique(eligible, return_index=True)  # a repeated candidate counts once
-        pool = eligible[np.sort(first)][: spec.pool]
+        pool = first_unseen(candidates.get(uid, ()), seen, spec.pool)
         for j in points:
             negatives = _negatives(pool, catalog, seen, spec, rng)
             if negatives is not None:
                 out.append(RankingGroup(uid, tuple(histories[j]), (liked[j], *negatives)))
     return out
+
+
+def first_unseen(ranked: Sequence[int] | np.ndarray, banned: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` of the retriever's ``ranked`` items that are not ``banned``, in its order
+    (a repeated candidate counts once)."""
+    ranked = np.asarray(ranked, np.int64)
+    eligible = ranked[~np.isin(ranked, banned)]
+    _, first = np.unique(eligible, return_index=True)
+    return eligible[np.sort(first)][:n]
 
 
 def _negatives(
@@ -202,10 +208,7 @@ def valid_groups(
         if positive is None:
             continue
         banned = np.unique(np.asarray([*seen_of.get(uid, ()), *items], np.int64))
-        ranked = np.asarray(candidates.get(uid, ()), np.int64)
-        eligible = ranked[~np.isin(ranked, banned)]
-        _, first = np.unique(eligible, return_index=True)
-        hard = eligible[np.sort(first)][: size - 1]
+        hard = first_unseen(candidates.get(uid, ()), banned, size - 1)
         rng = np.random.default_rng([seed, uid])
         fill = _uniform(catalog, np.concatenate([banned, hard]), size - 1 - len(hard), rng)
         if fill is not None:
