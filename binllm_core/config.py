@@ -323,6 +323,12 @@ class EncoderConfig(Section):
     softmax is nearly flat; BENCHMARKS.md, Codes' own lists)."""
     distill_temperature: float = 1.0
     """Temperature of both softmaxes of the distillation term."""
+    float_first: bool = False
+    """Train the float model first, alone, to its best valid epoch (its own ``patience`` and
+    ``max_epochs``); then start the binary model's embedding tables from the float model's kept
+    ones and train the codes (``beta`` and the learning-rate schedule start again; the float
+    model stays as it was kept, the teacher of ``distill_weight``). Side by side (false), the
+    codes start from random tables and learn them while learning to binarize them."""
 
     def check(self, key: str, where: str = "") -> None:
         _check_name(self.backbone, ENCODER_BACKBONES, f"{key}.backbone", where)
@@ -367,6 +373,13 @@ class EncoderConfig(Section):
                 where,
                 f"set {key}.distill_weight to 0, or use the implicit or mixed objective "
                 "with binary codes",
+            )
+        if self.float_first and not self.binary:
+            raise ConfigError(
+                f"{key}.float_first starts the codes from the float model, and this run trains "
+                "no codes (binary: false)",
+                where,
+                f"set {key}.float_first to false, or {key}.binary to true",
             )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(

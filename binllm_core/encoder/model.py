@@ -198,5 +198,9 @@ class EncoderSet(nn.Module):
         items: torch.Tensor,
         beta: float = 1.0,
         generator: torch.Generator | None = None,
+        names: tuple[str, ...] | None = None,
     ) -> dict[str, torch.Tensor]:
-        return {name: m(users, items, beta, generator) for name, m in self.models.items()}
+        """Each model's logits of the pairs; only ``names``'s where given (the models in
+        training; the others take no part in the step)."""
+        chosen = self.models if names is None else {n: self.models[n] for n in names}
+        return {name: m(users, items, beta, generator) for name, m in chosen.items()}

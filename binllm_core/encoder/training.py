@@ -8,7 +8,9 @@ on the same backbone are trained side by side in one pass over the data
 weights by its own valid score (the float baseline is measured at its best, not at the codes'),
 and training stops when neither improves any more; the checkpoint Ray keeps follows the
 *primary* model (the binary one, or the float one when ``binary`` is off). With
-``ema_decay``, what is validated and kept is a moving average of the weights.
+``ema_decay``, what is validated and kept is a moving average of the weights. With
+``float_first`` the two train one after the other instead: the float model to its best epoch,
+then the codes from its tables (:attr:`EncoderTraining.codes_start`).
 
 :class:`EncoderTraining` is the loop body: the Ray Train worker drives it epoch by epoch with
 checkpoints, and :func:`fit` is the same loop in one process (benchmarks, tests).
@@ -34,7 +36,14 @@ from torch import nn
 from binllm_core.config import EncoderConfig, to_dict
 from binllm_core.encoder.data import Rows, normalized_adjacency, train_graph
 from binllm_core.encoder.model import BACKBONES, BINARY, FLOAT, CollabModel, EncoderSet
-from binllm_core.encoder.objectives import NDCG, OBJECTIVES, Seen, distill_loss, list_ndcg
+from binllm_core.encoder.objectives import (
+    NDCG,
+    OBJECTIVES,
+    Batch,
+    Seen,
+    distill_loss,
+    list_ndcg,
+)
 from binllm_core.errors import StageError
 from binllm_core.evaluation.metrics import score_report
 from binllm_core.storage import jsonable
@@ -65,6 +74,12 @@ def lr_factor(epoch: int, cfg: EncoderConfig) -> float:
     if cfg.lr_schedule == "constant":
         return 1.0
     return 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.max_epochs))
+
+
+def epoch_limit(cfg: EncoderConfig) -> int:
+    """The most epochs a run can take: ``max_epochs``, or twice that with ``float_first``
+    (each model's phase has the limit)."""
+    return cfg.max_epochs * (2 if cfg.float_first else 1)
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -176,6 +191,9 @@ class EncoderTraining:
                     table.normal_(0.0, cfg.float_init_std)
                     table[0] = 0.0  # padding
         self.primary = names[0]
+        self.codes_start: int | None = None if cfg.float_first else 0
+        """The epoch the codes began training at: 0 side by side; with ``float_first`` None
+        while the float model trains alone, then the epoch after its last."""
         self.averaged: EncoderSet | None = None
         """A moving average of :attr:`models` (``ema_decay`` > 0): what is validated, kept
         and exported."""
@@ -204,6 +222,20 @@ class EncoderTraining:
         self.finished = False
 
     # ---- one epoch ---------------------------------------------------------------------------
+    @property
+    def in_training(self) -> tuple[str, ...]:
+        """The models this epoch trains and validates: both side by side; with ``float_first``
+        the float model, then the binary one."""
+        if self.codes_start is None:
+            return (FLOAT,)
+        if self.cfg.float_first:
+            return (BINARY,)
+        return tuple(self.models.models)
+
+    def phase_epoch(self, epoch: int) -> int:
+        """``epoch`` counted from the start of the models in training (beta, learning rates)."""
+        return epoch - (self.codes_start or 0)
+
     def epoch_generator(self, epoch: int, rank: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch * 1_009 + rank)
 
@@ -213,12 +245,12 @@ class EncoderTraining:
         Shards must have equal lengths across workers (DDP steps in lockstep).
         """
         epoch = self.epoch + 1
-        beta = beta_at(epoch, self.cfg.beta_step)
+        beta = beta_at(self.phase_epoch(epoch), self.cfg.beta_step)
         gen = self.epoch_generator(epoch, rank)
         rng = np.random.default_rng([self.cfg.seed, epoch, rank])
         batch_size = max(1, self.cfg.batch_size // world_size)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-            group["lr"] = base * lr_factor(epoch, self.cfg)
+            group["lr"] = base * lr_factor(self.phase_epoch(epoch), self.cfg)
         started = time.perf_counter()
         self.models.train()
         with deterministic_kernels(self.device):
@@ -242,10 +274,12 @@ class EncoderTraining:
         for batch in self.objective.batches(rows, self.cfg, batch_size, gen, rng, self.seen):
             batch.users, batch.items = batch.users.to(self.device), batch.items.to(self.device)
             batch.labels = batch.labels.to(self.device)
-            logits = self.forward_module(batch.users, batch.items, beta, gen)
+            logits = self.forward_module(
+                batch.users, batch.items, beta, gen, names=self.in_training
+            )
             loss = sum(self.objective.loss(x, batch, self.cfg) for x in logits.values())
-            if self.cfg.distill_weight:
-                teacher = logits[FLOAT].detach()
+            if self.cfg.distill_weight and BINARY in logits:
+                teacher = self._teacher(batch, logits)
                 term = distill_loss(logits[BINARY], teacher, batch, self.cfg.distill_temperature)
                 loss = loss + self.cfg.distill_weight * term
             self.optimizer.zero_grad(set_to_none=True)
@@ -256,6 +290,14 @@ class EncoderTraining:
             total += float(loss.detach())
             steps += 1
         return total, steps
+
+    @torch.no_grad()
+    def _teacher(self, batch: Batch, logits: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The float model's logits of the batch, carrying no gradient: trained beside the codes
+        in this step, or held at its kept weights (``float_first``)."""
+        if FLOAT in logits:
+            return logits[FLOAT].detach()
+        return self.models.models[FLOAT](batch.users, batch.items)
 
     @torch.no_grad()
     def _update_average(self) -> None:
@@ -275,14 +317,16 @@ class EncoderTraining:
         The score is the one the objective's codes serve: AUC, or NDCG@10 of the lists.
 
         Returns whether the primary model improved (its weights are the ones to keep). Sets
-        :attr:`finished` when every model has gone ``patience`` epochs without a better valid
-        score, or at ``max_epochs``.
+        :attr:`finished` when every model in training has gone ``patience`` epochs without a
+        better valid score, or at ``max_epochs`` (with ``float_first``, the float model's end
+        starts the codes instead: :meth:`_start_codes`).
         """
         self.evaluated.eval()
         improved = False
         record = self.history[-1]
         served = self.objective.serves
-        for name, model in self.evaluated.models.items():
+        for name in self.in_training:
+            model = self.evaluated.models[name]
             report = evaluate(model, valid)
             if served == NDCG:
                 report[NDCG] = self.list_ndcg(model, valid)
@@ -295,21 +339,38 @@ class EncoderTraining:
                 self.kept[name] = _snapshot(model)
                 improved |= name == self.primary
         # Each model has its own patience; the run ends when none of them improves any more.
-        since_best = min(self.epoch - best["epoch"] for best in self.best.values())
-        if since_best >= self.cfg.patience or self.epoch + 1 >= self.cfg.max_epochs:
-            self.finished = True
+        since_best = min(self.epoch - self.best[name]["epoch"] for name in self.in_training)
+        ran = self.phase_epoch(self.epoch) + 1
+        if since_best >= self.cfg.patience or ran >= self.cfg.max_epochs:
+            if self.codes_start is None:
+                self._start_codes()
+            else:
+                self.finished = True
         return improved
+
+    @torch.no_grad()
+    def _start_codes(self) -> None:
+        """Hold the float model at its kept weights and start the binary model's embedding
+        tables from them (live and averaged); the codes train from the next epoch."""
+        kept = self.kept[FLOAT]
+        for models in {id(m): m for m in (self.models, self.evaluated)}.values():
+            teacher = models.models[FLOAT]
+            teacher.load_state_dict(kept)
+            student = models.models[BINARY].backbone
+            student.user_emb.weight.copy_(teacher.backbone.user_emb.weight)
+            student.item_emb.weight.copy_(teacher.backbone.item_emb.weight)
+        self.codes_start = self.epoch + 1
 
     @property
     def valid_auc(self) -> float:
-        """Valid AUC of the primary model at the last epoch."""
-        return self.history[-1][f"{self.primary}_valid_auc"]
+        """Valid AUC of the primary model at the last epoch (None where it was not trained)."""
+        return self.history[-1].get(f"{self.primary}_valid_auc")
 
     @property
     def valid_score(self) -> float:
         """The primary model's valid score at the last epoch that its best epoch is chosen by:
-        AUC, or NDCG@10 of the lists."""
-        return self.history[-1][f"{self.primary}_valid_{self.objective.serves}"]
+        AUC, or NDCG@10 of the lists (None where it was not trained)."""
+        return self.history[-1].get(f"{self.primary}_valid_{self.objective.serves}")
 
     def list_ndcg(self, model: CollabModel, valid: Rows) -> float:
         """NDCG@10 of ``model``'s valid lists: by its ±1 codes (binary) or embeddings (float)."""
@@ -379,6 +440,7 @@ class EncoderTraining:
             "item_num": self.item_num,
             "epoch": self.epoch,
             "steps": self.steps,
+            "codes_start": self.codes_start,
             "finished": self.finished,
             "best": self.best,
             "history": self.history,
@@ -416,6 +478,7 @@ class EncoderTraining:
         self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
         self.epoch, self.finished = state["epoch"], state["finished"]
         self.steps = state["steps"]
+        self.codes_start = state.get("codes_start", 0)
         self.best, self.history = state["best"], state["history"]
         self.resumed_at = state["resumed_at"]
 

@@ -55,6 +55,7 @@ from binllm_core.encoder.objectives import AUC, NDCG
 from binllm_core.encoder.training import (
     EncoderTraining,
     check_config,
+    epoch_limit,
     needs_graph,
     needs_seen,
     read_state,
@@ -104,7 +105,7 @@ def train_and_export(ctx: StageContext, cfg: EncoderConfig) -> dict[str, Any]:
     name = f"encoder-{ctx.digest}"
     storage = ctx.scratch_path("checkpoints")
     started = time.time()
-    with progress(ctx.stage, cfg.max_epochs, "epoch", _describe_epoch) as reporter:
+    with progress(ctx.stage, epoch_limit(cfg), "epoch", _describe_epoch) as reporter:
         trainer = _trainer(ctx, cfg, datasets, name, storage, user_num, item_num, reporter)
         result = trainer.fit()
     train_time = time.time() - started
@@ -139,6 +140,8 @@ def train_and_export(ctx: StageContext, cfg: EncoderConfig) -> dict[str, Any]:
                 "valid": code_report(codes, _rows(datasets["valid"])),
                 "test": code_report(codes, _rows(datasets["test"])),
                 "best_epoch": int(best_metrics["epoch"]),
+                # 0 side by side; with float_first, the epoch after the float model's last
+                "started_at_epoch": state.get("codes_start", 0),
             },
             "continuous": {
                 "valid": continuous["valid"],
@@ -276,7 +279,10 @@ def train_loop(config: dict[str, Any]) -> None:
         if training.finished:
             return
         training.resumed_at.append(training.epoch + 1)
-    training.forward_module = ray.train.torch.prepare_model(training.models)
+    # With float_first, a step trains one of the two models: DDP must expect unused weights.
+    training.forward_module = ray.train.torch.prepare_model(
+        training.models, parallel_strategy_kwargs={"find_unused_parameters": cfg.float_first}
+    )
     while not training.finished:
         if rank == 0 and config["fault"] is not None:
             config["fault"].reached(training.epoch + 1)

@@ -175,6 +175,10 @@ def test_default_sections_keep_their_rules():
             "listwise step trains on groups without text versions",
         ),
         (["encoder.distill_weight=1"], "encoder.distill_weight = 1.0 distills the float"),
+        (
+            ["encoder.float_first=true", "encoder.binary=false"],
+            "encoder.float_first starts the codes from the float model",
+        ),
         (["evaluate.popularity_windows=[]"], "evaluate.popularity_windows = [] must be"),
         (["evaluate.popularity_windows=[7,7]"], "must be distinct positive days"),
         (["evaluate.popularity_windows=[0,30]"], "must be distinct positive days"),

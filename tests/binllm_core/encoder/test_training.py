@@ -280,3 +280,49 @@ def test_one_seed_trains_the_same_weights_in_another_process_on_two_threads() ->
         for _ in range(2)
     }
     assert len(digests) == 1
+
+
+def test_float_first_trains_the_float_model_then_codes_from_its_kept_tables(tmp_path) -> None:
+    data = split_samples(planted_samples(seed=4))
+    cfg = dataclasses.replace(
+        PLANTED, objective="implicit", max_epochs=5, patience=5, float_first=True
+    )
+    training = EncoderTraining(cfg, 101, 61, seen=data["train"])
+    untrained_codes = {k: v.clone() for k, v in training.models.models[BINARY].state_dict().items()}
+    while training.codes_start is None:
+        training.train_epoch(data["train"])
+        training.validate(data["valid"])
+        # The float model trains alone: the codes neither move nor are validated.
+        assert "binary_valid_ndcg" not in training.history[-1]
+        assert training.valid_score is None
+    assert training.codes_start == 5 and training.best[FLOAT]["epoch"] < 5
+    teacher = training.models.models[FLOAT]
+    student = training.models.models[BINARY]
+    kept = training.kept[FLOAT]
+    for name, weight in teacher.state_dict().items():
+        assert torch.equal(weight, kept[name])  # held at its best epoch from here on
+    for side in ("user_emb", "item_emb"):
+        assert torch.equal(
+            student.backbone.state_dict()[f"{side}.weight"], kept[f"backbone.{side}.weight"]
+        )
+    for name in ("proj_u.weight", "proj_i.weight"):
+        assert torch.equal(student.state_dict()[name], untrained_codes[name])
+
+    training.train_epoch(data["train"])
+    training.validate(data["valid"])
+    assert training.history[-1]["beta"] == 0.0  # beta starts again with the codes
+    training.save(tmp_path)
+    resumed = EncoderTraining(cfg, 101, 61, seen=data["train"])
+    resumed.load(tmp_path)
+    for run in (training, resumed):
+        while not run.finished:
+            run.train_epoch(data["train"])
+            run.validate(data["valid"])
+    assert training.epoch == 9 and training.best[BINARY]["epoch"] >= 5
+    for name, weight in training.weights().items():
+        torch.testing.assert_close(resumed.weights()[name], weight, rtol=0, atol=0)
+    for name, weight in training.models.models[FLOAT].state_dict().items():
+        assert torch.equal(weight, kept[name])
+    untrained = EncoderTraining(cfg, 101, 61, seen=data["train"])
+    random_lists = untrained.list_ndcg(untrained.models.models[BINARY], data["valid"])
+    assert training.best[BINARY]["valid"]["ndcg"] > random_lists + 0.03
