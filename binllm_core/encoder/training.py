@@ -316,7 +316,8 @@ class EncoderTraining:
         """Score the epoch on ``valid``; on a model's best valid score so far also on ``test``.
         The score is the one the objective's codes serve: AUC, or NDCG@10 of the lists.
 
-        Returns whether the primary model improved (its weights are the ones to keep). Sets
+        Returns whether the primary model improved, or the float model while it trains alone
+        (the weights to keep: the stage checkpoints them). Sets
         :attr:`finished` when every model in training has gone ``patience`` epochs without a
         better valid score, or at ``max_epochs`` (with ``float_first``, the float model's end
         starts the codes instead: :meth:`_start_codes`).
@@ -337,7 +338,8 @@ class EncoderTraining:
                 test_report = evaluate(model, test) if test is not None else {}
                 self.best[name] = {"epoch": self.epoch, "valid": report, "test": test_report}
                 self.kept[name] = _snapshot(model)
-                improved |= name == self.primary
+                # While the float model trains alone its best is the one to keep (and resume).
+                improved |= name == self.primary or self.codes_start is None
         # Each model has its own patience; the run ends when none of them improves any more.
         since_best = min(self.epoch - self.best[name]["epoch"] for name in self.in_training)
         ran = self.phase_epoch(self.epoch) + 1

@@ -289,13 +289,16 @@ def test_float_first_trains_the_float_model_then_codes_from_its_kept_tables(tmp_
     )
     training = EncoderTraining(cfg, 101, 61, seen=data["train"])
     untrained_codes = {k: v.clone() for k, v in training.models.models[BINARY].state_dict().items()}
+    kept_float = []
     while training.codes_start is None:
         training.train_epoch(data["train"])
-        training.validate(data["valid"])
+        kept_float.append(training.validate(data["valid"]))
         # The float model trains alone: the codes neither move nor are validated.
         assert "binary_valid_ndcg" not in training.history[-1]
         assert training.valid_score is None
     assert training.codes_start == 5 and training.best[FLOAT]["epoch"] < 5
+    # An epoch that improves the float model alone is one to checkpoint (the stage resumes it).
+    assert kept_float[training.best[FLOAT]["epoch"]]
     teacher = training.models.models[FLOAT]
     student = training.models.models[BINARY]
     kept = training.kept[FLOAT]
