@@ -316,8 +316,9 @@ class EncoderConfig(Section):
     distill_weight: float = 0.0
     """Weight of a distillation term (implicit and mixed objectives, binary runs): for each
     liked item and its drawn items, the KL divergence from the float model's softmax over
-    their scores (trained beside the codes, held fixed in this term) to the codes', at
-    ``distill_temperature``, times its square. The codes then learn the float model's order
+    their scores (trained beside the codes, or before them with ``float_first``; held fixed in
+    this term) to the codes', at ``distill_temperature``, times its square. The codes then
+    learn the float model's order
     among the drawn items, not only the liked item above them; 0: off. On ml-100k, weight 1
     held the codes back (valid NDCG@10 0.082 against 0.112 without: the young float model's
     softmax is nearly flat; BENCHMARKS.md, Codes' own lists)."""
