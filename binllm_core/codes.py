@@ -179,13 +179,14 @@ def codes_table(user_signs: np.ndarray, item_signs: np.ndarray) -> pa.Table:
     return pa.concat_tables(parts)
 
 
-def embeddings_schema(dim: int) -> pa.Schema:
-    """Schema of the ``embeddings`` table: the continuous vectors of every user and item."""
+def embeddings_schema(bits: int, dim: int) -> pa.Schema:
+    """Schema of the ``embeddings`` table: the continuous vectors of every user and item, the
+    codes' pre-sign ones (``bits`` long) and the float model's (``dim``)."""
     return pa.schema(
         [
             ("entity", pa.string()),
             ("id", pa.int32()),
-            ("relaxed", pa.list_(pa.float32(), dim)),
+            ("relaxed", pa.list_(pa.float32(), bits)),
             ("float", pa.list_(pa.float32(), dim)),
         ]
     )
@@ -195,16 +196,17 @@ def embeddings_table(vectors: dict[str, tuple[np.ndarray, np.ndarray]]) -> pa.Ta
     """The ``embeddings`` table from ``{"relaxed": (users, items), "float": (users, items)}``
     arrays indexed by id (row 0 = padding, left out as in :func:`codes_table`): ``relaxed`` is
     what the codes are the signs of (tanh(proj(e))), ``float`` the continuous baseline's
-    embedding."""
-    dim = vectors["relaxed"][0].shape[1]
+    embedding. The two may differ in length (codes of ``encoder.bits`` from ``dim``-dim
+    embeddings)."""
     parts = []
     for side, entity in enumerate(("user", "item")):
         n = len(vectors["relaxed"][side]) - 1
+        widths = {name: vectors[name][side].shape[1] for name in ("relaxed", "float")}
         columns = {
             name: pa.FixedSizeListArray.from_arrays(
-                pa.array(np.asarray(vectors[name][side][1:], np.float32).reshape(-1)), dim
+                pa.array(np.asarray(vectors[name][side][1:], np.float32).reshape(-1)), width
             )
-            for name in ("relaxed", "float")
+            for name, width in widths.items()
         }
         parts.append(
             pa.table(
@@ -213,7 +215,7 @@ def embeddings_table(vectors: dict[str, tuple[np.ndarray, np.ndarray]]) -> pa.Ta
                     "id": pa.array(np.arange(1, n + 1, dtype=np.int32)),
                     **columns,
                 },
-                schema=embeddings_schema(dim),
+                schema=embeddings_schema(widths["relaxed"], widths["float"]),
             )
         )
     return pa.concat_tables(parts)

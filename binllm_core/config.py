@@ -238,9 +238,17 @@ class EncoderConfig(Section):
     """Collaborative backbone producing the continuous embeddings: ``mf`` or ``lightgcn``
     (:data:`binllm_core.encoder.model.BACKBONES`)."""
     dim: int = 32
-    """Embedding and code length in bits (a multiple of 8, at most :data:`MAX_CODE_BITS`)."""
+    """Embedding length, and the codes' length where ``bits`` is 0 (then a multiple of 8, at
+    most :data:`MAX_CODE_BITS`)."""
+    bits: int = 0
+    """The binary codes' length where it differs from ``dim`` (a multiple of 8, at most
+    :data:`MAX_CODE_BITS`): the projection maps a ``dim``-dim embedding to ``bits`` code bits
+    (less the prior bits), so the codes can be longer than the float model they are compared
+    with; 0: ``dim`` bits. A binary code of ``d`` bits holds less than ``d`` floats: on
+    ml-100k's held-out valid users, codes of 96 bits from 64-dim tables came closer to their
+    float model's lists than 64 (BENCHMARKS.md, Codes' own lists)."""
     prior_bits: int = 0
-    """Of the ``dim`` code bits, this many carry a learned item prior: a user's are always 1 and
+    """Of the code bits, this many carry a learned item prior: a user's are always 1 and
     an item's are learned per item, so the item's count of 1s among them adds to its inner
     product with every user (what a float model keeps in an item vector's norm, mostly
     popularity, which codes of equal length cannot hold). 0: every bit is projected."""
@@ -331,6 +339,11 @@ class EncoderConfig(Section):
     model stays as it was kept, the teacher of ``distill_weight``). Side by side (false), the
     codes start from random tables and learn them while learning to binarize them."""
 
+    @property
+    def code_bits(self) -> int:
+        """The codes' length: ``bits``, or ``dim`` where it is 0."""
+        return self.bits or self.dim
+
     def check(self, key: str, where: str = "") -> None:
         _check_name(self.backbone, ENCODER_BACKBONES, f"{key}.backbone", where)
         _check_name(self.objective, ENCODER_OBJECTIVES, f"{key}.objective", where)
@@ -347,24 +360,35 @@ class EncoderConfig(Section):
                 where,
                 "use the rated or the implicit objective for 0 or 1",
             )
+        if self.bits and not self.binary:
+            raise ConfigError(
+                f"{key}.bits = {self.bits}: this run trains no binary model (binary: false), "
+                f"and its codes are the signs of the {self.dim}-dim embeddings",
+                where,
+                f"set {key}.bits to 0, or {key}.binary to true",
+            )
+        if self.dim <= 0:
+            raise ConfigError(f"{key}.dim = {self.dim} is not positive", where, "use e.g. 32 or 64")
         multiple = math.lcm(*(f.dim_multiple for f in CODE_FORMATS.values()))
-        if self.dim <= 0 or self.dim % multiple:
+        length = "bits" if self.bits else "dim"
+        if self.code_bits <= 0 or self.code_bits % multiple:
             needs = [
                 f"{f.name} codes need a multiple of {f.dim_multiple}"
                 for f in CODE_FORMATS.values()
                 if f.dim_multiple > 1
             ]
             raise ConfigError(
-                f"{key}.dim = {self.dim} is not a positive multiple of {multiple}",
+                f"{key}.{length} = {self.code_bits} is not a positive multiple of {multiple}",
                 where,
                 "; ".join([*needs, f"use e.g. {4 * multiple} or {8 * multiple}"]),
             )
-        if not 0 <= self.prior_bits < self.dim:
+        if not 0 <= self.prior_bits < self.code_bits:
             raise ConfigError(
-                f"{key}.prior_bits = {self.prior_bits} is not between 0 and {key}.dim - 1 "
-                f"({self.dim - 1})",
+                f"{key}.prior_bits = {self.prior_bits} is not between 0 and {key}.{length} - 1 "
+                f"({self.code_bits - 1})",
                 where,
-                f"keep most of the {self.dim} bits projected: e.g. {self.dim // 4}, or 0",
+                f"keep most of the {self.code_bits} bits projected: e.g. "
+                f"{self.code_bits // 4}, or 0",
             )
         if self.distill_weight and (self.objective == "rated" or not self.binary):
             raise ConfigError(
@@ -388,12 +412,12 @@ class EncoderConfig(Section):
                 where,
                 "use 0 (no average) or a decay such as 0.99 or 0.999",
             )
-        if self.dim > MAX_CODE_BITS:
+        if self.code_bits > MAX_CODE_BITS:
             raise ConfigError(
-                f"{key}.dim = {self.dim} is more than {MAX_CODE_BITS} bits",
+                f"{key}.{length} = {self.code_bits} is more than {MAX_CODE_BITS} bits",
                 where,
-                f"a binary code is one token per bit in every prompt (and the projection is "
-                f"dim x dim weights): use e.g. 32 or 64, at most {MAX_CODE_BITS}",
+                "a binary code is one token per bit in every prompt that holds it: use e.g. "
+                f"32 or 64, at most {MAX_CODE_BITS}",
             )
         _signs(
             self,

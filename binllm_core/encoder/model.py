@@ -98,9 +98,12 @@ class CollabModel(nn.Module):
         shared_projection: bool,
         prior_bits: int = 0,
         logit_scale: float = 1.0,
+        bits: int = 0,
     ) -> None:
-        """``prior_bits`` (binary only) of the ``dim`` code bits carry a learned item prior: a
-        user's are always +1, an item's are its own ±1 (a table, not the projection), so each
+        """A binary model's codes have ``bits`` bits (0: ``dim``): the projection maps the
+        ``dim``-dim embeddings to all but the prior bits. ``prior_bits`` (binary only) of them
+        carry a learned item prior: a user's are always +1, an item's are its own ±1 (a table,
+        not the projection), so each
         item's count of +1 among them adds to every user's inner product. A Hamming distance
         can then express what a float model holds in an item vector's norm (mostly its
         popularity), which ±1 codes of one length cannot. ``logit_scale`` (binary only)
@@ -111,7 +114,7 @@ class CollabModel(nn.Module):
         self.logit_scale = logit_scale if binary else 1.0
         self.prior_bits = prior_bits if binary else 0
         if binary:
-            learned = dim - self.prior_bits
+            learned = (bits or dim) - self.prior_bits
             self.proj_u = nn.Linear(dim, learned)
             self.proj_i = self.proj_u if shared_projection else nn.Linear(dim, learned)
             if self.prior_bits:

@@ -180,6 +180,7 @@ class EncoderTraining:
                     shared_projection=cfg.shared_projection,
                     prior_bits=cfg.prior_bits,
                     logit_scale=cfg.logit_scale,
+                    bits=cfg.bits,
                 )
                 for name in names
             }

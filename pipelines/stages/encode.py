@@ -132,6 +132,7 @@ def train_and_export(ctx: StageContext, cfg: EncoderConfig) -> dict[str, Any]:
             "user_num": user_num,
             "item_num": item_num,
             "dim": cfg.dim,
+            "bits": cfg.code_bits,
             "backbone": cfg.backbone,
             "objective": cfg.objective,
             "selected_by": training.objective.serves,

@@ -221,7 +221,7 @@ def codes_source(cfg: RunConfig) -> str:
     prior = f", {encoder.prior_bits} of them prior bits" if encoder.prior_bits else ""
     return (
         f"the codes of stage `{stage}` (`{key}`: the {encoder.objective} objective, "
-        f"{encoder.backbone}, {encoder.dim} bits{prior})"
+        f"{encoder.backbone}, {encoder.code_bits} bits{prior})"
     )
 
 

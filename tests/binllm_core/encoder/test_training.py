@@ -13,6 +13,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pytest
 import torch
 
+from binllm_core.codes import embeddings_table
 from binllm_core.config import EncoderConfig
 from binllm_core.encoder.data import normalized_adjacency, split_samples, train_graph
 from binllm_core.encoder.model import BINARY, FLOAT, sign_ste
@@ -187,6 +188,26 @@ def test_prior_bits_leave_most_bits_projected() -> None:
         EncoderTraining(EncoderConfig(dim=16, prior_bits=16), 5, 6)
 
 
+def test_codes_can_be_longer_than_the_embeddings_they_are_projected_from() -> None:
+    data = split_samples(planted_samples())
+    cfg = dataclasses.replace(
+        PLANTED, objective="implicit", bits=32, prior_bits=8, weight_decay=0.0, max_epochs=6
+    )
+    training = fit(cfg, data, 101, 61)
+    users, items = training.signs()
+    assert users.shape == (101, 32) and items.shape == (61, 32)
+    assert (users[:, -8:] == 1).all()
+    vectors = training.vectors()
+    assert vectors["relaxed"][1].shape == (61, 32) and vectors["float"][1].shape == (61, 16)
+    table = embeddings_table(vectors)
+    assert table.schema.field("relaxed").type.list_size == 32
+    assert table.schema.field("float").type.list_size == 16
+    # The 32-bit codes are what the binary model scores by.
+    model = training.models.models[BINARY]
+    pairs = np.array([1, 2, 3]), np.array([1, 30, 60])
+    np.testing.assert_allclose(model.predict(*pairs), (users[pairs[0]] * items[pairs[1]]).sum(1))
+
+
 def test_logit_scale_scales_the_training_logits_and_leaves_the_codes_order() -> None:
     training = EncoderTraining(EncoderConfig(dim=8, beta_step=1.0, logit_scale=0.25), 5, 6)
     model = training.models.models[BINARY]
@@ -248,6 +269,7 @@ def test_ema_decay_is_below_one() -> None:
 
 _TRAIN_IN_A_PROCESS = """
 import hashlib, torch
+from binllm_core.codes import embeddings_table
 from binllm_core.config import EncoderConfig
 from binllm_core.encoder.data import split_samples
 from binllm_core.encoder.training import EncoderTraining
