@@ -103,11 +103,11 @@ class CollabModel(nn.Module):
         """A binary model's codes have ``bits`` bits (0: ``dim``): the projection maps the
         ``dim``-dim embeddings to all but the prior bits. ``prior_bits`` (binary only) of them
         carry a learned item prior: a user's are always +1, an item's are its own ±1 (a table,
-        not the projection), so each
-        item's count of +1 among them adds to every user's inner product. A Hamming distance
-        can then express what a float model holds in an item vector's norm (mostly its
-        popularity), which ±1 codes of one length cannot. ``logit_scale`` (binary only)
-        multiplies the codes' inner product into the training logits (the order is unchanged)."""
+        not the projection), so each item's count of +1 among them adds to every user's inner
+        product. A Hamming distance can then express what a float model holds in an item
+        vector's norm (mostly its popularity), which ±1 codes of one length cannot.
+        ``logit_scale`` (binary only) multiplies the codes' inner product into the training
+        logits (the order is unchanged)."""
         super().__init__()
         self.backbone = backbone
         self.binary = binary
