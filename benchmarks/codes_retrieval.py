@@ -328,11 +328,12 @@ def main() -> None:
         print(f"{name}: {seconds:.0f} s, codes test NDCG@10 {found:.4f}", flush=True)
         rows = merged(path, rows, windows)
 
+    valid_halves = halves(data["valid"])
     for index, setting in enumerate(HELD_OUT_RUNS):
         name = key(setting)
         if index % shards != shard or f"held-out codes {name}" in rows:
             continue
-        choose, held = halves(data["valid"])[:: -1 if setting.get("fold") else 1]
+        choose, held = valid_halves[:: -1 if setting.get("fold") else 1]
         encoder = {k: v for k, v in setting.items() if k != "fold"}
         cfg = dataclasses.replace(base, **BUDGET, **encoder)
         started = time.perf_counter()
