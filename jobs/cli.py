@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -153,7 +153,7 @@ def run_command(args: argparse.Namespace) -> None:
     evaluated = manifests.get("evaluate", {}).get("metrics", {})
     rows = evaluated.get("ranking", [])
     blend = manifests.get("rerank", {}).get("metrics", {}).get("blend", {})
-    for line in (lists_headline(rows), blend_headline(rows, blend)):
+    for line in (lists_headline(rows, evaluated.get("ratios", [])), blend_headline(rows, blend)):
         if line:
             print(f"[binllm] {line}")
     report = evaluated.get("report")
@@ -165,16 +165,19 @@ def run_command(args: argparse.Namespace) -> None:
         print(f"[binllm] report: {to_uri(fs, join(run, report))}")
 
 
-def lists_headline(rows: list[dict]) -> str:
+def lists_headline(rows: list[dict], ratios: Sequence[dict] = ()) -> str:
     """The lists' NDCG@10 on every user of the test split (else the first evaluated one; full
-    catalog), from the evaluate manifest's headline rows; empty where the run made no lists."""
+    catalog), from the evaluate manifest's headline rows, then its ``ratios`` of that split
+    (codes / float with a paired interval); empty where the run made no lists."""
+    from binllm_core.evaluation.report import ratio_words
+
     full = _headline_split([r for r in rows if r["protocol"] == "full" and r["users"] == "all"])
     if not full:
         return ""
+    split = full[0]["split"]
     figures = [f"{r['method']} {_ndcg(r)}" for r in full]
-    return f"{full[0]['split']} NDCG@10, full catalog, {full[0]['n_users']:,} users: " + "; ".join(
-        figures
-    )
+    figures += [ratio_words(r) for r in ratios if (r["protocol"], r["split"]) == ("full", split)]
+    return f"{split} NDCG@10, full catalog, {full[0]['n_users']:,} users: " + "; ".join(figures)
 
 
 def blend_headline(rows: list[dict], blend: dict[str, dict]) -> str:

@@ -257,20 +257,22 @@ def ranking_markdown(
     codes_from: str = "the codes",
     blend: Mapping[str, Mapping[str, Any]] | None = None,
     union: Mapping[str, Any] | None = None,
+    ratios: Sequence[Mapping[str, Any]] = (),
 ) -> list[str]:
     """The report's ranking section: a headline (NDCG@10 of the codes and the popularity
-    baselines on every user of the full protocol), the split kind, the definitions, the
-    time-aware popularity's window, the blend's weight per mode (``blend``: stage ``rerank``'s
-    manifest, :func:`binllm_core.ranking.blend.blend_weights`); per protocol and split, one row
-    per method, mode and user set with the metrics of :data:`RANKING_COLUMNS` and their
-    intervals; the retriever's Recall@N; the curves of ``images`` ((protocol, split, user set)
-    -> file). ``codes_from`` says which encoder's codes the lists are retrieved by (and whose
-    float model is ``float``). ``union``: the rerank manifest's ``popular_union`` (the places
-    time-aware popular items took among the candidates, :mod:`binllm_core.ranking.candidates`),
-    None where it was off."""
+    baselines on every user of the full protocol, and ``ratios``' codes / float with its paired
+    interval, :func:`binllm_core.ranking.lists.ratio_rows`), the split kind, the definitions,
+    the time-aware popularity's window, the blend's weight per mode (``blend``: stage
+    ``rerank``'s manifest, :func:`binllm_core.ranking.blend.blend_weights`); per protocol and
+    split, one row per method, mode and user set with the metrics of :data:`RANKING_COLUMNS`
+    and their intervals; the retriever's Recall@N; the curves of ``images`` ((protocol, split,
+    user set) -> file). ``codes_from`` says which encoder's codes the lists are retrieved by
+    (and whose float model is ``float``). ``union``: the rerank manifest's ``popular_union``
+    (the places time-aware popular items took among the candidates,
+    :mod:`binllm_core.ranking.candidates`), None where it was off."""
     if not rows:
         return []
-    lines = ["## Ranking", "", *_headline(rows, window), ""]
+    lines = ["## Ranking", "", *_headline(rows, window, ratios), ""]
     intervals = (
         f"`[low, high]`: the bootstrap 95 % interval over the row's users ({resamples:,} "
         "resamples, `evaluate.bootstrap`; the same resamples for every method of a user set)."
@@ -346,8 +348,13 @@ def ranking_markdown(
     return lines
 
 
-def _headline(rows: Sequence[Mapping[str, Any]], window: WindowChoice | None) -> list[str]:
-    """One line per split: NDCG@10 of :data:`METHOD_NAMES` on every user, full catalog."""
+def _headline(
+    rows: Sequence[Mapping[str, Any]],
+    window: WindowChoice | None,
+    ratios: Sequence[Mapping[str, Any]] = (),
+) -> list[str]:
+    """One line per split: NDCG@10 of :data:`METHOD_NAMES` on every user, full catalog, then
+    the split's ``ratios`` (full protocol)."""
     lines = []
     for split in dict.fromkeys(r["split"] for r in rows if r["protocol"] == "full"):
         found = {
@@ -363,12 +370,25 @@ def _headline(rows: Sequence[Mapping[str, Any]], window: WindowChoice | None) ->
                 days = f" ({window.days} days)" if method == "recent_popularity" and window else ""
                 named.append(f"{name}{days} {_with_interval(found[method], 'ndcg')}")
         n = found["codes"]["n_users"]
+        compared = [
+            ratio_words(r) for r in ratios if (r["protocol"], r["split"]) == ("full", split)
+        ]
         lines.append(
             f"**{split}, NDCG@10 on every user with a positive ({n:,}), full catalog:** "
             + "; ".join(named)
             + "."
+            + "".join(f" {c}." for c in compared)
         )
     return lines
+
+
+def ratio_words(ratio: Mapping[str, Any]) -> str:
+    """``codes / float 0.941 [0.885, 1.001] (paired bootstrap)``: a row of
+    :func:`binllm_core.ranking.lists.ratio_rows`."""
+    words = f"{ratio['numerator']} / {ratio['denominator']} {ratio['ratio']:.3f}"
+    if ratio["low"] is None or math.isnan(ratio["low"]):
+        return words
+    return words + f" [{ratio['low']:.3f}, {ratio['high']:.3f}] (paired bootstrap)"
 
 
 def _window_words(window: WindowChoice | None) -> str:

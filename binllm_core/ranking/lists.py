@@ -14,7 +14,14 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from binllm_core.ranking.metrics import INTERVAL_KEYS, RANKING_KEYS, ranking_metrics
+from binllm_core.ranking.metrics import (
+    HEADLINE,
+    INTERVAL_KEYS,
+    RANKING_KEYS,
+    per_user_metrics,
+    ranking_metrics,
+    ratio_interval,
+)
 from binllm_core.ranking.popularity import head_lists, popularity_order
 
 
@@ -161,6 +168,54 @@ def ranking_rows(
 ) -> list[dict[str, Any]]:
     """The ranking table (:data:`RANKING_SCHEMA`), with intervals of ``resamples`` draws."""
     return [row for r in ranked for row in r.rows(resamples, seed)]
+
+
+RATIOS = (("codes", "float"),)
+"""``(numerator, denominator)`` methods compared by :func:`ratio_rows`: the codes against the
+float model they were binarized from (trained with the same objective)."""
+
+
+def ratio_rows(
+    ranked: Sequence[Ranked], resamples: int = 0, seed: int = 0, k: int = 10
+) -> list[dict[str, Any]]:
+    """Per protocol and split where both methods of a :data:`RATIOS` pair have lists: the ratio
+    of their :data:`HEADLINE` metric at ``k`` over every user (``users`` ``all``) with its
+    paired bootstrap interval (:func:`ratio_interval`, ``resamples`` draws: ``low`` and
+    ``high``, nan without). The two methods' own intervals overlap far more than their
+    difference is uncertain: a user who is hard for one is hard for the other."""
+    by = {(r.protocol, r.split, r.method): r for r in ranked}
+    out = []
+    for (protocol, split, method), numerator in by.items():
+        for top, bottom in RATIOS:
+            denominator = by.get((protocol, split, bottom))
+            if method != top or denominator is None or k not in numerator.ks:
+                continue
+            users = numerator.users["all"]
+            assert users == denominator.users["all"], "a ratio compares the same users"
+            values = [
+                per_user_metrics(r.lists, {u: r.positives[u] for u in users}, [k])[1]
+                for r in (numerator, denominator)
+            ]
+            if not values[0]:
+                continue
+            ratio, low, high = ratio_interval(
+                values[0][k, HEADLINE], values[1][k, HEADLINE], resamples, seed
+            )
+            out.append(
+                {
+                    "protocol": protocol,
+                    "split": split,
+                    "numerator": top,
+                    "denominator": bottom,
+                    "metric": f"{HEADLINE}@{k}",
+                    "users": "all",
+                    "n_users": len(values[0][k, HEADLINE]),
+                    "ratio": ratio,
+                    "low": low,
+                    "high": high,
+                }
+            )
+    return out
 
 
 def _catalog_lists(

@@ -10,7 +10,8 @@ For a user with positives ``P`` and a ranked list ``L`` (best first; it may be s
 
 Each is the unweighted mean over users with at least one positive. Items missing from a list
 (a re-ranker sees only its N candidates) count as misses. Its 95 % interval is a percentile
-bootstrap over those users (:func:`bootstrap_interval`).
+bootstrap over those users (:func:`bootstrap_interval`); two methods on the same users are
+compared by the ratio of their means with a paired interval (:func:`ratio_interval`).
 """
 
 from __future__ import annotations
@@ -83,24 +84,15 @@ def user_metrics(ranked: np.ndarray, positives: np.ndarray, k: int) -> dict[str,
     return {key: found[key] for key in RANKING_KEYS}
 
 
-def ranking_metrics(
-    lists: Mapping[int, np.ndarray],
-    positives: Mapping[int, np.ndarray],
-    ks: Sequence[int],
-    resamples: int = 0,
-    seed: int = 0,
-) -> dict[int, dict[str, float]]:
-    """Per K: the mean of each metric over the users of ``positives`` that have a positive
-    (each positive counted once; a user without a list counts as all misses); plus ``users``,
-    how many were averaged; with ``resamples``, each metric's :data:`INTERVAL_KEYS` from
-    :func:`bootstrap_interval` (the same draws for every K and metric). One hit matrix serves
-    every K."""
+def per_user_metrics(
+    lists: Mapping[int, np.ndarray], positives: Mapping[int, np.ndarray], ks: Sequence[int]
+) -> tuple[list[int], dict[tuple[int, str], np.ndarray]]:
+    """The users of ``positives`` that have a positive, and per ``(K, metric)`` one value per
+    such user, in that order (each positive counted once; a user without a list counts as all
+    misses). One hit matrix serves every K."""
     users = [u for u, p in positives.items() if len(p)]
     if not users:
-        empty = {**dict.fromkeys(RANKING_KEYS, float("nan")), "users": 0}
-        if resamples:
-            empty |= dict.fromkeys(INTERVAL_KEYS, float("nan"))
-        return {k: dict(empty) for k in ks}
+        return users, {}
     longest = max(ks)
     hits = np.zeros((len(users), longest), bool)
     n_pos = np.zeros(len(users), np.int64)
@@ -110,9 +102,28 @@ def ranking_metrics(
         top = np.asarray(lists.get(user, empty_list))[:longest]
         hits[row, : len(top)] = np.isin(top, wanted)
         n_pos[row] = len(wanted)
-    per_user = {
+    return users, {
         (k, name): m.per_user(hits[:, :k], n_pos) for k in ks for name, m in METRICS.items()
     }
+
+
+def ranking_metrics(
+    lists: Mapping[int, np.ndarray],
+    positives: Mapping[int, np.ndarray],
+    ks: Sequence[int],
+    resamples: int = 0,
+    seed: int = 0,
+) -> dict[int, dict[str, float]]:
+    """Per K: the mean of each metric over the users of ``positives`` that have a positive
+    (:func:`per_user_metrics`); plus ``users``, how many were averaged; with ``resamples``,
+    each metric's :data:`INTERVAL_KEYS` from :func:`bootstrap_interval` (the same draws for
+    every K and metric)."""
+    users, per_user = per_user_metrics(lists, positives, ks)
+    if not users:
+        empty = {**dict.fromkeys(RANKING_KEYS, float("nan")), "users": 0}
+        if resamples:
+            empty |= dict.fromkeys(INTERVAL_KEYS, float("nan"))
+        return {k: dict(empty) for k in ks}
     out = {k: {"users": len(users)} for k in ks}
     for (k, name), values in per_user.items():
         out[k][name] = float(values.mean())
@@ -123,13 +134,11 @@ def ranking_metrics(
     return out
 
 
-def bootstrap_interval(
-    values: np.ndarray, resamples: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The 95 % percentile-bootstrap interval of the mean of each column of ``values`` (users x
-    figures): the 2.5th and 97.5th percentiles of the means of ``resamples`` draws of as many
-    users with replacement. The draws depend only on ``seed`` and the number of users, so every
-    method measured on the same users gets the same resamples (and a re-run the same bounds)."""
+def resampled_means(values: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """The means of each column of ``values`` (users x figures) over ``resamples`` draws of as
+    many users with replacement (resamples x figures). The draws depend only on ``seed`` and
+    the number of users, so every method measured on the same users gets the same resamples
+    (and a re-run the same means)."""
     n = len(values)
     by_figure = np.ascontiguousarray(values.T)
     rng = np.random.default_rng(seed)
@@ -140,8 +149,34 @@ def bootstrap_interval(
         # One figure at a time: numpy sums a wider block in another order (last bits differ).
         for j, figure in enumerate(by_figure):
             means[start : start + len(draws), j] = figure[draws].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5], axis=0)
+    return means
+
+
+def bootstrap_interval(
+    values: np.ndarray, resamples: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The 95 % percentile-bootstrap interval of the mean of each column of ``values`` (users x
+    figures): the 2.5th and 97.5th percentiles of :func:`resampled_means`."""
+    low, high = np.percentile(resampled_means(values, resamples, seed), [2.5, 97.5], axis=0)
     return low, high
+
+
+def ratio_interval(
+    numerator: np.ndarray, denominator: np.ndarray, resamples: int, seed: int
+) -> tuple[float, float, float]:
+    """The ratio of the means of two methods' per-user values on the same users (in the same
+    order), and its paired 95 % percentile-bootstrap interval: each draw takes both means over
+    the same users (:func:`resampled_means`), so what the two have in common (which users are
+    hard) cancels, and the interval is narrower than the two methods' own intervals suggest.
+    nan where the denominator's mean is 0; the bounds nan without ``resamples``."""
+    pair = np.stack([numerator, denominator], axis=1).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = float(pair[:, 0].mean() / pair[:, 1].mean())
+        if not resamples:
+            return ratio, float("nan"), float("nan")
+        means = resampled_means(pair, resamples, seed)
+        low, high = np.percentile(means[:, 0] / means[:, 1], [2.5, 97.5])
+    return ratio, float(low), float(high)
 
 
 def group_metrics(scores: np.ndarray, k: int = 10) -> dict[str, float]:

@@ -49,6 +49,7 @@ from binllm_core.ranking.lists import (
     RankingInputs,
     ranked_lists,
     ranking_rows,
+    ratio_rows,
 )
 from binllm_core.ranking.popularity import WindowChoice, choose_window, liked_counts
 from binllm_core.ranking.retrieval import rerank_users
@@ -96,9 +97,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     answer_score = ctx.cfg.model.answer_score
     report = report_markdown(rows, ctx.cfg.run_name, warm_more_than, images, notes, answer_score)
     ranking: list[dict[str, Any]] = []
+    ratios: list[dict[str, Any]] = []
     window = None
     if "retrieve" in ctx.upstream:
-        ranking, window, images_of = _ranking(ctx, folder)
+        ranking, ratios, window, images_of = _ranking(ctx, folder)
         rerank = ctx.manifest_of("rerank")["metrics"] if "rerank" in ctx.upstream else {}
         section = ranking_markdown(
             ranking,
@@ -110,6 +112,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             codes_source(ctx.cfg),
             rerank.get("blend"),
             rerank.get("popular_union"),
+            ratios,
         )
         report += "\n".join(section) + "\n"
     summary = window.summary() if window else None
@@ -128,6 +131,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 "definitions": definitions,
                 "rows": rows,
                 "ranking": ranking,
+                "ratios": ratios,
                 "popularity_window": summary,
             },
             fh,
@@ -138,6 +142,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     return {
         "rows": rows,
         "ranking": _headline(ranking),
+        "ratios": ratios,
         "popularity_window": summary,
         "report": ctx.relative(join(folder, "report.md")),
         "images": list(images.values()),
@@ -146,9 +151,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 def _ranking(
     ctx: StageContext, folder: str
-) -> tuple[list[dict[str, Any]], WindowChoice | None, dict[tuple[str, str, str], str]]:
-    """The ranking table, the time-aware popularity's window and the curves' files (written into
-    ``folder``, keyed by protocol, split and user set)."""
+) -> tuple[
+    list[dict[str, Any]],
+    list[dict[str, Any]],
+    WindowChoice | None,
+    dict[tuple[str, str, str], str],
+]:
+    """The ranking table, the codes / float ratios (:func:`ratio_rows`), the time-aware
+    popularity's window and the curves' files (written into ``folder``, keyed by protocol,
+    split and user set)."""
     cfg = ctx.cfg
     users = pl.from_arrow(
         ctx.read_table(
@@ -195,6 +206,7 @@ def _ranking(
     )
     ranked = ranked_lists(inputs)
     rows = ranking_rows(ranked, cfg.evaluate.bootstrap, cfg.evaluate.seed)
+    ratios = ratio_rows(ranked, cfg.evaluate.bootstrap, cfg.evaluate.seed)
     ctx.write_table(pa.Table.from_pylist(rows, schema=RANKING_SCHEMA), "ranking")
     images = {}
     for protocol, split in dict.fromkeys((r.protocol, r.split) for r in ranked):
@@ -210,7 +222,7 @@ def _ranking(
             with ctx.fs.open(join(folder, name), "wb") as fh:
                 fh.write(png)
             images[protocol, split, users_label] = name
-    return rows, window, images
+    return rows, ratios, window, images
 
 
 def codes_source(cfg: RunConfig) -> str:

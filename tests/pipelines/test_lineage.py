@@ -477,13 +477,21 @@ def test_tiny_run_retrieves_reranks_and_reports_ranking(trained):
     report = next((run_dir / "evaluate").glob("v-*/report/report.md")).read_text()
     assert "## Ranking" in report and "ranking_test_full.png" in report
     # What `binllm run` prints last: the lists' NDCG@10 on every test user, as in the table.
-    headline = lists_headline(manifest(run_dir.parent.parent, "evaluate")["metrics"]["ranking"])
+    evaluated = manifest(run_dir.parent.parent, "evaluate")["metrics"]
+    headline = lists_headline(evaluated["ranking"], evaluated["ratios"])
     at_10 = full_.filter(
         (pl.col("users") == "all") & (pl.col("k") == 10) & (pl.col("split") == "test")
     )
     assert headline.startswith(f"test NDCG@10, full catalog, {len(users)} users: codes ")
     for row in at_10.iter_rows(named=True):
         assert f"{row['method']} {row['ndcg']:.4f} [{row['ndcg_low']:.4f}," in headline
+    ndcg = {r["method"]: r["ndcg"] for r in at_10.iter_rows(named=True)}
+    (ratio,) = [r for r in evaluated["ratios"] if r["split"] == "test" and r["protocol"] == "full"]
+    assert ratio["ratio"] == pytest.approx(ndcg["codes"] / ndcg["float"])
+    assert headline.endswith(
+        f"; codes / float {ratio['ratio']:.3f} [{ratio['low']:.3f}, {ratio['high']:.3f}] "
+        "(paired bootstrap)"
+    )
     # and then the lists that ship, beside the codes' on the same re-ranked users
     blend = manifest(run_dir.parent.parent, "rerank")["metrics"]["blend"]
     shipped = blend_headline(

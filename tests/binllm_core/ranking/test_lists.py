@@ -1,5 +1,5 @@
-"""Ranking metrics against hand-computed values and their bootstrap intervals; top-by-score order;
-the ranking config rules."""
+"""Ranking metrics against hand-computed values and their bootstrap intervals; the paired ratio
+of two methods; top-by-score order; the ranking config rules."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import pytest
 
 from binllm_core.config import load_config
 from binllm_core.errors import ConfigError
-from binllm_core.ranking.lists import top_by_score
+from binllm_core.ranking.lists import Ranked, ratio_rows, top_by_score
 from binllm_core.ranking.metrics import (
     INTERVAL_KEYS,
     bootstrap_interval,
     ranking_metrics,
+    ratio_interval,
     user_metrics,
 )
 
@@ -64,6 +65,43 @@ def test_the_bootstrap_draws_depend_on_the_users_not_on_the_figures():
     assert (low1[0], high1[0]) == (low[1], high[1])  # another method, the same resamples
     same = bootstrap_interval(np.full((50, 1), 0.25), 200, seed=5)
     assert (same[0][0], same[1][0]) == (0.25, 0.25)
+
+
+def test_a_paired_ratio_is_surer_than_the_two_intervals_it_is_made_of():
+    rng = np.random.default_rng(3)
+    hard = rng.random(400)  # what both methods share: how easy each user is
+    better, worse = hard, 0.9 * hard + 0.05 * rng.random(400)
+    ratio, low, high = ratio_interval(worse, better, 1000, seed=5)
+    assert ratio == pytest.approx(worse.mean() / better.mean())
+    assert low < ratio < high
+    # the unpaired bounds would allow from low/high to high/low; pairing rules most of it out
+    (w_low, b_low), (w_high, b_high) = bootstrap_interval(np.stack([worse, better], 1), 1000, 5)
+    assert high - low < 0.5 * (w_high / b_low - w_low / b_high)
+    assert ratio_interval(worse, better, 1000, seed=5) == (ratio, low, high)  # a re-run
+    scaled = ratio_interval(0.5 * better, better, 200, seed=5)
+    assert scaled == pytest.approx((0.5, 0.5, 0.5))
+    assert math.isnan(ratio_interval(worse, better, 0, seed=5)[1])  # no resamples, no bounds
+
+
+def test_codes_against_float_on_every_user_with_the_paired_interval():
+    rng = np.random.default_rng(4)
+    users = list(range(300))
+    positives = {u: rng.choice(50, 2, replace=False) for u in users}
+    sets = {"all": users}
+    lists = {
+        "codes": {u: rng.permutation(50)[:10] for u in users},
+        "float": {u: np.concatenate([positives[u][:1], rng.permutation(50)[:9]]) for u in users},
+    }
+    ranked = [
+        Ranked("full", "test", method, method, lists[method], positives, sets, (5, 10))
+        for method in ("codes", "float")
+    ] + [Ranked("full", "valid", "codes", "codes", lists["codes"], positives, sets, (10,))]
+    (row,) = ratio_rows(ranked, resamples=300, seed=2)  # valid has no float lists: no ratio
+    means = {m: ranking_metrics(lists[m], positives, [10])[10]["ndcg"] for m in lists}
+    assert row["ratio"] == pytest.approx(means["codes"] / means["float"])
+    assert row["low"] < row["ratio"] < row["high"] < 1.0  # random lists lose, surely
+    assert (row["split"], row["numerator"], row["denominator"]) == ("test", "codes", "float")
+    assert (row["metric"], row["users"], row["n_users"]) == ("ndcg@10", "all", 300)
 
 
 def test_top_by_score_breaks_ties_by_column_and_skips_exclusions():

@@ -236,6 +236,14 @@ def test_evaluate_ranks_every_user_and_the_llm_on_the_users_it_reranked(tmp_path
         "**test, NDCG@10 on every user with a positive (3), full catalog:** codes "
         f"{codes10['ndcg']:.4f} [{codes10['ndcg_low']:.4f}, {codes10['ndcg_high']:.4f}]"
     ) in report
+    # The codes against their float model on the same users, with a paired interval.
+    ratios = {(r["protocol"], r["split"]): r for r in manifest["metrics"]["ratios"]}
+    assert set(ratios) == {("full", "test"), ("sampled", "test")}
+    ratio = ratios["full", "test"]
+    float10 = value("float", "all", 10)
+    assert ratio["ratio"] == pytest.approx(codes10["ndcg"] / float10["ndcg"])
+    assert ratio["low"] <= ratio["ratio"] <= ratio["high"] and ratio["n_users"] == 3
+    assert f"codes / float {ratio['ratio']:.3f} [{ratio['low']:.3f}, " in report
     assert "time-aware popularity (7 days)" in report and "W = **7 days**" in report
     assert "Split `per_user`" in report and "### test, full ranking" in report
     assert "Retriever (codes, all users)" in report
