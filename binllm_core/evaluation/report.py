@@ -384,11 +384,14 @@ def _headline(
 
 def ratio_words(ratio: Mapping[str, Any]) -> str:
     """``codes / float 0.941 [0.885, 1.001] (paired bootstrap)``: a row of
-    :func:`binllm_core.ranking.lists.ratio_rows`."""
-    words = f"{ratio['numerator']} / {ratio['denominator']} {ratio['ratio']:.3f}"
-    if ratio["low"] is None or math.isnan(ratio["low"]):
-        return words
-    return words + f" [{ratio['low']:.3f}, {ratio['high']:.3f}] (paired bootstrap)"
+    :func:`binllm_core.ranking.lists.ratio_rows`, as it is or read back from JSON (nan: null)."""
+    value, low = ratio["ratio"], ratio["low"]
+    words = f"{ratio['numerator']} / {ratio['denominator']}"
+    if value is None or math.isnan(value):
+        return f"{words} undefined (the {ratio['denominator']} lists found no positive)"
+    if low is None or math.isnan(low):
+        return f"{words} {value:.3f}"
+    return f"{words} {value:.3f} [{low:.3f}, {ratio['high']:.3f}] (paired bootstrap)"
 
 
 def _window_words(window: WindowChoice | None) -> str:

@@ -143,6 +143,12 @@ class Ranked:
                 )
         return rows
 
+    def per_user(self, k: int, users: str = "all") -> np.ndarray:
+        """:data:`HEADLINE` at ``k`` of each user of the set ``users`` with a positive, in the
+        set's order."""
+        subset = {u: self.positives[u] for u in self.users[users]}
+        return per_user_metrics(self.lists, subset, [k])[1].get((k, HEADLINE), np.array([]))
+
     def curve(self, key: str, ks: Sequence[int], users: str) -> np.ndarray:
         """``key`` at each of ``ks`` over the user set ``users``."""
         subset = {u: self.positives[u] for u in self.users[users]}
@@ -185,22 +191,16 @@ def ratio_rows(
     difference is uncertain: a user who is hard for one is hard for the other."""
     by = {(r.protocol, r.split, r.method): r for r in ranked}
     out = []
-    for (protocol, split, method), numerator in by.items():
-        for top, bottom in RATIOS:
+    for top, bottom in RATIOS:
+        for (protocol, split, method), numerator in by.items():
             denominator = by.get((protocol, split, bottom))
             if method != top or denominator is None or k not in numerator.ks:
                 continue
-            users = numerator.users["all"]
-            assert users == denominator.users["all"], "a ratio compares the same users"
-            values = [
-                per_user_metrics(r.lists, {u: r.positives[u] for u in users}, [k])[1]
-                for r in (numerator, denominator)
-            ]
-            if not values[0]:
+            assert numerator.users["all"] == denominator.users["all"], "the same users"
+            values = numerator.per_user(k), denominator.per_user(k)
+            if not len(values[0]):
                 continue
-            ratio, low, high = ratio_interval(
-                values[0][k, HEADLINE], values[1][k, HEADLINE], resamples, seed
-            )
+            ratio, low, high = ratio_interval(*values, resamples, seed)
             out.append(
                 {
                     "protocol": protocol,
@@ -209,7 +209,7 @@ def ratio_rows(
                     "denominator": bottom,
                     "metric": f"{HEADLINE}@{k}",
                     "users": "all",
-                    "n_users": len(values[0][k, HEADLINE]),
+                    "n_users": len(values[0]),
                     "ratio": ratio,
                     "low": low,
                     "high": high,
