@@ -16,9 +16,10 @@ Baselines on the same users: train popularity; time-aware popularity (the items 
 the last W days of train, W chosen on valid NDCG@10); the float model trained with the same
 objective. The default is chosen on valid only: among :data:`HELD_OUT` settings, each run keeps
 its epoch by one half of the valid users and the settings are compared on the other half
-(:func:`halves`), over three seeds. Finished runs are kept in the results file and skipped on a
-re-run (``--redo`` trains them again); ``--shard K/N`` takes every N-th held-out run not yet
-in the file from the K-th, so two processes started together can share the work (each merges
+(:func:`halves`), over three seeds; the chosen setting is also followed epoch by epoch on both
+halves (:data:`CURVES`). Finished runs are kept in the results file and skipped on a re-run
+(``--redo`` trains them again); ``--shard K/N`` takes every N-th held-out run not yet in the
+file from the K-th, so two processes started together can share the work (each merges
 its rows into the file as it saves).
 
     python benchmarks/codes_retrieval.py --run runs/ml100k
