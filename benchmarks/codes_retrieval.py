@@ -301,6 +301,8 @@ def main() -> None:
     stale = {k[len("float ") :] for k, r in rows.items() if k.startswith("float ")}
     stale -= {k[len("float ") :] for k, r in rows.items() if r.get("float_at") == FLOAT_AT}
     rows = {k: r for k, r in rows.items() if k.split(" ", 1)[-1] not in stale}
+    # The held-out runs still to do, as the file is at the start (every shard sees the same).
+    todo = [s for s in HELD_OUT_RUNS if f"held-out codes {key(s)}" not in rows]
 
     windows = {}
     for days in WINDOWS_DAYS:
@@ -345,7 +347,6 @@ def main() -> None:
         rows = merged(path, rows, windows)
 
     valid_halves = halves(data["valid"])
-    todo = [s for s in HELD_OUT_RUNS if f"held-out codes {key(s)}" not in rows]
     for setting in todo[shard::shards]:
         name = key(setting)
         choose, held = valid_halves[:: -1 if setting.get("fold") else 1]
@@ -411,11 +412,15 @@ def kept_epoch_curve(
 
 def curve_summary(row: dict[str, Any]) -> dict[str, float]:
     """What a :data:`CURVES` run says of the kept epoch: the held-out NDCG@10 at the epoch the
-    kept half chose (the first best, as training keeps it) and at the best trailing mean of
-    :data:`TRAILING` epochs; over the fully binary epochs, the held-out figure's mean, min and
-    max, and the correlation of the two halves' figures from epoch to epoch."""
+    kept half chose among all the codes' epochs (the first best, as training keeps it) and at
+    the end of the best trailing mean of :data:`TRAILING` epochs on the kept half; over the
+    fully binary epochs, the held-out figure's mean, min and max, and the correlation of the
+    two halves' figures from epoch to epoch."""
     kept, held = np.array(row["kept_half"]), np.array(row["held_out"])
-    trailing = np.array([kept[max(0, i - TRAILING + 1) : i + 1].mean() for i in range(len(kept))])
+    assert row["epoch"][int(np.argmax(kept))] == row["best_epoch"], "the epoch training kept"
+    trailing = np.full(len(kept), -np.inf)
+    for i in range(TRAILING - 1, len(kept)):
+        trailing[i] = kept[i - TRAILING + 1 : i + 1].mean()
     binary = np.array(row["binary"])
     return {
         "epochs": int(binary.sum()),
@@ -617,10 +622,11 @@ def curve_lines(rows: dict[str, Any]) -> list[str]:
         "### Is the kept epoch a draw?",
         "",
         "The chosen setting with its codes measured at every epoch on both valid halves, the "
-        "epoch kept by one (`fold=1`: the other). Over the epochs where the codes are fully "
-        "binary (beta 1): the held-out half's NDCG@10 at the kept epoch, at the epoch of the "
-        f"best trailing mean of {TRAILING} epochs on the kept half, its mean, min and max, and "
-        "the correlation of the two halves' figures from epoch to epoch.",
+        "epoch kept by one (`fold=1`: the other). The held-out half's NDCG@10 at the epoch "
+        "the kept half chose among all the codes' epochs, and at the last epoch of the best "
+        f"trailing mean of {TRAILING} epochs on the kept half; over the `epochs` where the "
+        "codes are fully binary (beta 1), the held-out figure's mean, min and max, and the "
+        "correlation of the two halves' figures from epoch to epoch.",
         "",
         "| run | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),

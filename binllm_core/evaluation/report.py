@@ -388,7 +388,7 @@ def ratio_words(ratio: Mapping[str, Any]) -> str:
     value, low = ratio["ratio"], ratio["low"]
     words = f"{ratio['numerator']} / {ratio['denominator']}"
     if value is None or math.isnan(value):
-        return f"{words} undefined (the {ratio['denominator']} lists found no positive)"
+        return f"{words} undefined (the {ratio['denominator']} lists' {ratio['metric']} is 0)"
     if low is None or math.isnan(low):
         return f"{words} {value:.3f}"
     return f"{words} {value:.3f} [{low:.3f}, {ratio['high']:.3f}] (paired bootstrap)"

@@ -143,11 +143,11 @@ class Ranked:
                 )
         return rows
 
-    def per_user(self, k: int, users: str = "all") -> np.ndarray:
-        """:data:`HEADLINE` at ``k`` of each user of the set ``users`` with a positive, in the
-        set's order."""
-        subset = {u: self.positives[u] for u in self.users[users]}
-        return per_user_metrics(self.lists, subset, [k])[1].get((k, HEADLINE), np.array([]))
+    def per_user(self, k: int) -> tuple[list[int], np.ndarray]:
+        """The users of the set ``all`` with a positive, and :data:`HEADLINE` at ``k`` of each."""
+        subset = {u: self.positives[u] for u in self.users["all"]}
+        users, values = per_user_metrics(self.lists, subset, [k])
+        return users, values.get((k, HEADLINE), np.array([]))
 
     def curve(self, key: str, ks: Sequence[int], users: str) -> np.ndarray:
         """``key`` at each of ``ks`` over the user set ``users``."""
@@ -194,13 +194,19 @@ def ratio_rows(
     for top, bottom in RATIOS:
         for (protocol, split, method), numerator in by.items():
             denominator = by.get((protocol, split, bottom))
-            if method != top or denominator is None or k not in numerator.ks:
+            if method != top or denominator is None:
                 continue
-            assert numerator.users["all"] == denominator.users["all"], "the same users"
-            values = numerator.per_user(k), denominator.per_user(k)
-            if not len(values[0]):
+            if k not in numerator.ks or k not in denominator.ks:
                 continue
-            ratio, low, high = ratio_interval(*values, resamples, seed)
+            (users, top_values), (bottom_users, bottom_values) = (
+                numerator.per_user(k),
+                denominator.per_user(k),
+            )
+            if users != bottom_users:
+                raise ValueError(f"{top} and {bottom} ({protocol}, {split}): not the same users")
+            if not users:
+                continue
+            ratio, low, high = ratio_interval(top_values, bottom_values, resamples, seed)
             out.append(
                 {
                     "protocol": protocol,
@@ -209,7 +215,7 @@ def ratio_rows(
                     "denominator": bottom,
                     "metric": f"{HEADLINE}@{k}",
                     "users": "all",
-                    "n_users": len(values[0]),
+                    "n_users": len(users),
                     "ratio": ratio,
                     "low": low,
                     "high": high,

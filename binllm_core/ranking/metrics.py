@@ -16,6 +16,7 @@ compared by the ratio of their means with a paired interval (:func:`ratio_interv
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -168,15 +169,22 @@ def ratio_interval(
     order), and its paired 95 % percentile-bootstrap interval: each draw takes both means over
     the same users (:func:`resampled_means`), so what the two have in common (which users are
     hard) cancels, and the interval is narrower than the two methods' own intervals suggest.
-    nan where the denominator's mean is 0; the bounds nan without ``resamples``."""
+    The ratio is nan where the denominator's mean is 0, and so is a draw's (the bounds are
+    those of the other draws); the bounds are nan without ``resamples``."""
     pair = np.stack([numerator, denominator], axis=1).astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = float(pair[:, 0].mean() / pair[:, 1].mean())
-        if not resamples:
-            return ratio, float("nan"), float("nan")
-        means = resampled_means(pair, resamples, seed)
-        low, high = np.percentile(means[:, 0] / means[:, 1], [2.5, 97.5])
-    return ratio, float(low), float(high)
+    ratio = _ratio(pair[:, 0].mean(), pair[:, 1].mean())
+    if not resamples or math.isnan(ratio):
+        return float(ratio), float("nan"), float("nan")
+    means = resampled_means(pair, resamples, seed)
+    low, high = np.nanpercentile(_ratio(means[:, 0], means[:, 1]), [2.5, 97.5])
+    return float(ratio), float(low), float(high)
+
+
+def _ratio(top: np.ndarray | float, bottom: np.ndarray | float) -> np.ndarray:
+    """``top / bottom``, nan where ``bottom`` is 0."""
+    bottom = np.asarray(bottom, np.float64)
+    safe = np.where(bottom == 0, 1.0, bottom)
+    return np.where(bottom == 0, np.nan, np.asarray(top, np.float64) / safe)
 
 
 def group_metrics(scores: np.ndarray, k: int = 10) -> dict[str, float]:

@@ -161,12 +161,13 @@ def test_the_report_states_the_places_popular_items_took_and_their_valid_recall(
 
 
 def test_the_codes_over_float_words_as_computed_and_read_back_from_json():
-    row = {"numerator": "codes", "denominator": "float", "ratio": 0.94061, "low": 0.8812}
+    row = {"numerator": "codes", "denominator": "float", "metric": "ndcg@10", "ratio": 0.94061}
+    row["low"] = 0.8812
     row["high"] = 1.0049
     assert ratio_words(row) == "codes / float 0.941 [0.881, 1.005] (paired bootstrap)"
     for unbounded in (float("nan"), None):  # evaluate.bootstrap 0; nan is null in a manifest
         assert ratio_words({**row, "low": unbounded, "high": unbounded}) == "codes / float 0.941"
     for undefined in (float("nan"), None):
         assert ratio_words({**row, "ratio": undefined}) == (
-            "codes / float undefined (the float lists found no positive)"
+            "codes / float undefined (the float lists' ndcg@10 is 0)"
         )

@@ -81,6 +81,12 @@ def test_a_paired_ratio_is_surer_than_the_two_intervals_it_is_made_of():
     scaled = ratio_interval(0.5 * better, better, 200, seed=5)
     assert scaled == pytest.approx((0.5, 0.5, 0.5))
     assert math.isnan(ratio_interval(worse, better, 0, seed=5)[1])  # no resamples, no bounds
+    nothing = np.zeros(400)
+    assert all(math.isnan(v) for v in ratio_interval(worse, nothing, 100, seed=5))  # not inf
+    one = np.zeros(400)
+    one[7] = 1.0  # a third of the draws leave this user out: undefined ratios, not the bounds
+    ratio, low, high = ratio_interval(worse, one, 200, seed=5)
+    assert ratio == pytest.approx(worse.mean() / one.mean()) and 0 < low < high
 
 
 def test_codes_against_float_on_every_user_with_the_paired_interval():
@@ -97,6 +103,14 @@ def test_codes_against_float_on_every_user_with_the_paired_interval():
         for method in ("codes", "float")
     ] + [Ranked("full", "valid", "codes", "codes", lists["codes"], positives, sets, (10,))]
     (row,) = ratio_rows(ranked, resamples=300, seed=2)  # valid has no float lists: no ratio
+    missing = Ranked("full", "test", "float", "float", {}, positives, sets, (5, 10))
+    (undefined,) = ratio_rows([ranked[0], missing], resamples=300, seed=2)
+    assert math.isnan(undefined["ratio"]) and math.isnan(undefined["low"])
+    fewer = Ranked(
+        "full", "test", "float", "float", lists["float"], positives, {"all": users[1:]}, (10,)
+    )
+    with pytest.raises(ValueError, match="not the same users"):
+        ratio_rows([ranked[0], fewer])
     means = {m: ranking_metrics(lists[m], positives, [10])[10]["ndcg"] for m in lists}
     assert row["ratio"] == pytest.approx(means["codes"] / means["float"])
     assert row["low"] < row["ratio"] < row["high"] < 1.0  # random lists lose, surely
