@@ -198,10 +198,8 @@ def ratio_rows(
                 continue
             if k not in numerator.ks or k not in denominator.ks:
                 continue
-            (users, top_values), (bottom_users, bottom_values) = (
-                numerator.per_user(k),
-                denominator.per_user(k),
-            )
+            users, top_values = numerator.per_user(k)
+            bottom_users, bottom_values = denominator.per_user(k)
             if users != bottom_users:
                 raise ValueError(f"{top} and {bottom} ({protocol}, {split}): not the same users")
             if not users:
