@@ -45,10 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, save  # noqa: E402
 from binllm_core.config import EncoderConfig, load_config  # noqa: E402
-from binllm_core.encoder.data import Rows, split_samples, train_graph  # noqa: E402
+from binllm_core.encoder.data import Rows, split_samples  # noqa: E402
 from binllm_core.encoder.model import BINARY, FLOAT  # noqa: E402
 from binllm_core.encoder.objectives import NDCG  # noqa: E402
-from binllm_core.encoder.training import EncoderTraining, fit, needs_graph  # noqa: E402
+from binllm_core.encoder.training import EncoderTraining, fit  # noqa: E402
 from binllm_core.ranking.metrics import METRICS  # noqa: E402
 from binllm_core.storage import read_output  # noqa: E402
 
@@ -391,15 +391,12 @@ def kept_epoch_curve(
     user_num: int,
     item_num: int,
 ) -> dict[str, Any]:
-    """:func:`fit`'s loop with the epoch kept by ``choose``, and the codes' valid NDCG@10 at
-    every epoch of theirs on both halves; ``binary``: whether the codes were fully binary
-    (beta 1) in that epoch."""
-    graph = train_graph(data["train"]) if needs_graph(cfg) else None
-    training = EncoderTraining(cfg, user_num, item_num, graph, seen=data["train"])
+    """:func:`fit` with the epoch kept by ``choose``, and the codes' valid NDCG@10 at every
+    epoch of theirs on both halves; ``binary``: whether the codes were fully binary (beta 1) in
+    that epoch."""
     curve: dict[str, list[Any]] = {"epoch": [], "binary": [], "kept_half": [], "held_out": []}
-    while not training.finished:
-        training.train_epoch(data["train"])
-        training.validate(choose)
+
+    def measure_held_out(training: EncoderTraining) -> None:
         record = training.history[-1]
         if f"{BINARY}_valid_{NDCG}" in record:
             curve["epoch"].append(record["epoch"])
@@ -407,6 +404,9 @@ def kept_epoch_curve(
             curve["kept_half"].append(record[f"{BINARY}_valid_{NDCG}"])
             model = training.evaluated.models[BINARY]
             curve["held_out"].append(training.list_ndcg(model, held))
+
+    chosen_by = {**data, "valid": choose}
+    training = fit(cfg, chosen_by, user_num, item_num, after_epoch=measure_held_out)
     return {**curve, "best_epoch": training.best_epoch}
 
 

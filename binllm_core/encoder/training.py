@@ -504,16 +504,18 @@ def fit(
     data: dict[str, Rows],
     user_num: int,
     item_num: int,
-    log: Callable[[dict[str, Any]], None] | None = None,
+    after_epoch: Callable[[EncoderTraining], None] | None = None,
 ) -> EncoderTraining:
-    """The whole training in this process; returns it with each model's kept weights in place."""
+    """The whole training in this process; returns it with each model's kept weights in place.
+    ``after_epoch`` sees the training after each epoch is validated (its record:
+    ``training.history[-1]``)."""
     graph = train_graph(data["train"]) if needs_graph(cfg) else None
     training = EncoderTraining(cfg, user_num, item_num, graph, seen=data["train"])
     while not training.finished:
         training.train_epoch(data["train"])
         training.validate(data["valid"], data.get("test"))
-        if log is not None:
-            log(training.history[-1])
+        if after_epoch is not None:
+            after_epoch(training)
     training.restore_kept()
     return training
 
